@@ -1,0 +1,220 @@
+"""Validated configuration for every mmrad job.
+
+A job's config is a YAML file plus ``key.sub=value`` overrides from the command line.
+Everything is checked by pydantic *before* Ray or any other resource starts: an unknown
+key or a bad value raises :class:`ConfigError` naming the file, the dotted key and what
+is allowed there.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the file and the key."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are checked."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageConfig(Section):
+    """Object storage. Credentials come from the standard AWS chain, never from here."""
+
+    endpoint_url: str | None = Field(
+        None, description="S3 endpoint override (else AWS_ENDPOINT_URL, else AWS's own)."
+    )
+    region: str | None = Field(None, description="S3 region (else the AWS chain's default).")
+    max_attempts: int = Field(5, ge=1, le=20, description="Tries per S3 call on transient errors.")
+
+
+class RayConfig(Section):
+    address: str | None = Field(
+        None, description="Ray address; None starts or joins the local/submitted cluster."
+    )
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray started by the job.")
+
+
+class SyntheticConfig(Section):
+    """Procedurally drawn defects on textures and objects that ship with scikit-image."""
+
+    categories: list[str] = Field(
+        default_factory=lambda: ["brick", "grass", "gravel", "coins", "camera", "cell"],
+        description="Categories to build (see `mmrad data build --help`).",
+    )
+    images_per_category: int = Field(24, ge=2, description="Query images per category.")
+    anomaly_ratio: float = Field(0.5, ge=0.0, le=1.0, description="Share of anomalous queries.")
+    image_size: int = Field(224, ge=32, le=4096, description="Side of the square images.")
+    max_defects: int = Field(2, ge=1, le=8, description="Most defects on one anomalous image.")
+
+
+class SplitConfig(Section):
+    """General AD is judged on categories never seen in training."""
+
+    test_categories: list[str] = Field(
+        default_factory=list, description="Categories sent whole to the test split."
+    )
+    test_sources: list[str] = Field(
+        default_factory=list, description="Sources sent whole to the test split."
+    )
+    val_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="Share of the rest for val.")
+    test_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Share of seen categories' images also held out to test."
+    )
+
+
+class DataBuildConfig(Section):
+    source: Literal["synthetic", "mvtec", "visa", "mmrad"] = "synthetic"
+    input: str | None = Field(None, description="Folder of the raw data set (not for synthetic).")
+    out: str = Field("runs/data/synthetic", description="Where images and manifest.parquet go.")
+    seed: int = 0
+    on_bad_image: Literal["skip", "fail"] = Field(
+        "skip", description="Missing or corrupt input image: skip (counted, logged) or fail."
+    )
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+
+    @model_validator(mode="after")
+    def _input_needed(self) -> DataBuildConfig:
+        if self.source != "synthetic" and not self.input:
+            raise ValueError(f"source {self.source!r} needs `input` (the raw data set's folder)")
+        return self
+
+
+class PixelBudget(Section):
+    """Qwen2.5-VL's smart-resize budget: the model grid of every image."""
+
+    min_pixels: int = Field(56 * 56, ge=28 * 28)
+    max_pixels: int = Field(224 * 224, ge=28 * 28)
+    factor: int = Field(28, ge=1, description="patch_size * spatial_merge_size")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PixelBudget:
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels {self.min_pixels} > max_pixels {self.max_pixels}")
+        return self
+
+
+class DataLoadConfig(Section):
+    """How jobs read a manifest through Ray Data."""
+
+    manifest: str = Field("runs/data/synthetic/manifest.parquet", description="Manifest URI.")
+    on_bad_image: Literal["skip", "fail"] = Field(
+        "skip", description="Corrupt or missing image: skip (count and log the id) or fail."
+    )
+    seed: int = Field(0, description="Seed of the per-epoch sample order.")
+    batch_size: int = Field(16, ge=1, description="Rows per Ray Data decode batch.")
+    fetch_threads: int = Field(8, ge=1, le=64, description="Concurrent reads per decode batch.")
+    pixels: PixelBudget = Field(default_factory=PixelBudget)
+
+
+class DataJobConfig(Section):
+    """`mmrad data build` / `mmrad data stats`."""
+
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    data: DataBuildConfig = Field(default_factory=DataBuildConfig)
+
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"a.b=3"`` → ``(["a", "b"], 3)``; the value is read as YAML (so ``[1, 2]`` is a list)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r}: expected key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
+    return loaded
+
+
+def _model_at(model: type[BaseModel], path: Sequence[Any]) -> type[BaseModel] | None:
+    """The section class reached by following ``path`` from ``model``, if any."""
+    for part in path:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _describe(error: Mapping[str, Any], model: type[BaseModel]) -> str:
+    loc = [str(p) for p in error["loc"]]
+    key = ".".join(loc) or "<top>"
+    if error["type"] == "extra_forbidden":
+        parent = _model_at(model, loc[:-1])
+        allowed = sorted(parent.model_fields) if parent else []
+        hint = difflib.get_close_matches(loc[-1], allowed, n=1)
+        did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
+        return f"key {key!r}: unknown key (allowed: {', '.join(allowed)}){did_you_mean}"
+    given = error.get("input")
+    shown = "" if isinstance(given, dict) else f" (got {given!r})"
+    return f"key {key!r}: {error['msg']}{shown}"
+
+
+def validate_config(
+    model: type[ConfigT], data: Mapping[str, Any], origin: str = "<config>"
+) -> ConfigT:
+    try:
+        return model.model_validate(dict(data))
+    except ValidationError as err:
+        lines = [_describe(e, model) for e in err.errors()]
+        raise ConfigError(f"{origin}: " + "; ".join(lines)) from None
+
+
+def load_config(
+    model: type[ConfigT], path: str | Path | None = None, overrides: Sequence[str] = ()
+) -> ConfigT:
+    """Read ``path`` (optional), apply ``overrides`` and validate against ``model``."""
+    data = read_yaml(path) if path else {}
+    data = apply_overrides(data, overrides)
+    origin = str(path) if path else "<defaults>"
+    if overrides:
+        origin += " with overrides " + " ".join(overrides)
+    return validate_config(model, data, origin)
+
+
+def dump_config(config: BaseModel) -> str:
+    """The resolved config as YAML, as written into every run directory."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
