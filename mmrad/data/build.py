@@ -1,0 +1,63 @@
+"""``mmrad data build``: run a builder, copy its images, assign splits, write the manifest.
+
+The manifest is written last and atomically, so an interrupted or failed build never
+leaves a manifest that points at missing images, and an older manifest at the same place
+stays intact until the new one is complete.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from rich.progress import Progress
+
+import mmrad.data.builders  # noqa: F401  (registers the builders)
+from mmrad.config import DataBuildConfig
+from mmrad.data.builders.base import BUILDERS, BuildLog, DataBuildError
+from mmrad.data.manifest import write_manifest
+from mmrad.data.schema import validate_records
+from mmrad.data.splits import assign_splits
+from mmrad.storage import Storage, is_s3, join
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BuildResult:
+    manifest_uri: str
+    records: int
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def build_dataset(config: DataBuildConfig, storage: Storage, progress: bool = True) -> BuildResult:
+    build_log = BuildLog(policy=config.on_bad_image)
+    drafts = BUILDERS[config.source](config, build_log)
+    if is_s3(config.out):
+        storage.ensure_bucket(config.out)
+    written: set[str] = set()
+    ids: set[str] = set()
+    records = []
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task(f"building {config.source}", total=None)
+        for draft in drafts:
+            record = {**draft.record, "split": "train"}
+            if record["id"] in ids:
+                build_log.bad(record["id"], "duplicate id (two input files map to it)")
+                continue
+            ids.add(record["id"])
+            validate_records([record], f"{config.source} builder output")
+            for relative, load in draft.files.items():
+                if relative not in written:
+                    storage.write_bytes(join(config.out, relative), load())
+                    written.add(relative)
+            records.append(record)
+            bar.advance(task)
+    if not records:
+        raise DataBuildError(f"{config.source} builder found no usable images in {config.input}")
+    assign_splits(records, config.split, config.seed)
+    records.sort(key=lambda r: r["id"])
+    uri = write_manifest(storage, records, config.out)
+    if build_log.skipped:
+        log.warning("skipped %d bad images (see the log above)", len(build_log.skipped))
+    return BuildResult(uri, len(records), dict(build_log.skipped))
