@@ -1,0 +1,205 @@
+"""Ray Data loading: manifest → image bytes → decoded → resized to the model grid.
+
+Order is the contract for resuming: every epoch visits the records in a permutation
+fixed by ``(seed, epoch)``; position ``p`` of that order belongs to rank
+``p % world_size``. A resumed run passes the number of positions already consumed and
+gets exactly the rest. Ray Data's ``streaming_split`` hands blocks to whichever consumer
+asks first, so instead each rank gets its own dataset, built from its positions with
+``preserve_order`` on.
+
+Corrupt or missing images follow a policy: ``fail`` stops with the id and URI; ``skip``
+keeps the row with ``error`` set (so positions stay exact) and :func:`usable_rows` drops,
+counts and logs it where the rows are consumed.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from mmrad.config import DataLoadConfig, PixelBudget
+from mmrad.storage import Storage
+from mmrad.task.geometry import model_grid
+
+log = logging.getLogger(__name__)
+
+EMPTY_IMAGE = np.zeros((0, 0, 3), dtype=np.uint8)
+RECORD_COLUMNS = (
+    "id", "source", "category", "split", "image_uri", "reference_uri", "width", "height",
+    "is_anomalous", "boxes", "labels", "defect_type", "reasoning",
+)  # fmt: skip
+
+
+class BadImageError(RuntimeError):
+    """An image could not be read or decoded under the ``fail`` policy."""
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """What a decode task needs; small and picklable so Ray can ship it."""
+
+    storage: Storage
+    pixels: PixelBudget
+    on_bad_image: Literal["skip", "fail"] = "skip"
+    fetch_threads: int = 8
+
+    @classmethod
+    def from_config(cls, storage: Storage, config: DataLoadConfig) -> DecodeSpec:
+        return cls(storage, config.pixels, config.on_bad_image, config.fetch_threads)
+
+
+def epoch_order(records: Sequence[Mapping[str, Any]], seed: int, epoch: int) -> list[int]:
+    """Indices of ``records`` in this epoch's order: sorted by id, then shuffled by seed."""
+    order = sorted(range(len(records)), key=lambda i: records[i]["id"])
+    random.Random(f"{seed}/{epoch}").shuffle(order)
+    return order
+
+
+def rank_positions(total: int, rank: int, world_size: int, start: int = 0) -> range:
+    """Positions of an epoch that rank ``rank`` consumes, from global position ``start``."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size}")
+    first = start + (rank - start) % world_size
+    return range(first, total, world_size)
+
+
+def ordered_rows(
+    records: Sequence[Mapping[str, Any]],
+    *,
+    seed: int,
+    epoch: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    start: int = 0,
+) -> list[dict[str, Any]]:
+    """This rank's records for the epoch from ``start`` on, each tagged with its position."""
+    order = epoch_order(records, seed, epoch)
+    rows = []
+    for position in rank_positions(len(order), rank, world_size, start):
+        record = records[order[position]]
+        rows.append({**{k: record[k] for k in RECORD_COLUMNS}, "position": position})
+    return rows
+
+
+# -- decoding --------------------------------------------------------------------------
+
+
+def decode_to_grid(data: bytes, pixels: PixelBudget) -> np.ndarray:
+    """Decode every pixel (catching truncated files) and resize to the model grid."""
+    with Image.open(io.BytesIO(data)) as image:
+        image = image.convert("RGB")
+        grid = model_grid(image.size, pixels.min_pixels, pixels.max_pixels, pixels.factor)
+        if grid != image.size:
+            image = image.resize(grid, Image.Resampling.BICUBIC)
+        return np.asarray(image, dtype=np.uint8)
+
+
+def _fetch_and_decode(spec: DecodeSpec, uri: str | None) -> tuple[np.ndarray, str]:
+    if not uri:
+        return EMPTY_IMAGE, ""
+    try:
+        return decode_to_grid(spec.storage.read_bytes(uri), spec.pixels), ""
+    except Exception as err:
+        return EMPTY_IMAGE, f"{uri}: {err}"
+
+
+class DecodeBatch:
+    """Ray Data ``map_batches`` function: fetch a batch's images concurrently (object
+    storage is latency-bound), decode and resize them, and add the grid size.
+
+    Batches are Arrow tables so the record's list columns (boxes, labels) keep their
+    types; images travel as Ray's (ragged) tensor columns."""
+
+    def __init__(self, spec: DecodeSpec):
+        self.spec = spec
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from ray.data.extensions import ArrowTensorArray
+
+        ids = batch.column("id").to_pylist()
+        uris = batch.column("image_uri").to_pylist() + batch.column("reference_uri").to_pylist()
+        with ThreadPoolExecutor(self.spec.fetch_threads) as pool:
+            decoded = list(pool.map(lambda uri: _fetch_and_decode(self.spec, uri), uris))
+        images, references = decoded[: len(ids)], decoded[len(ids) :]
+        errors = []
+        for rid, (_, image_error), (_, reference_error) in zip(
+            ids, images, references, strict=True
+        ):
+            error = image_error or reference_error
+            if error and self.spec.on_bad_image == "fail":
+                raise BadImageError(f"id {rid!r}: {error}")
+            errors.append(error)
+        columns = {
+            "image": ArrowTensorArray.from_numpy([image for image, _ in images]),
+            "reference": ArrowTensorArray.from_numpy([image for image, _ in references]),
+            "grid_width": pa.array([image.shape[1] for image, _ in images], pa.int32()),
+            "grid_height": pa.array([image.shape[0] for image, _ in images], pa.int32()),
+            "error": pa.array(errors, pa.string()),
+        }
+        for name, column in columns.items():
+            batch = batch.append_column(name, column)
+        return batch
+
+
+def build_dataset(rows: list[dict[str, Any]], spec: DecodeSpec, batch_size: int = 16):
+    """A Ray Dataset over ``rows`` (from :func:`ordered_rows`) that keeps their order."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    dataset = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // batch_size))
+    return dataset.map_batches(
+        DecodeBatch,
+        fn_constructor_args=(spec,),
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        concurrency=(1, 4),
+    )
+
+
+def rank_datasets(
+    records: Sequence[Mapping[str, Any]],
+    spec: DecodeSpec,
+    *,
+    world_size: int,
+    seed: int,
+    epoch: int = 0,
+    start: int = 0,
+    batch_size: int = 16,
+) -> list:
+    """One ordered dataset per rank; pass them to Ray Train as ``{"train_<rank>": ds}``
+    with ``DataConfig(datasets_to_split=[])`` so each worker reads only its own."""
+    return [
+        build_dataset(
+            ordered_rows(
+                records, seed=seed, epoch=epoch, rank=rank, world_size=world_size, start=start
+            ),
+            spec,
+            batch_size,
+        )
+        for rank in range(world_size)
+    ]
+
+
+@dataclass
+class SkipLog:
+    """Counts rows dropped for bad images; each one is logged with its id."""
+
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def usable_rows(self, rows: Iterable[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:
+        for row in rows:
+            if row["error"]:
+                log.warning("skipping id %s: %s", row["id"], row["error"])
+                self.skipped[str(row["id"])] = str(row["error"])
+                continue
+            yield row
