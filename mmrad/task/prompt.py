@@ -1,0 +1,131 @@
+"""The Anomaly-R1 inspection prompt, as chat messages for Qwen2.5-VL-style processors.
+
+A user turn holds a normal reference image of the category, the query image and the
+text: the query's size in model-grid pixels (so the answer's boxes are in that grid),
+the category, optionally the category's known anomaly types, the task and the answer
+format. :class:`PromptVariant` holds the switches the paper's variants and ablations use.
+Each piece of wording is one constant below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from mmrad.task.geometry import Size
+
+IMAGE_PLACEHOLDER = "<image>"
+"""Stands in for an image in messages whose images the caller hands to the processor
+separately (chat templates only need to know where an image goes)."""
+
+CATEGORY_SUBJECT = 'an industrial product of the category "{category}"'
+GENERIC_SUBJECT = "an industrial product"
+REFERENCE_INTRO = "The first image shows a normal, defect-free sample of {subject}."
+QUERY_AFTER_REFERENCE = (
+    "The second image is the query image, a sample of the same product, "
+    "{width} pixels wide and {height} pixels high."
+)
+QUERY_ALONE = (
+    "The image is the query image, a sample of {subject}, "
+    "{width} pixels wide and {height} pixels high."
+)
+DOMAIN_KNOWLEDGE = "In {category} samples, the following anomaly types may occur: {types}."
+TASK = "Inspect the query image: does it show any anomaly or defect?"
+REASONING_INSTRUCTION = (
+    "First reason step by step inside <think> </think> tags, "
+    "then give the final answer inside <answer> </answer> tags."
+)
+DIRECT_INSTRUCTION = "Give only the final answer, inside <answer> </answer> tags."
+ANSWER_FORMAT = (
+    'If the query image is anomalous, answer "Yes." followed by one '
+    "{'bbox_2d': [x1, y1, x2, y2], 'label': '<anomaly type>'} per anomaly, separated by "
+    'commas, with coordinates in pixels of the query image. If it is normal, answer "No."'
+)
+NORMAL_DEFECT_TYPE = "good"  # the defect_type of normal records, not an anomaly type
+
+
+@dataclass(frozen=True)
+class PromptVariant:
+    """Switches for the paper's variants and ablations.
+
+    - ``use_reference``: show a normal reference image before the query.
+    - ``domain_knowledge``: name the category's known anomaly types.
+    - ``reasoning``: ask for ``<think>`` before ``<answer>``; without it the model answers
+      directly and the ``format`` reward checks the answer block alone.
+    """
+
+    use_reference: bool = True
+    domain_knowledge: bool = False
+    reasoning: bool = True
+
+
+def prompt_text(
+    *,
+    category: str | None,
+    grid_size: Size,
+    variant: PromptVariant,
+    defect_types: Sequence[str] = (),
+) -> str:
+    """The prompt's text; ``grid_size = (width, height)`` of the query in the model grid.
+
+    An unknown category (``None`` or empty) gets the generic wording and no domain
+    knowledge; so does a category without known anomaly types.
+    """
+    width, height = grid_size
+    name = readable(category) if category else None
+    subject = CATEGORY_SUBJECT.format(category=name) if name else GENERIC_SUBJECT
+    sentences = []
+    if variant.use_reference:
+        sentences.append(REFERENCE_INTRO.format(subject=subject))
+        sentences.append(QUERY_AFTER_REFERENCE.format(width=width, height=height))
+    else:
+        sentences.append(QUERY_ALONE.format(subject=subject, width=width, height=height))
+    types = anomaly_types(defect_types)
+    if variant.domain_knowledge and name and types:
+        sentences.append(DOMAIN_KNOWLEDGE.format(category=name, types=", ".join(types)))
+    sentences.append(TASK)
+    sentences.append(REASONING_INSTRUCTION if variant.reasoning else DIRECT_INSTRUCTION)
+    sentences.append(ANSWER_FORMAT)
+    return " ".join(sentences)
+
+
+def build_messages(
+    *,
+    category: str | None,
+    grid_size: Size,
+    variant: PromptVariant,
+    defect_types: Sequence[str] = (),
+    query_image: Any = IMAGE_PLACEHOLDER,
+    reference_image: Any = None,
+) -> list[dict[str, Any]]:
+    """One user turn: ``[reference image,] query image, text``.
+
+    The reference comes first when the variant uses one and it is given; without one the
+    text does not mention it (as for ``use_reference=False``).
+    """
+    with_reference = variant.use_reference and reference_image is not None
+    variant = replace(variant, use_reference=with_reference)
+    images = [reference_image, query_image] if with_reference else [query_image]
+    text = prompt_text(
+        category=category, grid_size=grid_size, variant=variant, defect_types=defect_types
+    )
+    content = [{"type": "image", "image": image} for image in images]
+    content.append({"type": "text", "text": text})
+    return [{"role": "user", "content": content}]
+
+
+def readable(name: str) -> str:
+    """``metal_nut`` → ``metal nut``: data set identifiers as words."""
+    return " ".join(name.replace("_", " ").split())
+
+
+def anomaly_types(defect_types: Sequence[str]) -> list[str]:
+    """Readable anomaly types in first-seen order, without the normal type; types that
+    differ only in case are one type."""
+    types: dict[str, str] = {}
+    for defect_type in defect_types:
+        words = readable(defect_type)
+        if words and words.lower() != NORMAL_DEFECT_TYPE:
+            types.setdefault(words.lower(), words)
+    return list(types.values())

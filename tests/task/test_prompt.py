@@ -1,0 +1,133 @@
+"""The inspection prompt and its variants."""
+
+import dataclasses
+
+import pytest
+
+from mmrad.task.answer import format_answer
+from mmrad.task.prompt import (
+    DIRECT_INSTRUCTION,
+    GENERIC_SUBJECT,
+    IMAGE_PLACEHOLDER,
+    REASONING_INSTRUCTION,
+    PromptVariant,
+    anomaly_types,
+    build_messages,
+    prompt_text,
+)
+
+DEFAULT = PromptVariant()
+
+
+def _content(messages):
+    assert [m["role"] for m in messages] == ["user"]
+    return messages[0]["content"]
+
+
+def test_reference_then_query_then_text():
+    messages = build_messages(
+        category="metal_nut",
+        grid_size=(560, 280),
+        variant=DEFAULT,
+        query_image="QUERY",
+        reference_image="REFERENCE",
+    )
+    content = _content(messages)
+    assert [item["type"] for item in content] == ["image", "image", "text"]
+    assert [content[0]["image"], content[1]["image"]] == ["REFERENCE", "QUERY"]
+    text = content[2]["text"]
+    assert text.startswith(
+        "The first image shows a normal, defect-free sample of an industrial product of the "
+        'category "metal nut". The second image is the query image, a sample of the same '
+        "product, 560 pixels wide and 280 pixels high."
+    )
+    assert REASONING_INSTRUCTION in text
+    assert text == prompt_text(category="metal_nut", grid_size=(560, 280), variant=DEFAULT)
+
+
+def test_answer_format_in_prompt_is_what_format_answer_writes():
+    text = prompt_text(category="bottle", grid_size=(448, 448), variant=DEFAULT)
+    item = format_answer(True, [[1, 2, 3, 4]], ["crack"], None)
+    assert "{'bbox_2d': [x1, y1, x2, y2], 'label': '" in text
+    assert "{'bbox_2d': [1, 2, 3, 4], 'label': 'crack'}" in item
+    assert '"Yes."' in text and '"No."' in text
+
+
+def test_without_reference_variant():
+    variant = PromptVariant(use_reference=False)
+    content = _content(
+        build_messages(
+            category="bottle", grid_size=(448, 336), variant=variant, reference_image="R"
+        )
+    )
+    assert [item["type"] for item in content] == ["image", "text"]
+    assert content[0]["image"] == IMAGE_PLACEHOLDER
+    text = content[1]["text"]
+    assert text.startswith(
+        'The image is the query image, a sample of an industrial product of the category "bottle", '
+        "448 pixels wide and 336 pixels high."
+    )
+    assert "first image" not in text and "second image" not in text
+
+
+def test_missing_reference_image_drops_it_from_the_text():
+    with_none = build_messages(category="bottle", grid_size=(448, 336), variant=DEFAULT)
+    without = build_messages(
+        category="bottle", grid_size=(448, 336), variant=PromptVariant(use_reference=False)
+    )
+    assert with_none == without
+
+
+@pytest.mark.parametrize("category", [None, ""])
+def test_unknown_category_uses_generic_wording(category):
+    text = prompt_text(
+        category=category,
+        grid_size=(448, 448),
+        variant=PromptVariant(domain_knowledge=True),
+        defect_types=["crack"],
+    )
+    assert f"sample of {GENERIC_SUBJECT}." in text
+    assert "category" not in text
+    assert "anomaly types may occur" not in text  # no category to name
+
+
+def test_domain_knowledge_lists_distinct_readable_types():
+    text = prompt_text(
+        category="metal_nut",
+        grid_size=(448, 448),
+        variant=PromptVariant(domain_knowledge=True),
+        defect_types=["scratch", "good", "broken_large", "scratch", "color"],
+    )
+    assert (
+        "In metal nut samples, the following anomaly types may occur: scratch, broken large, "
+        "color." in text
+    )
+
+
+@pytest.mark.parametrize(
+    ("variant", "defect_types"),
+    [(PromptVariant(), ["scratch"]), (PromptVariant(domain_knowledge=True), ["good"])],
+)
+def test_no_domain_knowledge_when_off_or_unknown(variant, defect_types):
+    text = prompt_text(
+        category="bottle", grid_size=(448, 448), variant=variant, defect_types=defect_types
+    )
+    assert "anomaly types may occur" not in text
+
+
+def test_no_reasoning_variant_asks_for_the_answer_alone():
+    text = prompt_text(
+        category="bottle", grid_size=(448, 448), variant=PromptVariant(reasoning=False)
+    )
+    assert DIRECT_INSTRUCTION in text
+    assert "<think>" not in text
+    assert "<answer>" in text
+
+
+def test_anomaly_types():
+    assert anomaly_types(["good", "Broken_Large", "broken  large", ""]) == ["Broken Large"]
+
+
+def test_variant_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        DEFAULT.reasoning = False  # type: ignore[misc]
