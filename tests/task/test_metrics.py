@@ -1,0 +1,290 @@
+"""The MMR-AD metrics on a hand-worked set, and agreement with scikit-learn."""
+
+import random
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from mmrad.task.answer import Verdict
+from mmrad.task.metrics import (
+    RATE_KEYS,
+    auroc,
+    average_ranks,
+    best_f1_threshold,
+    evaluate,
+    f1,
+    roc_curve,
+)
+
+A, B, C = [0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]
+FAR = [80, 80, 90, 90]
+TALL_A = [0, 0, 10, 50]  # IoU with A: 100 / 500 = 0.2, above the 0.1 threshold
+
+
+def record(i, source, category, boxes=()):
+    return {
+        "id": f"img{i}",
+        "source": source,
+        "category": category,
+        "is_anomalous": bool(boxes),
+        "boxes": [list(b) for b in boxes],
+        "labels": ["defect"] * len(boxes),
+        "width": 100,
+        "height": 100,
+    }
+
+
+def answer(decision, *boxes, score=None):
+    return Verdict(
+        decision, [list(map(float, b)) for b in boxes], [""] * len(boxes), "r", True, score
+    )
+
+
+# Hand-worked set: 3 (source, category) groups.
+# mvtec/bottle: r1 Yes with one right and one false box; r2 missed (No); r3 right No;
+#               r4 unparseable on a normal image (counts as a false positive).
+# mvtec/screw:  all normal; r5 right No, r6 Yes with a box.
+# visa/pcb1:    r7 Yes with a box at IoU 0.2 (matched); r8 Yes without boxes.
+RECORDS = [
+    record(1, "mvtec", "bottle", [A, B]),
+    record(2, "mvtec", "bottle", [C]),
+    record(3, "mvtec", "bottle"),
+    record(4, "mvtec", "bottle"),
+    record(5, "mvtec", "screw"),
+    record(6, "mvtec", "screw"),
+    record(7, "visa", "pcb1", [A]),
+    record(8, "visa", "pcb1", [A]),
+]
+PREDICTIONS = [
+    answer(True, A, FAR),
+    answer(False),
+    answer(False),
+    Verdict(None),
+    answer(False),
+    answer(True, B),
+    answer(True, TALL_A),
+    answer(True),
+]
+
+BOTTLE = {
+    # TP r1, FN r2, TN r3, FP r4
+    "det_accuracy": 0.5,
+    "det_precision": 0.5,
+    "det_recall": 0.5,
+    "det_f1": 0.5,
+    # only r3 is fully right; 1 of 2 predicted boxes matched; 1 of 3 ground-truth boxes
+    "loc_accuracy": 0.25,
+    "loc_precision": 0.5,
+    "loc_recall": 1 / 3,
+    "loc_f1": 0.4,  # 2 * 0.5 * 1/3 / (0.5 + 1/3)
+    "n_images": 4,
+    "n_anomalous": 2,
+    "auroc": None,
+}
+SCREW = {
+    # TN r5, FP r6; no anomalous image: recall and F1 undefined
+    "det_accuracy": 0.5,
+    "det_precision": 0.0,
+    "det_recall": None,
+    "det_f1": None,
+    # one box predicted, none matched; no ground-truth boxes
+    "loc_accuracy": 0.5,
+    "loc_precision": 0.0,
+    "loc_recall": None,
+    "loc_f1": None,
+    "n_images": 2,
+    "n_anomalous": 0,
+    "auroc": None,
+}
+PCB1 = {
+    "det_accuracy": 1.0,
+    "det_precision": 1.0,
+    "det_recall": 1.0,
+    "det_f1": 1.0,
+    # r7 fully right; r8 said Yes but located nothing
+    "loc_accuracy": 0.5,
+    "loc_precision": 1.0,
+    "loc_recall": 0.5,
+    "loc_f1": 2 / 3,
+    "n_images": 2,
+    "n_anomalous": 2,
+    "auroc": None,
+}
+
+
+def test_per_category():
+    result = evaluate(PREDICTIONS, RECORDS)
+    assert list(result["per_category"]) == ["mvtec/bottle", "mvtec/screw", "visa/pcb1"]
+    assert result["per_category"]["mvtec/bottle"] == pytest.approx(BOTTLE)
+    assert result["per_category"]["mvtec/screw"] == pytest.approx(SCREW)
+    assert result["per_category"]["visa/pcb1"] == pytest.approx(PCB1)
+
+
+def test_per_source_is_the_mean_over_its_categories():
+    mvtec = evaluate(PREDICTIONS, RECORDS)["per_source"]["mvtec"]
+    assert mvtec == pytest.approx(
+        {
+            "det_accuracy": 0.5,
+            "det_precision": 0.25,
+            "det_recall": 0.5,  # screw's undefined recall is left out
+            "det_f1": 0.5,
+            "loc_accuracy": 0.375,
+            "loc_precision": 0.25,
+            "loc_recall": 1 / 3,
+            "loc_f1": 0.4,
+            "n_images": 6,
+            "n_anomalous": 2,
+            "auroc": None,
+        }
+    )
+
+
+def test_overall_is_the_mean_over_all_groups_not_over_sources():
+    result = evaluate(PREDICTIONS, RECORDS)
+    overall = {key: result[key] for key in (*RATE_KEYS, "n_images", "n_anomalous", "auroc")}
+    assert overall == pytest.approx(
+        {
+            "det_accuracy": 2 / 3,  # (0.5 + 0.5 + 1) / 3, not (0.5 + 1) / 2
+            "det_precision": 0.5,
+            "det_recall": 0.75,
+            "det_f1": 0.75,
+            "loc_accuracy": 1.25 / 3,
+            "loc_precision": 0.5,
+            "loc_recall": 5 / 12,
+            "loc_f1": (0.4 + 2 / 3) / 2,
+            "n_images": 8,
+            "n_anomalous": 4,
+            "auroc": None,
+        }
+    )
+
+
+def test_boxes_after_no_do_not_count():
+    rec = [record(1, "s", "c", [A])]
+    result = evaluate([answer(False, A)], rec)
+    assert result["loc_precision"] is None  # nothing predicted
+    assert result["loc_recall"] == 0.0
+    assert result["loc_accuracy"] == 0.0
+
+
+def test_extra_boxes_do_not_spoil_accuracy():
+    result = evaluate([answer(True, A, FAR, FAR)], [record(1, "s", "c", [A])])
+    assert result["loc_accuracy"] == 1.0
+    assert result["loc_precision"] == pytest.approx(1 / 3)
+
+
+def test_all_unparseable():
+    recs = [record(1, "s", "c", [A]), record(2, "s", "c")]
+    result = evaluate([Verdict(None), Verdict(None)], recs)
+    assert result["det_accuracy"] == 0.0
+    assert result["det_precision"] == 0.0  # the normal image counts as a false positive
+    assert result["det_recall"] == 0.0
+    assert result["det_f1"] == 0.0
+    assert result["loc_precision"] is None
+
+
+def test_empty_and_misaligned_input():
+    empty = evaluate([], [])
+    assert all(empty[key] is None for key in RATE_KEYS)
+    assert empty["per_source"] == {} and empty["per_category"] == {}
+    with pytest.raises(ValueError, match="1 predictions for 2 records"):
+        evaluate([Verdict(None)], RECORDS[:2])
+
+
+def test_auroc_needs_every_score():
+    scored = [
+        Verdict(v.decision, v.boxes, v.labels, v.reasoning, v.format_ok, score)
+        for v, score in zip(PREDICTIONS, [0.9, 0.2, 0.1, 0.5, 0.3, 0.8, 0.7, 0.6], strict=True)
+    ]
+    labels = [r["is_anomalous"] for r in RECORDS]
+    result = evaluate(scored, RECORDS)
+    assert result["auroc"] == pytest.approx(skm.roc_auc_score(labels, [v.score for v in scored]))
+    assert result["per_source"]["mvtec"]["auroc"] == pytest.approx(
+        skm.roc_auc_score(labels[:6], [v.score for v in scored[:6]])
+    )
+    assert result["per_source"]["visa"]["auroc"] is None  # only anomalous images
+    assert result["per_category"]["mvtec/screw"]["auroc"] is None
+    assert evaluate([*scored[:-1], PREDICTIONS[-1]], RECORDS)["auroc"] is None
+
+
+def test_detection_agrees_with_scikit_learn():
+    rng = random.Random(7)
+    recs = [record(i, "s", f"c{i % 3}", [A] if rng.random() < 0.5 else []) for i in range(300)]
+    preds = [answer(rng.choice([True, False, None])) for _ in recs]
+    result = evaluate(preds, recs)
+    for category in ("c0", "c1", "c2"):
+        chosen = [i for i, r in enumerate(recs) if r["category"] == category]
+        truth = [recs[i]["is_anomalous"] for i in chosen]
+        # a missing decision is the wrong answer
+        guess = [
+            not truth[k] if preds[i].decision is None else preds[i].decision
+            for k, i in enumerate(chosen)
+        ]
+        got = result["per_category"][f"s/{category}"]
+        assert got["det_accuracy"] == pytest.approx(skm.accuracy_score(truth, guess))
+        assert got["det_precision"] == pytest.approx(skm.precision_score(truth, guess))
+        assert got["det_recall"] == pytest.approx(skm.recall_score(truth, guess))
+        assert got["det_f1"] == pytest.approx(skm.f1_score(truth, guess))
+
+
+# ------------------------------------------------------------------------ score metrics
+
+
+def test_average_ranks_share_ties():
+    assert average_ranks(np.array([3.0, 1.0, 3.0, 2.0])).tolist() == [3.5, 1.0, 3.5, 2.0]
+
+
+def test_auroc_hand_worked():
+    # positives 0.8, 0.4; negatives 0.6, 0.4: pairs won 1 + 0 + 1 + 0.5 (tie) of 4
+    assert auroc([0.8, 0.4, 0.6, 0.4], [True, True, False, False]) == pytest.approx(2.5 / 4)
+    assert auroc([0.1, 0.2], [True, True]) is None
+    assert auroc([], []) is None
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_auroc_and_roc_curve_agree_with_scikit_learn(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.random(200) < 0.4
+    scores = np.round(rng.random(200) + 0.3 * labels, 1)  # rounding makes many ties
+    assert auroc(scores, labels) == pytest.approx(skm.roc_auc_score(labels, scores))
+    fpr, tpr = roc_curve(scores, labels)
+    sk_fpr, sk_tpr, _ = skm.roc_curve(labels, scores, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, sk_fpr)
+    np.testing.assert_allclose(tpr, sk_tpr)
+
+
+def test_roc_curve_needs_both_classes():
+    with pytest.raises(ValueError):
+        roc_curve([0.1, 0.2], [False, False])
+
+
+@pytest.mark.parametrize(
+    ("scores", "labels", "expected"),
+    [
+        # at 0.7: tp 2, fp 1, fn 0 -> F1 4/5, better than 2/3 at 0.9 and 4/6 at 0.6
+        ([0.9, 0.8, 0.7, 0.6, 0.5], [1, 0, 1, 0, 0], (0.7, 0.8)),
+        # F1 2/3 at 4 and at 1: the higher threshold wins
+        ([4, 3, 2, 1], [1, 0, 0, 1], (4, 2 / 3)),
+        # tied scores move together: at 0.5 tp 1, fp 1, fn 1 -> 1/2; at 0.2 -> 4/5
+        ([0.5, 0.5, 0.2], [1, 0, 1], (0.2, 0.8)),
+        # no anomalous image: every F1 is 0, the highest threshold
+        ([0.3, 0.6], [0, 0], (0.6, 0.0)),
+    ],
+)
+def test_best_f1_threshold(scores, labels, expected):
+    threshold, best = best_f1_threshold(scores, labels)
+    assert (threshold, best) == pytest.approx(expected)
+    predicted = [s >= threshold for s in scores]
+    assert best == pytest.approx(skm.f1_score(labels, predicted, zero_division=0.0))
+
+
+def test_best_f1_threshold_needs_scores():
+    with pytest.raises(ValueError):
+        best_f1_threshold([], [])
+
+
+def test_f1():
+    assert f1(0.5, 1 / 3) == pytest.approx(0.4)
+    assert f1(0.0, 0.0) == 0.0
+    assert f1(None, 1.0) is None
