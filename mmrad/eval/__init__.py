@@ -1,0 +1,1 @@
+"""Evaluation: batch evaluation and annotation jobs, reports and figures."""
