@@ -41,7 +41,9 @@ class RayConfig(Section):
     address: str | None = Field(
         None, description="Ray address; None starts or joins the local/submitted cluster."
     )
-    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray started by the job.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray started by a job.")
+    dashboard: bool = Field(False, description="Start Ray's dashboard with a local Ray.")
+    state_dir: str = Field("runs/ray", description="Local Ray's session files and auth token.")
 
 
 class SyntheticConfig(Section):
@@ -73,10 +75,12 @@ class SplitConfig(Section):
 
 
 class DataBuildConfig(Section):
-    source: Literal["synthetic", "mvtec", "visa", "mmrad"] = "synthetic"
+    source: Literal["synthetic", "mvtec", "visa", "mmrad"] = Field(
+        "synthetic", description="Which builder reads the raw data."
+    )
     input: str | None = Field(None, description="Folder of the raw data set (not for synthetic).")
     out: str = Field("runs/data/synthetic", description="Where images and manifest.parquet go.")
-    seed: int = 0
+    seed: int = Field(0, description="Seed of the synthetic images and of the split.")
     on_bad_image: Literal["skip", "fail"] = Field(
         "skip", description="Missing or corrupt input image: skip (counted, logged) or fail."
     )

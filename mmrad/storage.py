@@ -12,6 +12,7 @@ naming the URI.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -81,8 +82,16 @@ def _error_for(uri: str, err: Exception) -> StorageError:
     return StorageError(f"{uri}: {type(err).__name__}: {err}")
 
 
+def _credential_fingerprint() -> str:
+    """Changes when the credentials in the environment change, so a cached client is not
+    reused with stale ones. A one-way hash: the secret itself is never kept or shown."""
+    names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+    joined = "\0".join(os.environ.get(name, "") for name in names)
+    return hashlib.sha256(joined.encode()).hexdigest()
+
+
 @functools.lru_cache(maxsize=8)
-def _s3_client(endpoint_url: str | None, region: str | None, max_attempts: int):
+def _s3_client(endpoint_url: str | None, region: str | None, max_attempts: int, _fingerprint: str):
     import boto3
     from botocore.config import Config
 
@@ -110,7 +119,7 @@ class Storage:
 
     @property
     def s3(self):
-        return _s3_client(self.endpoint, self.region, self.max_attempts)
+        return _s3_client(self.endpoint, self.region, self.max_attempts, _credential_fingerprint())
 
     # -- bytes ---------------------------------------------------------------------------
 

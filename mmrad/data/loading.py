@@ -14,6 +14,7 @@ counts and logs it where the rows are consumed.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import random
@@ -32,6 +33,7 @@ from mmrad.task.geometry import model_grid
 
 log = logging.getLogger(__name__)
 
+REFERENCE_CACHE_SIZE = 64
 EMPTY_IMAGE = np.zeros((0, 0, 3), dtype=np.uint8)
 RECORD_COLUMNS = (
     "id", "source", "category", "split", "image_uri", "reference_uri", "width", "height",
@@ -112,42 +114,55 @@ def _fetch_and_decode(spec: DecodeSpec, uri: str | None) -> tuple[np.ndarray, st
         return EMPTY_IMAGE, f"{uri}: {err}"
 
 
-class DecodeBatch:
+@functools.lru_cache(maxsize=REFERENCE_CACHE_SIZE)
+def _cached_reference(storage: Storage, pixels: tuple[int, int, int], uri: str):
+    min_pixels, max_pixels, factor = pixels
+    budget = PixelBudget(min_pixels=min_pixels, max_pixels=max_pixels, factor=factor)
+    return _fetch_and_decode(DecodeSpec(storage, budget), uri)
+
+
+def _fetch_reference(spec: DecodeSpec, uri: str | None) -> tuple[np.ndarray, str]:
+    """References are shared by every query of a category: decode each once per worker."""
+    if not uri:
+        return EMPTY_IMAGE, ""
+    pixels = (spec.pixels.min_pixels, spec.pixels.max_pixels, spec.pixels.factor)
+    image, error = _cached_reference(spec.storage, pixels, uri)
+    if error:
+        _cached_reference.cache_clear()  # do not keep a transient failure
+    return image, error
+
+
+def decode_batch(batch: pa.Table, spec: DecodeSpec) -> pa.Table:
     """Ray Data ``map_batches`` function: fetch a batch's images concurrently (object
-    storage is latency-bound), decode and resize them, and add the grid size.
-
-    Batches are Arrow tables so the record's list columns (boxes, labels) keep their
+    storage is latency-bound), decode them, resize them to the model grid and add the grid
+    size. Batches are Arrow tables so the record's list columns (boxes, labels) keep their
     types; images travel as Ray's (ragged) tensor columns."""
+    from ray.data.extensions import ArrowTensorArray
 
-    def __init__(self, spec: DecodeSpec):
-        self.spec = spec
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        from ray.data.extensions import ArrowTensorArray
-
-        ids = batch.column("id").to_pylist()
-        uris = batch.column("image_uri").to_pylist() + batch.column("reference_uri").to_pylist()
-        with ThreadPoolExecutor(self.spec.fetch_threads) as pool:
-            decoded = list(pool.map(lambda uri: _fetch_and_decode(self.spec, uri), uris))
-        images, references = decoded[: len(ids)], decoded[len(ids) :]
-        errors = []
-        for rid, (_, image_error), (_, reference_error) in zip(
-            ids, images, references, strict=True
-        ):
-            error = image_error or reference_error
-            if error and self.spec.on_bad_image == "fail":
-                raise BadImageError(f"id {rid!r}: {error}")
-            errors.append(error)
-        columns = {
-            "image": ArrowTensorArray.from_numpy([image for image, _ in images]),
-            "reference": ArrowTensorArray.from_numpy([image for image, _ in references]),
-            "grid_width": pa.array([image.shape[1] for image, _ in images], pa.int32()),
-            "grid_height": pa.array([image.shape[0] for image, _ in images], pa.int32()),
-            "error": pa.array(errors, pa.string()),
-        }
-        for name, column in columns.items():
-            batch = batch.append_column(name, column)
-        return batch
+    ids = batch.column("id").to_pylist()
+    with ThreadPoolExecutor(spec.fetch_threads) as pool:
+        images = list(
+            pool.map(lambda u: _fetch_and_decode(spec, u), batch["image_uri"].to_pylist())
+        )
+        references = list(
+            pool.map(lambda u: _fetch_reference(spec, u), batch["reference_uri"].to_pylist())
+        )
+    errors = []
+    for rid, (_, image_error), (_, reference_error) in zip(ids, images, references, strict=True):
+        error = image_error or reference_error
+        if error and spec.on_bad_image == "fail":
+            raise BadImageError(f"id {rid!r}: {error}")
+        errors.append(error)
+    columns = {
+        "image": ArrowTensorArray.from_numpy([image for image, _ in images]),
+        "reference": ArrowTensorArray.from_numpy([image for image, _ in references]),
+        "grid_width": pa.array([image.shape[1] for image, _ in images], pa.int32()),
+        "grid_height": pa.array([image.shape[0] for image, _ in images], pa.int32()),
+        "error": pa.array(errors, pa.string()),
+    }
+    for name, column in columns.items():
+        batch = batch.append_column(name, column)
+    return batch
 
 
 def build_dataset(rows: list[dict[str, Any]], spec: DecodeSpec, batch_size: int = 16):
@@ -157,12 +172,10 @@ def build_dataset(rows: list[dict[str, Any]], spec: DecodeSpec, batch_size: int 
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
     dataset = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // batch_size))
+    # Tasks, not an actor pool: worker processes (and their cached clients and
+    # references) are reused across datasets, while actors would start cold each time.
     return dataset.map_batches(
-        DecodeBatch,
-        fn_constructor_args=(spec,),
-        batch_size=batch_size,
-        batch_format="pyarrow",
-        concurrency=(1, 4),
+        decode_batch, fn_kwargs={"spec": spec}, batch_size=batch_size, batch_format="pyarrow"
     )
 
 

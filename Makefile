@@ -1,0 +1,44 @@
+# `make test` and `make demo` each set everything up from nothing (venv, packages, local
+# fix-ups) and then run, inside a loopback-only network namespace where the machine allows.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.mmrad-installed
+EXTRAS ?= cpu,dev,s3local
+# torch 2.13.0+cpu: a local wheel folder where the machine has one, else PyTorch's CPU index.
+TORCH_SOURCE ?= $(if $(wildcard /opt/wheels/torch-2.13.0+cpu*),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu)
+NETNS := scripts/loopback-netns
+PYTEST_ARGS ?=
+
+.PHONY: venv test demo lint format bench clean
+
+venv: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml scripts/cuda_stubs.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install $(TORCH_SOURCE) -e '.[$(EXTRAS)]'
+	$(BIN)/python scripts/cuda_stubs.py
+	touch $@
+
+test: venv
+	$(NETNS) $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+demo: venv
+	$(NETNS) $(BIN)/mmrad data build --config configs/local/data.yaml
+	$(BIN)/mmrad data stats runs/data/synthetic
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: venv
+	$(NETNS) $(BIN)/python benchmarks/data_throughput.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,157 @@
+"""The ``mmrad`` command line. Every command takes ``--config FILE`` and ``key.sub=value``
+overrides; explicit flags win over both."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mmrad.config import ConfigError, DataJobConfig, load_config
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+data_app = typer.Typer(no_args_is_help=True, help="Build and inspect data sets.")
+s3_app = typer.Typer(no_args_is_help=True, help="A local S3 server for trying things out.")
+app.add_typer(data_app, name="data")
+app.add_typer(s3_app, name="s3")
+console = Console(stderr=True)
+
+ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
+Overrides = Annotated[list[str] | None, typer.Argument(help="key.sub=value overrides.")]
+
+
+def _load(model, config: Path | None, overrides: list[str] | None, flags: dict):
+    """Config file, then overrides, then explicit flags (those not None)."""
+    extra = [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
+    try:
+        return load_config(model, config, [*(overrides or []), *extra])
+    except ConfigError as err:
+        console.print(f"[red]config error:[/red] {err}")
+        raise typer.Exit(2) from None
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+
+
+@data_app.command("build")
+def data_build(
+    config: ConfigOption = None,
+    overrides: Overrides = None,
+    source: Annotated[str | None, typer.Option(help="synthetic|mvtec|visa|mmrad")] = None,
+    input: Annotated[str | None, typer.Option("--input", help="Raw data set folder.")] = None,
+    out: Annotated[str | None, typer.Option(help="Output folder or s3:// URI.")] = None,
+) -> None:
+    """Build a data set: images under OUT and OUT/manifest.parquet."""
+    from mmrad.data.build import build_dataset
+    from mmrad.storage import Storage
+
+    flags = {"data.source": source, "data.input": input, "data.out": out}
+    job = _load(DataJobConfig, config, overrides, flags)
+    started = time.perf_counter()
+    result = build_dataset(job.data, Storage.from_config(job.storage))
+    elapsed = time.perf_counter() - started
+    console.print(
+        f"wrote {result.records} records to {result.manifest_uri} in {elapsed:.1f} s"
+        + (f" ({len(result.skipped)} bad inputs skipped)" if result.skipped else "")
+    )
+
+
+@data_app.command("stats")
+def data_stats(
+    uri: Annotated[str, typer.Argument(help="Data set folder or manifest URI.")],
+    config: ConfigOption = None,
+    overrides: Overrides = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Counts per source, category and split; anomaly ratio; boxes per image."""
+    from mmrad.data.manifest import read_manifest
+    from mmrad.data.stats import manifest_stats
+    from mmrad.storage import Storage
+
+    job = _load(DataJobConfig, config, overrides, {})
+    stats = manifest_stats(read_manifest(Storage.from_config(job.storage), uri))
+    if as_json:
+        typer.echo(json.dumps(stats, indent=2))
+        return
+    print_stats(stats)
+
+
+def print_stats(stats: dict) -> None:
+    table = Table(title=f"{stats['images']} images, anomaly ratio {stats['anomaly_ratio']:.2f}")
+    for column in ("source/category", "train", "val", "test", "anomalous", "boxes/img"):
+        table.add_column(column, justify="left" if column == "source/category" else "right")
+    for key, row in stats["categories"].items():
+        table.add_row(
+            key,
+            *(str(row[split]) for split in ("train", "val", "test")),
+            f"{row['anomaly_ratio']:.2f}",
+            f"{row['boxes_per_anomalous_image']:.2f}",
+        )
+    Console().print(table)
+    if stats["train_test_overlap"]:
+        overlap = ", ".join(stats["train_test_overlap"])
+        Console().print(f"[yellow]seen in both train and test (not unseen):[/yellow] {overlap}")
+
+
+@s3_app.command("local")
+def s3_local(
+    data_dir: Annotated[Path, typer.Option(help="Where the server keeps objects.")] = Path(
+        "runs/s3"
+    ),
+    port: Annotated[int, typer.Option(help="S3 port on 127.0.0.1.")] = 8333,
+    bucket: Annotated[list[str] | None, typer.Option(help="Buckets to create.")] = None,
+) -> None:
+    """Run SeaweedFS on 127.0.0.1 until Ctrl-C (credentials from AWS_* variables)."""
+    from mmrad.s3local import LocalS3, LocalS3Error
+    from mmrad.storage import Storage
+
+    server = LocalS3(data_dir, port)
+    try:
+        server.start()
+    except LocalS3Error as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(1) from None
+    storage = Storage(endpoint_url=server.endpoint_url)
+    for name in bucket or []:
+        storage.ensure_bucket(f"s3://{name}")
+    console.print(f"S3 ready: export AWS_ENDPOINT_URL={server.endpoint_url}  (Ctrl-C stops it)")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        while server.process and server.process.poll() is None:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+def run() -> None:
+    """Console entry point with clean errors for the failures users cause."""
+    from mmrad.data.builders.base import DataBuildError
+    from mmrad.data.schema import ManifestError
+    from mmrad.storage import StorageError
+
+    try:
+        app()
+    except (DataBuildError, ManifestError, StorageError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    run()

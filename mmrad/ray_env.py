@@ -1,0 +1,81 @@
+"""Starting or joining Ray, in one place: where its state lives and how it authenticates.
+
+Ray 2.59+ turns token authentication on for local clusters and keeps the token in
+``~/.ray/auth_token``. mmrad keeps both the token and Ray's session files under a state
+folder of its own (the run directory's ``ray/``), so runs do not share hidden state and
+a cleanup removes everything. Processes that join later (``ray job submit``, workers)
+find the token through ``RAY_AUTH_TOKEN_PATH``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import tempfile
+from pathlib import Path
+
+from mmrad.config import RayConfig
+
+log = logging.getLogger(__name__)
+
+# Ray puts Unix sockets under its temp dir; their paths must stay under 107 bytes.
+MAX_TEMP_DIR_CHARS = 60
+
+
+def auth_token_path(state_dir: Path) -> Path:
+    """The token file under ``state_dir``, created (mode 0600) when missing."""
+    path = state_dir / "auth_token"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(32))
+    return path
+
+
+def temp_dir_for(state_dir: Path) -> Path:
+    """Ray's session folder: under ``state_dir`` when the path is short enough for sockets."""
+    candidate = (state_dir / "session").absolute()
+    if len(str(candidate)) <= MAX_TEMP_DIR_CHARS:
+        return candidate
+    return Path(tempfile.mkdtemp(prefix="mmrad-ray-"))
+
+
+def ray_environment(state_dir: Path) -> dict[str, str]:
+    """Environment for every process of a local cluster started by mmrad.
+
+    ``RAY_AUTH_MODE`` is left to ``ray.init``, which turns token mode on for a new local
+    cluster and refreshes Ray's cached config; setting it here, after Ray's config was
+    read at import, would leave this process believing auth is disabled. Clients that
+    connect later (``ray job submit``) set ``RAY_AUTH_MODE=token`` themselves."""
+    return {
+        "RAY_AUTH_TOKEN_PATH": str(auth_token_path(state_dir).absolute()),
+        "RAY_TMPDIR": str(temp_dir_for(state_dir)),
+    }
+
+
+def joining_existing_cluster(config: RayConfig) -> bool:
+    return bool(config.address or os.environ.get("RAY_ADDRESS"))
+
+
+def init_ray(config: RayConfig) -> None:
+    """Join the cluster a job was submitted to, or start a local one with its state under
+    ``config.state_dir``. Idempotent within a process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if joining_existing_cluster(config):
+        ray.init(address=config.address, log_to_driver=True)
+        return
+    env = ray_environment(Path(config.state_dir))
+    os.environ.update(env)
+    Path(env["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
+    ray.init(
+        num_cpus=config.num_cpus,
+        _node_ip_address="127.0.0.1",
+        include_dashboard=config.dashboard,
+        _temp_dir=env["RAY_TMPDIR"],
+    )
+    log.info("started a local Ray with state in %s", env["RAY_TMPDIR"])

@@ -1,0 +1,70 @@
+"""Shared, session-scoped real parts: one S3 server (SeaweedFS on 127.0.0.1) and one local
+Ray cluster, started once and reused by every test that needs them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Credentials for the local S3 server only; set before anything (Ray workers included)
+# reads the environment.
+TEST_ACCESS_KEY = "mmrad-test-key"
+TEST_SECRET_KEY = "mmrad-test-secret-0123456789"
+os.environ["AWS_ACCESS_KEY_ID"] = TEST_ACCESS_KEY
+os.environ["AWS_SECRET_ACCESS_KEY"] = TEST_SECRET_KEY
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.pop("AWS_PROFILE", None)
+os.environ.pop("AWS_SESSION_TOKEN", None)
+
+TEST_BUCKET = "mmrad-test"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server; ``AWS_ENDPOINT_URL`` points at it for the whole session."""
+    from mmrad.s3local import LocalS3
+    from mmrad.storage import Storage
+
+    server = LocalS3(tmp_path_factory.mktemp("s3"))
+    server.start()
+    os.environ["AWS_ENDPOINT_URL"] = server.endpoint_url
+    Storage().ensure_bucket(f"s3://{TEST_BUCKET}")
+    yield server
+    server.stop()
+    os.environ.pop("AWS_ENDPOINT_URL", None)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server, tmp_path_factory):
+    """One local Ray for the session (after the S3 variables are set, so workers see them)."""
+    import ray
+
+    from mmrad.config import RayConfig
+    from mmrad.ray_env import init_ray
+
+    state = Path(tmp_path_factory.mktemp("ray"))
+    init_ray(RayConfig(num_cpus=2, state_dir=str(state)))
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synthetic_s3(s3_server):
+    """A small synthetic data set on the S3 server, built once: ``(uri, records)``."""
+    from mmrad.config import DataBuildConfig
+    from mmrad.data.build import build_dataset
+    from mmrad.data.manifest import read_manifest
+    from mmrad.storage import Storage
+
+    uri = f"s3://{TEST_BUCKET}/datasets/synthetic"
+    config = DataBuildConfig(
+        out=uri,
+        seed=3,
+        synthetic={"categories": ["brick", "coins", "grass"], "images_per_category": 8,
+                   "image_size": 200},
+        split={"test_categories": ["coins"], "val_fraction": 0.25},
+    )  # fmt: skip
+    build_dataset(config, Storage(), progress=False)
+    return uri, read_manifest(Storage(), uri)
