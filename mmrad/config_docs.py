@@ -1,6 +1,6 @@
 """The README's config reference, generated from the pydantic models so it cannot drift.
 
-    python -m mmrad.config_docs --write README.md   # rewrite the section in place
+python -m mmrad.config_docs --write README.md   # rewrite the section in place
 """
 
 from __future__ import annotations
