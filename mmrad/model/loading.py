@@ -1,0 +1,154 @@
+"""Where a model comes from (hub id, local directory, ``s3://`` directory) and loading it.
+
+An ``s3://`` model directory is downloaded once per node into ``cache_dir/<sha of URI>``:
+every worker of the node takes the same file lock, the first one downloads into a temporary
+directory and renames it into place with a completion marker, the others wait and reuse
+it. A download cut short (a killed worker) leaves no marker and is never used. The marker
+keeps a fingerprint of the objects (keys, sizes, ETags), so a directory re-exported to the
+same URI is downloaded again instead of silently serving stale weights.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mmrad.config import PixelBudget
+from mmrad.storage import Storage, StorageError, is_s3, local_path, split_s3
+
+COMPLETE_MARKER = ".mmrad-download.json"
+EXPORT_IN_PROGRESS = ".mmrad-export-in-progress"
+"""Present in an ``s3://`` export while it is being (re)written; downloads refuse it."""
+ATTN_IMPLEMENTATION = "sdpa"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model_path(path: str, storage: Storage, cache_dir: str) -> str:
+    """A path ``from_pretrained`` can open: hub ids as they are, local directories as
+    absolute paths (they must exist), ``s3://`` directories downloaded to the node cache."""
+    if is_s3(path):
+        return str(_download_cached(path.rstrip("/"), storage, Path(cache_dir)))
+    local = local_path(path).expanduser()
+    if local.is_dir():
+        return str(local.absolute())
+    if _looks_like_hub_id(path):
+        return path
+    if local.exists():
+        raise NotADirectoryError(f"model path {path}: not a directory")
+    raise FileNotFoundError(f"model path {path}: no such directory")
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    """``org/name`` whose first part is not a local folder (``runs/tiny`` is a path)."""
+    return bool(_HUB_ID.match(path)) and not Path(path.split("/", 1)[0]).exists()
+
+
+def cached_model_dir(uri: str, cache_dir: str | Path) -> Path:
+    """Where :func:`resolve_model_path` keeps the download of ``uri`` on this node."""
+    return Path(cache_dir) / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:32]
+
+
+def _download_cached(uri: str, storage: Storage, cache_dir: Path) -> Path:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    target = cached_model_dir(uri, cache_dir)
+    key = target.name
+    objects = _list_objects(uri, storage)
+    fingerprint = hashlib.sha256(json.dumps(objects, sort_keys=True).encode()).hexdigest()
+    with open(cache_dir / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        if _marker_fingerprint(target) == fingerprint:
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache_dir))
+        try:
+            for relative in objects:
+                destination = tmp / relative
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                _download_file(storage, f"{uri}/{relative}", destination)
+            marker = {"uri": uri, "fingerprint": fingerprint, "files": sorted(objects)}
+            (tmp / COMPLETE_MARKER).write_text(json.dumps(marker, indent=2))
+            if target.exists():  # stale or half-finished: swap it out, then drop it
+                old = Path(tempfile.mkdtemp(prefix=f".{key}.old.", dir=cache_dir))
+                os.replace(target, old / key)
+                shutil.rmtree(old, ignore_errors=True)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _list_objects(uri: str, storage: Storage) -> dict[str, list[Any]]:
+    """``{relative key: [size, etag]}`` of every object below ``uri``."""
+    bucket, prefix = split_s3(uri)
+    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    found: dict[str, list[Any]] = {}
+    try:
+        pages = storage.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        for page in pages:
+            for obj in page.get("Contents", []):
+                relative = obj["Key"][len(prefix) :]
+                if relative and not relative.endswith("/"):
+                    found[relative] = [obj["Size"], obj.get("ETag", "")]
+    except Exception as err:
+        raise StorageError(f"{uri}: cannot list the model directory: {err}") from None
+    if EXPORT_IN_PROGRESS in found:
+        raise StorageError(f"{uri}: an export is being written there; try again when it is done")
+    if "config.json" not in found:
+        raise FileNotFoundError(
+            f"model path {uri}: no config.json there (found {len(found)} objects)"
+        )
+    return found
+
+
+def _download_file(storage: Storage, uri: str, destination: Path) -> None:
+    """Streamed and multi-part (``Storage.read_bytes`` would hold a 4 GB shard in memory)."""
+    bucket, key = split_s3(uri)
+    try:
+        storage.s3.download_file(bucket, key, str(destination))
+    except Exception as err:
+        raise StorageError(f"{uri}: download failed: {err}") from None
+
+
+def _marker_fingerprint(directory: Path) -> str | None:
+    try:
+        return json.loads((directory / COMPLETE_MARKER).read_text())["fingerprint"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def pixel_size(pixels: PixelBudget) -> dict[str, int]:
+    """The pixel budget as transformers 5 image processors take it (``min_pixels`` and
+    ``max_pixels`` keyword arguments are deprecated there)."""
+    return {"shortest_edge": pixels.min_pixels, "longest_edge": pixels.max_pixels}
+
+
+def load_processor(path: str, pixels: PixelBudget):
+    """The model's processor with its resize budget replaced by ``pixels``."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(path, size=pixel_size(pixels))
+    image_processor = processor.image_processor
+    factor = image_processor.patch_size * image_processor.merge_size
+    if factor != pixels.factor:
+        raise ValueError(
+            f"model {path}: images are cut into {factor}-pixel cells, "
+            f"but the pixel budget says factor {pixels.factor}"
+        )
+    return processor
+
+
+def load_model(path: str, dtype: str, *, device: str = "cpu"):
+    """A Qwen2.5-VL-style image-text-to-text model with SDPA attention."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(
+        path, dtype=getattr(torch, dtype), attn_implementation=ATTN_IMPLEMENTATION
+    )
+    return model.to(device)
