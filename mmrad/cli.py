@@ -16,13 +16,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mmrad.config import ConfigError, DataJobConfig, load_config
+from mmrad.config import ConfigError, DataJobConfig, SFTJobConfig, load_config
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 data_app = typer.Typer(no_args_is_help=True, help="Build and inspect data sets.")
 s3_app = typer.Typer(no_args_is_help=True, help="A local S3 server for trying things out.")
 app.add_typer(data_app, name="data")
+model_app = typer.Typer(no_args_is_help=True, help="Model utilities.")
 app.add_typer(s3_app, name="s3")
+app.add_typer(model_app, name="model")
 console = Console(stderr=True)
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
@@ -137,6 +139,28 @@ def s3_local(
         pass
     finally:
         server.stop()
+
+
+@model_app.command("tiny")
+def model_tiny(
+    out: Annotated[Path, typer.Option(help="Folder for the HF model directory.")] = Path(
+        "runs/models/tiny"
+    ),
+    seed: Annotated[int, typer.Option(help="Weights seed (same seed, same bytes).")] = 0,
+) -> None:
+    """Build the tiny random Qwen2.5-VL-shaped model used by tests and the local demo."""
+    from mmrad.model.tiny import build_tiny_model
+
+    console.print(f"tiny model at {build_tiny_model(out, seed)}")
+
+
+@app.command("sft")
+def sft(config: ConfigOption = None, overrides: Overrides = None) -> None:
+    """Supervised fine-tuning on Ray Train (FSDP, LoRA); resumes a run of the same name."""
+    from mmrad.jobs import print_result
+    from mmrad.sft.job import run_sft
+
+    print_result(run_sft(_load(SFTJobConfig, config, overrides, {})))
 
 
 def run() -> None:

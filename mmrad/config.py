@@ -128,6 +128,135 @@ class DataJobConfig(Section):
     data: DataBuildConfig = Field(default_factory=DataBuildConfig)
 
 
+LANGUAGE_MODEL_PROJECTIONS = (
+    r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+)
+
+
+class ModelConfig(Section):
+    """Where the model comes from and how images are sized for it."""
+
+    path: str = Field(
+        "runs/models/tiny", description="Hub id, local HF directory, or s3:// directory."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights dtype (bfloat16 on GPUs, float32 on CPUs)."
+    )
+    cache_dir: str = Field(
+        "runs/cache/models", description="Per-node cache of s3:// model directories."
+    )
+    pixels: PixelBudget = Field(default_factory=PixelBudget)
+
+
+class LoraConfig(Section):
+    """LoRA through peft; by default the language model's attention and MLP projections
+    only, since vLLM cannot serve LoRA on the vision tower."""
+
+    enabled: bool = Field(True, description="False = full fine-tuning.")
+    r: int = Field(16, ge=1, le=512)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = Field(
+        LANGUAGE_MODEL_PROJECTIONS, description="peft target_modules (regex or names)."
+    )
+
+
+class PromptConfig(Section):
+    """The prompt variant (the paper's ablation switches)."""
+
+    use_reference: bool = Field(True, description="Show a normal reference image first.")
+    domain_knowledge: bool = Field(False, description="List the category's known defect types.")
+    reasoning: bool = Field(True, description="Ask for <think> reasoning before the answer.")
+
+
+class ScalingSection(Section):
+    """Ray Train workers."""
+
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = Field(False)
+    cpus_per_worker: float = Field(
+        0.5, gt=0, description="Fractional on small machines so Ray Data tasks can run."
+    )
+    gpus_per_worker: float = Field(1.0, ge=0)
+
+
+class FSDPConfig(Section):
+    version: Literal[1, 2] = Field(2, description="FSDP2 (fully_shard) or FSDP1.")
+    mixed_precision: Literal["auto", "bf16", "none"] = Field(
+        "auto", description="auto = bf16 on GPUs, none on CPUs."
+    )
+
+
+class RunSection(Section):
+    """Where a run lives. Rerunning with the same name resumes it."""
+
+    storage_path: str = Field("runs/sft", description="Local folder or s3:// prefix.")
+    name: str = Field("sft-tiny", description="Run name (resume key).")
+    num_to_keep: int = Field(2, ge=1, description="Checkpoints kept.")
+    max_failures: int = Field(1, ge=0, description="Restarts after a worker dies.")
+
+
+class SFTTrainConfig(Section):
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    batch_size_per_worker: int = Field(2, ge=1)
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.05, ge=0, le=1)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor, as share of lr.")
+    max_grad_norm: float = Field(1.0, gt=0)
+    log_every: int = Field(5, ge=1)
+    val_every: int = Field(20, ge=1, description="Validation loss every N steps.")
+    val_samples: int = Field(16, ge=1, description="Val samples per validation.")
+    checkpoint_every: int = Field(20, ge=1)
+    seed: int = 0
+
+
+class ExportSection(Section):
+    checkpoint: Literal["best", "last"] = Field(
+        "best", description="best = lowest validation loss."
+    )
+    merge_lora: bool = Field(True, description="Merge LoRA into the base weights.")
+    out: str | None = Field(None, description="Default: <storage_path>/<name>/export.")
+
+
+class SFTJobConfig(Section):
+    """`mmrad sft` / `python -m ray_jobs.sft`."""
+
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    data: DataLoadConfig = Field(default_factory=DataLoadConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    fsdp: FSDPConfig = Field(default_factory=FSDPConfig)
+    train: SFTTrainConfig = Field(default_factory=SFTTrainConfig)
+    run: RunSection = Field(default_factory=RunSection)
+    export: ExportSection = Field(default_factory=ExportSection)
+
+
+class EngineConfig(Section):
+    """The one vLLM engine wrapper (rollouts, evaluation, serving, annotation).
+    On CPUs: in-process engine, eager, float32, explicit KV cache size."""
+
+    max_model_len: int = Field(4096, ge=256)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto = bfloat16 on GPUs, float32 on CPUs."
+    )
+    kv_cache_bytes: int = Field(
+        512 * 2**20, ge=2**20, description="KV cache on CPUs (GPUs use the utilization)."
+    )
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+    max_num_seqs: int = Field(64, ge=1)
+    enable_lora: bool = Field(False)
+    max_lora_rank: int = Field(64, ge=1)
+    max_images: int = Field(2, ge=1, description="Images per prompt.")
+    seed: int = 0
+
+
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 

@@ -68,3 +68,30 @@ def synthetic_s3(s3_server):
     )  # fmt: skip
     build_dataset(config, Storage(), progress=False)
     return uri, read_manifest(Storage(), uri)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """The tiny random Qwen2.5-VL-shaped model, built once per session."""
+    from mmrad.model.tiny import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0))
+
+
+@pytest.fixture(scope="session")
+def synthetic_local(tmp_path_factory) -> str:
+    """A synthetic set on local storage for training tests; returns the manifest URI.
+
+    Four seen categories and two unseen ones (coins, cell) in the test split."""
+    from mmrad.config import DataBuildConfig
+    from mmrad.data.build import build_dataset
+    from mmrad.storage import Storage
+
+    config = DataBuildConfig(
+        out=str(tmp_path_factory.mktemp("data") / "synthetic"),
+        seed=0,
+        synthetic={"categories": ["brick", "grass", "gravel", "camera", "coins", "cell"],
+                   "images_per_category": 24, "image_size": 112},
+        split={"test_categories": ["coins", "cell"], "val_fraction": 0.1},
+    )  # fmt: skip
+    return build_dataset(config, Storage(), progress=False).manifest_uri

@@ -1,0 +1,32 @@
+import pytest
+
+from mmrad.sft.plan import StepPlan
+from mmrad.train.schedule import warmup_cosine_factor
+
+
+def test_steps_and_positions_are_the_same_on_every_rank():
+    plan = StepPlan(samples=50, world_size=2, batch_size=4, grad_accum=2, epochs=3)
+    assert plan.per_step == 16
+    assert plan.steps_per_epoch == 3  # 48 positions used, 2 left over each epoch
+    assert plan.total_steps == 9
+    assert plan.start_position(2) == 32
+    assert plan.rank_rows_per_epoch() == 24
+
+
+def test_max_steps_caps_the_total():
+    plan = StepPlan(samples=50, world_size=2, batch_size=4, grad_accum=2, epochs=3, max_steps=4)
+    assert plan.total_steps == 4
+
+
+def test_too_few_samples_for_one_step_is_a_clear_error():
+    with pytest.raises(ValueError, match="3 training samples cannot fill one step of 8"):
+        StepPlan(samples=3, world_size=2, batch_size=4, grad_accum=1, epochs=1).check()
+
+
+def test_warmup_then_cosine_to_the_floor():
+    factors = [warmup_cosine_factor(step, 10, 2, 0.1) for step in range(11)]
+    assert factors[0] == pytest.approx(0.5) and factors[1] == pytest.approx(1.0)
+    assert factors[2] == pytest.approx(1.0)
+    assert factors[6] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay
+    assert factors[10] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(factors[1:], factors[2:], strict=False))
