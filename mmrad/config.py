@@ -42,7 +42,9 @@ class RayConfig(Section):
         None, description="Ray address; None starts or joins the local/submitted cluster."
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray started by a job.")
-    dashboard: bool = Field(False, description="Start Ray's dashboard with a local Ray.")
+    dashboard: bool = Field(
+        True, description="Start Ray's dashboard (and its state API, which Ray Train uses)."
+    )
     state_dir: str = Field("runs/ray", description="Local Ray's session files and auth token.")
 
 

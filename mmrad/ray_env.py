@@ -19,8 +19,9 @@ from mmrad.config import RayConfig
 
 log = logging.getLogger(__name__)
 
-# Ray puts Unix sockets under its temp dir; their paths must stay under 107 bytes.
-MAX_TEMP_DIR_CHARS = 60
+# Ray puts Unix sockets under its temp dir (the dashboard's the deepest); their paths
+# must stay under 107 bytes.
+MAX_TEMP_DIR_CHARS = 36  # Ray adds about 70 characters below it
 
 
 def auth_token_path(state_dir: Path) -> Path:
@@ -76,6 +77,7 @@ def init_ray(config: RayConfig) -> None:
         num_cpus=config.num_cpus,
         _node_ip_address="127.0.0.1",
         include_dashboard=config.dashboard,
+        dashboard_host="127.0.0.1",
         _temp_dir=env["RAY_TMPDIR"],
     )
     log.info("started a local Ray with state in %s", env["RAY_TMPDIR"])

@@ -95,3 +95,18 @@ def synthetic_local(tmp_path_factory) -> str:
         split={"test_categories": ["coins", "cell"], "val_fraction": 0.1},
     )  # fmt: skip
     return build_dataset(config, Storage(), progress=False).manifest_uri
+
+
+@pytest.fixture(scope="session")
+def sft_trained(ray_cluster, tiny_model, synthetic_local, tmp_path_factory):
+    """One SFT run long enough to learn the answer format (full fine-tuning, FSDP2,
+    2 workers), shared by the tests that need a trained export."""
+    from mmrad.sft.job import run_sft
+    from tests.sft.helpers import sft_config
+
+    job = sft_config(
+        tiny_model, synthetic_local, str(tmp_path_factory.mktemp("sft")), "trained",
+        "lora.enabled=false", "train.lr=0.003", "train.max_steps=80", "train.epochs=20",
+        "train.checkpoint_every=40", "train.val_every=20", "train.log_every=10",
+    )  # fmt: skip
+    return run_sft(job)

@@ -73,6 +73,21 @@ def all_sum(value: float) -> float:
     return float(tensor.item())
 
 
+def all_max(value: float) -> float:
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())
+
+
+def peak_memory_mb(on_gpu: bool) -> float:
+    """This process's peak memory: GPU allocations on GPUs, resident set size on CPUs."""
+    if on_gpu:
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def gather_ids(ids: list[str]) -> list[str]:
     gathered: list[list[str]] = [[] for _ in range(dist.get_world_size())]
     dist.all_gather_object(gathered, ids)
@@ -246,6 +261,7 @@ class SFTLoop:
             "perf/tokens_per_s": window["tokens"] / elapsed,
             "perf/samples_per_s": window["samples"] / elapsed,
             "train/epoch": self.state.epoch,
+            "perf/peak_memory_mb_per_worker": all_max(peak_memory_mb(self.on_gpu)),
         }
         if self.metrics:
             self.metrics.log(step, metrics)

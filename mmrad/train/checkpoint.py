@@ -46,8 +46,18 @@ class TrainerState:
         return cls(**json.loads(text))
 
 
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def clean_name(name: str) -> str:
+    """A parameter's name as state dicts spell it, without FSDP1/compile wrapper parts."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
 def trainable_keys(model: nn.Module) -> set[str]:
-    return {name for name, p in model.named_parameters() if p.requires_grad}
+    return {clean_name(name) for name, p in model.named_parameters() if p.requires_grad}
 
 
 def _filtered(model_state: dict, keep: set[str]) -> dict:

@@ -63,5 +63,5 @@ def _fsdp1(model: nn.Module, config: FSDPConfig, on_gpu: bool) -> nn.Module:
         auto_wrap_policy=wrap,
         mixed_precision=mixed,
         use_orig_params=True,  # LoRA: frozen and trainable parameters share flat groups
-        device_id=torch.cuda.current_device() if on_gpu else None,
+        device_id=torch.cuda.current_device() if on_gpu else torch.device("cpu"),
     )
