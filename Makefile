@@ -26,8 +26,7 @@ test: venv
 	$(NETNS) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: venv
-	$(NETNS) $(BIN)/mmrad data build --config configs/local/data.yaml
-	$(BIN)/mmrad data stats runs/data/synthetic
+	$(NETNS) $(BIN)/python -m mmrad.demo
 
 lint: venv
 	$(BIN)/ruff check .
@@ -39,6 +38,7 @@ format: venv
 
 bench: venv
 	$(NETNS) $(BIN)/python benchmarks/data_throughput.py
+	$(NETNS) $(BIN)/python benchmarks/sft_throughput.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,6 +1,6 @@
 import pytest
 
-from mmrad.config import ConfigError, DataJobConfig, dump_config, load_config
+from mmrad.config import ConfigError, DataJobConfig, SFTJobConfig, dump_config, load_config
 
 
 def write(tmp_path, text):
@@ -53,6 +53,14 @@ def test_dump_round_trips(tmp_path):
     assert again == config
 
 
-@pytest.mark.parametrize("path", ["configs/local/data.yaml", "configs/cluster/data.yaml"])
-def test_shipped_configs_validate(path):
-    load_config(DataJobConfig, path)
+@pytest.mark.parametrize(
+    ("model", "path"),
+    [
+        (DataJobConfig, "configs/local/data.yaml"),
+        (DataJobConfig, "configs/cluster/data.yaml"),
+        (SFTJobConfig, "configs/local/sft.yaml"),
+        (SFTJobConfig, "configs/cluster/sft.yaml"),
+    ],
+)
+def test_shipped_configs_validate(model, path):
+    load_config(model, path)

@@ -27,7 +27,7 @@ def losses(run_uri: str) -> list[float]:
 
 
 def final_state(run_uri: str) -> dict:
-    latest = sorted(Path(run_uri).glob("checkpoint_*"))[-1]
+    latest = sorted(Path(run_uri).glob("checkpoint_[0-9]*"))[-1]
     return json.loads((latest / "trainer_state.json").read_text())
 
 

@@ -1,0 +1,80 @@
+"""`ray job submit` against a real `ray start --head` cluster on 127.0.0.1 with token auth."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mmrad.model.export import read_export_info
+from mmrad.ray_env import auth_token_path
+from mmrad.storage import Storage
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[1]
+DASHBOARD_PORT = 8275
+EXCLUDES = '{"excludes": [".venv", "runs", ".git", "*.pyc", "__pycache__"]}'
+
+
+def cluster_env(state: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # the job's python = venv's
+    env["RAY_AUTH_MODE"] = "token"
+    env["RAY_AUTH_TOKEN_PATH"] = str(auth_token_path(state))
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def ray_cli(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    ray = str(Path(sys.executable).parent / "ray")
+    return subprocess.run([ray, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture()
+def head_cluster(tmp_path_factory):
+    state = Path(tmp_path_factory.mktemp("head", numbered=True))
+    temp_dir = Path("/tmp") / f"mmrad-head-{os.getpid()}"
+    env = cluster_env(state)
+    started = ray_cli(
+        env, "start", "--head", "--node-ip-address=127.0.0.1", "--port=6390",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}",
+        "--dashboard-agent-listen-port=52375", "--num-cpus=2", f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr[-2000:]
+    yield env
+    ray_cli(env, "stop", "--force")
+
+
+def test_sft_job_runs_through_ray_job_submit(head_cluster, tiny_model, synthetic_local, tmp_path):
+    address = f"http://127.0.0.1:{DASHBOARD_PORT}"
+    submitted = ray_cli(
+        head_cluster, "job", "submit", f"--address={address}", "--working-dir", str(REPO),
+        "--runtime-env-json", EXCLUDES, "--no-wait", "--",
+        "python", "-m", "ray_jobs.sft", "--config", "configs/local/sft.yaml",
+        f"model.path={tiny_model}", f"data.manifest={synthetic_local}",
+        f"run.storage_path={tmp_path}", "run.name=submitted", "train.max_steps=4",
+        "train.checkpoint_every=2", "data.pixels.max_pixels=12544",
+        "model.pixels.max_pixels=12544",
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr[-2000:]
+    output = submitted.stdout + submitted.stderr
+    job_id = next(line.split("'")[1] for line in output.splitlines() if "submitted" in line)
+    deadline = time.monotonic() + 900
+    status = ""
+    while time.monotonic() < deadline:
+        answer = ray_cli(head_cluster, "job", "status", f"--address={address}", job_id)
+        status = (answer.stdout + answer.stderr).lower()  # logged to stderr, in lower case
+        if any(word in status for word in ("succeeded", "failed", "stopped")):
+            break
+        time.sleep(5)
+    answer = ray_cli(head_cluster, "job", "logs", f"--address={address}", job_id)
+    logs = answer.stdout + answer.stderr
+    assert "succeeded" in status, logs[-3000:]
+    assert "export_uri:" in logs
+    assert read_export_info(str(tmp_path / "submitted" / "export"), Storage())["prompt"]
