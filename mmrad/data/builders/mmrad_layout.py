@@ -45,6 +45,7 @@ from mmrad.data.builders.mvtec import (
     make_draft,
     mask_boxes,
     output_path,
+    query_size,
     subfolders,
 )
 from mmrad.data.schema import NORMAL_DEFECT_TYPE
@@ -408,15 +409,10 @@ def _mmrad_category(
 
     for rel, path, defect in images:
         relative = output_path(SOURCE, root, path)
-        if relative in sizes:
-            size = sizes[relative]
-        elif rel.startswith(TRAIN_FOLDER + "/"):
-            continue  # unreadable: checked_normals logged it already
-        else:
-            checked = checked_image(path, build_log)
-            if checked is None:
-                continue
-            size = checked[1]
+        train_normal = rel.startswith(TRAIN_FOLDER + "/")
+        size = query_size(sizes, relative, path, build_log, checked_before=train_normal)
+        if size is None:
+            continue
         anomalous = defect != NORMAL_DEFECT_TYPE
 
         table, raw_key, entry = annotation(BBOX_FILE, rel)

@@ -165,6 +165,20 @@ def checked_normals(
     return normals, sizes
 
 
+def query_size(
+    sizes: dict[str, Size], relative: str, path: Path, build_log: BuildLog, checked_before: bool
+) -> Size | None:
+    """A query image's size: from the normals already checked, else by decoding it now.
+    ``checked_before``: the image was among the checked normals, so missing from ``sizes``
+    means unreadable (and already logged)."""
+    if relative in sizes:
+        return sizes[relative]
+    if checked_before:
+        return None
+    checked = checked_image(path, build_log)
+    return checked[1] if checked else None
+
+
 def default_reference(normals: Sequence[Normal], relative: str) -> Normal | None:
     """The first normal image that is not the query itself, or None."""
     for normal in normals[:2]:

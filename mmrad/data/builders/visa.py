@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from mmrad.data.builders.base import BuildLog, DataBuildError, Draft, builder, checked_image
+from mmrad.data.builders.base import BuildLog, DataBuildError, Draft, builder
 from mmrad.data.builders.mvtec import (
     checked_normals,
     default_reference,
@@ -31,6 +31,7 @@ from mmrad.data.builders.mvtec import (
     listing,
     make_draft,
     mask_boxes,
+    query_size,
     safe_relative,
 )
 from mmrad.data.schema import NORMAL_DEFECT_TYPE
@@ -134,15 +135,10 @@ def _visa_object(
         path = root / row["image"]
         relative = f"{SOURCE}/{row['image']}"
         anomalous = LABELS[row["label"].lower()]
-        if relative in sizes:
-            size = sizes[relative]
-        elif not anomalous and row["split"].lower() == "train":
-            continue  # unreadable: checked_normals logged it already
-        else:
-            checked = checked_image(path, build_log)
-            if checked is None:
-                continue
-            size = checked[1]
+        normal_train = not anomalous and row["split"].lower() == "train"
+        size = query_size(sizes, relative, path, build_log, checked_before=normal_train)
+        if size is None:
+            continue
         boxes, defect = [], NORMAL_DEFECT_TYPE
         if anomalous:
             mask = safe_relative(row["mask"]) if row["mask"] else None
