@@ -57,6 +57,14 @@ def parent(uri: str) -> str:
     return uri.rstrip("/").rsplit("/", 1)[0] if "/" in uri.rstrip("/") else "."
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute (Ray workers do not share the driver's working
+    directory); ``s3://`` URIs are returned as they are."""
+    if is_s3(uri) or os.path.isabs(uri):
+        return uri
+    return str(local_path(uri).absolute())
+
+
 def resolve(base_dir: str, uri: str) -> str:
     """A manifest URI: scheme-less ones are relative to ``base_dir`` (the manifest's folder)."""
     if is_s3(uri) or uri.startswith(FILE_SCHEME) or os.path.isabs(uri):

@@ -24,7 +24,7 @@ from mmrad.ray_env import init_ray
 from mmrad.runinfo import write_run_info
 from mmrad.sft.plan import StepPlan
 from mmrad.sft.worker import sft_worker
-from mmrad.storage import Storage, join
+from mmrad.storage import Storage, absolute, join
 from mmrad.train.progress import run_with_progress
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,21 @@ def export_task(job_dict: dict, checkpoint, out_uri: str) -> str:
         return export_checkpoint(job, folder, out_uri)
 
 
+def with_absolute_paths(job: SFTJobConfig) -> SFTJobConfig:
+    """Local paths as the driver sees them, so every worker reads and writes the same."""
+    job = job.model_copy(deep=True)
+    if Path(job.model.path).exists():  # else a hub id
+        job.model.path = absolute(job.model.path)
+    job.model.cache_dir = absolute(job.model.cache_dir)
+    job.data.manifest = absolute(job.data.manifest)
+    job.run.storage_path = absolute(job.run.storage_path)
+    if job.export.out:
+        job.export.out = absolute(job.export.out)
+    return job
+
+
 def run_sft(job: SFTJobConfig) -> SFTResult:
+    job = with_absolute_paths(job)
     init_ray(job.ray)
     storage = Storage.from_config(job.storage)
     run_uri = join(job.run.storage_path, job.run.name)

@@ -30,3 +30,22 @@ def test_warmup_then_cosine_to_the_floor():
     assert factors[6] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay
     assert factors[10] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(factors[1:], factors[2:], strict=False))
+
+
+def test_local_paths_become_absolute_for_the_workers(tmp_path, monkeypatch):
+    from mmrad.config import SFTJobConfig, load_config
+    from mmrad.sft.job import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    job = load_config(
+        SFTJobConfig,
+        None,
+        ["model.path=models/tiny", "data.manifest=d/manifest.parquet", "run.storage_path=s3://b/r"],
+    )
+    resolved = with_absolute_paths(job)
+    assert resolved.model.path == str(tmp_path / "models" / "tiny")
+    assert resolved.data.manifest == str(tmp_path / "d" / "manifest.parquet")
+    assert resolved.run.storage_path == "s3://b/r"
+    assert with_absolute_paths(load_config(SFTJobConfig, None, ["model.path=Org/hub-model"])
+                               ).model.path == "Org/hub-model"  # fmt: skip
