@@ -18,9 +18,18 @@ from mmrad.eval.format_check import check_format
 from mmrad.model.tiny import build_tiny_model
 from mmrad.sft.job import run_sft
 from mmrad.storage import Storage
+from mmrad.train.metrics_log import read_metrics
 
 console = Console()
 ENGINE = EngineConfig(max_model_len=2048, kv_cache_bytes=256 * 2**20)
+
+
+def print_loss(result) -> None:
+    losses = [r["train/loss"] for r in read_metrics(Storage(), result.run_uri) if "train/loss" in r]
+    console.print(
+        f"run: {result.run_uri}\nexport: {result.export_uri}\n"
+        f"training loss {losses[0]:.3f} -> {losses[-1]:.3f} over {result.steps} steps"
+    )
 
 
 def main() -> None:
@@ -35,9 +44,15 @@ def main() -> None:
     console.rule("2. tiny model")
     console.print(f"built {build_tiny_model(sft.model.path)}")
 
-    console.rule("3. SFT (Ray Train, FSDP2, 2 workers)")
+    console.rule("3a. SFT with LoRA (Ray Train, FSDP2, 2 workers), a short run")
+    lora = sft.model_copy(deep=True)
+    lora.lora.enabled, lora.train.max_steps, lora.run.name = True, 20, f"{sft.run.name}-lora"
+    lora.train.checkpoint_every = 20
+    print_loss(run_sft(lora))
+
+    console.rule("3b. SFT, full weights (Ray Train, FSDP2, 2 workers)")
     result = run_sft(sft)
-    console.print(f"run: {result.run_uri}\nexport: {result.export_uri}")
+    print_loss(result)
 
     console.rule("4. answer format through vLLM, held-out images")
     held_out = [r for r in read_manifest(storage, manifest) if r["split"] != "train"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -48,10 +49,32 @@ def head_cluster(tmp_path_factory):
     )  # fmt: skip
     assert started.returncode == 0, started.stderr[-2000:]
     yield env
-    ray_cli(env, "stop", "--force")
+    stop_processes_of(temp_dir)
 
 
-def test_sft_job_runs_through_ray_job_submit(head_cluster, tiny_model, synthetic_local, tmp_path):
+def stop_processes_of(temp_dir: Path) -> None:
+    """End exactly the processes this cluster started (``ray stop`` would end every Ray
+    process on the machine, other clusters' included): those whose command line names
+    its temp dir, and their descendants."""
+    import psutil
+
+    marker = str(temp_dir)
+    roots = [p for p in psutil.process_iter(["cmdline"])
+             if any(marker in part for part in (p.info["cmdline"] or []))]  # fmt: skip
+    family = {p.pid: p for root in roots for p in [root, *root.children(recursive=True)]}
+    for process in family.values():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
+    _, alive = psutil.wait_procs(list(family.values()), timeout=15)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+
+
+@pytest.mark.parametrize("lora", ["true", "false"])
+def test_sft_job_runs_through_ray_job_submit(
+    head_cluster, tiny_model, synthetic_local, tmp_path, lora
+):
     address = f"http://127.0.0.1:{DASHBOARD_PORT}"
     submitted = ray_cli(
         head_cluster, "job", "submit", f"--address={address}", "--working-dir", str(REPO),
@@ -59,6 +82,7 @@ def test_sft_job_runs_through_ray_job_submit(head_cluster, tiny_model, synthetic
         "python", "-m", "ray_jobs.sft", "--config", "configs/local/sft.yaml",
         f"model.path={tiny_model}", f"data.manifest={synthetic_local}",
         f"run.storage_path={tmp_path}", "run.name=submitted", "train.max_steps=4",
+        f"lora.enabled={lora}",
         "train.checkpoint_every=2", "data.pixels.max_pixels=12544",
         "model.pixels.max_pixels=12544",
     )  # fmt: skip
@@ -77,4 +101,5 @@ def test_sft_job_runs_through_ray_job_submit(head_cluster, tiny_model, synthetic
     logs = answer.stdout + answer.stderr
     assert "succeeded" in status, logs[-3000:]
     assert "export_uri:" in logs
-    assert read_export_info(str(tmp_path / "submitted" / "export"), Storage())["prompt"]
+    info = read_export_info(str(tmp_path / "submitted" / "export"), Storage())
+    assert info["lora"] == ("merged" if lora == "true" else "none")
