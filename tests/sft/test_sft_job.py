@@ -98,26 +98,47 @@ def kill_a_worker_after(run_uri: str, step: int, killed: list[int]) -> None:
         time.sleep(0.2)
 
 
-def test_killed_worker_resumes_and_trains_each_sample_exactly_once(
-    ray_cluster, tiny_model, synthetic_local, tmp_path
-):
-    overrides = ("lora.enabled=true", "train.max_steps=12", "train.checkpoint_every=3",
-                 "train.epochs=2", "run.max_failures=2")  # fmt: skip
-    clean = run_sft(sft_config(tiny_model, synthetic_local, str(tmp_path), "clean", *overrides))
+RESUME_OVERRIDES = ("lora.enabled=true", "train.max_steps=12", "train.checkpoint_every=3",
+                    "train.epochs=2", "run.max_failures=2")  # fmt: skip
 
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_cluster, tiny_model, synthetic_local, tmp_path_factory):
+    """The reference: the same 12 steps without any interruption."""
+    storage_path = str(tmp_path_factory.mktemp("clean"))
+    job = sft_config(tiny_model, synthetic_local, storage_path, "clean", *RESUME_OVERRIDES)
+    return final_state(run_sft(job).run_uri)["trained_ids"]
+
+
+def test_killed_worker_resumes_and_trains_each_sample_exactly_once(
+    uninterrupted, tiny_model, synthetic_local, tmp_path
+):
     run_uri = str(tmp_path / "killed")
     killed: list[int] = []
     killer = threading.Thread(target=kill_a_worker_after, args=(run_uri, 5, killed))
     killer.start()
     interrupted = run_sft(
-        sft_config(tiny_model, synthetic_local, str(tmp_path), "killed", *overrides)
+        sft_config(tiny_model, synthetic_local, str(tmp_path), "killed", *RESUME_OVERRIDES)
     )
     killer.join()
     assert killed, "no Train worker was killed"
 
-    expected = final_state(clean.run_uri)["trained_ids"]
     got = final_state(interrupted.run_uri)["trained_ids"]
-    assert len(expected) == 12 * 2 * 4  # steps x workers x batch
-    assert got == expected  # same samples, same order, none twice, none skipped
+    assert len(uninterrupted) == 12 * 2 * 4  # steps x workers x batch
+    assert got == uninterrupted  # same samples, same order, none twice, none skipped
     steps_logged = [row["step"] for row in read_metrics(Storage(), run_uri) if "train/loss" in row]
     assert len(steps_logged) > len(set(steps_logged))  # the steps after the checkpoint ran twice
+
+
+def test_rerunning_the_same_name_continues_where_it_stopped(
+    uninterrupted, tiny_model, synthetic_local, tmp_path
+):
+    first = sft_config(tiny_model, synthetic_local, str(tmp_path), "again", *RESUME_OVERRIDES,
+                       "train.max_steps=6")  # fmt: skip
+    run_sft(first)
+    assert len(final_state(str(tmp_path / "again"))["trained_ids"]) == 6 * 2 * 4
+    second = sft_config(tiny_model, synthetic_local, str(tmp_path), "again", *RESUME_OVERRIDES)
+    result = run_sft(second)
+    assert final_state(result.run_uri)["trained_ids"] == uninterrupted
+    steps = [row["step"] for row in read_metrics(Storage(), result.run_uri) if "train/loss" in row]
+    assert steps == list(range(1, 13))  # the second run started at step 7
