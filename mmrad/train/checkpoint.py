@@ -64,6 +64,14 @@ def _filtered(model_state: dict, keep: set[str]) -> dict:
     return {k: v for k, v in model_state.items() if k in keep}
 
 
+def _sharded_state(model: nn.Module, optimizer, only_trainable: bool) -> tuple[dict, dict]:
+    """This rank's shards of the model (trainable weights only, with LoRA) and optimizer."""
+    model_state, optim_state = get_state_dict(model, optimizer)
+    if only_trainable:
+        model_state = _filtered(model_state, trainable_keys(model))
+    return model_state, optim_state
+
+
 def save_checkpoint(
     folder: Path,
     model: nn.Module,
@@ -74,9 +82,7 @@ def save_checkpoint(
     only_trainable: bool,
 ) -> None:
     """Collective: every rank calls it with its own (empty) ``folder``."""
-    model_state, optim_state = get_state_dict(model, optimizer)
-    if only_trainable:
-        model_state = _filtered(model_state, trainable_keys(model))
+    model_state, optim_state = _sharded_state(model, optimizer, only_trainable)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=folder / WEIGHTS_DIR)
     rng = {
         "python": random.getstate(),
@@ -97,9 +103,7 @@ def load_checkpoint(
     rank: int,
     only_trainable: bool,
 ) -> TrainerState:
-    model_state, optim_state = get_state_dict(model, optimizer)
-    if only_trainable:
-        model_state = _filtered(model_state, trainable_keys(model))
+    model_state, optim_state = _sharded_state(model, optimizer, only_trainable)
     loaded = {"model": model_state, "optim": optim_state}
     dcp.load(loaded, checkpoint_id=folder / WEIGHTS_DIR)
     set_state_dict(

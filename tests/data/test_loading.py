@@ -30,8 +30,10 @@ def test_positions_partition_the_epoch_and_resume_takes_the_rest():
     assert list(rank_positions(10, 1, 2, start=5)) == [5, 7, 9]
     assert list(rank_positions(10, 0, 2, start=5)) == [6, 8]
     records = [{"id": f"r{i}"} for i in range(9)]
-    assert epoch_order(records, 1, 0) == epoch_order(records, 1, 0)
-    assert sorted(epoch_order(records, 1, 0)) == list(range(9))
+    forward = [records[i]["id"] for i in epoch_order(records, 1, 0)]
+    backward = list(reversed(records))
+    assert [backward[i]["id"] for i in epoch_order(backward, 1, 0)] == forward  # input order
+    assert sorted(forward) == sorted(r["id"] for r in records)
     assert epoch_order(records, 1, 0) != epoch_order(records, 1, 1)
 
 
