@@ -353,3 +353,44 @@ def load_config(
 def dump_config(config: BaseModel) -> str:
     """The resolved config as YAML, as written into every run directory."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+class StageConfig(Section):
+    """One pipeline stage: its job's own config file plus overrides. The pipeline fills in
+    what connects the stages (input manifest, model to start from, run folders)."""
+
+    config: str | None = Field(None, description="The job's config file (else its defaults).")
+    overrides: list[str] = Field(default_factory=list, description="`key.sub=value` items.")
+    enabled: bool = Field(True, description="Off: the stage and those after it are not run.")
+
+
+class TinyModelStage(Section):
+    build: bool = Field(
+        True, description="Build the tiny random model first (local runs); off for hub models."
+    )
+    seed: int = 0
+
+
+class ServeSmokeStage(StageConfig):
+    images: int = Field(4, ge=1, description="Test images sent through /v1/detect.")
+
+
+class PipelineRunSection(Section):
+    storage_path: str = Field("runs/pipeline", description="Local folder or s3:// prefix.")
+    name: str = Field("local", description="Run name: stages already done are skipped.")
+
+
+class PipelineConfig(Section):
+    """`mmrad pipeline` / `python -m ray_jobs.pipeline`: data → SFT → GRPO → evaluation →
+    serving smoke test. A stage is skipped when the hash of its resolved config and its
+    inputs matches the one recorded with its output."""
+
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    run: PipelineRunSection = Field(default_factory=PipelineRunSection)
+    tiny_model: TinyModelStage = Field(default_factory=TinyModelStage)
+    data: StageConfig = Field(default_factory=StageConfig)
+    sft: StageConfig = Field(default_factory=StageConfig)
+    grpo: StageConfig = Field(default_factory=StageConfig)
+    eval: StageConfig = Field(default_factory=StageConfig)
+    serve: ServeSmokeStage = Field(default_factory=ServeSmokeStage)

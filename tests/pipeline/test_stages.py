@@ -1,0 +1,80 @@
+"""Pipeline stages are skipped only when the hash of their resolved config and inputs
+matches what was recorded with their output; a changed config runs in a new folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mmrad.config import PipelineConfig, load_config
+from mmrad.pipeline import Ledger, plan, run_pipeline
+from mmrad.storage import Storage
+
+SMALL_DATA = [
+    "data.synthetic.categories=[brick, coins]",
+    "data.synthetic.images_per_category=4",
+    "data.synthetic.image_size=64",
+    "data.split.test_categories=[coins]",
+]
+
+
+def pipeline_config(root: Path, *overrides: str) -> PipelineConfig:
+    return load_config(
+        PipelineConfig,
+        None,
+        [
+            f"run.storage_path={root}",
+            "run.name=p",
+            "ray.num_cpus=1",
+            "data.config=configs/local/data.yaml",
+            f"data.overrides={SMALL_DATA}",
+            "sft.enabled=false",
+            *overrides,
+        ],
+    )
+
+
+def test_plan_wires_outputs_and_names_folders_by_hash(tmp_path):
+    config = pipeline_config(tmp_path, "sft.enabled=true", "sft.config=configs/local/sft.yaml")
+    stages = {s.name: s for s in plan(config, str(tmp_path / "p"))}
+    assert list(stages) == ["tiny_model", "data", "sft"]
+    sft = stages["sft"]
+    assert sft.job.data.manifest == stages["data"].outputs["manifest"]
+    assert sft.job.model.path == stages["tiny_model"].outputs["model"]
+    assert sft.folder.endswith(f"sft-{sft.hash[:10]}")
+    assert sft.job.export.out.startswith(sft.folder)
+
+
+def test_bad_stage_config_fails_before_anything_runs(tmp_path):
+    config = pipeline_config(tmp_path, "data.overrides=[data.synthetic.image_sise=64]")
+    with pytest.raises(ValueError, match=r"configs/local/data.yaml(.|\n)*image_sise"):
+        plan(config, str(tmp_path / "p"))
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.integration
+def test_rerun_skips_done_stages_and_a_changed_config_reruns_in_a_new_folder(tmp_path, ray_cluster):
+    first = run_pipeline(pipeline_config(tmp_path))
+    assert first.stages == {"tiny_model": "ran", "data": "ran"}
+    manifest = Path(first.outputs["data"]["manifest"])
+    written = manifest.stat().st_mtime_ns
+
+    again = run_pipeline(pipeline_config(tmp_path))
+    assert again.stages == {"tiny_model": "skipped", "data": "skipped"}
+    assert manifest.stat().st_mtime_ns == written
+
+    reseeded = f"data.overrides={[*SMALL_DATA, 'data.seed=5']}"
+    changed = run_pipeline(pipeline_config(tmp_path, reseeded))
+    assert changed.stages == {"tiny_model": "skipped", "data": "ran"}
+    assert changed.outputs["data"]["manifest"] != str(manifest)
+    assert manifest.exists(), "the earlier output is kept"
+
+    # A recorded stage whose output is gone runs again.
+    Path(changed.outputs["data"]["manifest"]).unlink()
+    assert (
+        Ledger(Storage(), first.run_uri).read("data").folder in changed.outputs["data"]["manifest"]
+    )
+    rerun = run_pipeline(pipeline_config(tmp_path, reseeded))
+    assert rerun.stages == {"tiny_model": "skipped", "data": "ran"}
+    assert Path(changed.outputs["data"]["manifest"]).exists()
