@@ -27,17 +27,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from mmrad.config import EngineConfig, PixelBudget
-from mmrad.engine.requests import InspectionInput, build_request
+from mmrad.engine.requests import ModelPrompts, Prompt
 from mmrad.engine.sampling import Completion, Sampling, completion_from_output
 from mmrad.engine.settings import engine_kwargs, on_gpu_default, prepare_cpu_environment
 from mmrad.task.prompt import PromptVariant
 
 if TYPE_CHECKING:
     import torch
-
-Prompt = InspectionInput | Mapping[str, Any]
-"""An inspection, or a ready vLLM prompt dict (``prompt`` or ``prompt_token_ids``, and
-optionally ``multi_modal_data``)."""
 
 
 @dataclass(frozen=True)
@@ -103,7 +99,7 @@ class Engine:
         self._llm = LLM(**engine_kwargs(config, self.model_path, on_gpu=on_gpu))
         self._environ_set = _environ_changes(before, dict(os.environ))
         self._tokenizer = self._llm.get_tokenizer()
-        self._processor: Any = None
+        self._prompts = ModelPrompts(self.model_path)
         self._version = 0
         self._lora_ids = 0
         self._stats = EngineStats()
@@ -118,19 +114,11 @@ class Engine:
     @property
     def processor(self) -> Any:
         """The model's HF processor, whose chat template the prompts use."""
-        if self._processor is None:
-            from transformers import AutoProcessor
-
-            self._processor = AutoProcessor.from_pretrained(self.model_path)
-        return self._processor
+        return self._prompts.processor
 
     def request(self, item: Prompt) -> dict[str, Any]:
         """The vLLM prompt dict of an inspection (a prompt dict is passed through)."""
-        if isinstance(item, InspectionInput):
-            return build_request(self.processor, item, self.variant, self.pixels)
-        if isinstance(item, Mapping):
-            return dict(item)
-        raise TypeError(f"expected an InspectionInput or a prompt dict, got {type(item)}")
+        return self._prompts.request(item, self.variant, self.pixels)
 
     # -- sampling ---------------------------------------------------------------------
 

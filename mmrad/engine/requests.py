@@ -8,6 +8,7 @@ they are, and the prompt states that grid's size, so the model's boxes are in it
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,12 +29,15 @@ class InspectionInput:
 
     Images are PIL images or ``H x W x 3`` uint8 arrays, on the model grid or not.
     ``defect_types`` are the category's known anomaly types (domain-knowledge prompts).
+    ``hint`` is appended to the prompt text (the annotation job's ground-truth hint for a
+    teacher, :mod:`mmrad.eval.hints`); ``None`` for every ordinary inspection.
     """
 
     image: ImageLike
     reference: ImageLike | None = None
     category: str | None = None
     defect_types: tuple[str, ...] = ()
+    hint: str | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,7 @@ def build_messages_for(
         defect_types=item.defect_types,
         query_image=IMAGE_PLACEHOLDER,
         reference_image=IMAGE_PLACEHOLDER if uses_reference(item, variant) else None,
+        hint=item.hint,
     )
 
 
@@ -124,3 +129,57 @@ def build_request(
     if uses_reference(item, variant):
         images.insert(0, to_grid_image(item.reference, pixels))
     return {"prompt": prompt, "multi_modal_data": {"image": images}}
+
+
+def chat_request(
+    tokenizer_or_processor: Any,
+    messages: Sequence[Mapping[str, Any]],
+    images: Sequence[ImageLike],
+    pixels: PixelBudget,
+) -> dict[str, Any]:
+    """A vLLM prompt from chat messages whose image parts are placeholders
+    (``{"type": "image"}``), with ``images`` the images in the order they appear.
+
+    For callers that bring their own messages (the OpenAI-compatible endpoint); images
+    are resized to their model grid as in :func:`build_request` (ones already on it, as
+    the evaluation client sends them, are left as they are).
+    """
+    prompt = tokenizer_or_processor.apply_chat_template(
+        list(messages), tokenize=False, add_generation_prompt=True
+    )
+    if not images:
+        return {"prompt": prompt}
+    return {
+        "prompt": prompt,
+        "multi_modal_data": {"image": [to_grid_image(i, pixels) for i in images]},
+    }
+
+
+Prompt = InspectionInput | Mapping[str, Any]
+"""An inspection, or a ready vLLM prompt dict (``prompt`` or ``prompt_token_ids``, and
+optionally ``multi_modal_data``)."""
+
+
+class ModelPrompts:
+    """Prompts for the model at ``model_path``, with its HF processor (whose chat
+    template they use) loaded on first use. Shared by the engines in this package."""
+
+    def __init__(self, model_path: str):
+        self.model_path = str(model_path)
+        self._processor: Any = None
+
+    @property
+    def processor(self) -> Any:
+        if self._processor is None:
+            from transformers import AutoProcessor
+
+            self._processor = AutoProcessor.from_pretrained(self.model_path)
+        return self._processor
+
+    def request(self, item: Prompt, variant: PromptVariant, pixels: PixelBudget) -> dict[str, Any]:
+        """The vLLM prompt dict of an inspection (a prompt dict is passed through)."""
+        if isinstance(item, InspectionInput):
+            return build_request(self.processor, item, variant, pixels)
+        if isinstance(item, Mapping):
+            return dict(item)
+        raise TypeError(f"expected an InspectionInput or a prompt dict, got {type(item)}")

@@ -71,17 +71,39 @@ class Completion:
 def completion_from_output(output: Any) -> Completion:
     """A :class:`Completion` from one vLLM ``CompletionOutput``."""
     token_ids = tuple(output.token_ids)
-    steps = output.logprobs
+    steps = token_logprobs(output)
     if steps is None:
         return Completion(output.text, token_ids, finish_reason=output.finish_reason)
-    chosen = [step[token] for step, token in zip(steps, token_ids, strict=True)]
-    tokens = [entry.decoded_token or "" for entry in chosen]
     return Completion(
         text=output.text,
         token_ids=token_ids,
-        logprobs=tuple(float(entry.logprob) for entry in chosen),
-        score=answer_score(tokens, [top_by_text(step) for step in steps]),
+        logprobs=steps.logprobs,
+        score=answer_score(steps.tokens, steps.top),
         finish_reason=output.finish_reason,
+    )
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Per generated token: its text, its log-prob, and the top alternatives there
+    (text → log-prob, see :func:`top_by_text`); the OpenAI ``logprobs`` shape in parts."""
+
+    tokens: tuple[str, ...]
+    logprobs: tuple[float, ...]
+    top: tuple[dict[str, float], ...]
+
+
+def token_logprobs(output: Any) -> TokenLogprobs | None:
+    """The log-probs of a vLLM ``CompletionOutput`` (a whole one, or a streamed delta),
+    ``None`` when none were asked for."""
+    steps = output.logprobs
+    if steps is None:
+        return None
+    chosen = [step[token] for step, token in zip(steps, output.token_ids, strict=True)]
+    return TokenLogprobs(
+        tokens=tuple(entry.decoded_token or "" for entry in chosen),
+        logprobs=tuple(float(entry.logprob) for entry in chosen),
+        top=tuple(top_by_text(step) for step in steps),
     )
 
 

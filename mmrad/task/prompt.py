@@ -66,11 +66,14 @@ def prompt_text(
     grid_size: Size,
     variant: PromptVariant,
     defect_types: Sequence[str] = (),
+    hint: str | None = None,
 ) -> str:
     """The prompt's text; ``grid_size = (width, height)`` of the query in the model grid.
 
     An unknown category (``None`` or empty) gets the generic wording and no domain
-    knowledge; so does a category without known anomaly types.
+    knowledge; so does a category without known anomaly types. ``hint`` (the annotation
+    job's ground-truth hint for a teacher model, :mod:`mmrad.eval.hints`) is appended
+    last; without one the text is exactly the inspection prompt.
     """
     width, height = grid_size
     name = readable(category) if category else None
@@ -87,6 +90,8 @@ def prompt_text(
     sentences.append(TASK)
     sentences.append(REASONING_INSTRUCTION if variant.reasoning else DIRECT_INSTRUCTION)
     sentences.append(ANSWER_FORMAT)
+    if hint:
+        sentences.append(hint)
     return " ".join(sentences)
 
 
@@ -98,17 +103,23 @@ def build_messages(
     defect_types: Sequence[str] = (),
     query_image: Any = IMAGE_PLACEHOLDER,
     reference_image: Any = None,
+    hint: str | None = None,
 ) -> list[dict[str, Any]]:
     """One user turn: ``[reference image,] query image, text``.
 
     The reference comes first when the variant uses one and it is given; without one the
-    text does not mention it (as for ``use_reference=False``).
+    text does not mention it (as for ``use_reference=False``). ``hint``: see
+    :func:`prompt_text`.
     """
     with_reference = variant.use_reference and reference_image is not None
     variant = replace(variant, use_reference=with_reference)
     images = [reference_image, query_image] if with_reference else [query_image]
     text = prompt_text(
-        category=category, grid_size=grid_size, variant=variant, defect_types=defect_types
+        category=category,
+        grid_size=grid_size,
+        variant=variant,
+        defect_types=defect_types,
+        hint=hint,
     )
     content = [{"type": "image", "image": image} for image in images]
     content.append({"type": "text", "text": text})

@@ -3,6 +3,7 @@ completions, in-place weight updates and LoRA adapters, on the tiny model and re
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from types import SimpleNamespace
@@ -364,3 +365,13 @@ def test_close_restores_environment(engine):
     with pytest.raises(RuntimeError, match="closed"):
         engine.generate(ITEMS, Sampling(max_tokens=1))
     engine.close()  # twice is fine
+
+
+def test_request_carries_the_hint_after_the_prompt(processor):
+    plain = build_request(processor, ITEMS[0], PromptVariant(), PIXELS)
+    hinted = build_request(
+        processor, dataclasses.replace(ITEMS[0], hint="HINT-TEXT"), PromptVariant(), PIXELS
+    )
+    before, _, after = hinted["prompt"].partition(" HINT-TEXT")
+    assert before + after == plain["prompt"]
+    assert len(hinted["multi_modal_data"]["image"]) == 2

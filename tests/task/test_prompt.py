@@ -131,3 +131,17 @@ def test_anomaly_types():
 def test_variant_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         DEFAULT.reasoning = False  # type: ignore[misc]
+
+
+def test_no_hint_is_todays_prompt_and_a_hint_goes_last():
+    kwargs = dict(category="metal_nut", grid_size=(224, 112), variant=DEFAULT)
+    plain = prompt_text(**kwargs)
+    assert prompt_text(**kwargs, hint=None) == plain
+    assert prompt_text(**kwargs, hint="") == plain
+    hinted = prompt_text(**kwargs, hint="HINT: the part is defect-free.")
+    assert hinted == plain + " HINT: the part is defect-free."
+    messages = build_messages(**kwargs, reference_image="R", hint="HINT.")
+    assert messages[0]["content"][-1]["text"] == plain + " HINT."
+    assert build_messages(**kwargs, reference_image="R", hint=None) == build_messages(
+        **kwargs, reference_image="R"
+    )
