@@ -1,0 +1,191 @@
+"""The evaluation job end to end on real Ray Data, vLLM and S3: the SFT'd tiny model's
+export on the synthetic set's test split (to S3, two predictor actors) and val split
+(threshold), an unlabelled manifest with a broken image, re-rendering, comparing, and an
+OpenAI-compatible endpoint (our own Serve deployment)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from mmrad.config import load_config
+from mmrad.data.manifest import read_manifest
+from mmrad.eval.compare import compare_runs
+from mmrad.eval.config import EvalJobConfig
+from mmrad.eval.job import rerender_report, run_eval
+from mmrad.storage import Storage, join
+from mmrad.task.metrics import RATE_KEYS
+from tests.conftest import TEST_BUCKET
+
+pytestmark = pytest.mark.integration
+
+SMALL = [
+    "sampling.max_tokens=128",
+    "engine.max_model_len=2048",
+    "engine.kv_cache_bytes=134217728",
+    "engine.max_num_seqs=16",
+    "predictors.cpus_per_actor=0.5",
+    "predictors.batch_size=8",
+]
+
+
+def eval_config(export: str, manifest: str, storage_path: str, name: str, *overrides: str):
+    base = [f"target.path={export}", f"data.manifest={manifest}",
+            f"run.storage_path={storage_path}", f"run.name={name}", *SMALL]  # fmt: skip
+    return load_config(EvalJobConfig, "configs/local/eval.yaml", [*base, *overrides])
+
+
+def read_predictions(run_uri: str) -> list[dict]:
+    data = Storage().read_bytes(join(run_uri, "predictions.parquet"))
+    return pq.read_table(io.BytesIO(data)).to_pylist()
+
+
+def read_json(uri: str) -> dict:
+    return json.loads(Storage().read_text(uri))
+
+
+def split_records(manifest: str, split: str) -> list[dict]:
+    return [r for r in read_manifest(Storage(), manifest) if r["split"] == split]
+
+
+@pytest.fixture(scope="module")
+def test_run(sft_trained, synthetic_local, s3_server):
+    """The full test split (unseen categories coins and cell), written to S3."""
+    job = eval_config(sft_trained.export_uri, synthetic_local, f"s3://{TEST_BUCKET}/eval",
+                      "test-split", "predictors.num_actors=2")  # fmt: skip
+    return run_eval(job)
+
+
+@pytest.fixture(scope="module")
+def val_run(sft_trained, synthetic_local, tmp_path_factory):
+    storage_path = str(tmp_path_factory.mktemp("eval"))
+    job = eval_config(sft_trained.export_uri, synthetic_local, storage_path, "val-split",
+                      "data.split=val")  # fmt: skip
+    return run_eval(job)
+
+
+def test_test_split_predictions_metrics_and_report_on_s3(test_run, synthetic_local):
+    records = split_records(synthetic_local, "test")
+    assert test_run.run_uri == f"s3://{TEST_BUCKET}/eval/test-split"
+    assert test_run.samples == len(records) and test_run.errors == 0 and test_run.labelled
+
+    rows = read_predictions(test_run.run_uri)
+    assert [r["id"] for r in rows] == sorted(r["id"] for r in records)
+    by_id = {r["id"]: r for r in records}
+    assert all(r["error"] is None and r["completion"] and r["latency_ms"] > 0 for r in rows)
+    assert sum(r["format_ok"] for r in rows) >= 0.8 * len(rows)  # the SFT'd model's format
+    assert sum(r["decision"] is not None for r in rows) >= 0.8 * len(rows)
+    scored = [r["score"] for r in rows if r["score"] is not None]
+    assert len(scored) >= 0.8 * len(rows) and all(0.0 <= s <= 1.0 for s in scored)
+    for row in rows:  # boxes in the original image's pixels
+        width, height = by_id[row["id"]]["width"], by_id[row["id"]]["height"]
+        assert all(0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height
+                   for x1, y1, x2, y2 in row["boxes"])  # fmt: skip
+        assert len(row["labels"]) == len(row["boxes"])
+
+    metrics = read_json(join(test_run.run_uri, "metrics.json"))
+    for part in (metrics, *metrics["per_source"].values(), *metrics["per_category"].values()):
+        assert set(RATE_KEYS) | {"auroc", "n_images"} <= set(part)
+    assert set(metrics["per_category"]) == {"synthetic/cell", "synthetic/coins"}
+    assert metrics["unseen"]["n_images"] == len(records) and metrics["seen"]["n_images"] == 0
+    if len(scored) == len(rows):
+        assert 0.0 <= metrics["auroc"] <= 1.0
+    assert metrics["extra"]["samples"] == len(records) and metrics["extra"]["samples_per_s"] > 0
+    assert "threshold" not in metrics  # only on the val split
+
+    report = Storage().read_text(join(test_run.run_uri, "report.md"))
+    assert "| synthetic |" in report and "## Seen and unseen categories" in report
+    assert "| samples_per_s |" in report and "Accuracy det/loc" in report
+    for name in ("per_category.png", "examples.png", "config.yaml", "run_info.json"):
+        assert Storage().exists(join(test_run.run_uri, name)), name
+
+
+def test_val_split_finds_threshold_and_runs_compare(val_run, test_run, synthetic_local):
+    records = split_records(synthetic_local, "val")
+    assert val_run.samples == len(records) > 0
+    metrics = read_json(join(val_run.run_uri, "metrics.json"))
+    threshold = metrics["threshold"]
+    assert 0.0 <= threshold["score"] <= 1.0 and 0.0 <= threshold["det_f1"] <= 1.0
+    assert val_run.threshold == threshold["score"]
+    assert metrics["extra"]["score_threshold"] == pytest.approx(threshold["score"], abs=1e-6)
+    assert metrics["seen"]["n_images"] == len(records)  # val holds training categories
+
+    # re-rendered from predictions.parquet + manifest: the same numbers
+    again = rerender_report(val_run.run_uri, Storage())
+    assert {k: again[k] for k in RATE_KEYS} == {k: metrics[k] for k in RATE_KEYS}
+    assert again["threshold"] == threshold
+
+    table = compare_runs([val_run.run_uri, test_run.run_uri], Storage())
+    lines = table.splitlines()
+    assert lines[0].startswith("| Run | Part | Images |")
+    assert any(line.startswith("| val-split | **overall** |") for line in lines)
+    assert any(line.startswith("| test-split | **overall** |") for line in lines)
+    assert any(line.startswith("| test-split | unseen categories |") for line in lines)
+
+    from mmrad.cli import app
+
+    result = CliRunner().invoke(app, ["eval", "compare", val_run.run_uri, test_run.run_uri])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == table.strip()
+
+
+def test_unlabelled_manifest_gives_predictions_only(sft_trained, synthetic_local, tmp_path):
+    """Batch inspection of new images: no labels, one image missing; the rest still run."""
+    import pyarrow as pa
+
+    records = split_records(synthetic_local, "test")[:5]
+    rows = [{"id": r["id"], "category": r["category"], "image_uri": r["image_uri"],
+             "reference_uri": r["reference_uri"], "width": r["width"], "height": r["height"]}
+            for r in records]  # fmt: skip
+    rows[2]["image_uri"] = str(tmp_path / "missing.png")
+    manifest = tmp_path / "new" / "manifest.parquet"
+    manifest.parent.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), manifest)
+
+    job = eval_config(sft_trained.export_uri, str(manifest), str(tmp_path / "runs"), "new")
+    result = run_eval(job)
+    assert not result.labelled and result.samples == 5 and result.errors == 1
+    out = read_predictions(result.run_uri)
+    assert [r["id"] for r in out] == sorted(r["id"] for r in rows)
+    broken = next(r for r in out if r["id"] == rows[2]["id"])
+    assert "missing.png" in broken["error"] and broken["completion"] is None
+    assert broken["decision"] is None
+    assert all(r["error"] is None and r["completion"] for r in out if r is not broken)
+    run_dir = Path(result.run_uri)
+    assert not (run_dir / "metrics.json").exists() and not (run_dir / "report.md").exists()
+
+
+def test_evaluates_through_our_serve_endpoint(serve_endpoint, sft_trained, synthetic_local,
+                                              tmp_path, monkeypatch):  # fmt: skip
+    """An OpenAI-compatible target: our own Ray Serve deployment on 127.0.0.1 (serving the
+    same export), with its bearer token passed through an environment variable."""
+    from mmrad.model.export import read_export_info
+
+    monkeypatch.setenv("MMRAD_TEST_EVAL_KEY", serve_endpoint.api_key)
+    info = read_export_info(sft_trained.export_uri, Storage())  # prompt as the export's
+    prompt = [f"prompt.{key}={str(value).lower()}" for key, value in info["prompt"].items()]
+    prompt += [f"prompt.pixels.{key}={value}" for key, value in info["pixels"].items()]
+    job = load_config(EvalJobConfig, "configs/local/eval.yaml", [
+        "target={kind: endpoint}", f"target.url={serve_endpoint.base_url}/v1",
+        f"target.model={serve_endpoint.model}", "target.api_key_env=MMRAD_TEST_EVAL_KEY",
+        "target.max_concurrency=4", "target.retries=2", f"data.manifest={synthetic_local}",
+        "data.limit=6", f"run.storage_path={tmp_path}", "run.name=endpoint", *prompt,
+        "sampling.max_tokens=128", "predictors.cpus_per_actor=0.25", "predictors.batch_size=6",
+    ])  # fmt: skip
+    result = run_eval(job)
+    assert result.samples == 6 and result.errors == 0 and result.labelled
+    rows = read_predictions(result.run_uri)
+    assert all(r["completion"] and r["latency_ms"] > 0 for r in rows)
+    assert sum(r["format_ok"] for r in rows) >= 4  # the SFT'd model answers in format
+    scored = [r["score"] for r in rows if r["score"] is not None]
+    assert len(scored) >= 4 and all(0.0 <= s <= 1.0 for s in scored)  # from top_logprobs
+    metrics = read_json(str(tmp_path / "endpoint" / "metrics.json"))
+    assert metrics["n_images"] == 6 and serve_endpoint.model in metrics["extra"]["target"]
+    assert serve_endpoint.api_key not in Storage().read_text(
+        str(tmp_path / "endpoint" / "config.yaml")
+    )
