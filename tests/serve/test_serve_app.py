@@ -1,0 +1,603 @@
+"""The Serve application, driven over real HTTP: the ``openai`` client for chat
+completions, plain HTTP for /v1/detect, every refused request, autoscaling; plus the
+config file and the edge checks on their own (fast)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import struct
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmrad.config import ConfigError
+from mmrad.engine.requests import grid_for, to_grid_image
+from mmrad.engine.sampling import answer_score
+from mmrad.serve.config import (
+    DEPLOYMENT_NAME,
+    ServeArgs,
+    application,
+    load_serve_file,
+    serve_config,
+    validate_serve_config,
+)
+from mmrad.serve.detect import decide
+from mmrad.serve.errors import ApiError
+from mmrad.serve.images import ImageLimits, decode_base64_image, decode_image
+from mmrad.serve.overlay import BOX_COLOUR, draw_boxes
+from mmrad.task.answer import parse_answer
+from mmrad.task.prompt import IMAGE_PLACEHOLDER, PromptVariant, build_messages
+
+LIMITS = ImageLimits(max_bytes=2 * 2**20, max_pixels=4_000_000)
+
+
+def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid PNG header claiming ``width x height`` pixels, a few hundred bytes long:
+    decoding it would need gigabytes."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    pixels = zlib.compress(b"\0" * 4096)
+    chunks = chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + chunks
+
+
+def data_uri(data: bytes, kind: str = "image/png") -> str:
+    return f"data:{kind};base64," + base64.b64encode(data).decode("ascii")
+
+
+# -- config file (fast) -------------------------------------------------------------------
+
+
+def test_config_files_validate_and_overrides_enter_lists_by_name():
+    local = load_serve_file("configs/local/serve.yaml")
+    assert local.apps["mmrad"].model_dir == "runs/sft/sft-tiny/export"
+    assert local.app_urls() == {"mmrad": "http://127.0.0.1:8000"}
+    cluster = load_serve_file("configs/cluster/serve.yaml")
+    assert cluster.apps["mmrad"].model_dir.startswith("s3://")
+    assert cluster.config["applications"][0]["deployments"][0]["ray_actor_options"]["num_gpus"] == 1
+    changed = load_serve_file(
+        "configs/local/serve.yaml",
+        [
+            "applications.mmrad.args.threshold=0.4",
+            f"applications.0.deployments.{DEPLOYMENT_NAME}.autoscaling_config.max_replicas=3",
+        ],
+    )
+    assert changed.apps["mmrad"].threshold == 0.4
+    assert (
+        changed.config["applications"][0]["deployments"][0]["autoscaling_config"]["max_replicas"]
+        == 3
+    )
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("applications.mmrad.args.engin.x=1", "key 'engin': unknown key"),
+        ("applications.mmrad.args.threshold=2", "key 'threshold'"),
+        ("applications.mmrad.args.auth_token=abc", "not both"),
+        (
+            f"applications.mmrad.deployments.{DEPLOYMENT_NAME}.autoscaling_config.max_replicas=0",
+            "autoscaling_config.max_replicas",
+        ),
+        ("applications.mmrad.deployments.0.name=Other", "unknown deployment 'Other'"),
+        ("applications.mmrad.route_prefix=[1]", "route_prefix"),
+        ("applications.nope.args.x=1", "no item 'nope'"),
+        (
+            "applications.mmrad.deployments.MMRADServer.autoscaling_confg.x=1",
+            "did you mean 'autoscaling_config'",
+        ),
+        ("http_option.port=1", "key 'http_option': unknown key"),
+    ],
+)
+def test_config_errors_name_the_file_and_key(tmp_path, override, expected):
+    path = tmp_path / "serve.yaml"
+    text = Path("configs/local/serve.yaml").read_text()
+    path.write_text(text.replace("auth_token_env: null", "auth_token_env: TOKEN"))
+    with pytest.raises(ConfigError) as err:
+        load_serve_file(path, [override])
+    assert str(path) in str(err.value) and expected in str(err.value)
+
+
+def test_secrets_never_appear_in_dumps_or_reprs():
+    args = ServeArgs(model_dir="/m", auth_token="s3cr3t-value")
+    assert "s3cr3t-value" not in repr(args)
+    assert "s3cr3t-value" not in str(args.model_dump(mode="json"))
+
+
+# -- edge checks (fast) -------------------------------------------------------------------
+
+
+def expect_api_error(status: int, words: str, call, *args):
+    with pytest.raises(ApiError) as err:
+        call(*args)
+    assert err.value.status == status and words in err.value.message, err.value.message
+
+
+def test_image_checks_refuse_before_decoding():
+    good = png_bytes(noise_image(30, 20))
+    assert decode_image(good, "image", LIMITS, "image/png").size == (30, 20)
+    assert decode_base64_image(data_uri(good), "image", LIMITS).size == (30, 20)
+    bomb = bomb_png(3000, 3000)  # over our limit (4e6), under PIL's (8.9e7)
+    assert len(bomb) < 1000
+    expect_api_error(413, "9000000 pixels exceeds the limit of 4000000 decoded pixels",
+                     decode_image, bomb, "image", LIMITS)  # fmt: skip
+    huge = bomb_png(50_000, 50_000)  # over PIL's limit too: its guard fires in open()
+    expect_api_error(413, "limit of 4000000 decoded pixels", decode_image, huge, "image", LIMITS)
+    expect_api_error(413, "exceeds", decode_image, good, "image", ImageLimits(100, 10**6))
+    expect_api_error(415, "text/plain", decode_image, good, "image", LIMITS, "text/plain")
+    expect_api_error(400, "not an image", decode_image, b"hello world", "image", LIMITS)
+    expect_api_error(
+        400, "corrupt or truncated", decode_image, good[: len(good) // 2], "image", LIMITS
+    )
+    jpeg = png_bytes(noise_image(30, 20), "JPEG")
+    assert decode_image(jpeg, "image", LIMITS, "image/jpeg").size == (30, 20)
+    gif = png_bytes(noise_image(8, 8).convert("P"), "GIF")
+    expect_api_error(415, "GIF images are not accepted", decode_image, gif, "image", LIMITS)
+    expect_api_error(400, "not valid base64", decode_base64_image, "@@@", "image", LIMITS)
+    expect_api_error(
+        415, "text/html", decode_base64_image, data_uri(good, "text/html"), "x", LIMITS
+    )
+
+
+def test_overlay_outlines_boxes_and_leaves_the_rest():
+    image = Image.new("RGB", (100, 80), (10, 200, 10))
+    drawn = np.asarray(draw_boxes(image, [[20, 30, 60, 70]], [""]))
+    assert tuple(drawn[50, 20]) == BOX_COLOUR and tuple(drawn[69, 40]) == BOX_COLOUR
+    assert tuple(drawn[50, 40]) == (10, 200, 10) and tuple(drawn[5, 90]) == (10, 200, 10)
+    assert np.asarray(image).sum() == 100 * 80 * 220  # the input is not drawn on
+
+
+def test_threshold_rule():
+    assert decide(True, 0.2, None) is True  # no threshold: the answer decides
+    assert decide(True, 0.2, 0.5) is False and decide(False, 0.7, 0.5) is True
+    assert decide(None, None, 0.5) is None and decide(False, None, 0.5) is False
+
+
+# -- the running application (integration) ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def inspection(synthetic_local, serve_endpoint, sft_trained):
+    """An anomalous training record upscaled to 224 x 224 (its model grid stays the
+    112 x 112 the model was trained on, so boxes come back scaled by 2), its reference,
+    and the export's prompt variant and pixel budget."""
+    from mmrad.config import PixelBudget
+    from mmrad.data.manifest import read_manifest
+    from mmrad.model.export import read_export_info
+    from mmrad.storage import Storage
+
+    storage = Storage()
+    records = [r for r in read_manifest(storage, synthetic_local) if r["split"] == "train"]
+    record = next(r for r in records if r["is_anomalous"] and r["reference_uri"])
+    image = Image.open(io.BytesIO(storage.read_bytes(record["image_uri"]))).convert("RGB")
+    reference = Image.open(io.BytesIO(storage.read_bytes(record["reference_uri"]))).convert("RGB")
+    info = read_export_info(sft_trained.export_uri, storage)
+    return {
+        "image": image.resize((224, 224)),
+        "reference": reference,
+        "category": record["category"],
+        "variant": PromptVariant(**info["prompt"]),
+        "pixels": PixelBudget(**info["pixels"]),
+    }
+
+
+def auth(endpoint) -> dict[str, str]:
+    return {"Authorization": f"Bearer {endpoint.api_key}"}
+
+
+def chat_messages_for(case) -> list[dict]:
+    """The inspection prompt as an OpenAI client sends it: the same text the engine
+    builds, images on the model grid as PNG data URIs."""
+    pixels = case["pixels"]
+    grid = grid_for(case["image"].size, pixels)
+    [message] = build_messages(
+        category=case["category"],
+        grid_size=grid,
+        variant=case["variant"],
+        query_image=IMAGE_PLACEHOLDER,
+        reference_image=IMAGE_PLACEHOLDER,
+    )
+    images = iter(
+        [case["reference"], case["image"]] if case["variant"].use_reference else [case["image"]]
+    )
+    content = []
+    for part in message["content"]:
+        if part["type"] == "image":
+            uri = data_uri(png_bytes(to_grid_image(next(images), pixels)))
+            content.append({"type": "image_url", "image_url": {"url": uri}})
+        else:
+            content.append({"type": "text", "text": part["text"]})
+    return [{"role": "user", "content": content}]
+
+
+def detect_json(endpoint, case, **fields) -> httpx.Response:
+    body = {
+        "image": base64.b64encode(png_bytes(case["image"])).decode(),
+        "reference": data_uri(png_bytes(case["reference"])),
+        "category": case["category"],
+        **fields,
+    }
+    return httpx.post(
+        f"{endpoint.base_url}/v1/detect", json=body, headers=auth(endpoint), timeout=300
+    )
+
+
+@pytest.mark.integration
+def test_detect_multipart_base64_threshold_and_overlay(serve_endpoint, inspection):
+    endpoint, case = serve_endpoint, inspection
+    files = {
+        "image": ("q.png", png_bytes(case["image"]), "image/png"),
+        "reference": ("r.png", png_bytes(case["reference"]), "image/png"),
+    }
+    multipart = httpx.post(
+        f"{endpoint.base_url}/v1/detect",
+        headers=auth(endpoint),
+        files=files,
+        data={"category": case["category"], "overlay": "true"},
+        timeout=300,
+    )
+    assert multipart.status_code == 200, multipart.text
+    result = multipart.json()
+    assert result["model"] == endpoint.model and result["latency_ms"] > 0
+    assert (result["width"], result["height"]) == (224, 224)
+    assert result["format_ok"], result["completion"]  # the SFT'd model answers in format
+    verdict = parse_answer(result["completion"])
+    assert result["anomalous"] == verdict.decision and result["threshold"] is None
+    assert 0.0 <= result["score"] <= 1.0
+    assert len(result["boxes"]) == len(result["labels"]) == len(verdict.boxes)
+    # The model answers on its 112 x 112 grid; the response is in the 224 x 224 original.
+    original = parse_answer(result["completion"], scale=(2.0, 2.0), size=(224, 224))
+    assert result["boxes"] == [list(box) for box in original.boxes]
+    overlay = Image.open(io.BytesIO(base64.b64decode(result["overlay_png"])))
+    assert overlay.format == "PNG" and overlay.size == (224, 224)
+    changed = np.any(np.asarray(overlay.convert("RGB")) != np.asarray(case["image"]), axis=2)
+    assert changed.any() == bool(result["boxes"])
+
+    as_json = detect_json(endpoint, case)  # base64 and a data URI; same greedy answer
+    assert as_json.status_code == 200, as_json.text
+    assert as_json.json()["completion"] == result["completion"]
+    assert as_json.json()["overlay_png"] is None
+    assert as_json.json()["score"] == pytest.approx(result["score"], abs=1e-5)
+    low, high = (detect_json(endpoint, case, threshold=t).json() for t in (0.0, 1.0))
+    assert low["anomalous"] is True and low["threshold"] == 0.0
+    assert high["anomalous"] is (result["score"] >= 1.0)
+
+
+@pytest.mark.integration
+def test_chat_completions_with_the_openai_client(serve_endpoint, inspection):
+    import openai
+
+    endpoint, case = serve_endpoint, inspection
+    client = openai.OpenAI(
+        base_url=f"{endpoint.base_url}/v1", api_key=endpoint.api_key, max_retries=0, timeout=300
+    )
+    assert [m.id for m in client.models.list()] == [endpoint.model]
+    messages = chat_messages_for(case)
+
+    greedy = client.chat.completions.create(
+        model=endpoint.model,
+        messages=messages,
+        temperature=0,
+        max_tokens=256,
+        logprobs=True,
+        top_logprobs=10,
+    )
+    [choice] = greedy.choices
+    steps = choice.logprobs.content
+    assert len(steps) == greedy.usage.completion_tokens > 0
+    for step in steps:
+        assert step.logprob <= 0 and 1 <= len(step.top_logprobs) <= 10
+        tops = [alt.logprob for alt in step.top_logprobs]
+        assert tops == sorted(tops, reverse=True) and step.logprob <= tops[0] + 1e-6
+    # The same prompt through /v1/detect: same greedy answer, same P(Yes).
+    detected = detect_json(endpoint, case).json()
+    assert choice.message.content == detected["completion"]
+    tokens = [s.token for s in steps]
+    tops = [{a.token: a.logprob for a in s.top_logprobs} for s in steps]
+    assert answer_score(tokens, tops) == pytest.approx(detected["score"], abs=1e-4)
+
+    sampled = client.chat.completions.create(
+        model=endpoint.model, messages=messages, n=3, temperature=1.0, seed=7, max_tokens=5
+    )
+    assert sorted(c.index for c in sampled.choices) == [0, 1, 2]
+    assert all(c.finish_reason == "length" for c in sampled.choices)
+    assert sampled.usage.completion_tokens == 15 and sampled.choices[0].logprobs is None
+
+    stream = client.chat.completions.create(
+        model=endpoint.model,
+        messages=messages,
+        temperature=0,
+        max_tokens=256,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == choice.message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason
+    assert chunks[-1].usage.completion_tokens == greedy.usage.completion_tokens
+
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=messages, max_tokens=1)
+    anonymous = openai.OpenAI(base_url=f"{endpoint.base_url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        anonymous.chat.completions.create(model=endpoint.model, messages=messages, max_tokens=1)
+
+
+@pytest.mark.integration
+def test_bad_requests_get_4xx_json_and_the_replica_keeps_serving(serve_endpoint, inspection):
+    endpoint, case = serve_endpoint, inspection
+    url, headers = endpoint.base_url, auth(endpoint)
+    good = png_bytes(case["image"])
+    chat_text = [{"role": "user", "content": "hello"}]
+
+    def detect(**kwargs):
+        return httpx.post(f"{url}/v1/detect", timeout=60, **kwargs)
+
+    def chat(body, **kwargs):
+        return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60, **kwargs)
+
+    cases = {
+        "no token": (401, "bearer token", detect(files={"image": ("q.png", good, "image/png")})),
+        "wrong token": (
+            401,
+            "bearer token",
+            chat(
+                {"model": endpoint.model, "messages": chat_text},
+                headers={"Authorization": "Bearer nope"},
+            ),
+        ),
+        "models without token": (401, "bearer", httpx.get(f"{url}/v1/models")),
+        "body too large": (
+            413,
+            "exceeds the limit",
+            detect(headers=headers, content=b"x" * (3 * 2**20), params={"category": "x"}),
+        ),
+        "decompression bomb": (
+            413,
+            "decoded pixels",
+            detect(
+                headers=headers, files={"image": ("b.png", bomb_png(40_000, 40_000), "image/png")}
+            ),
+        ),
+        "text body": (
+            415,
+            "multipart/form-data",
+            detect(headers={**headers, "Content-Type": "text/plain"}, content=b"hi"),
+        ),
+        "text part": (
+            415,
+            "text/plain",
+            detect(headers=headers, files={"image": ("q.txt", good, "text/plain")}),
+        ),
+        "malformed JSON": (
+            400,
+            "not valid JSON",
+            detect(
+                headers={**headers, "Content-Type": "application/json"}, content=b'{"image": "abc",'
+            ),
+        ),
+        "non-image bytes": (
+            400,
+            "not an image",
+            detect(headers=headers, files={"image": ("q.png", b"GIF? no.", "image/png")}),
+        ),
+        "truncated image": (
+            400,
+            "truncated",
+            detect(
+                headers=headers, files={"image": ("q.png", good[: len(good) // 3], "image/png")}
+            ),
+        ),
+        "bad base64": (400, "base64", detect(headers=headers, json={"image": "%%%"})),
+        "no image": (
+            422,
+            "'image'",
+            detect(
+                headers=headers,
+                data={"category": "brick"},
+                files={"reference": ("r.png", good, "image/png")},
+            ),
+        ),
+        "bad threshold": (
+            422,
+            "'threshold'",
+            detect(headers=headers, json={"image": data_uri(good), "threshold": 2}),
+        ),
+        "unknown field": (
+            422,
+            "'colour'",
+            detect(headers=headers, json={"image": data_uri(good), "colour": 1}),
+        ),
+        "image by URL": (
+            400,
+            "only data: URIs",
+            chat(
+                {
+                    "model": endpoint.model,
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [
+                                {"type": "image_url", "image_url": {"url": "http://1.2.3.4/x.png"}}
+                            ],
+                        }
+                    ],
+                },
+                headers=headers,
+            ),
+        ),
+        "bomb in chat": (
+            413,
+            "decoded pixels",
+            chat(
+                {
+                    "model": endpoint.model,
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [
+                                {
+                                    "type": "image_url",
+                                    "image_url": {"url": data_uri(bomb_png(40_000, 40_000))},
+                                }
+                            ],
+                        }
+                    ],
+                },
+                headers=headers,
+            ),
+        ),
+        "no messages": (
+            422,
+            "'messages'",
+            chat({"model": endpoint.model, "messages": []}, headers=headers),
+        ),
+        "top without logprobs": (
+            422,
+            "top_logprobs needs logprobs",
+            chat(
+                {"model": endpoint.model, "messages": chat_text, "top_logprobs": 3}, headers=headers
+            ),
+        ),
+        "prompt too long": (
+            400,
+            "engine refused",
+            chat(
+                {
+                    "model": endpoint.model,
+                    "max_tokens": 8,
+                    "messages": [{"role": "user", "content": "word " * 6000}],
+                },
+                headers=headers,
+            ),
+        ),
+        "unknown route": (404, "Not Found", httpx.get(f"{url}/v2/nothing", headers=headers)),
+    }
+    for name, (status, words, response) in cases.items():
+        assert response.status_code == status, (name, response.status_code, response.text)
+        error = response.json()["error"]
+        assert words in error["message"] and error["code"] == status, (name, error)
+
+    healthy = httpx.get(f"{url}/healthz", timeout=30)
+    assert healthy.status_code == 200 and healthy.json()["status"] == "ok"
+    after = detect_json(endpoint, case)
+    assert after.status_code == 200 and after.json()["format_ok"], after.text
+
+
+def replica_states() -> dict[str, int]:
+    from ray import serve
+
+    app = serve.status().applications["mmrad"]
+    states = app.deployments[DEPLOYMENT_NAME].replica_states
+    return {str(getattr(k, "value", k)): v for k, v in states.items()}
+
+
+def poll(condition, deadline_s: float, every_s: float = 1.0) -> bool:
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(every_s)
+    return condition()
+
+
+@pytest.mark.integration
+def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(serve_endpoint):
+    endpoint = serve_endpoint
+    assert poll(lambda: replica_states().get("RUNNING") == 1, 120), replica_states()
+    body = {
+        "model": endpoint.model,
+        "max_tokens": 48,
+        "temperature": 1.0,
+        "messages": [{"role": "user", "content": "Describe a scratch."}],
+    }
+    stop = threading.Event()
+    failures: list[str] = []
+
+    def client() -> None:  # one of 6 clients, each keeping one request in flight
+        with httpx.Client(base_url=endpoint.base_url, headers=auth(endpoint), timeout=300) as c:
+            while not stop.is_set():
+                response = c.post("/v1/chat/completions", json=body)
+                if response.status_code != 200:
+                    failures.append(response.text)
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    try:
+        scaled_up = poll(lambda: replica_states().get("RUNNING") == 2, 300)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=300)
+    assert scaled_up, replica_states()
+    assert not failures, failures[:3]
+    assert poll(lambda: replica_states() == {"RUNNING": 1}, 180), replica_states()
+
+
+@pytest.mark.integration
+def test_metrics_reach_prometheus(serve_endpoint):
+    """Serve's and mmrad's counters are on the node's metrics agent (Ray exports them
+    every few seconds, so poll)."""
+    import ray
+
+    port = ray.nodes()[0]["MetricsExportPort"]
+    wanted = ("ray_serve_num_http_requests_total", "mmrad_serve_requests_total")
+    text = {"body": ""}
+
+    def exported() -> bool:
+        text["body"] = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+        return all(name in text["body"] for name in wanted)
+
+    httpx.get(f"{serve_endpoint.base_url}/v1/models", headers=auth(serve_endpoint), timeout=30)
+    assert poll(exported, 90, every_s=3), [n for n in wanted if n not in text["body"]]
+    lines = [line for line in text["body"].splitlines() if "mmrad_serve_requests_total{" in line]
+    assert any('route="/v1/models"' in line and 'outcome="ok"' in line for line in lines)
+
+
+def test_application_entry_round_trips_through_the_validator():
+    app = application(
+        {"model_dir": "/m"}, autoscaling={"min_replicas": 1, "max_replicas": 2}, env_vars={"T": "x"}
+    )
+    checked = validate_serve_config(serve_config([app], port=8123), "in code")
+    assert checked.apps["mmrad"].model_dir == "/m"
+    assert checked.app_urls() == {"mmrad": "http://127.0.0.1:8123"}
+    assert json.loads(json.dumps(checked.config)) == checked.config
+
+
+def test_cli_and_job_refuse_a_bad_file_before_starting_ray(capsys):
+    from typer.testing import CliRunner
+
+    from mmrad.cli import app
+    from mmrad.serve.deploy import parse_serve_args
+
+    bad = ["applications.mmrad.args.max_pixels=1"]
+    result = CliRunner().invoke(app, ["serve", "--config", "configs/local/serve.yaml", *bad])
+    assert result.exit_code == 2 and "max_pixels" in result.output
+    with pytest.raises(SystemExit) as exit_info:
+        parse_serve_args(["--config", "configs/local/serve.yaml", *bad])
+    assert exit_info.value.code == 2 and "max_pixels" in capsys.readouterr().err
