@@ -26,16 +26,20 @@ from mmrad.sft.plan import StepPlan
 from mmrad.storage import Storage
 from mmrad.task.prompt import PromptVariant
 from mmrad.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+from mmrad.train.distributed import (
+    all_max,
+    all_sum,
+    checkpoint_dir_name,
+    clip_gradients,
+    peak_memory_mb,
+    to_device,
+)
 from mmrad.train.metrics_log import MetricsLog, metrics_dir
 from mmrad.train.progress import report_progress
 from mmrad.train.schedule import warmup_cosine
 from mmrad.train.sharding import shard_model
 
 log = logging.getLogger(__name__)
-
-
-def checkpoint_dir_name(step: int) -> str:
-    return f"checkpoint_{step:06d}"
 
 
 def build_model(job: SFTJobConfig, device: torch.device):
@@ -54,38 +58,6 @@ def build_model(job: SFTJobConfig, device: torch.device):
 def micro_batches(rows: Iterator[dict], size: int) -> Iterator[list[dict]]:
     while chunk := list(itertools.islice(rows, size)):
         yield chunk
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def clip_gradients(model, params: list[torch.nn.Parameter], max_norm: float, version: int):
-    if version == 1:
-        return float(model.clip_grad_norm_(max_norm))
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-
-
-def all_sum(value: float) -> float:
-    tensor = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(tensor)
-    return float(tensor.item())
-
-
-def all_max(value: float) -> float:
-    tensor = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return float(tensor.item())
-
-
-def peak_memory_mb(on_gpu: bool) -> float:
-    """This process's peak memory: GPU allocations on GPUs, resident set size on CPUs."""
-    if on_gpu:
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def gather_ids(ids: list[str]) -> list[str]:

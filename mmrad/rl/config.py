@@ -1,0 +1,233 @@
+"""The GRPO job's config (``mmrad grpo`` / ``python -m ray_jobs.grpo``): one section per
+part of the loop, every knob in ``configs/local/grpo.yaml``.
+
+Cross-field rules are checked here, before any resource starts: a step's samples must
+split evenly over learners and mini-batches; ``sync: lora`` trains a LoRA adapter (and
+the rollout engines serve it), ``sync: full`` trains and ships every weight; reward
+weights and parameters must name registered reward components.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from mmrad.config import (
+    DataLoadConfig,
+    EngineConfig,
+    FSDPConfig,
+    LoraConfig,
+    ModelConfig,
+    PromptConfig,
+    RayConfig,
+    RunSection,
+    Section,
+    StorageConfig,
+)
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+class GRPODataConfig(DataLoadConfig):
+    """Prompts: records of one split, in a per-epoch order fixed by ``seed``."""
+
+    split: Literal["train", "val", "test"] = Field("train", description="Split to prompt from.")
+    decode_cpus: float = Field(
+        0.25,
+        gt=0,
+        description="CPUs per Ray Data decode task (small: engines and learners hold most).",
+    )
+
+
+class GRPOModelConfig(ModelConfig):
+    path: str = Field(
+        "runs/sft/sft-tiny/export",
+        description="The SFT export (HF dir + mmrad.json, LoRA merged) GRPO starts from.",
+    )
+
+
+class RolloutSection(Section):
+    """The vLLM rollout pool and what it samples."""
+
+    num_workers: int = Field(1, ge=1, description="vLLM engines (Ray actors).")
+    cpus_per_worker: float = Field(0.5, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per engine (tensor parallel: >1).")
+    max_retries: int = Field(3, ge=0, description="Replacements of a dead engine per batch.")
+    group_size: int = Field(4, ge=2, description="G: samples per prompt.")
+    prompts_per_step: int = Field(4, ge=1, description="Groups in one training batch.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (learner uses it too).")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(256, ge=1, description="Longest completion.")
+
+
+class RewardSection(Section):
+    """Weights of the task's reward components (``mmrad.task.rewards.REWARDS``) and their
+    parameters, e.g. ``params: {localization: {threshold: 0.5}}``."""
+
+    weights: dict[str, float] = Field(
+        default_factory=lambda: {"format": 0.5, "detection": 1.0, "localization": 1.0},
+        description="Total reward = sum(weight * component).",
+    )
+    params: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Per-component parameters (thresholds, variants)."
+    )
+
+    @model_validator(mode="after")
+    def _known_components(self) -> RewardSection:
+        from mmrad.task.rewards import REWARDS
+
+        for what, names in (("weights", self.weights), ("params", self.params)):
+            unknown = sorted(set(names) - set(REWARDS))
+            if unknown:
+                raise ValueError(
+                    f"rewards.{what}: unknown component(s) {unknown}; known: {sorted(REWARDS)}"
+                )
+        for name, params in self.params.items():
+            extra = sorted(set(params) - set(REWARDS[name].defaults))
+            if extra:
+                raise ValueError(
+                    f"rewards.params.{name}: unknown parameter(s) {extra}; "
+                    f"it takes {sorted(REWARDS[name].defaults)}"
+                )
+        return self
+
+
+class AlgorithmSection(Section):
+    """GRPO's objective and the sampling tricks around it."""
+
+    advantage_scale: Literal["std", "none"] = Field(
+        "std", description="std = GRPO; none = Dr. GRPO (mean-centred only)."
+    )
+    clip_low: float = Field(0.2, ge=0, lt=1, description="Ratio clip below 1.")
+    clip_high: float = Field(0.28, ge=0, description="Ratio clip above 1 (DAPO's clip-higher).")
+    aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
+        "token-mean", description="How token losses become one number."
+    )
+    norm_length: int | None = Field(
+        None, ge=1, description="seq-mean-token-sum-norm divisor (default: max_tokens)."
+    )
+    kl_beta: float = Field(0.0, ge=0, description="Weight of the KL penalty to the reference.")
+    kl_kind: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator.")
+    epochs: int = Field(1, ge=1, description="Passes over each batch.")
+    mini_batches: int = Field(1, ge=1, description="Optimizer steps per pass.")
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, le=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    tis_cap: float | None = Field(
+        None, gt=0, description="Truncated importance sampling cap (None = off)."
+    )
+    dynamic_sampling: bool = Field(True, description="Drop zero-variance groups and refill.")
+    max_sampling_tries: int = Field(
+        3, ge=1, description="Draws per step at most; then zero-variance groups fill the batch."
+    )
+    contrastive_sampling: bool = Field(
+        False,
+        description="Give zero-variance groups variance: a ground-truth or adversarial sample.",
+    )
+    max_staleness: Literal[0, 1] = Field(
+        1, description="1 = generate batch t+1 while learners train on t (one step off)."
+    )
+
+
+class LearnerSection(Section):
+    """Ray Train workers (FSDP2 over NCCL on GPUs, gloo on CPUs)."""
+
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = Field(False)
+    cpus_per_worker: float = Field(0.4, gt=0)
+    gpus_per_worker: float = Field(1.0, ge=0)
+    micro_batch_size: int = Field(4, ge=1, description="Samples per forward pass on one worker.")
+    fsdp: FSDPConfig = Field(default_factory=FSDPConfig)
+
+
+class ScheduleSection(Section):
+    max_steps: int = Field(20, ge=1, description="GRPO steps (one batch each).")
+    checkpoint_every: int = Field(10, ge=1)
+    log_every: int = Field(1, ge=1)
+    sample_table_every: int = Field(5, ge=1, description="Steps between sample tables.")
+    sample_table_rows: int = Field(8, ge=1, description="Completions per sample table.")
+    sync_check_every: int = Field(
+        0, ge=0, description="Compare engine and learner log-probs after a sync (0 = never)."
+    )
+    seed: int = 0
+
+
+class GRPORunSection(RunSection):
+    storage_path: str = Field("runs/grpo", description="Local folder or s3:// prefix.")
+    name: str = Field("grpo-tiny", description="Run name (resume key).")
+
+
+class GRPOExportSection(Section):
+    out: str | None = Field(None, description="Default: <storage_path>/<name>/export.")
+
+
+class GRPOJobConfig(Section):
+    """`mmrad grpo` / `python -m ray_jobs.grpo`."""
+
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    data: GRPODataConfig = Field(default_factory=GRPODataConfig)
+    model: GRPOModelConfig = Field(default_factory=GRPOModelConfig)
+    prompt: PromptConfig | None = Field(
+        None, description="None = the prompt variant of the export's mmrad.json."
+    )
+    sync: Literal["lora", "full"] = Field(
+        "lora", description="Train and ship a LoRA adapter, or every weight."
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    rollout: RolloutSection = Field(default_factory=RolloutSection)
+    rewards: RewardSection = Field(default_factory=RewardSection)
+    algorithm: AlgorithmSection = Field(default_factory=AlgorithmSection)
+    learners: LearnerSection = Field(default_factory=LearnerSection)
+    schedule: ScheduleSection = Field(default_factory=ScheduleSection)
+    run: GRPORunSection = Field(default_factory=GRPORunSection)
+    export: GRPOExportSection = Field(default_factory=GRPOExportSection)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lora_follows_sync(cls, data: Any) -> Any:
+        """``lora.enabled`` follows ``sync`` (and may not contradict it)."""
+        if not isinstance(data, dict):
+            return data
+        wants_lora = data.get("sync", "lora") == "lora"
+        lora = dict(data.get("lora") or {})
+        given = lora.get("enabled")
+        if given is not None and bool(given) != wants_lora:
+            raise ValueError(
+                f"lora.enabled={given} contradicts sync={data.get('sync', 'lora')!r}; "
+                "sync: lora trains an adapter, sync: full trains every weight"
+            )
+        lora["enabled"] = wants_lora
+        return {**data, "lora": lora}
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GRPOJobConfig:
+        samples = self.rollout.prompts_per_step * self.rollout.group_size
+        split = self.learners.num_workers * self.algorithm.mini_batches
+        if samples % split:
+            raise ValueError(
+                f"a step's {samples} samples (rollout.prompts_per_step x rollout.group_size) "
+                f"must split evenly over learners.num_workers x algorithm.mini_batches = {split}"
+            )
+        if self.sync == "lora":
+            if not self.engine.enable_lora:
+                self.engine.enable_lora = True
+            if self.engine.max_lora_rank < self.lora.r:
+                raise ValueError(
+                    f"engine.max_lora_rank {self.engine.max_lora_rank} < lora.r {self.lora.r}"
+                )
+        return self
+
+    @property
+    def batch_samples(self) -> int:
+        """Samples in one training batch: prompts per step x G."""
+        return self.rollout.prompts_per_step * self.rollout.group_size
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps of the whole run (epochs x mini-batches per GRPO step)."""
+        algorithm = self.algorithm
+        return self.schedule.max_steps * algorithm.epochs * algorithm.mini_batches

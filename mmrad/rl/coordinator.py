@@ -1,0 +1,422 @@
+"""The GRPO coordinator: a Ray actor that turns prompts into training batches.
+
+It owns the prompt stream (:mod:`mmrad.rl.prompts`, Ray Data), the vLLM rollout pool
+(:class:`~mmrad.rl.pool.RolloutPool`), the rewards and the weight versions. A producer
+thread makes batch ``t`` (0-based) as soon as the weights allow it:
+
+- draw ``prompts_per_step`` prompts, sample ``G`` completions each, score them
+  (:func:`mmrad.rl.batch.score`);
+- contrastive sampling (optional) gives zero-variance groups a ground-truth positive or
+  an adversarial negative; dynamic sampling (optional) drops the groups that still have
+  no variance and draws further prompts, at most ``max_sampling_tries`` draws per step;
+- group advantages, metrics, the sample table, and the learner shards.
+
+Versions: the engines start at version 0 (the SFT model); learner step ``t`` trains on
+batch ``t`` with weights of version ``t`` and pushes version ``t + 1``. Batch ``t`` may be
+generated once version ``t - max_staleness`` has arrived; with ``max_staleness: 1`` the
+pool samples batch ``t + 1`` while the learners train on batch ``t`` (one step off),
+with ``0`` it waits for the newest weights. The newest weights that have arrived are
+always applied before a batch is generated, and all of a batch's rollouts come from
+one version (the pool is not synced mid-batch).
+
+Learners call :meth:`Coordinator.start` when they (re)start (with the restored step,
+data position and weights), then per step :meth:`shard` (blocks until the batch is
+ready) and :meth:`push_weights`. The pool is used from one thread at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+from mmrad.data.loading import DecodeSpec
+from mmrad.engine.sampling import Sampling
+from mmrad.rl.batch import (
+    Group,
+    LearnerShard,
+    Probe,
+    RewardSpec,
+    Sample,
+    TrainBatch,
+    adversarial_hint,
+    build_batch,
+    choose_probe,
+    fill_batch,
+    ground_truth_answer,
+    needs_more,
+    repair_group,
+    sample_rows,
+    scored_sample,
+)
+from mmrad.rl.config import GRPOJobConfig
+from mmrad.rl.metrics import advantage_metrics, rollout_metrics
+from mmrad.rl.prompts import DataPosition, PromptItem, PromptStream
+from mmrad.rl.rollout import Rollout, RolloutPrompt, WeightUpdate
+from mmrad.storage import Storage
+from mmrad.task.prompt import PromptVariant
+
+log = logging.getLogger(__name__)
+
+END_OF_TURN_TOKEN = "<|im_end|>"
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
+                 "<|video_pad|>")  # fmt: skip
+MAX_CONCURRENCY = 16  # learners' shard calls, weight pushes, probes, state queries
+
+
+def coordinator_name(run_name: str) -> str:
+    return f"mmrad-grpo-coordinator-{run_name}"
+
+
+class Coordinator:
+    """Run as ``ray.remote(num_cpus=0, max_concurrency=MAX_CONCURRENCY)(Coordinator)``."""
+
+    def __init__(
+        self,
+        job: dict[str, Any],
+        records: Sequence[Mapping[str, Any]],
+        model_path: str,
+        variant: dict[str, bool],
+        defect_types: Mapping[str, Sequence[str]],
+    ):
+        self.job = GRPOJobConfig.model_validate(job)
+        self.model_path = model_path
+        self.variant = PromptVariant(**variant)
+        self.rewards = RewardSpec(
+            dict(self.job.rewards.weights), dict(self.job.rewards.params), self.variant.reasoning
+        )
+        rollout = self.job.rollout
+        self.sampling = Sampling(
+            n=rollout.group_size,
+            temperature=rollout.temperature,
+            top_p=rollout.top_p,
+            max_tokens=rollout.max_tokens,
+            logprobs=0,
+        )
+        storage = Storage.from_config(self.job.storage)
+        self.stream = PromptStream(
+            records,
+            DecodeSpec.from_config(storage, self.job.data),
+            seed=self.job.data.seed,
+            defect_types=defect_types,
+            decode_cpus=self.job.data.decode_cpus,
+            batch_size=self.job.data.batch_size,
+        )
+        self._tokenizer = None
+        self._vision_tokens: frozenset[int] | None = None
+        self.pool = self._new_pool()
+        self._pool_lock = threading.RLock()
+        self._cond = threading.Condition()
+        self._batches: dict[int, TrainBatch] = {}
+        self._fetched: dict[int, set[int]] = {}
+        self._positions: dict[int, DataPosition] = {}  # data position after batch t
+        self._received = 0  # newest weight version the learners pushed
+        self._pending: WeightUpdate | None = None
+        self._sync_seconds = 0.0  # applying the update before the next batch
+        self._error: str | None = None
+        self._stop = threading.Event()
+        self._producer: threading.Thread | None = None
+
+    # -- the learners' calls ------------------------------------------------------------
+
+    def start(
+        self, step: int, position: dict[str, int] | None, update: WeightUpdate | None
+    ) -> None:
+        """(Re)start producing at batch ``step``: the learners hold weights of version
+        ``step`` (``update``, or the engines' starting weights at step 0) and the data
+        continues at ``position``. Batches made ahead for a previous learner group are
+        dropped."""
+        self._stop_producer()
+        with self._pool_lock:
+            if self.pool.version > step:  # learners restarted from an older checkpoint
+                log.warning("engines hold v%d, learners restart at v%d", self.pool.version, step)
+                self.pool.shutdown()
+                self.pool = self._new_pool()
+            if update is not None:
+                if update.version != step:
+                    raise ValueError(f"start at step {step} with weights of v{update.version}")
+                self._sync_seconds = self.pool.sync(update)
+            elif step > 0 and self.pool.version != step:
+                raise ValueError(f"restarting at step {step} needs the learners' weights")
+        self.stream.seek(DataPosition.from_dict(position) if position else DataPosition())
+        with self._cond:
+            self._batches, self._fetched = {}, {}
+            self._received, self._pending, self._error = step, None, None
+        self._stop.clear()
+        self._producer = threading.Thread(
+            target=self._produce, args=(step,), name="grpo-producer", daemon=True
+        )
+        self._producer.start()
+
+    def shard(self, step: int, rank: int, world: int) -> LearnerShard:
+        """Learner ``rank``'s part of batch ``step`` (waits until it is made)."""
+        with self._cond:
+            self._cond.wait_for(lambda: step in self._batches or self._error is not None)
+            if step not in self._batches:
+                raise RuntimeError(f"the GRPO coordinator failed:\n{self._error}")
+            batch = self._batches[step]
+            fetched = self._fetched.setdefault(step, set())
+            fetched.add(rank)
+            if len(fetched) == world:
+                del self._batches[step]
+        return batch.shard(rank, world)
+
+    def push_weights(self, update: WeightUpdate) -> None:
+        """New weights from the learners; applied before the next batch is generated."""
+        with self._cond:
+            if update.version <= self._received:
+                raise ValueError(
+                    f"weights v{update.version} arrived after v{self._received} already had"
+                )
+            self._pending, self._received = update, update.version
+            self._cond.notify_all()
+
+    def engine_logprobs(self, version: int, probe: Probe) -> list[float]:
+        """The engines' log-probs of ``probe`` once weights ``version`` are applied (the
+        production sync path: what rollouts of that version sample with)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._received >= version or self._error is not None)
+        with self._pool_lock:
+            self._apply_pending()
+            if self.pool.version != version:
+                raise RuntimeError(f"engines hold v{self.pool.version}, asked about v{version}")
+            prompt = RolloutPrompt("sync-probe", probe.item.inputs())
+            return self.pool.prompt_logprobs([prompt], [list(probe.token_ids)])[0]
+
+    def state(self, step: int) -> dict[str, Any]:
+        """What a checkpoint after ``step`` committed steps keeps: the data position
+        right after batch ``step - 1`` (not the producer's, which may be ahead)."""
+        if step - 1 not in self._positions:
+            raise RuntimeError(f"no batch {step - 1} was made: its data position is unknown")
+        return {"position": self._positions[step - 1].to_dict(), "version": step}
+
+    def worker_pids(self) -> list[int]:
+        with self._pool_lock:
+            return self.pool.worker_pids()
+
+    def stop(self) -> None:
+        """Stop producing and shut the engines down."""
+        self._stop_producer()
+        with self._pool_lock:
+            self.pool.shutdown()
+
+    # -- producing batches ----------------------------------------------------------------
+
+    def _produce(self, first: int) -> None:
+        staleness = self.job.algorithm.max_staleness
+        try:
+            for step in range(first, self.job.schedule.max_steps):
+                with self._cond:
+                    self._cond.wait_for(
+                        lambda s=step: self._stop.is_set() or self._received >= s - staleness
+                    )
+                if self._stop.is_set():
+                    return
+                with self._pool_lock:
+                    self._apply_pending()
+                    batch = self._make_batch(step)
+                with self._cond:
+                    self._batches[step] = batch
+                    self._cond.notify_all()
+        except BaseException:
+            with self._cond:
+                self._error = traceback.format_exc()
+                self._cond.notify_all()
+            log.exception("the GRPO producer failed")
+
+    def _stop_producer(self) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._producer is not None:
+            self._producer.join()
+            self._producer = None
+
+    def _apply_pending(self) -> None:
+        """Sync the newest pushed weights to the engines (caller holds the pool lock)."""
+        with self._cond:
+            update, self._pending = self._pending, None
+        if update is not None:
+            self._sync_seconds += self.pool.sync(update)
+
+    def _make_batch(self, step: int) -> TrainBatch:
+        job = self.job
+        wanted, dynamic = job.rollout.prompts_per_step, job.algorithm.dynamic_sampling
+        timing = {"time/rollout": 0.0, "time/reward": 0.0}
+        counts = {"positive": 0, "negative": 0}
+        sampled: list[Group] = []  # as the policy sampled them (metrics)
+        candidates: list[Group] = []  # after contrastive repair
+        drawn: list[str] = []
+        draws = 0
+        while draws < job.algorithm.max_sampling_tries:
+            count = needs_more(candidates, wanted, dynamic)
+            if count == 0:
+                break
+            items = self.stream.take(count)
+            draws += 1
+            drawn.extend(item.prompt_id for item in items)
+            groups = self._rollouts(items, timing)
+            sampled.extend(groups)
+            if job.algorithm.contrastive_sampling:
+                groups = self._contrastive(groups, timing, counts)
+            candidates.extend(groups)
+            if not dynamic:
+                break
+        kept, _ = fill_batch(candidates, wanted, dynamic)
+        batch = build_batch(step, kept, job.rollout.group_size, job.algorithm.advantage_scale)
+        self._positions[step] = self.stream.position
+        tokens = sum(len(s.token_ids) for g in sampled for s in g.samples)
+        batch.metrics = {
+            **rollout_metrics(sampled, job.rollout.group_size),
+            **advantage_metrics(batch.advantages),
+            **timing,
+            "rollout/tokens_per_s": tokens / timing["time/rollout"]
+            if timing["time/rollout"]
+            else 0.0,
+            "rollout/workers_replaced": self.pool.stats().get("rollout/workers_replaced", 0.0),
+            "groups/draws": float(draws),
+            "groups/filled_zero_variance": float(sum(not g.has_variance for g in kept)),
+            "groups/contrastive_positive": float(counts["positive"]),
+            "groups/contrastive_negative": float(counts["negative"]),
+            "time/sync_apply": self._sync_seconds,
+            "data/epoch": float(self.stream.position.epoch),
+        }
+        self._sync_seconds = 0.0
+        batch.drawn = drawn
+        schedule = job.schedule
+        if (step + 1) % schedule.sample_table_every == 0:
+            batch.table = sample_rows(step + 1, kept, batch.advantages, schedule.sample_table_rows)
+        if schedule.sync_check_every and (step + 1) % schedule.sync_check_every == 0:
+            batch.probe = choose_probe(kept)
+        return batch
+
+    def _rollouts(self, items: list[PromptItem], timing: dict[str, float]) -> list[Group]:
+        started = time.perf_counter()
+        prompts = [RolloutPrompt(item.prompt_id, item.inputs()) for item in items]
+        rollouts = self.pool.generate(prompts, self.sampling)
+        scored = time.perf_counter()
+        groups = [
+            Group(item, tuple(self._sample(item, r) for r in group))
+            for item, group in zip(items, rollouts, strict=True)
+        ]
+        timing["time/rollout"] += scored - started
+        timing["time/reward"] += time.perf_counter() - scored
+        return groups
+
+    def _sample(self, item: PromptItem, rollout: Rollout, replaced: str = "") -> Sample:
+        return scored_sample(
+            item,
+            self.rewards,
+            text=rollout.text,
+            token_ids=rollout.token_ids,
+            logprobs=None if replaced else rollout.logprobs,
+            version=rollout.version,
+            finish_reason=rollout.finish_reason,
+            replaced=replaced,  # type: ignore[arg-type]
+            forbidden=self.vision_tokens(),
+        )
+
+    # -- contrastive sampling -------------------------------------------------------------
+
+    def _contrastive(
+        self, groups: list[Group], timing: dict[str, float], counts: dict[str, int]
+    ) -> list[Group]:
+        flat = [g for g in groups if not g.has_variance]
+        if not flat:
+            return groups
+        started = time.perf_counter()
+        positives = {id(g): self._written(g, ground_truth=True) for g in flat}
+        want_negative = [g for g in flat if positives[id(g)].reward <= g.samples[0].reward]
+        adversarial = self._adversarial(want_negative, timing)
+        repaired = {}
+        for group in flat:
+            negatives = [*adversarial.get(id(group), []), self._written(group, ground_truth=False)]
+            fixed, kind = repair_group(group, positives[id(group)], negatives)
+            if kind:
+                counts[kind] += 1
+            repaired[id(group)] = fixed
+        timing["time/reward"] += time.perf_counter() - started
+        return [repaired.get(id(g), g) for g in groups]
+
+    def _adversarial(
+        self, groups: list[Group], timing: dict[str, float]
+    ) -> dict[int, list[Sample]]:
+        """One sample per group from a prompt that asks for the opposite verdict, scored
+        as an answer to the real prompt (it has no sampling log-probs of that prompt)."""
+        if not groups:
+            return {}
+        started = time.perf_counter()
+        prompts = [
+            RolloutPrompt(
+                f"{g.item.prompt_id}#adversarial", g.item.inputs(adversarial_hint(g.item))
+            )
+            for g in groups
+        ]
+        rollouts = self.pool.generate(prompts, replace(self.sampling, n=1))
+        timing["time/rollout"] += time.perf_counter() - started
+        return {
+            id(g): [self._sample(g.item, r[0], replaced="negative")]
+            for g, r in zip(groups, rollouts, strict=True)
+        }
+
+    def _written(self, group: Group, ground_truth: bool) -> Sample:
+        """The record's answer (``ground_truth``) or its opposite, as a sample."""
+        from mmrad.model.collate import GENERIC_REASONING
+
+        item = group.item
+        anomalous = bool(item.record["is_anomalous"])
+        if ground_truth:
+            text = ground_truth_answer(item, self.variant.reasoning, GENERIC_REASONING[anomalous])
+        else:
+            flipped = {**item.record, "is_anomalous": not anomalous, "boxes": [], "labels": [],
+                       "reasoning": None}  # fmt: skip
+            text = ground_truth_answer(
+                replace(item, record=flipped), self.variant.reasoning,
+                GENERIC_REASONING[not anomalous],
+            )  # fmt: skip
+        tokenizer = self.tokenizer()
+        token_ids = [*tokenizer.encode(text), tokenizer.convert_tokens_to_ids(END_OF_TURN_TOKEN)]
+        return scored_sample(
+            item, self.rewards, text=text, token_ids=token_ids, logprobs=None,
+            version=group.samples[0].version, finish_reason="stop",
+            replaced="positive" if ground_truth else "negative",
+        )  # fmt: skip
+
+    def vision_tokens(self) -> frozenset[int]:
+        """Ids of the special tokens that stand for images (never fed back as text)."""
+        if self._vision_tokens is None:
+            tokenizer = self.tokenizer()
+            ids = {token: tokenizer.convert_tokens_to_ids(token) for token in VISION_TOKENS}
+            self._vision_tokens = frozenset(
+                i for token, i in ids.items()
+                if isinstance(i, int) and tokenizer.convert_ids_to_tokens(i) == token
+            )  # fmt: skip
+        return self._vision_tokens
+
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        return self._tokenizer
+
+    # -- engines --------------------------------------------------------------------------
+
+    def _new_pool(self):
+        from mmrad.rl.pool import RolloutPool
+
+        rollout = self.job.rollout
+        return RolloutPool(
+            self.model_path,
+            self.job.engine,
+            self.job.model.pixels,
+            self.variant,
+            num_workers=rollout.num_workers,
+            num_cpus=rollout.cpus_per_worker,
+            num_gpus=rollout.gpus_per_worker,
+            max_retries=rollout.max_retries,
+        )

@@ -1,0 +1,174 @@
+"""``mmrad grpo`` / ``python -m ray_jobs.grpo``: the driver of a GRPO run.
+
+The driver reads the manifest, starts the coordinator actor (prompts, vLLM rollout pool,
+rewards, weight versions; :mod:`mmrad.rl.coordinator`) and a ``TorchTrainer`` of FSDP2
+learners (:mod:`mmrad.rl.learner`) whose checkpoints land in the run directory (local or
+``s3://``), draws the progress bar, and stops the coordinator at the end. The learners
+export the final policy (LoRA merged) as an HF directory with ``mmrad.json``.
+Rerunning with the same ``run.name`` resumes from the last checkpoint: the same weights,
+optimizer, RNG, weight version and data position, so no prompt is repeated or skipped.
+
+The prompt variant and pixel budget come from the SFT export's ``mmrad.json``, so GRPO
+prompts exactly as SFT trained (a config that contradicts the export is an error).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import ray
+
+from mmrad.config import ConfigError, PixelBudget, PromptConfig
+from mmrad.data.manifest import read_manifest
+from mmrad.ray_env import init_ray
+from mmrad.rl.config import GRPOJobConfig
+from mmrad.rl.coordinator import MAX_CONCURRENCY, Coordinator, coordinator_name
+from mmrad.rl.learner import grpo_learner
+from mmrad.runinfo import write_run_info
+from mmrad.storage import Storage, absolute, join
+from mmrad.task.prompt import PromptVariant
+from mmrad.train.progress import run_with_progress
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GRPOResult:
+    run_uri: str
+    export_uri: str
+    checkpoint_uri: str | None
+    steps: int
+
+
+def with_absolute_paths(job: GRPOJobConfig) -> GRPOJobConfig:
+    """Local paths as the driver sees them, so every worker reads and writes the same."""
+    job = job.model_copy(deep=True)
+    if Path(job.model.path).exists():  # else a hub id or s3://
+        job.model.path = absolute(job.model.path)
+    job.model.cache_dir = absolute(job.model.cache_dir)
+    job.data.manifest = absolute(job.data.manifest)
+    job.run.storage_path = absolute(job.run.storage_path)
+    if job.export.out:
+        job.export.out = absolute(job.export.out)
+    return job
+
+
+def starting_point(job: GRPOJobConfig, storage: Storage) -> GRPOJobConfig:
+    """Fill ``prompt`` from the export's ``mmrad.json`` and check the pixel budgets: GRPO
+    must prompt as SFT trained."""
+    from mmrad.model.export import ExportError, read_export_info
+
+    origin = f"model.path {job.model.path}"
+    try:
+        info = read_export_info(job.model.path, storage)
+    except (ExportError, FileNotFoundError):
+        info = None  # a plain HF model (hub id or directory): the config decides
+    if info is not None:
+        if info.get("lora") == "adapter":
+            raise ConfigError(
+                f"{origin}: the export keeps its LoRA adapter apart; GRPO starts from a "
+                "merged export (export it with export.merge_lora=true)"
+            )
+        exported = PromptConfig(**info["prompt"])
+        if job.prompt is not None and job.prompt != exported:
+            raise ConfigError(
+                f"prompt {job.prompt.model_dump()} differs from the export's {info['prompt']} "
+                f"({origin}); leave `prompt` out to use the export's"
+            )
+        pixels = PixelBudget(**info["pixels"])
+        if job.model.pixels != pixels:
+            raise ConfigError(
+                f"model.pixels {job.model.pixels.model_dump()} differ from the export's "
+                f"{info['pixels']} ({origin})"
+            )
+        job = job.model_copy(update={"prompt": exported})
+    elif job.prompt is None:
+        job = job.model_copy(update={"prompt": PromptConfig()})
+    if job.data.pixels != job.model.pixels:
+        raise ConfigError(
+            f"data.pixels {job.data.pixels.model_dump()} differ from model.pixels "
+            f"{job.model.pixels.model_dump()}: images would not land on the model's grid"
+        )
+    return job
+
+
+def make_trainer(job: GRPOJobConfig, storage: Storage, spec: dict):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    learners = job.learners
+    resources = {"CPU": learners.cpus_per_worker}
+    if learners.use_gpu:
+        resources["GPU"] = learners.gpus_per_worker
+    filesystem, path = storage.arrow_filesystem(job.run.storage_path)
+    return TorchTrainer(
+        grpo_learner,
+        train_loop_config=spec,
+        scaling_config=ScalingConfig(
+            num_workers=learners.num_workers,
+            use_gpu=learners.use_gpu,
+            resources_per_worker=resources,
+        ),
+        run_config=RunConfig(
+            name=job.run.name,
+            storage_path=path,
+            storage_filesystem=filesystem,
+            checkpoint_config=CheckpointConfig(num_to_keep=job.run.num_to_keep),
+            failure_config=FailureConfig(max_failures=job.run.max_failures),
+        ),
+    )
+
+
+def start_coordinator(job: GRPOJobConfig, storage: Storage, records: list[dict], model_path: str):
+    from mmrad.sft.job import defect_types_by_category
+
+    train = [r for r in records if r["split"] == "train"]
+    prompts = [r for r in records if r["split"] == job.data.split]
+    if not prompts:
+        raise ConfigError(
+            f"data.manifest {job.data.manifest}: no records in split {job.data.split!r}"
+        )
+    actor = ray.remote(Coordinator).options(
+        name=coordinator_name(job.run.name), num_cpus=0, max_concurrency=MAX_CONCURRENCY
+    )
+    return actor.remote(
+        job.model_dump(mode="json"),
+        prompts,
+        model_path,
+        asdict(PromptVariant(**job.prompt.model_dump())),
+        defect_types_by_category(train),
+    )
+
+
+def run_grpo(job: GRPOJobConfig) -> GRPOResult:
+    from mmrad.model.loading import resolve_model_path
+
+    job = with_absolute_paths(job)
+    init_ray(job.ray)
+    storage = Storage.from_config(job.storage)
+    job = starting_point(job, storage)
+    run_uri = join(job.run.storage_path, job.run.name)
+    write_run_info(storage, run_uri, job, job.schedule.seed)
+    records = read_manifest(storage, job.data.manifest)
+    model_path = resolve_model_path(job.model.path, storage, job.model.cache_dir)
+    coordinator = start_coordinator(job, storage, records, model_path)
+    spec = {
+        "config": job.model_dump(mode="json"),
+        "coordinator": coordinator,
+        "run_uri": run_uri,
+        "variant": job.prompt.model_dump(),
+    }
+    try:
+        trainer = make_trainer(job, storage, spec)
+        result = run_with_progress(f"GRPO {job.run.name}", job.run.name, trainer.fit)
+    finally:
+        try:
+            ray.get(coordinator.stop.remote(), timeout=120)
+        except Exception as err:  # the run's own error matters more
+            log.warning("stopping the GRPO coordinator: %s", err)
+        ray.kill(coordinator)
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    export_uri = job.export.out or join(run_uri, "export")
+    return GRPOResult(run_uri, export_uri, checkpoint, job.schedule.max_steps)

@@ -1,0 +1,57 @@
+"""Small collectives and step helpers that every Ray Train loop (SFT, GRPO learners)
+shares: reductions of Python numbers over ranks, gradient clipping for FSDP1 and FSDP2,
+peak memory, moving a batch to the device, checkpoint folder names."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"checkpoint_{step:06d}"
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def clip_gradients(model, params: list[torch.nn.Parameter], max_norm: float, version: int):
+    """Clip the global gradient norm to ``max_norm``; returns the norm before clipping."""
+    if version == 1:
+        return float(model.clip_grad_norm_(max_norm))
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def all_sum(value: float) -> float:
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return float(tensor.item())
+
+
+def all_max(value: float) -> float:
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())
+
+
+def all_mean(values: dict[str, float]) -> dict[str, float]:
+    """Each value averaged over ranks (one collective for the whole dict; every rank
+    must pass the same keys)."""
+    keys = sorted(values)
+    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    tensor /= dist.get_world_size()
+    return dict(zip(keys, tensor.tolist(), strict=True))
+
+
+def peak_memory_mb(on_gpu: bool) -> float:
+    """This process's peak memory: GPU allocations on GPUs, resident set size on CPUs."""
+    if on_gpu:
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,279 @@
+"""The GRPO loop's pure logic: rewards on parsed completions, dynamic and contrastive
+sampling, advantages and learner shards, metrics, the config's cross-field rules, and
+the learner's log-prob and loss-weighting helpers. No Ray, no engine."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mmrad.config import ConfigError, load_config
+from mmrad.rl.batch import (
+    Group,
+    RewardSpec,
+    adversarial_hint,
+    build_batch,
+    choose_probe,
+    fill_batch,
+    ground_truth_answer,
+    needs_more,
+    repair_group,
+    sample_rows,
+    scored_sample,
+    trainable_prefix,
+)
+from mmrad.rl.config import GRPOJobConfig
+from mmrad.rl.inputs import completion_logprobs, padded
+from mmrad.rl.learner import aggregation_total, micro_weight, split_evenly
+from mmrad.rl.metrics import advantage_metrics, hidden_share, markdown_table, rollout_metrics
+from mmrad.rl.prompts import DataPosition, PromptItem, prompt_id
+
+SPEC = RewardSpec({"format": 0.5, "detection": 1.0, "localization": 1.0})
+
+
+def item(anomalous: bool, name: str = "a", reasoning: str | None = "looked closely") -> PromptItem:
+    """A 200 x 100 query on a 112 x 56 model grid."""
+    record = {
+        "id": name, "category": "brick", "width": 200, "height": 100,
+        "is_anomalous": anomalous, "boxes": [[20.0, 10.0, 60.0, 50.0]] if anomalous else [],
+        "labels": ["scratch"] if anomalous else [], "reasoning": reasoning,
+    }  # fmt: skip
+    return PromptItem(prompt_id(name, 0), record, np.zeros((56, 112, 3), np.uint8), None)
+
+
+def sample(prompt: PromptItem, text: str, version: int = 0, logprobs=(-0.5,)):
+    return scored_sample(
+        prompt, SPEC, text=text, token_ids=(1, 2), logprobs=logprobs, version=version
+    )
+
+
+YES_BOX = "<think>t</think><answer>Yes. {'bbox_2d': [11, 6, 34, 28], 'label': 'scratch'}</answer>"
+NO = "<think>t</think><answer>No.</answer>"
+BROKEN = "<think>t"
+
+
+def group(prompt: PromptItem, *texts: str) -> Group:
+    return Group(prompt, tuple(sample(prompt, t) for t in texts))
+
+
+# -- rewards ---------------------------------------------------------------------------
+
+
+def test_rewards_read_boxes_on_the_model_grid():
+    anomalous = item(True)
+    # Grid box [11, 6, 34, 28] is [19.6, 10.7, 60.7, 50] in original pixels: IoU > 0.5.
+    right = sample(anomalous, YES_BOX)
+    assert right.components == {"format": 1.0, "detection": 1.0, "localization": 1.0,
+                                "label": 1.0}  # fmt: skip
+    assert right.reward == pytest.approx(2.5) and right.decision_right
+    wrong = sample(anomalous, NO)
+    assert wrong.reward == pytest.approx(0.5) and not wrong.decision_right
+    assert sample(anomalous, BROKEN).reward == 0.0
+
+
+def test_ground_truth_answer_is_a_full_score_positive():
+    anomalous = item(True)
+    text = ground_truth_answer(anomalous, reasoning=True, fallback_reasoning="generic")
+    assert text.startswith("<think>looked closely</think><answer>Yes. ")
+    assert "[11, 6, 34, 28]" in text  # to_model_grid of [20, 10, 60, 50] (200x100 → 112x56)
+    assert sample(anomalous, text).reward == pytest.approx(2.5)
+    no_reasoning = item(False, reasoning=None)
+    assert ground_truth_answer(no_reasoning, True, "generic") == (
+        "<think>generic</think><answer>No.</answer>"
+    )
+    assert ground_truth_answer(no_reasoning, False, "generic") == "<answer>No.</answer>"
+    assert '"No."' in adversarial_hint(item(True)) and '"Yes."' in adversarial_hint(item(False))
+
+
+def test_sampled_vision_tokens_end_the_trainable_prefix():
+    prompt = item(True)
+    kept = scored_sample(prompt, SPEC, text=YES_BOX, token_ids=(5, 6, 99, 7), version=0,
+                         logprobs=(-0.1, -0.2, -0.3, -0.4), forbidden=frozenset({99}))  # fmt: skip
+    assert kept.token_ids == (5, 6) and kept.sampling_logprobs == (-0.1, -0.2)
+    assert kept.reward == pytest.approx(2.5)  # the whole text is still judged
+    assert trainable_prefix((99, 1), None, frozenset({99})) == ((), None)
+    assert trainable_prefix((1, 2), (-1.0, -2.0), frozenset()) == ((1, 2), (-1.0, -2.0))
+
+
+# -- contrastive and dynamic sampling -------------------------------------------------------
+
+
+def test_contrastive_repair_adds_a_positive_to_failing_groups():
+    prompt = item(True)
+    failing = group(prompt, BROKEN, BROKEN, BROKEN, BROKEN)
+    positive = sample(prompt, ground_truth_answer(prompt, True, "g"), logprobs=None)
+    repaired, kind = repair_group(failing, positive, [])
+    assert kind == "positive" and repaired.has_variance
+    assert [s.replaced for s in repaired.samples] == ["", "", "", "positive"]
+    assert repaired.samples[-1].sampling_logprobs is None
+    assert len(repaired.samples) == 4  # the group size stays G
+
+
+def test_contrastive_repair_adds_the_first_lower_negative_to_perfect_groups():
+    prompt = item(True)
+    perfect = group(prompt, YES_BOX, YES_BOX, YES_BOX)
+    positive = sample(prompt, YES_BOX, logprobs=None)
+    not_lower = sample(prompt, YES_BOX, logprobs=None)
+    lower = sample(prompt, NO, logprobs=None)
+    repaired, kind = repair_group(perfect, positive, [not_lower, lower])
+    assert kind == "negative" and repaired.samples[-1].text == NO
+    assert repaired.samples[-1].replaced == "negative"
+    unchanged, none = repair_group(perfect, positive, [not_lower])
+    assert none == "" and unchanged is perfect
+    varied = group(prompt, YES_BOX, NO)
+    assert repair_group(varied, positive, [lower]) == (varied, "")
+
+
+def test_dynamic_sampling_keeps_useful_groups_in_draw_order():
+    a, b, c, d = (item(True, n) for n in "abcd")
+    flat_a = group(a, NO, NO)
+    useful_b = group(b, NO, YES_BOX)
+    flat_c = group(c, YES_BOX, YES_BOX)
+    useful_d = group(d, YES_BOX, BROKEN)
+    groups = [flat_a, useful_b, flat_c, useful_d]
+    assert needs_more(groups, 3, dynamic=True) == 1
+    assert needs_more(groups, 3, dynamic=False) == 0
+    kept, left = fill_batch(groups, 2, dynamic=True)
+    assert kept == [useful_b, useful_d] and left == [flat_a, flat_c]
+    kept, left = fill_batch(groups, 3, dynamic=True)  # tries ran out: fill with flat ones
+    assert kept == [flat_a, useful_b, useful_d] and left == [flat_c]
+    kept, _ = fill_batch(groups, 2, dynamic=False)
+    assert kept == [flat_a, useful_b]
+
+
+# -- batch and shards ---------------------------------------------------------------------
+
+
+def test_batch_advantages_and_contiguous_shards():
+    a, b = item(True, "a"), item(False, "b")
+    groups = [group(a, YES_BOX, NO, NO, BROKEN), group(b, NO, NO, NO, NO)]
+    batch = build_batch(4, groups, group_size=4, scale="std")
+    rewards = [2.5, 0.5, 0.5, 0.0]
+    mean = sum(rewards) / 4
+    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / 3)
+    assert batch.advantages[:4] == pytest.approx([(r - mean) / (std + 1e-6) for r in rewards])
+    assert batch.advantages[4:] == [0.0] * 4
+    batch.metrics, batch.drawn = {"x": 1.0}, ["a@0", "c@0", "b@0"]
+    first, second = batch.shard(0, 2), batch.shard(1, 2)
+    assert [p.prompt_id for p in first.prompts] == ["a@0"]
+    assert [p.prompt_id for p in second.prompts] == ["b@0"]
+    assert [s.advantage for s in first.samples + second.samples] == batch.advantages
+    assert first.metrics == {"x": 1.0} and second.metrics == {}
+    assert first.drawn == ["a@0", "c@0", "b@0"] and first.used == ["a@0", "b@0"]
+    with pytest.raises(ValueError, match="do not split"):
+        batch.shard(0, 3)
+    with pytest.raises(ValueError, match="expected 3"):
+        build_batch(0, groups, group_size=3, scale="std")
+
+
+def test_probe_and_sample_table_skip_nothing_they_should_not():
+    a = item(True)
+    written = dataclasses.replace(sample(a, NO), token_ids=(7,), replaced="positive")
+    assert choose_probe([Group(a, (written, sample(a, NO)))]).token_ids == (1, 2)
+    assert choose_probe([Group(a, (written,))]) is None
+    rows = sample_rows(3, [group(a, YES_BOX, NO)], [0.7, -0.7], limit=1)
+    assert len(rows) == 1 and rows[0]["reward/localization"] == 1.0
+    assert rows[0]["step"] == 3 and rows[0]["advantage"] == 0.7
+    table = markdown_table(rows)
+    assert table.splitlines()[0].startswith("| prompt_id | category |")
+    assert "\\|" not in table.splitlines()[0]
+
+
+# -- metrics -----------------------------------------------------------------------------
+
+
+def test_rollout_metrics_name_what_they_measure():
+    a, b = item(True, "a"), item(False, "b")
+    metrics = rollout_metrics([group(a, YES_BOX, NO), group(b, NO, NO)], group_size=2)
+    assert metrics["reward/total/mean"] == pytest.approx((2.5 + 0.5 + 1.5 + 1.5) / 4)
+    assert metrics["reward/format/mean"] == 1.0 and metrics["reward/format/std"] == 0.0
+    assert metrics["rollout/det_accuracy"] == 0.75
+    assert metrics["groups/zero_variance_share"] == 0.5
+    assert metrics["rollout/incomplete_groups"] == 0.0
+    assert metrics["completions/max_length"] == 2.0
+    assert advantage_metrics([1.0, -1.0]) == {
+        "advantages/mean": 0.0, "advantages/std": 1.0, "advantages/max": 1.0,
+        "advantages/min": -1.0,
+    }  # fmt: skip
+    assert hidden_share(10.0, 2.5) == 0.75
+    assert hidden_share(10.0, 20.0) == 0.0 and hidden_share(0.0, 1.0) == 0.0
+
+
+def test_data_position_round_trips():
+    position = DataPosition(2, 7)
+    assert DataPosition.from_dict(position.to_dict()) == position
+
+
+# -- learner helpers ----------------------------------------------------------------------
+
+
+def test_completion_logprobs_pick_the_position_before_each_token():
+    vocab = 5
+    logits = torch.randn(2, 6, vocab)
+    input_ids = torch.tensor([[0, 1, 2, 3, 4, 0], [0, 1, 2, 3, 0, 0]])
+    starts, lengths = torch.tensor([3, 2]), torch.tensor([3, 2])
+    out = completion_logprobs(logits, input_ids, starts, lengths, temperature=2.0,
+                              with_raw=True, with_entropy=True)  # fmt: skip
+    assert out.mask.tolist() == [[True, True, True], [True, True, False]]
+    tempered = torch.log_softmax(logits / 2.0, -1)
+    raw = torch.log_softmax(logits, -1)
+    assert out.logp[0, 0] == pytest.approx(float(tempered[0, 2, 3]))  # token 3 after pos 2
+    assert out.logp[0, 2] == pytest.approx(float(tempered[0, 4, 0]))
+    assert out.raw[1, 1] == pytest.approx(float(raw[1, 2, 3]))
+    assert out.logp[1, 2] == 0.0 and out.raw[1, 2] == 0.0
+    entropy = -(tempered[1, 1].exp() * tempered[1, 1]).sum()
+    assert out.entropy[1, 0] == pytest.approx(float(entropy))
+    untempered = completion_logprobs(logits, input_ids, starts, lengths, with_raw=True)
+    assert untempered.raw is None and torch.equal(untempered.untempered, untempered.logp)
+
+
+def test_padded_sampling_logprobs_mask_missing_rows():
+    values, mask = padded([(-1.0, -2.0), None, (-3.0,)], 2)
+    assert values.tolist() == [[-1.0, -2.0], [0.0, 0.0], [-3.0, 0.0]]
+    assert mask.tolist() == [[True, True], [False, False], [True, False]]
+
+
+def test_micro_batch_weights_add_up_to_the_mini_batch_loss():
+    masks = [torch.tensor([[1, 1, 0], [1, 0, 0]]), torch.tensor([[1, 1, 1], [0, 0, 0]])]
+    for aggregation, total in (("token-mean", 6.0), ("seq-mean-token-mean", 3.0)):
+        assert aggregation_total(masks, aggregation) == total
+        weights = [micro_weight(m, total, aggregation) for m in masks]
+        assert sum(weights) == pytest.approx(1.0)
+    # token-mean of the whole = weighted token-means of the parts
+    values = [torch.randn(2, 3) for _ in masks]
+    whole = sum(float((v * m).sum()) for v, m in zip(values, masks, strict=True)) / 6
+    parts = sum(
+        float((v * m).sum() / m.sum()) * micro_weight(m, 6.0, "token-mean")
+        for v, m in zip(values, masks, strict=True)
+    )
+    assert parts == pytest.approx(whole)
+    assert split_evenly(list(range(6)), 3) == [[0, 1], [2, 3], [4, 5]]
+
+
+# -- config ------------------------------------------------------------------------------
+
+
+def test_config_cross_field_rules():
+    job = load_config(GRPOJobConfig, "configs/local/grpo.yaml")
+    assert job.lora.enabled and job.engine.enable_lora and job.batch_samples == 16
+    full = load_config(GRPOJobConfig, "configs/local/grpo.yaml", ["sync=full"])
+    assert not full.lora.enabled
+    with pytest.raises(ConfigError, match="contradicts sync"):
+        load_config(GRPOJobConfig, "configs/local/grpo.yaml", ["sync=full", "lora.enabled=true"])
+    with pytest.raises(ConfigError, match="split evenly"):
+        uneven = ["rollout.prompts_per_step=3", "algorithm.mini_batches=4"]
+        load_config(GRPOJobConfig, "configs/local/grpo.yaml", uneven)
+    with pytest.raises(ConfigError, match="unknown component"):
+        load_config(GRPOJobConfig, "configs/local/grpo.yaml", ["rewards.weights.speed=1"])
+    with pytest.raises(ConfigError, match="unknown parameter"):
+        load_config(GRPOJobConfig, "configs/local/grpo.yaml",
+                    ["rewards.params.localization.tresh=0.3"])  # fmt: skip
+    with pytest.raises(ConfigError, match="max_staleness"):
+        load_config(GRPOJobConfig, "configs/local/grpo.yaml", ["algorithm.max_staleness=2"])
+    with pytest.raises(ConfigError, match="max_lora_rank"):
+        load_config(GRPOJobConfig, "configs/local/grpo.yaml", ["lora.r=64"])
+    assert load_config(GRPOJobConfig, "configs/cluster/grpo.yaml").learners.use_gpu
