@@ -26,7 +26,7 @@ test: venv
 	$(NETNS) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: venv
-	$(NETNS) $(BIN)/python -m mmrad.demo
+	$(NETNS) $(BIN)/mmrad pipeline --config configs/local/pipeline.yaml
 
 lint: venv
 	$(BIN)/ruff check .
@@ -39,6 +39,9 @@ format: venv
 bench: venv
 	$(NETNS) $(BIN)/python benchmarks/data_throughput.py
 	$(NETNS) $(BIN)/python benchmarks/sft_throughput.py
+	$(NETNS) $(BIN)/python benchmarks/rollout_throughput.py
+	$(NETNS) $(BIN)/python benchmarks/grpo_step.py
+	$(NETNS) $(BIN)/python benchmarks/serve_load.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -25,6 +25,8 @@ app.add_typer(data_app, name="data")
 model_app = typer.Typer(no_args_is_help=True, help="Model utilities.")
 app.add_typer(s3_app, name="s3")
 app.add_typer(model_app, name="model")
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate models; reports; compare runs.")
+app.add_typer(eval_app, name="eval")
 console = Console(stderr=True)
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
@@ -163,15 +165,123 @@ def sft(config: ConfigOption = None, overrides: Overrides = None) -> None:
     print_result(run_sft(_load(SFTJobConfig, config, overrides, {})))
 
 
+@eval_app.command("run")
+def eval_run(config: ConfigOption = None, overrides: Overrides = None) -> None:
+    """Batch evaluation on Ray Data (vLLM actors or an OpenAI-compatible endpoint): writes
+    predictions.parquet and, with labels, metrics.json and report.md to the run directory."""
+    from mmrad.eval.config import EvalJobConfig
+    from mmrad.eval.job import run_eval
+    from mmrad.jobs import print_result
+
+    print_result(run_eval(_load(EvalJobConfig, config, overrides, {})))
+
+
+@eval_app.command("report")
+def eval_report(
+    run_uri: Annotated[str, typer.Argument(help="Evaluation run directory (local or s3://).")],
+    manifest: Annotated[str | None, typer.Option(help="Manifest (default: the run's).")] = None,
+    config: ConfigOption = None,
+    overrides: Overrides = None,
+) -> None:
+    """Render metrics.json and report.md again from predictions.parquet and the manifest."""
+    from mmrad.eval.config import EvalJobConfig
+    from mmrad.eval.job import rerender_report
+    from mmrad.storage import Storage
+
+    job = _load(EvalJobConfig, config, overrides, {})
+    metrics = rerender_report(run_uri, Storage.from_config(job.storage), manifest)
+    console.print(f"report written to {run_uri} ({metrics['n_images']} images)")
+
+
+@eval_app.command("compare")
+def eval_compare(
+    run_uris: Annotated[list[str], typer.Argument(help="Evaluation run directories.")],
+    out: Annotated[Path | None, typer.Option(help="Also write the table to this file.")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Several evaluation runs side by side in one markdown table."""
+    from mmrad.eval.compare import compare_runs
+    from mmrad.eval.config import EvalJobConfig
+    from mmrad.storage import Storage
+
+    job = _load(EvalJobConfig, config, [], {})
+    table = compare_runs(run_uris, Storage.from_config(job.storage))
+    if out is not None:
+        Storage().write_text(str(out), table)
+    typer.echo(table)
+
+
+@app.command("annotate")
+def annotate(config: ConfigOption = None, overrides: Overrides = None) -> None:
+    """Chain-of-thought annotation by a teacher model shown the ground truth; writes a new
+    manifest (the input is never modified), rejected.parquet, acceptance.json and a report."""
+    from mmrad.eval.annotate import run_annotate
+    from mmrad.eval.annotate_config import AnnotateJobConfig
+    from mmrad.jobs import print_result
+
+    print_result(run_annotate(_load(AnnotateJobConfig, config, overrides, {})))
+
+
+@app.command("grpo")
+def grpo(config: ConfigOption = None, overrides: Overrides = None) -> None:
+    """GRPO on Ray: vLLM rollout engines, FSDP2 learners (LoRA or full weights); resumes a
+    run of the same name."""
+    from mmrad.jobs import print_result
+    from mmrad.rl.config import GRPOJobConfig
+    from mmrad.rl.job import run_grpo
+
+    print_result(run_grpo(_load(GRPOJobConfig, config, overrides, {})))
+
+
+@app.command("serve")
+def serve_cmd(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Serve config (Ray's schema).")],
+    overrides: Overrides = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster (default: start one).")] = None,
+) -> None:
+    """Deploy a Serve config file (as `serve run FILE`) and block until Ctrl-C. Overrides
+    enter lists by index or name: applications.mmrad.args.model_dir=DIR."""
+    from mmrad.config import RayConfig
+    from mmrad.ray_env import init_ray
+    from mmrad.serve.config import load_serve_file
+    from mmrad.serve.deploy import DeployError, serve_until_stopped
+
+    try:
+        serve_file = load_serve_file(config, overrides or [])
+    except ConfigError as err:
+        console.print(f"[red]config error:[/red] {err}")
+        raise typer.Exit(2) from None
+    init_ray(RayConfig(address=address))
+    try:
+        serve_until_stopped(serve_file, announce=console.print)
+    except DeployError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(1) from None
+
+
+@app.command("pipeline")
+def pipeline(config: ConfigOption = None, overrides: Overrides = None) -> None:
+    """The whole method: tiny model → data → SFT → GRPO → evaluation → serving smoke test;
+    stages whose config and inputs are unchanged are skipped."""
+    from mmrad.config import PipelineConfig
+    from mmrad.pipeline import print_summary, run_pipeline
+
+    print_summary(run_pipeline(_load(PipelineConfig, config, overrides, {})))
+
+
 def run() -> None:
     """Console entry point with clean errors for the failures users cause."""
     from mmrad.data.builders.base import DataBuildError
     from mmrad.data.schema import ManifestError
+    from mmrad.eval.annotate import AnnotateError
+    from mmrad.eval.endpoint import EndpointConfigError
+    from mmrad.model.export import ExportError
     from mmrad.storage import StorageError
 
+    user_errors = (DataBuildError, ManifestError, StorageError, EndpointConfigError, ExportError)
     try:
         app()
-    except (DataBuildError, ManifestError, StorageError) as err:
+    except (*user_errors, AnnotateError) as err:
         console.print(f"[red]error:[/red] {err}")
         sys.exit(1)
 

@@ -28,15 +28,21 @@ from pydantic import BaseModel
 from rich.console import Console
 
 from mmrad.config import (
+    ConfigError,
     DataJobConfig,
+    ModelConfig,
     PipelineConfig,
     SFTJobConfig,
     StageConfig,
-    load_config,
+    TinyModelStage,
+    apply_overrides,
+    read_yaml,
+    validate_config,
 )
 from mmrad.ray_env import init_ray
 from mmrad.runinfo import write_run_info
 from mmrad.storage import Storage, absolute, is_s3, join
+from mmrad.tune_space import apply_params
 
 log = logging.getLogger(__name__)
 console = Console()
@@ -82,8 +88,10 @@ def stage_hash(name: str, job: BaseModel, upstream: Mapping[str, str]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def load_stage_job(model: type[BaseModel], stage: StageConfig) -> BaseModel:
-    return load_config(model, stage.config, stage.overrides)
+def stage_data(stage: StageConfig) -> dict[str, Any]:
+    """A stage's job config as a dict: its file (else the job's defaults) plus overrides."""
+    data = read_yaml(stage.config) if stage.config else {}
+    return apply_overrides(data, stage.overrides)
 
 
 class Ledger:
@@ -124,30 +132,38 @@ class Planner:
         return {s.name: s.hash for s in self.stages if s.name in names}
 
     def outputs(self, name: str) -> dict[str, str]:
-        return next(s.outputs for s in self.stages if s.name == name)
+        for stage in self.stages:
+            if stage.name == name:
+                return stage.outputs
+        raise ConfigError(f"{name}.enabled is false, but a later stage needs its output")
 
     def add(
         self,
         name: str,
-        job: BaseModel,
+        model: type[BaseModel],
+        data: Mapping[str, Any],
         upstream: tuple[str, ...],
-        place: Callable[[BaseModel, str], dict[str, str]],
+        place: Callable[[str], tuple[dict[str, Any], dict[str, str]]],
         work: Callable[[BaseModel, Storage], Any],
         checked: tuple[str, ...],
+        origin: str = "",
     ) -> None:
-        """``place(job, folder)`` points the job's outputs into ``folder`` (after hashing,
-        so the folder is not part of the hash) and returns their URIs."""
-        digest = stage_hash(name, job, self.hashes(*upstream))
+        """Validate the stage's job config ``data`` (dotted keys allowed), hash it, then
+        ``place(folder)`` gives the settings that put its outputs in the stage's folder
+        (not part of the hash) and the outputs' URIs."""
+        origin = origin or f"pipeline stage {name}"
+        digest = stage_hash(name, validate_config(model, apply_params(data, {}), origin),
+                            self.hashes(*upstream))  # fmt: skip
         folder = join(self.run_uri, f"{name}-{digest[:10]}")
-        outputs = place(job, folder)
+        settings, outputs = place(folder)
+        job = validate_config(model, apply_params(data, settings), origin)
         self.stages.append(PlannedStage(name, job, digest, folder, outputs, work, checked))
 
 
 def plan(config: PipelineConfig, run_uri: str) -> list[PlannedStage]:
     planner = Planner(config, run_uri)
     for add_stage in STAGE_BUILDERS:
-        if not add_stage(planner):
-            break
+        add_stage(planner)
     return planner.stages
 
 
@@ -160,69 +176,179 @@ def _model_path(planner: Planner, configured: str) -> str:
     return configured
 
 
-def add_tiny_model(planner: Planner) -> bool:
+def _wired(planner: Planner, stage: StageConfig, wiring: Mapping[str, Any]) -> dict[str, Any]:
+    """The stage's config dict with the pipeline's storage and the upstream outputs set."""
+    storage = planner.config.storage.model_dump()
+    return apply_params(stage_data(stage), {"storage": storage, **wiring})
+
+
+def _origin(stage: StageConfig, name: str) -> str:
+    return f"{stage.config or '<defaults>'} (pipeline stage {name})"
+
+
+def add_tiny_model(planner: Planner) -> None:
     if not planner.config.tiny_model.build:
-        return True
+        return
 
-    def place(job: BaseModel, folder: str) -> dict[str, str]:
+    def place(folder: str) -> tuple[dict[str, Any], dict[str, str]]:
         # vLLM and transformers read the tiny model from a local directory.
-        local = join("runs/models", folder.rsplit("/", 1)[1]) if is_s3(folder) else folder
-        return {"model": absolute(local), "config": join(absolute(local), "config.json")}
+        local = absolute(join("runs/models", folder.rsplit("/", 1)[1]) if is_s3(folder) else folder)
+        return {}, {"model": local, "config": join(local, "config.json")}
 
-    def work(job: BaseModel, storage: Storage) -> None:
+    def work(job: TinyModelStage, storage: Storage) -> None:
         from mmrad.model.tiny import build_tiny_model
 
         build_tiny_model(planner.outputs("tiny_model")["model"], seed=job.seed)
 
-    planner.add("tiny_model", planner.config.tiny_model, (), place, work, ("config",))
-    return True
+    data = planner.config.tiny_model.model_dump()
+    planner.add("tiny_model", TinyModelStage, data, (), place, work, ("config",))
 
 
-def add_data(planner: Planner) -> bool:
-    if not planner.config.data.enabled:
-        return False
-    job = load_stage_job(DataJobConfig, planner.config.data)
-    job.storage = planner.config.storage
+def add_data(planner: Planner) -> None:
+    stage = planner.config.data
+    if not stage.enabled:
+        return
 
-    def place(job: DataJobConfig, folder: str) -> dict[str, str]:
-        job.data.out = folder
-        return {"manifest": join(folder, "manifest.parquet")}
+    def place(folder: str) -> tuple[dict[str, Any], dict[str, str]]:
+        return {"data.out": folder}, {"manifest": join(folder, "manifest.parquet")}
 
     def work(job: DataJobConfig, storage: Storage) -> None:
         from mmrad.data.build import build_dataset
 
         build_dataset(job.data, storage)
 
-    planner.add("data", job, (), place, work, ("manifest",))
-    return True
+    planner.add("data", DataJobConfig, _wired(planner, stage, {}), (), place, work,
+                ("manifest",), _origin(stage, "data"))  # fmt: skip
 
 
-def add_sft(planner: Planner) -> bool:
-    if not planner.config.sft.enabled:
-        return False
-    job = load_stage_job(SFTJobConfig, planner.config.sft)
-    job.storage = planner.config.storage
-    job.data.manifest = planner.outputs("data")["manifest"]
-    job.model.path = _model_path(planner, job.model.path)
-    job.run.name = "sft"
+def _training_place(run_name: str) -> Callable[[str], tuple[dict[str, Any], dict[str, str]]]:
+    """SFT and GRPO: the run and its export inside the stage's folder."""
 
-    def place(job: SFTJobConfig, folder: str) -> dict[str, str]:
-        job.run.storage_path = folder
-        job.export.out = join(folder, "export")
-        return {"export": job.export.out, "run": join(folder, "sft"),
-                "export_info": join(job.export.out, "mmrad.json")}  # fmt: skip
+    def place(folder: str) -> tuple[dict[str, Any], dict[str, str]]:
+        export = join(folder, "export")
+        settings = {"run.storage_path": folder, "run.name": run_name, "export.out": export}
+        outputs = {"export": export, "run": join(folder, run_name),
+                   "export_info": join(export, "mmrad.json")}  # fmt: skip
+        return settings, outputs
+
+    return place
+
+
+def add_sft(planner: Planner) -> None:
+    stage = planner.config.sft
+    if not stage.enabled:
+        return
+    configured = stage_data(stage).get("model", {}).get("path", ModelConfig().path)
+    wiring = {"data.manifest": planner.outputs("data")["manifest"],
+              "model.path": _model_path(planner, configured)}  # fmt: skip
 
     def work(job: SFTJobConfig, storage: Storage) -> None:
         from mmrad.sft.job import run_sft
 
         run_sft(job)
 
-    planner.add("sft", job, ("tiny_model", "data"), place, work, ("export_info",))
-    return True
+    planner.add("sft", SFTJobConfig, _wired(planner, stage, wiring), ("tiny_model", "data"),
+                _training_place("sft"), work, ("export_info",), _origin(stage, "sft"))  # fmt: skip
 
 
-STAGE_BUILDERS: list[Callable[[Planner], bool]] = [add_tiny_model, add_data, add_sft]
-"""In order; a builder returns False when its stage is disabled, which ends the plan."""
+def add_grpo(planner: Planner) -> None:
+    stage = planner.config.grpo
+    if not stage.enabled:
+        return
+    from mmrad.rl.config import GRPOJobConfig
+
+    wiring = {"data.manifest": planner.outputs("data")["manifest"],
+              "model.path": planner.outputs("sft")["export"]}  # fmt: skip
+
+    def work(job: GRPOJobConfig, storage: Storage) -> None:
+        from mmrad.rl.job import run_grpo
+
+        run_grpo(job)
+
+    data = _wired(planner, stage, wiring)
+    planner.add("grpo", GRPOJobConfig, data, ("data", "sft"), _training_place("grpo"), work,
+                ("export_info",), _origin(stage, "grpo"))  # fmt: skip
+
+
+def final_model(planner: Planner) -> str:
+    """The newest trained export: GRPO's when it is planned, else SFT's."""
+    names = [s.name for s in planner.stages]
+    return planner.outputs("grpo" if "grpo" in names else "sft")["export"]
+
+
+def add_eval(planner: Planner) -> None:
+    stage = planner.config.eval
+    if not stage.enabled:
+        return
+    from mmrad.eval.config import EvalJobConfig
+
+    wiring = {"data.manifest": planner.outputs("data")["manifest"],
+              "target": {"kind": "model", "path": final_model(planner)}}  # fmt: skip
+
+    def place(folder: str) -> tuple[dict[str, Any], dict[str, str]]:
+        run = join(folder, "eval")
+        outputs = {"run": run, "report": join(run, "report.md"),
+                   "metrics": join(run, "metrics.json")}  # fmt: skip
+        return {"run.storage_path": folder, "run.name": "eval"}, outputs
+
+    def work(job: EvalJobConfig, storage: Storage) -> None:
+        from mmrad.eval.job import run_eval
+
+        run_eval(job)
+
+    planner.add("eval", EvalJobConfig, _wired(planner, stage, wiring), ("data", "sft", "grpo"),
+                place, work, ("metrics",), _origin(stage, "eval"))  # fmt: skip
+
+
+class ServeSmokeJob(BaseModel):
+    """The serving smoke test: a Serve config file (Ray's schema) and how many test
+    images go through ``/v1/detect``."""
+
+    serve_config: dict[str, Any]
+    manifest: str
+    images: int
+
+
+def add_serve(planner: Planner) -> None:
+    stage = planner.config.serve
+    if not stage.enabled:
+        return
+    from mmrad.serve.config import load_serve_file
+
+    if stage.config is None:
+        raise ConfigError("serve.config: the serving smoke test needs a Serve config file")
+    app = _single_mmrad_app(load_serve_file(stage.config, stage.overrides))
+    model = f"applications.{app}.args.model_dir={final_model(planner)}"
+    served = load_serve_file(stage.config, [*stage.overrides, model])
+    data = {"serve_config": served.config, "images": stage.images,
+            "manifest": planner.outputs("data")["manifest"]}  # fmt: skip
+
+    def place(folder: str) -> tuple[dict[str, Any], dict[str, str]]:
+        return {}, {"responses": join(folder, "responses.json")}
+
+    def work(job: ServeSmokeJob, storage: Storage) -> None:
+        from mmrad.serve.smoke import smoke_test
+
+        responses = smoke_test(job.serve_config, job.manifest, job.images, storage)
+        storage.write_text(planner.outputs("serve")["responses"], json.dumps(responses, indent=2))
+
+    planner.add("serve", ServeSmokeJob, data, ("data", "sft", "grpo"), place, work,
+                ("responses",), _origin(stage, "serve"))  # fmt: skip
+
+
+def _single_mmrad_app(file: Any) -> str:
+    if len(file.apps) != 1:
+        raise ConfigError(
+            f"{file.origin}: the smoke test needs exactly one mmrad application, "
+            f"found {sorted(file.apps) or 'none'}"
+        )
+    return next(iter(file.apps))
+
+
+STAGE_BUILDERS: list[Callable[[Planner], None]] = [
+    add_tiny_model, add_data, add_sft, add_grpo, add_eval, add_serve,
+]  # fmt: skip
+"""In order; a disabled stage adds nothing, and a later stage that needs it fails to plan."""
 
 
 # -- running ------------------------------------------------------------------------------
@@ -249,3 +375,16 @@ def run_pipeline(config: PipelineConfig) -> PipelineResult:
             result.stages[stage.name] = "ran"
         result.outputs[stage.name] = stage.outputs
     return result
+
+
+def print_summary(result: PipelineResult) -> None:
+    """Where everything went, and the evaluation's headline table when there is one."""
+    from mmrad.eval.report import headline_table
+
+    for name, how in result.stages.items():
+        console.print(f"{name}: {how} → {result.outputs[name]}")
+    metrics = result.outputs.get("eval", {}).get("metrics")
+    if metrics:
+        storage = Storage()
+        console.print(f"\nreport: {result.outputs['eval']['report']}")
+        console.print(headline_table(json.loads(storage.read_text(metrics))))

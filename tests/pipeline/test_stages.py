@@ -30,6 +30,9 @@ def pipeline_config(root: Path, *overrides: str) -> PipelineConfig:
             "data.config=configs/local/data.yaml",
             f"data.overrides={SMALL_DATA}",
             "sft.enabled=false",
+            "grpo.enabled=false",
+            "eval.enabled=false",
+            "serve.enabled=false",
             *overrides,
         ],
     )
@@ -78,3 +81,13 @@ def test_rerun_skips_done_stages_and_a_changed_config_reruns_in_a_new_folder(tmp
     rerun = run_pipeline(pipeline_config(tmp_path, reseeded))
     assert rerun.stages == {"tiny_model": "skipped", "data": "ran"}
     assert Path(changed.outputs["data"]["manifest"]).exists()
+
+
+def test_cluster_pipeline_plans_every_stage_from_the_cluster_configs():
+    config = load_config(PipelineConfig, "configs/cluster/pipeline.yaml")
+    stages = {s.name: s for s in plan(config, "s3://my-mmrad-bucket/pipeline/qwen7b-mmrad")}
+    assert list(stages) == ["data", "sft", "grpo", "eval", "serve"]
+    assert stages["sft"].job.model.path == "Qwen/Qwen2.5-VL-7B-Instruct"
+    assert stages["grpo"].job.model.path == stages["sft"].outputs["export"]
+    assert stages["eval"].job.target.path == stages["grpo"].outputs["export"]
+    assert all(s.folder.startswith("s3://my-mmrad-bucket/") for s in stages.values())
