@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -36,7 +37,7 @@ def ray_cli(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess
     return subprocess.run([ray, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def head_cluster(tmp_path_factory):
     state = Path(tmp_path_factory.mktemp("head", numbered=True))
     temp_dir = Path("/tmp") / f"mmrad-head-{os.getpid()}"
@@ -71,35 +72,74 @@ def stop_processes_of(temp_dir: Path) -> None:
             process.kill()
 
 
-@pytest.mark.parametrize("lora", ["true", "false"])
-def test_sft_job_runs_through_ray_job_submit(
-    head_cluster, tiny_model, synthetic_local, tmp_path, lora
-):
+def submit_and_wait(env: dict[str, str], *entrypoint: str) -> tuple[str, str]:
+    """Submit ``python -m <entrypoint>`` with the repo as working dir; wait for the end.
+    Returns the final status line and the job's logs."""
     address = f"http://127.0.0.1:{DASHBOARD_PORT}"
     submitted = ray_cli(
-        head_cluster, "job", "submit", f"--address={address}", "--working-dir", str(REPO),
-        "--runtime-env-json", EXCLUDES, "--no-wait", "--",
-        "python", "-m", "ray_jobs.sft", "--config", "configs/local/sft.yaml",
-        f"model.path={tiny_model}", f"data.manifest={synthetic_local}",
-        f"run.storage_path={tmp_path}", "run.name=submitted", "train.max_steps=4",
-        f"lora.enabled={lora}",
-        "train.checkpoint_every=2", "data.pixels.max_pixels=12544",
-        "model.pixels.max_pixels=12544",
+        env, "job", "submit", f"--address={address}", "--working-dir", str(REPO),
+        "--runtime-env-json", EXCLUDES, "--no-wait", "--", "python", "-m", *entrypoint,
     )  # fmt: skip
     assert submitted.returncode == 0, submitted.stderr[-2000:]
     output = submitted.stdout + submitted.stderr
     job_id = next(line.split("'")[1] for line in output.splitlines() if "submitted" in line)
-    deadline = time.monotonic() + 900
+    deadline = time.monotonic() + 1500
     status = ""
     while time.monotonic() < deadline:
-        answer = ray_cli(head_cluster, "job", "status", f"--address={address}", job_id)
+        answer = ray_cli(env, "job", "status", f"--address={address}", job_id)
         status = (answer.stdout + answer.stderr).lower()  # logged to stderr, in lower case
         if any(word in status for word in ("succeeded", "failed", "stopped")):
             break
         time.sleep(5)
-    answer = ray_cli(head_cluster, "job", "logs", f"--address={address}", job_id)
-    logs = answer.stdout + answer.stderr
+    answer = ray_cli(env, "job", "logs", f"--address={address}", job_id)
+    return status, answer.stdout + answer.stderr
+
+
+def test_lora_sft_job_runs_through_ray_job_submit(
+    head_cluster, tiny_model, synthetic_local, tmp_path
+):
+    status, logs = submit_and_wait(
+        head_cluster, "ray_jobs.sft", "--config", "configs/local/sft.yaml",
+        f"model.path={tiny_model}", f"data.manifest={synthetic_local}",
+        f"run.storage_path={tmp_path}", "run.name=submitted", "train.max_steps=4",
+        "lora.enabled=true", "train.checkpoint_every=2", "data.pixels.max_pixels=12544",
+        "model.pixels.max_pixels=12544",
+    )  # fmt: skip
     assert "succeeded" in status, logs[-3000:]
     assert "export_uri:" in logs
     info = read_export_info(str(tmp_path / "submitted" / "export"), Storage())
-    assert info["lora"] == ("merged" if lora == "true" else "none")
+    assert info["lora"] == "merged"
+
+
+SMALL_PIPELINE = [
+    "data.overrides=['data.synthetic.categories=[brick, grass, coins]', "
+    "data.synthetic.images_per_category=8, data.synthetic.image_size=112, "
+    "'data.split.test_categories=[coins]']",
+    "sft.overrides=[train.max_steps=4, train.checkpoint_every=4, train.val_every=2]",
+    "grpo.overrides=[schedule.max_steps=2, schedule.checkpoint_every=2, "
+    "schedule.sample_table_every=1, rollout.prompts_per_step=2, rollout.max_tokens=64, "
+    "algorithm.max_staleness=1]",
+    "eval.overrides=[data.limit=4, sampling.max_tokens=64]",
+    "serve.images=2",
+]
+
+
+def test_pipeline_job_runs_through_ray_job_submit(head_cluster, tmp_path):
+    """SFT (full weights) → GRPO (LoRA sync, one step off) → evaluation → Serve smoke
+    test, all as one submitted job; the report and the served answers are written."""
+    status, logs = submit_and_wait(
+        head_cluster, "ray_jobs.pipeline", "--config", "configs/local/pipeline.yaml",
+        f"run.storage_path={tmp_path}", "run.name=submitted", *SMALL_PIPELINE,
+    )  # fmt: skip
+    assert "succeeded" in status, logs[-4000:]
+    for stage in ("tiny_model", "data", "sft", "grpo", "eval", "serve"):
+        assert f"{stage}: ran" in logs, logs[-4000:]
+    run = tmp_path / "submitted"
+    (metrics,) = run.glob("eval-*/eval/metrics.json")
+    assert {"det_accuracy", "loc_accuracy", "auroc"} <= set(json.loads(metrics.read_text()))
+    (responses,) = run.glob("serve-*/responses.json")
+    answers = json.loads(responses.read_text())
+    assert len(answers) == 2 and all(0.0 <= (a["score"] or 0.0) <= 1.0 for a in answers)
+    (grpo_metrics,) = run.glob("grpo-*/grpo/metrics.jsonl")
+    steps = [json.loads(line) for line in grpo_metrics.read_text().splitlines()]
+    assert any("reward/total/mean" in step for step in steps)
