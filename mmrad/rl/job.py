@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import ray
 
@@ -27,7 +26,8 @@ from mmrad.rl.config import GRPOJobConfig
 from mmrad.rl.coordinator import MAX_CONCURRENCY, Coordinator, coordinator_name
 from mmrad.rl.learner import grpo_learner
 from mmrad.runinfo import write_run_info
-from mmrad.storage import Storage, absolute, join
+from mmrad.sft.job import with_absolute_paths
+from mmrad.storage import Storage, join
 from mmrad.task.prompt import PromptVariant
 from mmrad.train.progress import run_with_progress
 
@@ -40,19 +40,6 @@ class GRPOResult:
     export_uri: str
     checkpoint_uri: str | None
     steps: int
-
-
-def with_absolute_paths(job: GRPOJobConfig) -> GRPOJobConfig:
-    """Local paths as the driver sees them, so every worker reads and writes the same."""
-    job = job.model_copy(deep=True)
-    if Path(job.model.path).exists():  # else a hub id or s3://
-        job.model.path = absolute(job.model.path)
-    job.model.cache_dir = absolute(job.model.cache_dir)
-    job.data.manifest = absolute(job.data.manifest)
-    job.run.storage_path = absolute(job.run.storage_path)
-    if job.export.out:
-        job.export.out = absolute(job.export.out)
-    return job
 
 
 def starting_point(job: GRPOJobConfig, storage: Storage) -> GRPOJobConfig:

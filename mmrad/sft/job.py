@@ -14,8 +14,10 @@ import tempfile
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import ray
+from pydantic import BaseModel
 
 from mmrad.config import SFTJobConfig
 from mmrad.data.loading import DecodeSpec, build_dataset, ordered_rows, rank_datasets
@@ -28,6 +30,7 @@ from mmrad.storage import Storage, absolute, join
 from mmrad.train.progress import run_with_progress
 
 log = logging.getLogger(__name__)
+TrainingJob = TypeVar("TrainingJob", bound=BaseModel)
 
 CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
@@ -135,10 +138,11 @@ def export_task(job_dict: dict, checkpoint, out_uri: str) -> str:
         return export_checkpoint(job, folder, out_uri)
 
 
-def with_absolute_paths(job: SFTJobConfig) -> SFTJobConfig:
-    """Local paths as the driver sees them, so every worker reads and writes the same."""
+def with_absolute_paths(job: TrainingJob) -> TrainingJob:
+    """Local paths as the driver sees them, so every worker reads and writes the same
+    (SFT and GRPO jobs: ``model``, ``data``, ``run`` and ``export`` sections)."""
     job = job.model_copy(deep=True)
-    if Path(job.model.path).exists():  # else a hub id
+    if Path(job.model.path).exists():  # else a hub id or s3://
         job.model.path = absolute(job.model.path)
     job.model.cache_dir = absolute(job.model.cache_dir)
     job.data.manifest = absolute(job.data.manifest)
