@@ -189,11 +189,11 @@ def kill_an_engine_mid_step(run_uri: str, after_step: int, killed: list[int]) ->
         time.sleep(0.05)
 
 
-LEARNING_STEPS = 10
+LEARNING_STEPS = 12
 LEARNING_RUN = ("sync=full", "algorithm.max_staleness=0", "rollout.num_workers=2",
                 "rollout.cpus_per_worker=0.3", "rollout.prompts_per_step=4",
-                "rollout.group_size=8", "rollout.temperature=1.0", "rollout.max_tokens=160",
-                "rewards.weights={format: 1.0}", "algorithm.lr=0.0003",
+                "rollout.group_size=8", "rollout.temperature=1.0", "rollout.max_tokens=128",
+                "rewards.weights={format: 1.0}", "algorithm.lr=0.0004",
                 "algorithm.kl_beta=0.001", "algorithm.dynamic_sampling=true",
                 "algorithm.max_sampling_tries=2", "algorithm.tis_cap=null",
                 f"schedule.max_steps={LEARNING_STEPS}",
@@ -207,8 +207,8 @@ def test_full_sync_learns_the_format_and_survives_a_killed_engine(
     """Format reward (from the task's registry, on vLLM completions parsed by
     parse_answer) at temperature 1: the session's SFT model writes the format greedily but
     breaks it in most samples (~20% well-formed), so groups of 8 differ and GRPO has a
-    signal that full-weight updates learn within ten steps on CPU (~0.15 -> ~0.7 in a
-    transformers-only trial of the same loop)."""
+    signal that full-weight updates learn within a dozen steps on CPU (in transformers-only
+    trials of the same loop: ~0.2 over the first four steps, ~0.5-0.7 over the last)."""
     run_uri = str(tmp_path / "full")
     killed: list[int] = []
     killer = threading.Thread(target=kill_an_engine_mid_step, args=(run_uri, 1, killed))
@@ -229,6 +229,6 @@ def test_full_sync_learns_the_format_and_survives_a_killed_engine(
 
     assert_sync_is_real([row for row in rows if "sync/logprob_max_abs_diff" in row])
     rewards = [row["reward/format/mean"] for row in rows]
-    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
-    assert last > first + 0.15, rewards
+    first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
+    assert last > first + 0.12, rewards
     assert read_export_info(result.export_uri, Storage())["lora"] == "none"
