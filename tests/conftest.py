@@ -4,8 +4,6 @@ Ray cluster, started once and reused by every test that needs them."""
 from __future__ import annotations
 
 import os
-import secrets
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -112,47 +110,3 @@ def sft_trained(ray_cluster, tiny_model, synthetic_local, tmp_path_factory):
         "train.checkpoint_every=40", "train.val_every=20", "train.log_every=10",
     )  # fmt: skip
     return run_sft(job)
-
-
-@dataclass(frozen=True)
-class ServeEndpoint:
-    """Where the session's Serve deployment answers: OpenAI clients use
-    ``base_url + "/v1"``, ``model`` and ``api_key`` (sent as a bearer token)."""
-
-    base_url: str
-    model: str
-    api_key: str
-    app: str = "mmrad"
-
-
-SERVE_TOKEN_ENV = "MMRAD_TEST_SERVE_TOKEN"
-
-
-@pytest.fixture(scope="session")
-def serve_endpoint(ray_cluster, sft_trained):
-    """The mmrad Serve application on the session's Ray, serving ``sft_trained``'s export,
-    with a bearer token and autoscaling between 1 and 2 replicas on short delays (so the
-    autoscaling test shares it). Serve is shut down at the end of the session."""
-    from ray import serve
-
-    from mmrad.serve.config import application, serve_config, validate_serve_config
-    from mmrad.serve.deploy import deploy
-
-    token = secrets.token_hex(16)
-    args = {
-        "model_dir": sft_trained.export_uri,
-        "model_name": "mmrad-test",
-        "auth_token_env": SERVE_TOKEN_ENV,
-        "max_tokens": 256,
-        "max_upload_bytes": 2 * 2**20,
-        "max_pixels": 4_000_000,
-        "engine": {"kv_cache_bytes": 96 * 2**20, "max_num_seqs": 16, "max_model_len": 4096},
-    }
-    autoscaling = {"min_replicas": 1, "max_replicas": 2, "initial_replicas": 1,
-                   "target_ongoing_requests": 2, "upscale_delay_s": 1.0,
-                   "downscale_delay_s": 4.0, "look_back_period_s": 12.0}  # fmt: skip
-    app = application(args, autoscaling=autoscaling, num_cpus=0.5, max_ongoing_requests=8,
-                      env_vars={SERVE_TOKEN_ENV: token})  # fmt: skip
-    urls = deploy(validate_serve_config(serve_config([app]), "serve_endpoint"), timeout_s=900)
-    yield ServeEndpoint(base_url=urls["mmrad"], model=args["model_name"], api_key=token)
-    serve.shutdown()

@@ -1,6 +1,6 @@
 """The annotation job: selection, the new manifest and its side files (fast), then end to
-end with the tiny model and with a Serve deployment as teachers, and an SFT run on the
-new manifest (integration)."""
+end with the tiny model as teacher, and an SFT run on the new manifest (integration).
+A Serve deployment as teacher is tested in tests/serve/test_endpoint_as_target.py."""
 
 from __future__ import annotations
 
@@ -259,37 +259,6 @@ def test_tiny_teacher_end_to_end(tiny_teacher_run, synthetic_local):
     rejected = pq.read_table(root / "out" / REJECTED_NAME).to_pylist()
     assert {r["id"] for r in rejected} <= set(judged_ids)
     assert all(r["completion"] for r in rejected if r["reason"] != "error")
-
-
-def endpoint_teacher(endpoint, monkeypatch) -> str:
-    """The override that makes the Serve deployment the teacher (a whole ``teacher``
-    section: the file's model keys do not apply). Its key goes through an environment
-    variable: a config never holds a key."""
-    teacher = {"kind": "endpoint", "url": f"{endpoint.base_url.rstrip('/')}/v1",
-               "model": endpoint.model, "retries": 2, "api_key_env": None}  # fmt: skip
-    if endpoint.api_key:
-        monkeypatch.setenv("MMRAD_TEST_TEACHER_KEY", endpoint.api_key)
-        teacher["api_key_env"] = "MMRAD_TEST_TEACHER_KEY"
-    return f"teacher={json.dumps(teacher)}"
-
-
-@pytest.mark.integration
-def test_serve_deployment_as_teacher(
-    ray_cluster, serve_endpoint, synthetic_local, tmp_path, monkeypatch
-):
-    """Our own Serve deployment, reached as an OpenAI-compatible endpoint on 127.0.0.1."""
-    from mmrad.eval.annotate import run_annotate
-
-    annotate_job = job(
-        f"input={synthetic_local}", f"output={tmp_path}/out", f"run.storage_path={tmp_path}",
-        "run.name=serve", "select.max_images=4", "on_rejected=keep", *TEST_RUN,
-        "sampling.max_tokens=160", endpoint_teacher(serve_endpoint, monkeypatch),
-    )  # fmt: skip
-    result = run_annotate(annotate_job)
-    summary = assert_counts_add_up(result, tmp_path / "out", images=4, n=2)
-    assert summary["rejected"]["error"] == 0  # every request was answered
-    assert summary["manifest"]["records"] == 144  # on_rejected=keep: nothing dropped
-    assert Path(result.report_uri).exists()
 
 
 @pytest.mark.integration

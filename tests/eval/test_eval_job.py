@@ -1,7 +1,7 @@
 """The evaluation job end to end on real Ray Data, vLLM and S3: the SFT'd tiny model's
 export on the synthetic set's test split (to S3, two predictor actors) and val split
-(threshold), an unlabelled manifest with a broken image, re-rendering, comparing, and an
-OpenAI-compatible endpoint (our own Serve deployment)."""
+(threshold), an unlabelled manifest with a broken image, re-rendering and comparing. An
+OpenAI-compatible endpoint as target is tested in tests/serve/test_endpoint_as_target.py."""
 
 from __future__ import annotations
 
@@ -158,34 +158,3 @@ def test_unlabelled_manifest_gives_predictions_only(sft_trained, synthetic_local
     assert all(r["error"] is None and r["completion"] for r in out if r is not broken)
     run_dir = Path(result.run_uri)
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "report.md").exists()
-
-
-def test_evaluates_through_our_serve_endpoint(serve_endpoint, sft_trained, synthetic_local,
-                                              tmp_path, monkeypatch):  # fmt: skip
-    """An OpenAI-compatible target: our own Ray Serve deployment on 127.0.0.1 (serving the
-    same export), with its bearer token passed through an environment variable."""
-    from mmrad.model.export import read_export_info
-
-    monkeypatch.setenv("MMRAD_TEST_EVAL_KEY", serve_endpoint.api_key)
-    info = read_export_info(sft_trained.export_uri, Storage())  # prompt as the export's
-    prompt = [f"prompt.{key}={str(value).lower()}" for key, value in info["prompt"].items()]
-    prompt += [f"prompt.pixels.{key}={value}" for key, value in info["pixels"].items()]
-    job = load_config(EvalJobConfig, "configs/local/eval.yaml", [
-        "target={kind: endpoint}", f"target.url={serve_endpoint.base_url}/v1",
-        f"target.model={serve_endpoint.model}", "target.api_key_env=MMRAD_TEST_EVAL_KEY",
-        "target.max_concurrency=4", "target.retries=2", f"data.manifest={synthetic_local}",
-        "data.limit=6", f"run.storage_path={tmp_path}", "run.name=endpoint", *prompt,
-        "sampling.max_tokens=128", "predictors.cpus_per_actor=0.25", "predictors.batch_size=6",
-    ])  # fmt: skip
-    result = run_eval(job)
-    assert result.samples == 6 and result.errors == 0 and result.labelled
-    rows = read_predictions(result.run_uri)
-    assert all(r["completion"] and r["latency_ms"] > 0 for r in rows)
-    assert sum(r["format_ok"] for r in rows) >= 4  # the SFT'd model answers in format
-    scored = [r["score"] for r in rows if r["score"] is not None]
-    assert len(scored) >= 4 and all(0.0 <= s <= 1.0 for s in scored)  # from top_logprobs
-    metrics = read_json(str(tmp_path / "endpoint" / "metrics.json"))
-    assert metrics["n_images"] == 6 and serve_endpoint.model in metrics["extra"]["target"]
-    assert serve_endpoint.api_key not in Storage().read_text(
-        str(tmp_path / "endpoint" / "config.yaml")
-    )
