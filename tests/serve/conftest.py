@@ -1,6 +1,7 @@
-"""The Serve deployment every test in this package talks to. Tests that need a running
-endpoint (Serve's own API, and the evaluation and annotation jobs using it as an
-OpenAI-compatible target) live here, so it runs only while they do."""
+"""The Serve deployment the tests in this folder talk to: Serve's own API, and the
+evaluation and annotation jobs using it as an OpenAI-compatible target. It is
+module-scoped (pytest's package scope needs an ``__init__.py``, else it means the whole
+session), so it runs only while a module that uses it does."""
 
 from __future__ import annotations
 
@@ -24,12 +25,12 @@ class ServeEndpoint:
 SERVE_TOKEN_ENV = "MMRAD_TEST_SERVE_TOKEN"
 
 
-@pytest.fixture(scope="package")
+@pytest.fixture(scope="module")
 def serve_endpoint(ray_cluster, sft_trained):
     """The mmrad Serve application on the session's Ray, serving ``sft_trained``'s export,
     with a bearer token and autoscaling between 1 and 2 replicas on short delays (so the
-    autoscaling test shares it). Serve is shut down after this package's last test: an
-    idle replica's engine still polls, and would take CPU from the tests that follow."""
+    autoscaling test shares it). Serve is shut down after the module's last test: an idle
+    replica's engine still polls, and would take CPU from the tests that follow."""
     from ray import serve
 
     from mmrad.serve.config import application, serve_config, validate_serve_config
