@@ -1,4 +1,6 @@
-"""SFT on a real local Ray cluster: Ray Train V2, FSDP over gloo, 2 CPU workers."""
+"""SFT on a real local Ray cluster: Ray Train V2, FSDP over gloo, 2 CPU workers.
+Full-weight FSDP2 training is checked on the session's ``sft_trained`` run
+(tests/sft/test_sft_quality.py)."""
 
 from __future__ import annotations
 
@@ -31,39 +33,16 @@ def final_state(run_uri: str) -> dict:
     return json.loads((latest / "trainer_state.json").read_text())
 
 
-def test_full_weights_fsdp2_loss_falls(ray_cluster, tiny_model, synthetic_local, tmp_path):
-    job = sft_config(
-        tiny_model, synthetic_local, str(tmp_path), "full",
-        "lora.enabled=false", "train.max_steps=10", "train.lr=0.001",
-        "train.checkpoint_every=10",
-    )  # fmt: skip
-    result = run_sft(job)
-    curve = losses(result.run_uri)
-    assert len(curve) == 10
-    assert sum(curve[-3:]) / 3 < curve[0] - 0.5
-    info = read_export_info(result.export_uri, Storage())
-    assert info["lora"] == "none"
-    assert (Path(result.export_uri) / "model.safetensors").exists()
-
-
-def test_fsdp1_with_lora_trains(ray_cluster, tiny_model, synthetic_local, tmp_path):
-    job = sft_config(
-        tiny_model, synthetic_local, str(tmp_path), "fsdp1",
-        "fsdp.version=1", "lora.enabled=true", "train.max_steps=6", "train.checkpoint_every=6",
-    )  # fmt: skip
-    result = run_sft(job)
-    curve = losses(result.run_uri)
-    assert curve[-1] < curve[0]
-    assert read_export_info(result.export_uri, Storage())["lora"] == "merged"
-
-
-def test_checkpoints_and_export_land_on_s3(ray_cluster, tiny_model, synthetic_local):
+def test_fsdp1_lora_checkpoints_and_export_land_on_s3(ray_cluster, tiny_model, synthetic_local):
+    """FSDP1 with LoRA (full weights on FSDP2 is the session's ``sft_trained``), on S3."""
     storage_path = f"s3://{TEST_BUCKET}/sft-runs"
     job = sft_config(
-        tiny_model, synthetic_local, storage_path, "on-s3",
+        tiny_model, synthetic_local, storage_path, "on-s3", "fsdp.version=1",
         "lora.enabled=true", "train.max_steps=4", "train.checkpoint_every=2",
     )  # fmt: skip
     result = run_sft(job)
+    curve = losses(result.run_uri)
+    assert len(curve) == 4 and curve[-1] < curve[0]
     objects = Storage().list(f"{storage_path}/on-s3")
     names = {uri.split("/on-s3/", 1)[1] for uri in objects}
     assert {"checkpoint_000002/trainer_state.json", "checkpoint_000004/trainer_state.json"} <= names

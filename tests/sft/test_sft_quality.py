@@ -1,5 +1,7 @@
 """After SFT, greedy decoding of the export through vLLM answers in the task format."""
 
+from pathlib import Path
+
 import pytest
 
 from mmrad.config import EngineConfig, PixelBudget, PromptConfig
@@ -19,11 +21,13 @@ def held_out(manifest: str) -> list[dict]:
     return [r for r in read_manifest(Storage(), manifest) if r["split"] != "train"]
 
 
-def test_training_loss_falls_clearly(sft_trained):
+def test_full_weights_fsdp2_loss_falls_clearly(sft_trained):
     losses = [r["train/loss"] for r in read_metrics(Storage(), sft_trained.run_uri)
               if "train/loss" in r]  # fmt: skip
     assert losses[-1] < 0.25 * losses[0]
     assert sft_trained.best_val_loss is not None and sft_trained.best_val_loss < 1.5
+    assert read_export_info(sft_trained.export_uri, Storage())["lora"] == "none"
+    assert (Path(sft_trained.export_uri) / "model.safetensors").exists()
 
 
 def test_format_ok_after_sft_and_not_before(sft_trained, tiny_model, synthetic_local):
