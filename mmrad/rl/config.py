@@ -25,6 +25,7 @@ from mmrad.config import (
     Section,
     StorageConfig,
 )
+from mmrad.task.metrics import RATE_KEYS, check_rate_names
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
@@ -154,6 +155,32 @@ class ScheduleSection(Section):
     seed: int = 0
 
 
+class ValidationSection(Section):
+    """Greedy answers of the current policy on held-out prompts, scored with the
+    evaluation job's metrics (``val/<metric>``) and summed into ``val/objective``: what a
+    sweep (``mmrad tune``) optimises and what ASHA compares trials on."""
+
+    every: int = Field(
+        0, ge=0, description="Steps between validations (0 = never); the last step is included."
+    )
+    split: Literal["train", "val", "test"] = Field("val", description="Split to validate on.")
+    samples: int = Field(16, ge=1, description="Records validated: the first of a fixed order.")
+    max_tokens: int | None = Field(None, ge=1, description="Default: rollout.max_tokens.")
+    objective: list[str] = Field(
+        default_factory=lambda: ["det_accuracy", "loc_accuracy"],
+        min_length=1,
+        description=f"Metrics summed into val/objective, of {list(RATE_KEYS)}.",
+    )
+
+    @model_validator(mode="after")
+    def _known_terms(self) -> ValidationSection:
+        check_rate_names(self.objective)
+        return self
+
+    def due(self, step: int, max_steps: int) -> bool:
+        return bool(self.every) and (step % self.every == 0 or step == max_steps)
+
+
 class GRPORunSection(RunSection):
     storage_path: str = Field("runs/grpo", description="Local folder or s3:// prefix.")
     name: str = Field("grpo-tiny", description="Run name (resume key).")
@@ -183,6 +210,7 @@ class GRPOJobConfig(Section):
     algorithm: AlgorithmSection = Field(default_factory=AlgorithmSection)
     learners: LearnerSection = Field(default_factory=LearnerSection)
     schedule: ScheduleSection = Field(default_factory=ScheduleSection)
+    validation: ValidationSection = Field(default_factory=ValidationSection)
     run: GRPORunSection = Field(default_factory=GRPORunSection)
     export: GRPOExportSection = Field(default_factory=GRPOExportSection)
 

@@ -52,9 +52,10 @@ from mmrad.rl.batch import (
     repair_group,
     sample_rows,
     scored_sample,
+    verdict_of,
 )
 from mmrad.rl.config import GRPOJobConfig
-from mmrad.rl.metrics import advantage_metrics, rollout_metrics
+from mmrad.rl.metrics import advantage_metrics, rollout_metrics, validation_metrics
 from mmrad.rl.prompts import DataPosition, PromptItem, PromptStream
 from mmrad.rl.rollout import Rollout, RolloutPrompt, WeightUpdate
 from mmrad.storage import Storage
@@ -82,6 +83,7 @@ class Coordinator:
         model_path: str,
         variant: dict[str, bool],
         defect_types: Mapping[str, Sequence[str]],
+        val_records: Sequence[Mapping[str, Any]] = (),
     ):
         self.job = GRPOJobConfig.model_validate(job)
         self.model_path = model_path
@@ -98,13 +100,12 @@ class Coordinator:
             logprobs=0,
         )
         storage = Storage.from_config(self.job.storage)
-        self.stream = PromptStream(
-            records,
-            DecodeSpec.from_config(storage, self.job.data),
-            seed=self.job.data.seed,
-            defect_types=defect_types,
-            decode_cpus=self.job.data.decode_cpus,
-            batch_size=self.job.data.batch_size,
+        self.stream = self._stream(records, defect_types, storage)
+        self.val_stream = self._stream(val_records, defect_types, storage) if val_records else None
+        self._val_items: list[PromptItem] | None = None
+        validation = self.job.validation
+        self.val_sampling = Sampling(
+            n=1, temperature=0.0, max_tokens=validation.max_tokens or rollout.max_tokens
         )
         self._tokenizer = None
         self._vision_tokens: frozenset[int] | None = None
@@ -178,14 +179,30 @@ class Coordinator:
     def engine_logprobs(self, version: int, probe: Probe) -> list[float]:
         """The engines' log-probs of ``probe`` once weights ``version`` are applied (the
         production sync path: what rollouts of that version sample with)."""
-        with self._cond:
-            self._cond.wait_for(lambda: self._received >= version or self._error is not None)
         with self._pool_lock:
-            self._apply_pending()
-            if self.pool.version != version:
-                raise RuntimeError(f"engines hold v{self.pool.version}, asked about v{version}")
+            self._hold_version(version)
             prompt = RolloutPrompt("sync-probe", probe.item.inputs())
             return self.pool.prompt_logprobs([prompt], [list(probe.token_ids)])[0]
+
+    def validate(self, version: int) -> dict[str, float]:
+        """Greedy answers of the policy of ``version`` to the validation prompts, scored
+        as the evaluation job scores them (:func:`~mmrad.rl.metrics.validation_metrics`)."""
+        if self.val_stream is None:
+            raise RuntimeError("validation asked for, but no validation records were given")
+        if self._val_items is None:
+            self._val_items = self.val_stream.take(len(self.val_stream.records))
+        items = self._val_items
+        with self._pool_lock:
+            self._hold_version(version)
+            prompts = [RolloutPrompt(item.prompt_id, item.inputs()) for item in items]
+            rollouts = self.pool.generate(prompts, self.val_sampling)
+        require_think = self.rewards.require_think
+        verdicts = [
+            verdict_of(group[0].text, item, require_think)
+            for item, group in zip(items, rollouts, strict=True)
+        ]
+        records = [item.record for item in items]
+        return validation_metrics(verdicts, records, self.job.validation.objective)
 
     def state(self, step: int) -> dict[str, Any]:
         """What a checkpoint after ``step`` committed steps keeps: the data position
@@ -235,6 +252,15 @@ class Coordinator:
         if self._producer is not None:
             self._producer.join()
             self._producer = None
+
+    def _hold_version(self, version: int) -> None:
+        """Wait for weights ``version`` and apply them (caller holds the pool lock; the
+        learners push nothing newer while they wait on this call)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._received >= version or self._error is not None)
+        self._apply_pending()
+        if self.pool.version != version:
+            raise RuntimeError(f"engines hold v{self.pool.version}, asked about v{version}")
 
     def _apply_pending(self) -> None:
         """Sync the newest pushed weights to the engines (caller holds the pool lock)."""
@@ -404,7 +430,17 @@ class Coordinator:
             self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         return self._tokenizer
 
-    # -- engines --------------------------------------------------------------------------
+    # -- engines and data -----------------------------------------------------------------
+
+    def _stream(self, records, defect_types, storage: Storage) -> PromptStream:
+        return PromptStream(
+            records,
+            DecodeSpec.from_config(storage, self.job.data),
+            seed=self.job.data.seed,
+            defect_types=defect_types,
+            decode_cpus=self.job.data.decode_cpus,
+            batch_size=self.job.data.batch_size,
+        )
 
     def _new_pool(self):
         from mmrad.rl.pool import RolloutPool

@@ -15,6 +15,7 @@ prompts exactly as SFT trained (a config that contradicts the export is an error
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import ray
@@ -25,6 +26,7 @@ from mmrad.ray_env import init_ray
 from mmrad.rl.config import GRPOJobConfig
 from mmrad.rl.coordinator import MAX_CONCURRENCY, Coordinator, coordinator_name
 from mmrad.rl.learner import grpo_learner
+from mmrad.rl.pool import OUTSIDE_PARENT_PLACEMENT_GROUP
 from mmrad.runinfo import write_run_info
 from mmrad.sft.job import with_absolute_paths
 from mmrad.storage import Storage, join
@@ -81,7 +83,7 @@ def starting_point(job: GRPOJobConfig, storage: Storage) -> GRPOJobConfig:
     return job
 
 
-def make_trainer(job: GRPOJobConfig, storage: Storage, spec: dict):
+def make_trainer(job: GRPOJobConfig, storage: Storage, spec: dict, callbacks: Sequence = ()):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -104,6 +106,7 @@ def make_trainer(job: GRPOJobConfig, storage: Storage, spec: dict):
             storage_filesystem=filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=job.run.num_to_keep),
             failure_config=FailureConfig(max_failures=job.run.max_failures),
+            callbacks=list(callbacks),
         ),
     )
 
@@ -118,7 +121,10 @@ def start_coordinator(job: GRPOJobConfig, storage: Storage, records: list[dict],
             f"data.manifest {job.data.manifest}: no records in split {job.data.split!r}"
         )
     actor = ray.remote(Coordinator).options(
-        name=coordinator_name(job.run.name), num_cpus=0, max_concurrency=MAX_CONCURRENCY
+        name=coordinator_name(job.run.name),
+        num_cpus=0,
+        max_concurrency=MAX_CONCURRENCY,
+        scheduling_strategy=OUTSIDE_PARENT_PLACEMENT_GROUP,  # so are its engines and tasks
     )
     return actor.remote(
         job.model_dump(mode="json"),
@@ -126,10 +132,28 @@ def start_coordinator(job: GRPOJobConfig, storage: Storage, records: list[dict],
         model_path,
         asdict(PromptVariant(**job.prompt.model_dump())),
         defect_types_by_category(train),
+        validation_records(job, records),
     )
 
 
-def run_grpo(job: GRPOJobConfig) -> GRPOResult:
+def validation_records(job: GRPOJobConfig, records: list[dict]) -> list[dict]:
+    """The records validated during the run: the first ``validation.samples`` of the
+    split by id (none when validation is off)."""
+    validation = job.validation
+    if not validation.every:
+        return []
+    chosen = sorted((r for r in records if r["split"] == validation.split), key=lambda r: r["id"])
+    if not chosen:
+        raise ConfigError(
+            f"data.manifest {job.data.manifest}: no records in split {validation.split!r} "
+            "to validate on (validation.split)"
+        )
+    return chosen[: validation.samples]
+
+
+def run_grpo(job: GRPOJobConfig, train_callbacks: Sequence = ()) -> GRPOResult:
+    """Run (or resume) a GRPO job; ``train_callbacks`` go to the learners' Ray Train run
+    (a sweep passes Tune's report callback)."""
     from mmrad.model.loading import resolve_model_path
 
     job = with_absolute_paths(job)
@@ -148,7 +172,7 @@ def run_grpo(job: GRPOJobConfig) -> GRPOResult:
         "variant": job.prompt.model_dump(),
     }
     try:
-        trainer = make_trainer(job, storage, spec)
+        trainer = make_trainer(job, storage, spec, train_callbacks)
         result = run_with_progress(f"GRPO {job.run.name}", job.run.name, trainer.fit)
     finally:
         try:

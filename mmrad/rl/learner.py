@@ -76,6 +76,7 @@ from mmrad.train.sharding import shard_model
 log = logging.getLogger(__name__)
 
 GRPO_STATE_FILE = "grpo_state.json"
+REPORTED_PREFIXES = ("reward/total", "val/")  # what train.report carries (to Tune, too)
 MODEL_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values",
                 "image_grid_thw")  # fmt: skip
 
@@ -466,12 +467,19 @@ class GRPOLearner:
         while self.state.step < schedule.max_steps:
             metrics = self.train_step()
             step = self.state.step
-            if self.rank == 0 and (step % schedule.log_every == 0 or step == schedule.max_steps):
+            last = step == schedule.max_steps
+            validated = self.job.validation.due(step, schedule.max_steps)
+            if self.rank == 0 and validated:
+                metrics.update(ray.get(self.coordinator.validate.remote(step)))
+            if self.rank == 0 and (step % schedule.log_every == 0 or last or validated):
                 self.metrics.log(step, metrics)
                 summary = f"reward {metrics.get('reward/total/mean', 0.0):.3f}"
                 report_progress(self.job.run.name, step, schedule.max_steps, summary)
-            if step % schedule.checkpoint_every == 0 or step == schedule.max_steps:
-                self.save({k: v for k, v in metrics.items() if k.startswith("reward/total")})
+            reported = {k: v for k, v in metrics.items() if k.startswith(REPORTED_PREFIXES)}
+            if step % schedule.checkpoint_every == 0 or last:
+                self.save(reported)
+            elif validated:  # an intermediate result for Tune's schedulers
+                ray.train.report({"step": step, **reported})
         self.export()
         if self.metrics:
             self.metrics.close()

@@ -14,6 +14,8 @@ Per step (JSONL + TensorBoard through :class:`~mmrad.train.metrics_log.MetricsLo
   ``tis/mean_weight|capped_share``;
 - ``rollout/tokens_per_s``; ``time/rollout|reward|learner|sync|wait|step`` and
   ``time/rollout_hidden_share``; ``version_lag`` (max) and ``version_lag/mean``;
+- every ``validation.every`` steps: ``val/<metric>`` (the evaluation job's rates on
+  greedy answers to held-out prompts), ``val/format_ok`` and ``val/objective``;
 - after a sync check: ``sync/logprob_max_abs_diff`` (engines vs learner, new weights)
   and ``sync/logprob_max_abs_change`` (engines' new vs the learner's previous weights).
 
@@ -30,6 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from mmrad.rl.batch import Group
+from mmrad.task.answer import Verdict
+from mmrad.task.metrics import RATE_KEYS, evaluate
+from mmrad.tune_space import objective_value
 
 SAMPLES_FILE = "samples.jsonl"
 SAMPLE_TEXT_CHARS = 400  # a table cell's completion is cut here (the JSONL keeps it whole)
@@ -143,3 +148,17 @@ def _cell(value: Any) -> str:
 def read_samples(folder: str | Path) -> list[dict[str, Any]]:
     path = Path(folder) / SAMPLES_FILE
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def validation_metrics(
+    verdicts: Sequence[Verdict], records: Sequence[Mapping[str, Any]], objective: Sequence[str]
+) -> dict[str, float]:
+    """``val/<rate>`` for every defined rate, ``val/format_ok`` and ``val/objective`` (the
+    sum of the ``objective`` rates; left out when one of them is undefined)."""
+    overall = evaluate(verdicts, records)
+    metrics = {f"val/{key}": float(overall[key]) for key in RATE_KEYS if overall[key] is not None}
+    metrics["val/format_ok"] = sum(v.format_ok for v in verdicts) / max(len(verdicts), 1)
+    value = objective_value(overall, objective)
+    if value is not None:
+        metrics["val/objective"] = value
+    return metrics

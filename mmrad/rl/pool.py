@@ -89,6 +89,11 @@ class _Chunk:
     errors: list[str] = field(default_factory=list)
 
 
+# Engines get their own resources even when the pool is made inside a placement group
+# that captures child actors (a Ray Tune trial's): "DEFAULT" opts out of the capture.
+OUTSIDE_PARENT_PLACEMENT_GROUP = "DEFAULT"
+
+
 class RolloutPool:
     """``num_workers`` :class:`~mmrad.rl.rollout.RolloutWorker` actors with
     ``num_cpus``/``num_gpus`` each; returns once every worker's engine is up."""
@@ -234,7 +239,10 @@ class RolloutPool:
         before any other call reaches it."""
         name = worker_name(slot, generation)
         actor = self._actor_class.options(
-            name=f"mmrad-{self._pool_id}-{name}", max_restarts=0, **self._resources
+            name=f"mmrad-{self._pool_id}-{name}",
+            max_restarts=0,
+            scheduling_strategy=OUTSIDE_PARENT_PLACEMENT_GROUP,
+            **self._resources,
         ).remote(name, *self._worker_args)
         for _, ref in sorted(self._latest.values(), key=lambda item: item[0]):
             actor.apply.remote(ref)

@@ -46,6 +46,13 @@ RATE_KEYS = (
 )
 
 
+def check_rate_names(names: Sequence[str]) -> None:
+    """Raise ``ValueError`` naming every entry of ``names`` that is not in :data:`RATE_KEYS`."""
+    unknown = [name for name in names if name not in RATE_KEYS]
+    if unknown:
+        raise ValueError(f"objective terms {unknown} are not among {list(RATE_KEYS)}")
+
+
 @dataclass(frozen=True)
 class ImageOutcome:
     """What one answer scores on one image: the counts every metric is built from."""

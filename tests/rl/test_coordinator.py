@@ -38,7 +38,7 @@ SPEC = RewardSpec({"format": 0.5, "detection": 1.0, "localization": 1.0})
 def item(anomalous: bool, name: str = "a", reasoning: str | None = "looked closely") -> PromptItem:
     """A 200 x 100 query on a 112 x 56 model grid."""
     record = {
-        "id": name, "category": "brick", "width": 200, "height": 100,
+        "id": name, "source": "synthetic", "category": "brick", "width": 200, "height": 100,
         "is_anomalous": anomalous, "boxes": [[20.0, 10.0, 60.0, 50.0]] if anomalous else [],
         "labels": ["scratch"] if anomalous else [], "reasoning": reasoning,
     }  # fmt: skip
@@ -277,3 +277,30 @@ def test_config_cross_field_rules():
     with pytest.raises(ConfigError, match="max_lora_rank"):
         load_config(GRPOJobConfig, "configs/local/grpo.yaml", ["lora.r=64"])
     assert load_config(GRPOJobConfig, "configs/cluster/grpo.yaml").learners.use_gpu
+
+
+def test_validation_metrics_sum_the_objective_rates():
+    from mmrad.rl.metrics import validation_metrics
+    from mmrad.task.answer import Verdict
+
+    normal, anomalous = item(False, "n").record, item(True, "a").record
+    box = anomalous["boxes"][0]
+    right = Verdict(True, [box], ["scratch"], format_ok=True)
+    wrong = Verdict(True, [box], ["scratch"], format_ok=False)  # Yes on a normal image
+    metrics = validation_metrics([right, wrong], [anomalous, normal], ["det_accuracy"])
+    assert metrics["val/det_accuracy"] == metrics["val/objective"] == 0.5
+    assert metrics["val/format_ok"] == 0.5 and metrics["val/loc_recall"] == 1.0
+    both = validation_metrics([right, wrong], [anomalous, normal], ["det_accuracy", "loc_recall"])
+    assert both["val/objective"] == 1.5
+    only_normal = validation_metrics([wrong], [normal], ["loc_recall"])  # no boxes to find
+    assert "val/objective" not in only_normal and "val/loc_recall" not in only_normal
+
+
+def test_validation_needs_known_rates_and_runs_when_due():
+    with pytest.raises(ConfigError, match="objective terms"):
+        load_config(GRPOJobConfig, "configs/local/grpo.yaml", ["validation.objective=[f1]"])
+    validation = load_config(
+        GRPOJobConfig, "configs/local/grpo.yaml", ["validation.every=3"]
+    ).validation
+    assert [s for s in range(1, 8) if validation.due(s, max_steps=7)] == [3, 6, 7]
+    assert not load_config(GRPOJobConfig, "configs/local/grpo.yaml").validation.due(7, 7)
