@@ -233,6 +233,17 @@ def grpo(config: ConfigOption = None, overrides: Overrides = None) -> None:
     print_result(run_grpo(_load(GRPOJobConfig, config, overrides, {})))
 
 
+@app.command("tune")
+def tune(config: ConfigOption = None, overrides: Overrides = None) -> None:
+    """Sweep GRPO reward weights (and more) on Ray Tune with ASHA; writes results.csv/.md,
+    objective.png and best_grpo.yaml; rerunning the same sweep resumes it."""
+    from mmrad.jobs import print_result
+    from mmrad.tune import run_tune
+    from mmrad.tune_config import TuneJobConfig
+
+    print_result(run_tune(_load(TuneJobConfig, config, overrides, {})))
+
+
 @app.command("serve")
 def serve_cmd(
     config: Annotated[Path, typer.Option("--config", "-c", help="Serve config (Ray's schema).")],

@@ -45,6 +45,14 @@ class Dimension(Section):
                 raise ValueError(f"loguniform: low {bounds[0]} must be positive")
         return self
 
+    def example(self) -> Any:
+        """One value the dimension can take (to check a config before sweeping)."""
+        for name in DISTRIBUTIONS:
+            values = getattr(self, name)
+            if values is not None:
+                return values[0]
+        raise AssertionError("unreachable: exactly one distribution is set")
+
     def to_tune(self) -> Any:
         from ray import tune
 

@@ -1,0 +1,131 @@
+"""``mmrad tune`` / ``python -m ray_jobs.tune``: a reward-weight sweep on Ray Tune.
+
+Each trial runs a short GRPO (:func:`mmrad.rl.job.run_grpo`, its own ``TorchTrainer``
+of learners and vLLM rollout pool inside the trial, the Train V2 way) from the shared SFT
+export, with the trial's values of the search space set on the GRPO config. The GRPO run
+validates every ``validate_every`` steps; ``TuneReportCallback`` hands those reports to
+Tune, so ASHA stops weak trials on ``val/objective`` while they run.
+
+The sweep lives under ``<run.storage_path>/<run.name>``: Tune's experiment state, each
+trial's GRPO run in ``grpo/<trial id>``, and at the end ``results.csv``, ``results.md``,
+``objective.png`` and ``best_grpo.yaml`` (the winning trial's GRPO config, runnable as
+is). Rerunning the same sweep resumes it with ``Tuner.restore``: finished trials are kept,
+unfinished ones start again and their GRPO runs continue from their last checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from mmrad.config import validate_config
+from mmrad.ray_env import init_ray
+from mmrad.rl.config import GRPOJobConfig
+from mmrad.sft.job import with_absolute_paths
+from mmrad.storage import Storage, absolute, join
+from mmrad.tune_config import OBJECTIVE_METRIC, TuneJobConfig, trial_base
+from mmrad.tune_report import write_sweep_outputs
+from mmrad.tune_space import apply_params, to_tune_space
+
+log = logging.getLogger(__name__)
+
+TRIAL_RUNS = "grpo"  # each trial's GRPO run: <sweep>/grpo/<trial id>
+
+
+@dataclass
+class TuneResult:
+    sweep_uri: str
+    trials: int
+    best_trial: str | None
+    best_objective: float | None
+    best_config_uri: str | None
+    results_uri: str
+
+
+def grpo_trial(params: dict[str, Any], *, base: dict[str, Any], runs_uri: str) -> None:
+    """One trial: GRPO with ``params`` (dotted keys) set on ``base``, reporting each
+    validation to Tune. A restarted trial resumes its GRPO run (same run name)."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from mmrad.rl.job import run_grpo
+
+    trial_id = tune.get_context().get_trial_id()
+    config = apply_params(base, params)
+    config["run"] = {**config["run"], "storage_path": runs_uri, "name": trial_id}
+    job = validate_config(GRPOJobConfig, config, f"trial {trial_id} with {params}")
+    run_grpo(job, train_callbacks=[TuneReportCallback()])
+
+
+def make_scheduler(job: TuneJobConfig, base: GRPOJobConfig):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if job.scheduler.kind == "fifo":
+        return FIFOScheduler()
+    validations = -(-base.schedule.max_steps // job.validate_every)
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=max(validations, job.scheduler.grace_period),
+        grace_period=job.scheduler.grace_period,
+        reduction_factor=job.scheduler.reduction_factor,
+    )
+
+
+def make_tuner(job: TuneJobConfig, base: dict[str, Any], sweep_uri: str, storage: Storage):
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    trainable = tune.with_resources(
+        tune.with_parameters(grpo_trial, base=base, runs_uri=join(sweep_uri, TRIAL_RUNS)),
+        {"cpu": job.trial.cpus},
+    )
+    filesystem, path = storage.arrow_filesystem(job.run.storage_path)
+    experiment = join(path, job.run.name)
+    if tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
+        log.info("resuming the sweep in %s", sweep_uri)
+        return tune.Tuner.restore(
+            experiment, trainable, resume_errored=True, storage_filesystem=filesystem
+        )
+    return tune.Tuner(
+        trainable,
+        param_space=to_tune_space(job.search_space),
+        tune_config=tune.TuneConfig(
+            metric=OBJECTIVE_METRIC,
+            mode="max",
+            num_samples=job.num_samples,
+            scheduler=make_scheduler(job, validate_config(GRPOJobConfig, base)),
+            # our own search algorithm caps concurrency (Tune's max_concurrent_trials
+            # is ignored when a search algorithm is given)
+            search_alg=BasicVariantGenerator(
+                random_state=job.seed, max_concurrent=job.max_concurrent_trials
+            ),
+        ),
+        run_config=tune.RunConfig(
+            name=job.run.name,
+            storage_path=path,
+            storage_filesystem=filesystem,
+            failure_config=tune.FailureConfig(max_failures=job.trial.max_failures),
+        ),
+    )
+
+
+def run_tune(job: TuneJobConfig) -> TuneResult:
+    base_job = with_absolute_paths(validate_config(GRPOJobConfig, trial_base(job)))
+    base = base_job.model_dump(mode="json")
+    # trials run in their own working directories: every local path must be absolute
+    job = job.model_copy(deep=True)
+    job.run.storage_path = absolute(job.run.storage_path)
+    init_ray(job.ray)
+    storage = Storage.from_config(job.storage)
+    sweep_uri = join(job.run.storage_path, job.run.name)
+    results = make_tuner(job, base, sweep_uri, storage).fit()
+    outputs = write_sweep_outputs(results, job, base, sweep_uri, storage)
+    return TuneResult(
+        sweep_uri=sweep_uri,
+        trials=len(results),
+        best_trial=outputs.best_trial,
+        best_objective=outputs.best_objective,
+        best_config_uri=outputs.best_config_uri,
+        results_uri=outputs.results_uri,
+    )

@@ -1,0 +1,152 @@
+"""The sweep job on the session's Ray: 4 ASHA trials of a 2-step GRPO from the session's
+SFT export, the driver SIGKILLed while a trial runs, ``Tuner.restore`` that keeps the
+finished trials, and the best config run as a GRPO job. Config errors fail early."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmrad.config import ConfigError, load_config, read_yaml
+from mmrad.rl.config import GRPOJobConfig
+from mmrad.rl.job import run_grpo
+from mmrad.tune import TRIAL_RUNS, run_tune
+from mmrad.tune_config import TuneJobConfig, trial_base
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "configs/local/tune.yaml"
+SESSION_GRPO = [
+    "model.pixels.max_pixels=12544",  # the session SFT export's pixel budget
+    "data.pixels.max_pixels=12544",
+    "data.decode_cpus=0.1",
+    "engine.kv_cache_bytes=67108864",
+    "rollout.cpus_per_worker=0.4",
+    "learners.cpus_per_worker=0.4",
+    "rollout.max_tokens=64",
+]
+
+
+@pytest.mark.parametrize("path", ["configs/local/tune.yaml", "configs/cluster/tune.yaml"])
+def test_shipped_sweeps_and_their_trials_validate(path):
+    job = load_config(TuneJobConfig, REPO / path)
+    base = trial_base(job)  # every swept key checked on the GRPO config
+    assert base["validation"]["every"] == job.validate_every
+
+
+def test_a_misspelt_search_key_names_itself():
+    job = load_config(TuneJobConfig, CONFIG, ["search_space={rewards.weights.localisation: "
+                                              "{uniform: [0.5, 2.0]}}"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"search_space\.rewards\.weights\.localisation.*"
+                                          r"unknown component"):  # fmt: skip
+        trial_base(job)
+
+
+def test_trials_validate_with_the_sweep_objective():
+    base = trial_base(load_config(TuneJobConfig, CONFIG, ["objective=[loc_f1]"]))
+    assert base["validation"] == {"every": 1, "split": "val", "samples": 8,
+                                  "max_tokens": None, "objective": ["loc_f1"]}  # fmt: skip
+    with pytest.raises(ConfigError, match="objective"):
+        load_config(TuneJobConfig, CONFIG, ["objective=[accuracy]"])
+
+
+def sweep_file(tmp_path: Path, export: str, manifest: str, address: str) -> Path:
+    data = read_yaml(CONFIG)
+    data["ray"] = {"address": address}
+    data["grpo"]["overrides"] += [
+        f"model.path={export}", f"data.manifest={manifest}",
+        f"run.storage_path={tmp_path / 'grpo'}", *SESSION_GRPO,
+    ]  # fmt: skip
+    data["run"] = {"storage_path": str(tmp_path / "sweeps"), "name": "sweep"}
+    path = tmp_path / "tune.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def trial_dirs(sweep: Path) -> list[Path]:
+    runs = sweep / TRIAL_RUNS
+    return sorted(runs.iterdir()) if runs.exists() else []
+
+
+def finished(trial: Path) -> bool:
+    return (trial / "export" / "mmrad.json").exists()
+
+
+def started(trial: Path) -> float:
+    return (trial / "run_info.json").stat().st_mtime
+
+
+def kill_driver_mid_trial(
+    driver: subprocess.Popen, sweep: Path, log: Path, timeout: float = 1200
+) -> None:
+    """SIGKILL the sweep's driver once a trial has finished (its GRPO export is written)
+    and a later one has started its GRPO run (one trial runs at a time)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        trials = [t for t in trial_dirs(sweep) if (t / "run_info.json").exists()]
+        done = [t for t in trials if finished(t)]
+        newest = max(trials, key=started, default=None)
+        if done and not finished(newest) and started(newest) > max(map(started, done)):
+            time.sleep(5)  # inside the trial; Tune has saved its state (every 1 s)
+            driver.send_signal(signal.SIGKILL)
+            driver.wait(timeout=60)
+            return
+        if driver.poll() is not None:
+            pytest.fail(f"the sweep ended before it could be killed:\n{log.read_text()[-4000:]}")
+        time.sleep(1)
+    driver.kill()
+    pytest.fail(f"no trial finished in time:\n{log.read_text()[-4000:]}")
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(2400)
+def test_sweep_survives_a_killed_driver_and_its_best_config_runs(
+    ray_cluster, sft_trained, synthetic_local, tmp_path
+):
+    address = ray_cluster.get_runtime_context().gcs_address
+    config = sweep_file(tmp_path, sft_trained.export_uri, synthetic_local, address)
+    sweep = tmp_path / "sweeps" / "sweep"
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    log = tmp_path / "driver.log"
+    with log.open("w") as output:
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "ray_jobs.tune", "--config", str(config)],
+            cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        kill_driver_mid_trial(driver, sweep, log)
+    done_before = {t.name: started(t) for t in trial_dirs(sweep) if finished(t)}
+
+    result = run_tune(load_config(TuneJobConfig, config))  # resumes: Tuner.restore
+
+    assert result.trials == 4
+    trials = {t.name: t for t in trial_dirs(sweep)}
+    assert done_before and len(trials) == 4
+    for name, mtime in done_before.items():  # finished trials were not run again
+        assert started(trials[name]) == mtime
+    with open(sweep / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(row["trial"] for row in rows) == sorted(trials)
+    for row in rows:  # ASHA may stop a trial after its first validation (of 2)
+        assert row["status"] == "done" and row["objective"], row
+        assert int(row["validations"]) == 2 or not finished(trials[row["trial"]]), row
+    assert any(int(row["validations"]) == 2 for row in rows)
+    assert 0.0 <= result.best_objective <= 2.0  # det_accuracy + loc_accuracy
+    assert rows[0]["trial"] == result.best_trial
+    header = (sweep / "results.md").read_text().split("| trial | status |", 1)[1].split("\n")[0]
+    assert all(f" {key} |" in header for key in read_yaml(config)["search_space"])
+    assert (sweep / "objective.png").read_bytes()[:4] == b"\x89PNG"
+
+    best = load_config(GRPOJobConfig, result.best_config_uri)  # runs as is
+    best_row = rows[0]
+    assert best.rewards.weights["localization"] == pytest.approx(
+        float(best_row["rewards.weights.localization"])
+    )
+    grpo = run_grpo(best)
+    assert grpo.steps == 2 and Path(grpo.export_uri, "mmrad.json").exists()
