@@ -58,12 +58,12 @@ def grpo_trial(params: dict[str, Any], *, base: dict[str, Any], runs_uri: str) -
     run_grpo(job, train_callbacks=[TuneReportCallback()])
 
 
-def make_scheduler(job: TuneJobConfig, base: GRPOJobConfig):
+def make_scheduler(job: TuneJobConfig, max_steps: int):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     if job.scheduler.kind == "fifo":
         return FIFOScheduler()
-    validations = -(-base.schedule.max_steps // job.validate_every)
+    validations = -(-max_steps // job.validate_every)
     return ASHAScheduler(
         time_attr="training_iteration",
         max_t=max(validations, job.scheduler.grace_period),
@@ -94,7 +94,7 @@ def make_tuner(job: TuneJobConfig, base: dict[str, Any], sweep_uri: str, storage
             metric=OBJECTIVE_METRIC,
             mode="max",
             num_samples=job.num_samples,
-            scheduler=make_scheduler(job, validate_config(GRPOJobConfig, base)),
+            scheduler=make_scheduler(job, base["schedule"]["max_steps"]),
             # our own search algorithm caps concurrency (Tune's max_concurrent_trials
             # is ignored when a search algorithm is given)
             search_alg=BasicVariantGenerator(
