@@ -46,6 +46,16 @@ class RayConfig(Section):
         True, description="Start Ray's dashboard (and its state API, which Ray Train uses)."
     )
     state_dir: str = Field("runs/ray", description="Local Ray's session files and auth token.")
+    warm_workers: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Idle worker processes a local Ray keeps for reuse (Ray's num_workers_soft_limit; "
+            "default one per CPU). A reused process has its imports (torch, vLLM) done, so "
+            "jobs that start many actors and tasks in one driver (a pipeline, a sweep) "
+            "start each stage faster; each kept process holds some memory."
+        ),
+    )
 
 
 class SyntheticConfig(Section):

@@ -60,6 +60,13 @@ def joining_existing_cluster(config: RayConfig) -> bool:
     return bool(config.address or os.environ.get("RAY_ADDRESS"))
 
 
+def local_system_config(config: RayConfig) -> dict[str, int]:
+    """Ray system settings for a local cluster this process starts."""
+    if config.warm_workers is None:
+        return {}
+    return {"num_workers_soft_limit": config.warm_workers}
+
+
 def init_ray(config: RayConfig) -> None:
     """Join the cluster a job was submitted to, or start a local one with its state under
     ``config.state_dir``. Idempotent within a process."""
@@ -79,5 +86,6 @@ def init_ray(config: RayConfig) -> None:
         include_dashboard=config.dashboard,
         dashboard_host="127.0.0.1",
         _temp_dir=env["RAY_TMPDIR"],
+        _system_config=local_system_config(config) or None,
     )
     log.info("started a local Ray with state in %s", env["RAY_TMPDIR"])

@@ -19,6 +19,7 @@ os.environ.pop("AWS_PROFILE", None)
 os.environ.pop("AWS_SESSION_TOKEN", None)
 
 TEST_BUCKET = "mmrad-test"
+WARM_WORKERS = 6
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +46,8 @@ def ray_cluster(s3_server, tmp_path_factory):
     from mmrad.ray_env import init_ray
 
     state = Path(tmp_path_factory.mktemp("ray"))
-    init_ray(RayConfig(num_cpus=2, state_dir=str(state)))
+    # Warm workers: each test's actors and tasks reuse processes whose imports are done.
+    init_ray(RayConfig(num_cpus=2, state_dir=str(state), warm_workers=WARM_WORKERS))
     yield ray
     ray.shutdown()
 
