@@ -1,7 +1,7 @@
 """The Serve deployment the tests in this folder talk to: Serve's own API, and the
 evaluation and annotation jobs using it as an OpenAI-compatible target. It is
-module-scoped (pytest's package scope needs an ``__init__.py``, else it means the whole
-session), so it runs only while a module that uses it does."""
+package-scoped (this folder has an ``__init__.py`` for that): one deployment for the
+folder's tests, shut down after its last one."""
 
 from __future__ import annotations
 
@@ -25,11 +25,11 @@ class ServeEndpoint:
 SERVE_TOKEN_ENV = "MMRAD_TEST_SERVE_TOKEN"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def serve_endpoint(ray_cluster, sft_trained):
     """The mmrad Serve application on the session's Ray, serving ``sft_trained``'s export,
     with a bearer token and autoscaling between 1 and 2 replicas on short delays (so the
-    autoscaling test shares it). Serve is shut down after the module's last test: an idle
+    autoscaling test shares it). Serve is shut down after the folder's last test: an idle
     replica's engine still polls, and would take CPU from the tests that follow."""
     from ray import serve
 
