@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from mmrad.model.export import read_export_info
 from mmrad.ray_env import auth_token_path
-from mmrad.storage import Storage
+from tests.conftest import WARM_WORKERS
 
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARD_PORT = 8275
+WARM_POOL = json.dumps({"num_workers_soft_limit": WARM_WORKERS})  # as the session's Ray
 EXCLUDES = '{"excludes": [".venv", "runs", ".git", "*.pyc", "__pycache__"]}'
 
 
@@ -46,7 +46,7 @@ def head_cluster(tmp_path_factory):
         env, "start", "--head", "--node-ip-address=127.0.0.1", "--port=6390",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}",
         "--dashboard-agent-listen-port=52375", "--num-cpus=2", f"--temp-dir={temp_dir}",
-        "--disable-usage-stats",
+        "--disable-usage-stats", f"--system-config={WARM_POOL}",
     )  # fmt: skip
     assert started.returncode == 0, started.stderr[-2000:]
     yield env
@@ -66,7 +66,7 @@ def stop_processes_of(temp_dir: Path) -> None:
     for process in family.values():
         with contextlib.suppress(psutil.NoSuchProcess):
             process.terminate()
-    _, alive = psutil.wait_procs(list(family.values()), timeout=15)
+    _, alive = psutil.wait_procs(list(family.values()), timeout=5)
     for process in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             process.kill()
@@ -93,22 +93,6 @@ def submit_and_wait(env: dict[str, str], *entrypoint: str) -> tuple[str, str]:
         time.sleep(5)
     answer = ray_cli(env, "job", "logs", f"--address={address}", job_id)
     return status, answer.stdout + answer.stderr
-
-
-def test_lora_sft_job_runs_through_ray_job_submit(
-    head_cluster, tiny_model, synthetic_local, tmp_path
-):
-    status, logs = submit_and_wait(
-        head_cluster, "ray_jobs.sft", "--config", "configs/local/sft.yaml",
-        f"model.path={tiny_model}", f"data.manifest={synthetic_local}",
-        f"run.storage_path={tmp_path}", "run.name=submitted", "train.max_steps=4",
-        "lora.enabled=true", "train.checkpoint_every=2", "data.pixels.max_pixels=12544",
-        "model.pixels.max_pixels=12544",
-    )  # fmt: skip
-    assert "succeeded" in status, logs[-3000:]
-    assert "export_uri:" in logs
-    info = read_export_info(str(tmp_path / "submitted" / "export"), Storage())
-    assert info["lora"] == "merged"
 
 
 SMALL_PIPELINE = [
