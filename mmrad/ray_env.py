@@ -60,10 +60,10 @@ def joining_existing_cluster(config: RayConfig) -> bool:
     return bool(config.address or os.environ.get("RAY_ADDRESS"))
 
 
-def local_system_config(config: RayConfig) -> dict[str, int]:
-    """Ray system settings for a local cluster this process starts."""
+def local_system_config(config: RayConfig) -> dict[str, int] | None:
+    """Ray system settings for a local cluster (``ray.init`` or ``ray start --system-config``)."""
     if config.warm_workers is None:
-        return {}
+        return None
     return {"num_workers_soft_limit": config.warm_workers}
 
 
@@ -86,6 +86,6 @@ def init_ray(config: RayConfig) -> None:
         include_dashboard=config.dashboard,
         dashboard_host="127.0.0.1",
         _temp_dir=env["RAY_TMPDIR"],
-        _system_config=local_system_config(config) or None,
+        _system_config=local_system_config(config),
     )
     log.info("started a local Ray with state in %s", env["RAY_TMPDIR"])

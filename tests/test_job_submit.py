@@ -12,14 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from mmrad.ray_env import auth_token_path
+from mmrad.config import RayConfig
+from mmrad.ray_env import auth_token_path, local_system_config
 from tests.conftest import WARM_WORKERS
 
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARD_PORT = 8275
-WARM_POOL = json.dumps({"num_workers_soft_limit": WARM_WORKERS})  # as the session's Ray
+# the same warm worker pool as the session's Ray
+WARM_POOL = json.dumps(local_system_config(RayConfig(warm_workers=WARM_WORKERS)))
 EXCLUDES = '{"excludes": [".venv", "runs", ".git", "*.pyc", "__pycache__"]}'
 
 
