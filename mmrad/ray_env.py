@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 # Ray puts Unix sockets under its temp dir (the dashboard's the deepest); their paths
 # must stay under 107 bytes.
 MAX_TEMP_DIR_CHARS = 36  # Ray adds about 70 characters below it
+PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 def auth_token_path(state_dir: Path) -> Path:
@@ -49,10 +50,14 @@ def ray_environment(state_dir: Path) -> dict[str, str]:
     ``RAY_AUTH_MODE`` is left to ``ray.init``, which turns token mode on for a new local
     cluster and refreshes Ray's cached config; setting it here, after Ray's config was
     read at import, would leave this process believing auth is disabled. Clients that
-    connect later (``ray job submit``) set ``RAY_AUTH_MODE=token`` themselves."""
+    connect later (``ray job submit``) set ``RAY_AUTH_MODE=token`` themselves.
+
+    Ray Train's preemption watcher is off unless the caller turned it on: one machine is
+    never preempted, and the watcher is one more process per Train run."""
     return {
         "RAY_AUTH_TOKEN_PATH": str(auth_token_path(state_dir).absolute()),
         "RAY_TMPDIR": str(temp_dir_for(state_dir)),
+        PREEMPTION_WATCHER: os.environ.get(PREEMPTION_WATCHER, "0"),
     }
 
 

@@ -32,6 +32,7 @@ import time
 import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from mmrad.data.loading import DecodeSpec
@@ -405,7 +406,7 @@ class Coordinator:
                 GENERIC_REASONING[not anomalous],
             )  # fmt: skip
         tokenizer = self.tokenizer()
-        token_ids = [*tokenizer.encode(text), tokenizer.convert_tokens_to_ids(END_OF_TURN_TOKEN)]
+        token_ids = [*tokenizer.encode(text).ids, tokenizer.token_to_id(END_OF_TURN_TOKEN)]
         return scored_sample(
             item, self.rewards, text=text, token_ids=token_ids, logprobs=None,
             version=group.samples[0].version, finish_reason="stop",
@@ -415,19 +416,23 @@ class Coordinator:
     def vision_tokens(self) -> frozenset[int]:
         """Ids of the special tokens that stand for images (never fed back as text)."""
         if self._vision_tokens is None:
-            tokenizer = self.tokenizer()
-            ids = {token: tokenizer.convert_tokens_to_ids(token) for token in VISION_TOKENS}
-            self._vision_tokens = frozenset(
-                i for token, i in ids.items()
-                if isinstance(i, int) and tokenizer.convert_ids_to_tokens(i) == token
-            )  # fmt: skip
+            ids = (self.tokenizer().token_to_id(token) for token in VISION_TOKENS)
+            self._vision_tokens = frozenset(i for i in ids if i is not None)
         return self._vision_tokens
 
     def tokenizer(self):
+        """The model's fast tokenizer through the ``tokenizers`` library alone: token ids
+        are all the coordinator needs, and importing transformers for them cost the first
+        step several seconds."""
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
+            from tokenizers import Tokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+            local = Path(self.model_path, "tokenizer.json")
+            self._tokenizer = (
+                Tokenizer.from_file(str(local))
+                if local.is_file()
+                else Tokenizer.from_pretrained(self.model_path)
+            )
         return self._tokenizer
 
     # -- engines and data -----------------------------------------------------------------

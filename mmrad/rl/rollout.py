@@ -98,6 +98,8 @@ class WeightUpdate:
             raise ValueError(f"weight update v{self.version} ({self.kind}) holds no tensors")
         if self.kind == "lora" and not self.adapter_config:
             raise ValueError(f"LoRA weight update v{self.version} needs its adapter_config")
+        if self.adapter_config is not None:
+            object.__setattr__(self, "adapter_config", plain_json(self.adapter_config))
 
 
 def write_adapter(update: WeightUpdate, directory: str | Path) -> Path:
@@ -114,6 +116,13 @@ def write_adapter(update: WeightUpdate, directory: str | Path) -> Path:
     config = json.dumps(update.adapter_config, indent=2, sort_keys=True, default=_jsonable)
     (out / ADAPTER_CONFIG).write_text(config + "\n")
     return out
+
+
+def plain_json(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` in JSON types only. peft's ``to_dict()`` holds sets and peft enums: an
+    update carrying those makes every process that unpickles it (the coordinator, each
+    engine) import peft and transformers, seconds of CPU on the first step's path."""
+    return json.loads(json.dumps(config, default=_jsonable))
 
 
 def _jsonable(value: Any) -> Any:

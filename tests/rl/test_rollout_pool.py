@@ -82,6 +82,28 @@ def test_weight_update_checks_and_adapter_files(tmp_path):
     assert json.loads((out / "adapter_config.json").read_text()) == {"r": 2, "t": ["a", "b"]}
 
 
+def json_types_only(value) -> bool:
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and json_types_only(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(json_types_only(v) for v in value)
+    return value is None or type(value) in (str, int, float, bool)
+
+
+def test_lora_updates_unpickle_without_peft():
+    """peft's config dict holds sets and enums; the update keeps JSON types only, so the
+    coordinator and the engines unpickle it without importing peft."""
+    import torch
+    from peft import LoraConfig
+
+    config = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM").to_dict()
+    assert not json_types_only(config)  # what would travel otherwise
+    update = WeightUpdate(1, "lora", {"x.lora_A.weight": torch.ones(1)}, config)
+    assert json_types_only(update.adapter_config)
+    assert sorted(update.adapter_config["target_modules"]) == ["q_proj", "v_proj"]
+    assert update.adapter_config["task_type"] == "CAUSAL_LM" and update.adapter_config["r"] == 2
+
+
 # -- the pool (real Ray, real vLLM) --------------------------------------------------------
 
 
