@@ -219,11 +219,12 @@ def _save_processor(processor, pixels: PixelBudget, staging: Path) -> None:
 
 
 def _versions() -> dict[str, str]:
-    import peft
-    import transformers
+    """Installed versions, read from package metadata (importing peft for its version
+    would cost a full-weight export seconds)."""
+    from importlib.metadata import version
 
-    return {"torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__}  # fmt: skip
+    return {"torch": torch.__version__, "transformers": version("transformers"),
+            "peft": version("peft")}  # fmt: skip
 
 
 def _staging_dir(out_uri: str) -> Path:
