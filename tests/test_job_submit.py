@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mmrad.config import RayConfig
-from mmrad.ray_env import auth_token_path, local_system_config
+from mmrad.ray_env import PREEMPTION_WATCHER, auth_token_path, local_system_config
 from tests.conftest import WARM_WORKERS
 
 pytestmark = pytest.mark.e2e
@@ -30,6 +30,7 @@ def cluster_env(state: Path) -> dict[str, str]:
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # the job's python = venv's
     env["RAY_AUTH_MODE"] = "token"
     env["RAY_AUTH_TOKEN_PATH"] = str(auth_token_path(state))
+    env[PREEMPTION_WATCHER] = "0"  # as on the local clusters mmrad starts
     env.pop("RAY_ADDRESS", None)
     return env
 

@@ -30,6 +30,7 @@ SESSION_GRPO = [
     "engine.kv_cache_bytes=67108864",
     "rollout.cpus_per_worker=0.4",
     "learners.cpus_per_worker=0.4",
+    "learners.num_workers=1",  # the GRPO tests cover 2 FSDP learners; here Tune is tested
     "rollout.max_tokens=64",
 ]
 
@@ -65,6 +66,7 @@ def sweep_file(tmp_path: Path, export: str, manifest: str, address: str) -> Path
         f"run.storage_path={tmp_path / 'grpo'}", *SESSION_GRPO,
     ]  # fmt: skip
     data["run"] = {"storage_path": str(tmp_path / "sweeps"), "name": "sweep"}
+    data["val_samples"] = 4
     path = tmp_path / "tune.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
