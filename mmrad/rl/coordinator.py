@@ -70,6 +70,18 @@ VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|imag
 MAX_CONCURRENCY = 16  # learners' shard calls, weight pushes, probes, state queries
 
 
+def ids_tokenizer(model_path: str):
+    """The model's fast tokenizer through the ``tokenizers`` library alone: token ids are
+    all the coordinator needs, and importing transformers for them cost the first step
+    several seconds."""
+    from tokenizers import Tokenizer
+
+    local = Path(model_path, "tokenizer.json")
+    if local.is_file():
+        return Tokenizer.from_file(str(local))
+    return Tokenizer.from_pretrained(model_path)
+
+
 def coordinator_name(run_name: str) -> str:
     return f"mmrad-grpo-coordinator-{run_name}"
 
@@ -421,18 +433,8 @@ class Coordinator:
         return self._vision_tokens
 
     def tokenizer(self):
-        """The model's fast tokenizer through the ``tokenizers`` library alone: token ids
-        are all the coordinator needs, and importing transformers for them cost the first
-        step several seconds."""
         if self._tokenizer is None:
-            from tokenizers import Tokenizer
-
-            local = Path(self.model_path, "tokenizer.json")
-            self._tokenizer = (
-                Tokenizer.from_file(str(local))
-                if local.is_file()
-                else Tokenizer.from_pretrained(self.model_path)
-            )
+            self._tokenizer = ids_tokenizer(self.model_path)
         return self._tokenizer
 
     # -- engines and data -----------------------------------------------------------------

@@ -113,7 +113,7 @@ def write_adapter(update: WeightUpdate, directory: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in update.tensors.items()}
     save_file(tensors, str(out / ADAPTER_WEIGHTS))
-    config = json.dumps(update.adapter_config, indent=2, sort_keys=True, default=_jsonable)
+    config = json.dumps(update.adapter_config, indent=2, sort_keys=True)  # plain already
     (out / ADAPTER_CONFIG).write_text(config + "\n")
     return out
 

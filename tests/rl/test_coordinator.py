@@ -304,3 +304,17 @@ def test_validation_needs_known_rates_and_runs_when_due():
     ).validation
     assert [s for s in range(1, 8) if validation.due(s, max_steps=7)] == [3, 6, 7]
     assert not load_config(GRPOJobConfig, "configs/local/grpo.yaml").validation.due(7, 7)
+
+
+def test_the_coordinators_tokenizer_gives_transformers_ids(tiny_model):
+    """The coordinator reads ``tokenizer.json`` without transformers; its ids must be the
+    ones the model's transformers tokenizer gives (vision tokens found, answers equal)."""
+    from transformers import AutoTokenizer
+
+    from mmrad.rl.coordinator import END_OF_TURN_TOKEN, VISION_TOKENS, ids_tokenizer
+
+    ours, theirs = ids_tokenizer(tiny_model), AutoTokenizer.from_pretrained(tiny_model)
+    for token in (*VISION_TOKENS, END_OF_TURN_TOKEN):
+        assert ours.token_to_id(token) == theirs.convert_tokens_to_ids(token) is not None, token
+    for text in (YES_BOX, ground_truth_answer(item(True), True, "generic"), "héllo  wörld\n x"):
+        assert ours.encode(text).ids == theirs.encode(text), text
