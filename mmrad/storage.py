@@ -183,8 +183,12 @@ class Storage:
             found = []
             try:
                 pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
-                for page in pages:
-                    found.extend(f"s3://{bucket}/{obj['Key']}" for obj in page.get("Contents", []))
+                for page in pages:  # keys ending in "/" are folder markers (pyarrow's), no files
+                    found.extend(
+                        f"s3://{bucket}/{obj['Key']}"
+                        for obj in page.get("Contents", [])
+                        if not obj["Key"].endswith("/")
+                    )
             except Exception as err:
                 raise _error_for(prefix, err) from None
             return sorted(found)

@@ -64,6 +64,17 @@ def test_s3_folders_and_arrow_filesystem(s3_server, tmp_path):
     with fs.open_input_stream(path) as stream:
         assert stream.read() == b"x"
 
+    # Folders that pyarrow (and so Ray Train) creates are empty "dir/" marker objects:
+    # neither listed as files nor downloaded as one.
+    fs.create_dir(f"{TEST_BUCKET}/dir-test/made-by-arrow")
+    bucket_keys = storage.s3.list_objects_v2(Bucket=TEST_BUCKET, Prefix="dir-test/")["Contents"]
+    assert "dir-test/made-by-arrow/" in {obj["Key"] for obj in bucket_keys}
+    assert storage.list(f"s3://{TEST_BUCKET}/dir-test") == [
+        f"s3://{TEST_BUCKET}/dir-test/sub/x.txt"
+    ]
+    storage.download_dir(f"s3://{TEST_BUCKET}/dir-test", tmp_path / "again")
+    assert [p.name for p in (tmp_path / "again").rglob("*") if p.is_file()] == ["x.txt"]
+
 
 @pytest.mark.integration
 def test_s3_errors_name_the_uri(s3_server):
