@@ -32,11 +32,11 @@ def measure(work: str, model: str, manifest: str, workers: int, steps: int) -> d
             f"data.manifest={manifest}",
             f"run.storage_path={work}/runs",
             f"run.name=workers-{workers}",
-            f"scaling.num_workers={workers}",
-            f"train.max_steps={steps}",
-            "train.log_every=5",
-            f"train.checkpoint_every={steps}",
-            "train.epochs=50",
+            f"learners.num_workers={workers}",
+            f"schedule.max_steps={steps}",
+            "schedule.log_every=5",
+            f"schedule.checkpoint_every={steps}",
+            "schedule.epochs=50",
         ],
     )
     result = run_sft(job)

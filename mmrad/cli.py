@@ -215,8 +215,8 @@ def eval_compare(
 def annotate(config: ConfigOption = None, overrides: Overrides = None) -> None:
     """Chain-of-thought annotation by a teacher model shown the ground truth; writes a new
     manifest (the input is never modified), rejected.parquet, acceptance.json and a report."""
-    from mmrad.eval.annotate import run_annotate
-    from mmrad.eval.annotate_config import AnnotateJobConfig
+    from mmrad.annotate.config import AnnotateJobConfig
+    from mmrad.annotate.job import run_annotate
     from mmrad.jobs import print_result
 
     print_result(run_annotate(_load(AnnotateJobConfig, config, overrides, {})))
@@ -238,8 +238,8 @@ def tune(config: ConfigOption = None, overrides: Overrides = None) -> None:
     """Sweep GRPO reward weights (and more) on Ray Tune with ASHA; writes results.csv/.md,
     objective.png and best_grpo.yaml; rerunning the same sweep resumes it."""
     from mmrad.jobs import print_result
-    from mmrad.tune import run_tune
-    from mmrad.tune_config import TuneJobConfig
+    from mmrad.tune.config import TuneJobConfig
+    from mmrad.tune.job import run_tune
 
     print_result(run_tune(_load(TuneJobConfig, config, overrides, {})))
 
@@ -282,9 +282,9 @@ def pipeline(config: ConfigOption = None, overrides: Overrides = None) -> None:
 
 def run() -> None:
     """Console entry point with clean errors for the failures users cause."""
+    from mmrad.annotate.job import AnnotateError
     from mmrad.data.builders.base import DataBuildError
     from mmrad.data.schema import ManifestError
-    from mmrad.eval.annotate import AnnotateError
     from mmrad.eval.endpoint import EndpointConfigError
     from mmrad.model.export import ExportError
     from mmrad.storage import StorageError

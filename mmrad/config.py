@@ -9,9 +9,10 @@ is allowed there.
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -25,6 +26,62 @@ class Section(BaseModel):
     """Base of every config section: unknown keys are errors, assignments are checked."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+PATH_KINDS = ("local", "local_or_hub")
+
+
+def PathField(default: Any, description: str, kind: str = "local") -> Any:  # noqa: N802
+    """A field holding a local path or an object-store URI. Ray workers do not share the
+    driver's working directory, so :func:`with_absolute_paths` makes every such field
+    absolute before a job hands its config to workers. ``local_or_hub``: a name that is
+    not a local path is a hub id and stays as it is."""
+    assert kind in PATH_KINDS
+    return Field(default, description=description, json_schema_extra={"path": kind})
+
+
+def with_absolute_paths(config: ConfigT) -> ConfigT:
+    """A copy of ``config`` with every :func:`PathField` that names a local path made
+    absolute (object-store URIs stay as they are), in every section at any depth."""
+    from mmrad.storage import absolute
+
+    config = config.model_copy(deep=True)
+    _absolutize(config, absolute)
+    return config
+
+
+def path_fields(section: type[BaseModel]) -> dict[str, str]:
+    """The :func:`PathField` fields of one section class: name -> kind."""
+    fields = {}
+    for name, field in section.model_fields.items():
+        extra = field.json_schema_extra
+        if isinstance(extra, dict) and extra.get("path") in PATH_KINDS:
+            fields[name] = str(extra["path"])
+    return fields
+
+
+def _absolutize(section: BaseModel, absolute) -> None:
+    kinds = path_fields(type(section))
+    for name in type(section).model_fields:
+        value = getattr(section, name)
+        if isinstance(value, BaseModel):
+            _absolutize(value, absolute)
+            continue
+        if name not in kinds or not isinstance(value, str) or not value:
+            continue
+        if kinds[name] == "local_or_hub" and not os.path.exists(value):
+            continue  # a hub id or keyword (or an s3:// URI, which absolute() keeps anyway)
+        object.__setattr__(section, name, absolute(value))
+
+
+def check_same_grid(data_pixels: BaseModel, model_pixels: BaseModel) -> None:
+    """Images are decoded to the data budget's grid and the model is trained and exported
+    with the model budget: the two must agree or boxes land on the wrong grid."""
+    if data_pixels != model_pixels:
+        raise ValueError(
+            f"data.pixels {data_pixels.model_dump()} differ from model.pixels "
+            f"{model_pixels.model_dump()}: images would not land on the model's grid"
+        )
 
 
 class StorageConfig(Section):
@@ -123,7 +180,7 @@ class PixelBudget(Section):
 class DataLoadConfig(Section):
     """How jobs read a manifest through Ray Data."""
 
-    manifest: str = Field("runs/data/synthetic/manifest.parquet", description="Manifest URI.")
+    manifest: str = PathField("runs/data/synthetic/manifest.parquet", "Manifest URI.")
     on_bad_image: Literal["skip", "fail"] = Field(
         "skip", description="Corrupt or missing image: skip (count and log the id) or fail."
     )
@@ -148,15 +205,13 @@ LANGUAGE_MODEL_PROJECTIONS = (
 class ModelConfig(Section):
     """Where the model comes from and how images are sized for it."""
 
-    path: str = Field(
-        "runs/models/tiny", description="Hub id, local HF directory, or s3:// directory."
+    path: str = PathField(
+        "runs/models/tiny", "Hub id, local HF directory, or s3:// directory.", "local_or_hub"
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Weights dtype (bfloat16 on GPUs, float32 on CPUs)."
     )
-    cache_dir: str = Field(
-        "runs/cache/models", description="Per-node cache of s3:// model directories."
-    )
+    cache_dir: str = PathField("runs/cache/models", "Per-node cache of s3:// model directories.")
     pixels: PixelBudget = Field(default_factory=PixelBudget)
 
 
@@ -181,17 +236,6 @@ class PromptConfig(Section):
     reasoning: bool = Field(True, description="Ask for <think> reasoning before the answer.")
 
 
-class ScalingSection(Section):
-    """Ray Train workers."""
-
-    num_workers: int = Field(2, ge=1)
-    use_gpu: bool = Field(False)
-    cpus_per_worker: float = Field(
-        0.5, gt=0, description="Fractional on small machines so Ray Data tasks can run."
-    )
-    gpus_per_worker: float = Field(1.0, ge=0)
-
-
 class FSDPConfig(Section):
     version: Literal[1, 2] = Field(2, description="FSDP2 (fully_shard) or FSDP1.")
     mixed_precision: Literal["auto", "bf16", "none"] = Field(
@@ -199,30 +243,65 @@ class FSDPConfig(Section):
     )
 
 
+class LearnersConfig(Section):
+    """The Ray Train workers of a training job (SFT workers, GRPO learners): FSDP over
+    NCCL on GPUs, gloo on CPUs."""
+
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = Field(False)
+    cpus_per_worker: float = Field(
+        0.5, gt=0, description="Fractional on small machines so Ray Data tasks can run."
+    )
+    gpus_per_worker: float = Field(1.0, ge=0)
+    micro_batch_size: int = Field(4, ge=1, description="Samples per forward pass on one worker.")
+    fsdp: FSDPConfig = Field(default_factory=FSDPConfig)
+
+
+class OptimizerConfig(Section):
+    """AdamW, with the global gradient norm clipped before every step."""
+
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+
+
+class ScheduleConfig(Section):
+    """How long a training job runs, its learning-rate schedule (linear warm-up, then
+    cosine decay to a floor), seed, and how often it logs and checkpoints."""
+
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many steps.")
+    warmup_ratio: float = Field(0.05, ge=0, le=1, description="Share of steps warming up.")
+    min_lr_ratio: float = Field(
+        0.1, ge=0, le=1, description="Cosine floor as a share of lr (1 = constant after warm-up)."
+    )
+    checkpoint_every: int = Field(20, ge=1)
+    log_every: int = Field(5, ge=1)
+    seed: int = Field(0, description="Seed of the weights' init (LoRA) and of every RNG.")
+
+
 class RunSection(Section):
     """Where a run lives. Rerunning with the same name resumes it."""
 
-    storage_path: str = Field("runs/sft", description="Local folder or s3:// prefix.")
+    storage_path: str = PathField("runs/sft", "Local folder or s3:// prefix.")
     name: str = Field("sft-tiny", description="Run name (resume key).")
     num_to_keep: int = Field(2, ge=1, description="Checkpoints kept.")
     max_failures: int = Field(1, ge=0, description="Restarts after a worker dies.")
 
 
-class SFTTrainConfig(Section):
-    epochs: int = Field(1, ge=1)
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
-    batch_size_per_worker: int = Field(2, ge=1)
+class SFTLearnersConfig(LearnersConfig):
+    micro_batch_size: int = Field(2, ge=1, description="Samples per forward pass on one worker.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    lr: float = Field(2e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_ratio: float = Field(0.05, ge=0, le=1)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor, as share of lr.")
-    max_grad_norm: float = Field(1.0, gt=0)
-    log_every: int = Field(5, ge=1)
-    val_every: int = Field(20, ge=1, description="Validation loss every N steps.")
-    val_samples: int = Field(16, ge=1, description="Val samples per validation.")
-    checkpoint_every: int = Field(20, ge=1)
-    seed: int = 0
+
+
+class SFTScheduleConfig(ScheduleConfig):
+    epochs: int = Field(1, ge=1, description="Passes over the training split (max_steps caps).")
+
+
+class SFTValidationConfig(Section):
+    """Validation loss on the first samples of the val split (by id)."""
+
+    every: int = Field(20, ge=1, description="Steps between validations (and at checkpoints).")
+    samples: int = Field(16, ge=1, description="Val samples per validation.")
 
 
 class ExportSection(Section):
@@ -230,11 +309,34 @@ class ExportSection(Section):
         "best", description="best = lowest validation loss."
     )
     merge_lora: bool = Field(True, description="Merge LoRA into the base weights.")
-    out: str | None = Field(None, description="Default: <storage_path>/<name>/export.")
+    out: str | None = PathField(None, "Default: <storage_path>/<name>/export.")
+
+
+TRAINING_RENAMES = {
+    "scaling": "learners",
+    "fsdp": "learners.fsdp",
+    "train.batch_size_per_worker": "learners.micro_batch_size",
+    "train.grad_accum": "learners.grad_accum",
+    "train.lr": "optimizer.lr",
+    "train.weight_decay": "optimizer.weight_decay",
+    "train.max_grad_norm": "optimizer.max_grad_norm",
+    "train.epochs": "schedule.epochs",
+    "train.max_steps": "schedule.max_steps",
+    "train.warmup_ratio": "schedule.warmup_ratio",
+    "train.min_lr_ratio": "schedule.min_lr_ratio",
+    "train.checkpoint_every": "schedule.checkpoint_every",
+    "train.log_every": "schedule.log_every",
+    "train.seed": "schedule.seed",
+    "train.val_every": "validation.every",
+    "train.val_samples": "validation.samples",
+}
+"""Keys of the training jobs (SFT, GRPO) before they shared one set of names."""
 
 
 class SFTJobConfig(Section):
     """`mmrad sft` / `python -m ray_jobs.sft`."""
+
+    renamed_keys: ClassVar[dict[str, str]] = TRAINING_RENAMES
 
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -242,11 +344,17 @@ class SFTJobConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     prompt: PromptConfig = Field(default_factory=PromptConfig)
-    scaling: ScalingSection = Field(default_factory=ScalingSection)
-    fsdp: FSDPConfig = Field(default_factory=FSDPConfig)
-    train: SFTTrainConfig = Field(default_factory=SFTTrainConfig)
+    learners: SFTLearnersConfig = Field(default_factory=SFTLearnersConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: SFTScheduleConfig = Field(default_factory=SFTScheduleConfig)
+    validation: SFTValidationConfig = Field(default_factory=SFTValidationConfig)
     run: RunSection = Field(default_factory=RunSection)
     export: ExportSection = Field(default_factory=ExportSection)
+
+    @model_validator(mode="after")
+    def _one_grid(self) -> SFTJobConfig:
+        check_same_grid(self.data.pixels, self.model.pixels)
+        return self
 
 
 class EngineConfig(Section):
@@ -338,9 +446,38 @@ def _describe(error: Mapping[str, Any], model: type[BaseModel]) -> str:
     return f"key {key!r}: {error['msg']}{shown}"
 
 
+def leaf_keys(data: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys of every value in ``data`` that is not itself a mapping."""
+    keys = []
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            keys.extend(leaf_keys(value, f"{dotted}."))
+        else:
+            keys.append(dotted)
+    return keys
+
+
+def renamed_key_errors(model: type[BaseModel], data: Mapping[str, Any]) -> list[str]:
+    """One message per key that a job config has renamed (``renamed_keys``: old dotted
+    key or section -> new one), naming the key to use instead."""
+    renames: Mapping[str, str] = getattr(model, "renamed_keys", {})
+    errors = []
+    for key in leaf_keys(data):
+        for old, new in renames.items():
+            if key == old or key.startswith(old + "."):
+                moved = new + key[len(old) :]
+                errors.append(f"key {key!r} is now {moved!r}")
+                break
+    return errors
+
+
 def validate_config(
     model: type[ConfigT], data: Mapping[str, Any], origin: str = "<config>"
 ) -> ConfigT:
+    renamed = renamed_key_errors(model, data)
+    if renamed:
+        raise ConfigError(f"{origin}: " + "; ".join(renamed))
     try:
         return model.model_validate(dict(data))
     except ValidationError as err:

@@ -42,7 +42,7 @@ from mmrad.config import (
 from mmrad.ray_env import init_ray
 from mmrad.runinfo import write_run_info
 from mmrad.storage import Storage, absolute, is_s3, join
-from mmrad.tune_space import apply_params
+from mmrad.tune.space import apply_params
 
 log = logging.getLogger(__name__)
 console = Console()

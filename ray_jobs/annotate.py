@@ -3,8 +3,8 @@
 ray job submit --working-dir . -- python -m ray_jobs.annotate --config configs/local/annotate.yaml
 """
 
-from mmrad.eval.annotate import run_annotate
-from mmrad.eval.annotate_config import AnnotateJobConfig
+from mmrad.annotate.config import AnnotateJobConfig
+from mmrad.annotate.job import run_annotate
 from mmrad.jobs import parse_job_args, print_result
 
 if __name__ == "__main__":

@@ -108,7 +108,7 @@ def sft_trained(ray_cluster, tiny_model, synthetic_local, tmp_path_factory):
 
     job = sft_config(
         tiny_model, synthetic_local, str(tmp_path_factory.mktemp("sft")), "trained",
-        "lora.enabled=false", "train.lr=0.003", "train.max_steps=80", "train.epochs=20",
-        "train.checkpoint_every=40", "train.val_every=20", "train.log_every=10",
+        "lora.enabled=false", "optimizer.lr=0.003", "schedule.max_steps=80", "schedule.epochs=20",
+        "schedule.checkpoint_every=40", "validation.every=20", "schedule.log_every=10",
     )  # fmt: skip
     return run_sft(job)

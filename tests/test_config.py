@@ -64,3 +64,131 @@ def test_dump_round_trips(tmp_path):
 )
 def test_shipped_configs_validate(model, path):
     load_config(model, path)
+
+
+SHARED_TRAINING_KEYS = (
+    "learners.num_workers", "learners.use_gpu", "learners.cpus_per_worker",
+    "learners.gpus_per_worker", "learners.micro_batch_size", "learners.fsdp.version",
+    "learners.fsdp.mixed_precision", "optimizer.lr", "optimizer.weight_decay",
+    "optimizer.max_grad_norm", "schedule.max_steps", "schedule.warmup_ratio",
+    "schedule.min_lr_ratio", "schedule.seed", "schedule.checkpoint_every", "schedule.log_every",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("key", SHARED_TRAINING_KEYS)
+def test_sft_and_grpo_name_what_they_share_the_same_way(key):
+    from mmrad.config import leaf_keys
+    from mmrad.rl.config import GRPOJobConfig
+
+    for model in (SFTJobConfig, GRPOJobConfig):
+        assert key in leaf_keys(model().model_dump()), (model.__name__, key)
+
+
+@pytest.mark.parametrize(
+    ("model_name", "old", "new"),
+    [
+        ("sft", "train.lr=0.1", "optimizer.lr"),
+        ("sft", "scaling.num_workers=1", "learners.num_workers"),
+        ("sft", "fsdp.version=1", "learners.fsdp.version"),
+        ("sft", "train.batch_size_per_worker=2", "learners.micro_batch_size"),
+        ("sft", "train.val_every=5", "validation.every"),
+        ("grpo", "algorithm.lr=0.1", "optimizer.lr"),
+        ("grpo", "algorithm.max_grad_norm=2", "optimizer.max_grad_norm"),
+        ("grpo", "algorithm.warmup_ratio=0.1", "schedule.warmup_ratio"),
+    ],
+)
+def test_old_keys_fail_naming_the_new_key(model_name, old, new):
+    from mmrad.rl.config import GRPOJobConfig
+
+    model = {"sft": SFTJobConfig, "grpo": GRPOJobConfig}[model_name]
+    with pytest.raises(ConfigError, match=f"key '{old.split('=')[0]}' is now '{new}'"):
+        load_config(model, None, [old])
+
+
+def test_old_keys_in_a_file_are_named_with_the_file(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("train:\n  lr: 0.1\n  seed: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(SFTJobConfig, path)
+    assert str(path) in str(err.value)
+    assert "'train.lr' is now 'optimizer.lr'" in str(err.value)
+    assert "'train.seed' is now 'schedule.seed'" in str(err.value)
+
+
+@pytest.mark.parametrize("job", ["sft", "grpo"])
+def test_both_jobs_refuse_images_off_the_model_grid(job):
+    from mmrad.rl.config import GRPOJobConfig
+
+    model = {"sft": SFTJobConfig, "grpo": GRPOJobConfig}[job]
+    with pytest.raises(ConfigError, match="data.pixels .* differ from model.pixels"):
+        load_config(model, None, ["data.pixels.max_pixels=12544"])
+
+
+def test_one_path_resolver_makes_every_local_path_absolute(tmp_path, monkeypatch):
+    """Every path field of every job, at any depth: local paths absolute, object-store
+    URIs and hub ids as given (a hub id is a model name that is no local path)."""
+    from mmrad.config import with_absolute_paths
+    from mmrad.rl.config import GRPOJobConfig
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models/tiny").mkdir(parents=True)
+    sft = with_absolute_paths(load_config(SFTJobConfig, None, [
+        "model.path=models/tiny", "data.manifest=s3://bucket/data/manifest.parquet",
+        "run.storage_path=runs/sft", "export.out=out/export",
+    ]))  # fmt: skip
+    assert sft.model.path == str(tmp_path / "models/tiny")
+    assert sft.model.cache_dir == str(tmp_path / "runs/cache/models")
+    assert sft.data.manifest == "s3://bucket/data/manifest.parquet"
+    assert sft.run.storage_path == str(tmp_path / "runs/sft")
+    assert sft.export.out == str(tmp_path / "out/export")
+    grpo = with_absolute_paths(load_config(GRPOJobConfig, None, ["model.path=Org/hub-model"]))
+    assert grpo.model.path == "Org/hub-model"
+    assert grpo.run.storage_path == str(tmp_path / "runs/grpo")
+    assert grpo.data.manifest == str(tmp_path / "runs/data/synthetic/manifest.parquet")
+
+
+def _path_values(section, prefix=""):
+    from pydantic import BaseModel
+
+    from mmrad.config import path_fields
+
+    kinds = path_fields(type(section))
+    for name in type(section).model_fields:
+        value = getattr(section, name)
+        if isinstance(value, BaseModel):
+            yield from _path_values(value, f"{prefix}{name}.")
+        elif name in kinds and isinstance(value, str):
+            yield f"{prefix}{name}", kinds[name], value
+
+
+@pytest.mark.parametrize("title", ["mmrad sft", "mmrad grpo", "mmrad tune", "mmrad eval run",
+                                   "mmrad annotate"])  # fmt: skip
+def test_every_jobs_paths_go_through_the_one_resolver(title, tmp_path, monkeypatch):
+    """Each job's local paths (its defaults) come out absolute; those that may name a hub
+    id or a keyword stay as given when no such local path exists."""
+    import os
+
+    from mmrad.config import with_absolute_paths
+    from mmrad.config_docs import JOB_CONFIGS
+
+    monkeypatch.chdir(tmp_path)
+    given = {"search_space": {"optimizer.lr": {"choice": [0.1]}}} if title == "mmrad tune" else {}
+    job = JOB_CONFIGS[title].model_validate(given)
+    found = list(_path_values(with_absolute_paths(job)))
+    assert {key for key, _, _ in found} >= {"run.storage_path"}
+    for key, kind, value in found:
+        if kind == "local":
+            assert os.path.isabs(value), (key, value)
+        else:
+            assert value == dict((k, v) for k, _, v in _path_values(job))[key], key
+
+
+def test_serve_files_get_their_paths_from_the_one_resolver(tmp_path, monkeypatch):
+    from mmrad.serve.config import IMPORT_PATH
+    from mmrad.serve.deploy import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    config = {"applications": [{"import_path": IMPORT_PATH, "args": {
+        "model_dir": "runs/export", "engine": {"max_num_seqs": 4}}}]}  # fmt: skip
+    args = with_absolute_paths(config)["applications"][0]["args"]
+    assert args == {"model_dir": str(tmp_path / "runs/export"), "engine": {"max_num_seqs": 4}}

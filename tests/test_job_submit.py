@@ -102,7 +102,7 @@ SMALL_PIPELINE = [
     "data.overrides=['data.synthetic.categories=[brick, grass, coins]', "
     "data.synthetic.images_per_category=8, data.synthetic.image_size=112, "
     "'data.split.test_categories=[coins]']",
-    "sft.overrides=[train.max_steps=4, train.checkpoint_every=4, train.val_every=2]",
+    "sft.overrides=[schedule.max_steps=4, schedule.checkpoint_every=4, validation.every=2]",
     "grpo.overrides=[schedule.max_steps=2, schedule.checkpoint_every=2, "
     "schedule.sample_table_every=1, rollout.prompts_per_step=2, rollout.max_tokens=64, "
     "sync=full, algorithm.max_staleness=0]",

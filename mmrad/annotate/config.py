@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from mmrad.config import EngineConfig, RayConfig, Section, StorageConfig
+from mmrad.config import EngineConfig, PathField, RayConfig, Section, StorageConfig
 from mmrad.eval.config import (
     ModelTarget,
     PredictorsConfig,
@@ -48,7 +48,7 @@ class AnnotateFilterConfig(Section):
 class AnnotateRunSection(Section):
     """Where the run's config, run info and report go."""
 
-    storage_path: str = Field("runs/annotate", description="Local folder or s3:// prefix.")
+    storage_path: str = PathField("runs/annotate", "Local folder or s3:// prefix.")
     name: str = Field("annotate-tiny", description="Run name (its folder under storage_path).")
 
 
@@ -70,13 +70,13 @@ class AnnotateJobConfig(Section):
 
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
-    input: str = Field(
+    input: str = PathField(
         "runs/data/synthetic/manifest.parquet",
-        description="Manifest to annotate (data set folder or manifest URI); never modified.",
+        "Manifest to annotate (data set folder or manifest URI); never modified.",
     )
-    output: str = Field(
+    output: str = PathField(
         "runs/data/annotated",
-        description="Folder (or .parquet URI) of the new manifest; images are referenced "
+        "Folder (or .parquet URI) of the new manifest; images are referenced "
         "by absolute URI, not copied. rejected.parquet and acceptance.json go beside it.",
     )
     teacher: Target = Field(

@@ -24,14 +24,14 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mmrad.annotate.config import AnnotateJobConfig, manifest_file
+from mmrad.config import with_absolute_paths
 from mmrad.data.manifest import read_manifest, write_manifest
-from mmrad.eval.annotate_config import AnnotateJobConfig, manifest_file
 from mmrad.eval.consistency import (
     ACCEPTED,
     REASONS,
@@ -42,7 +42,7 @@ from mmrad.eval.consistency import (
 )
 from mmrad.ray_env import init_ray
 from mmrad.runinfo import write_run_info
-from mmrad.storage import Storage, absolute, join, parent
+from mmrad.storage import Storage, join, parent
 from mmrad.task.answer import Verdict
 from mmrad.task.geometry import as_boxes
 
@@ -296,19 +296,6 @@ def write_annotation(
 # -- the job ---------------------------------------------------------------------------
 
 
-def with_absolute_paths(job: AnnotateJobConfig) -> AnnotateJobConfig:
-    """Local paths as the driver sees them (Ray workers have another working directory)."""
-    job = job.model_copy(deep=True)
-    job.input = absolute(job.input)
-    job.output = absolute(job.output)
-    job.run.storage_path = absolute(job.run.storage_path)
-    if job.teacher.kind == "model":
-        job.teacher.cache_dir = absolute(job.teacher.cache_dir)
-        if Path(job.teacher.path).exists():  # else s3:// or a hub id
-            job.teacher.path = absolute(job.teacher.path)
-    return job
-
-
 def teacher_spec(job: AnnotateJobConfig, storage: Storage):
     """The evaluation core's inference spec for the teacher, always asking for reasoning.
     Built in the driver, so a bad model path or a missing API key fails before Ray."""
@@ -357,7 +344,7 @@ def judge_rows(
 
 def run_annotate(job: AnnotateJobConfig) -> AnnotateResult:
     """Run the whole job; see the module docstring."""
-    from mmrad.eval.annotate_report import write_annotate_report
+    from mmrad.annotate.report import write_annotate_report
 
     job = with_absolute_paths(job)
     storage = Storage.from_config(job.storage)

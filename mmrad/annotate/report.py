@@ -20,11 +20,11 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from PIL import Image
 
+from mmrad.annotate.job import ImageJudgement
 from mmrad.config import PixelBudget
-from mmrad.eval.annotate import ImageJudgement
 from mmrad.eval.consistency import ACCEPTED, OUTCOMES, REASON_MEANING, REASONS, Judgement
 from mmrad.eval.hints import draw_boxes, record_grid_boxes
-from mmrad.eval.report import MISSING, _png_bytes, _wrap
+from mmrad.eval.report import MISSING, png_bytes, wrap_reasoning
 from mmrad.storage import Storage, join
 from mmrad.task.answer import parse_answer
 
@@ -65,7 +65,7 @@ def write_annotate_report(
     if chosen:
         figures[EXAMPLES_PNG] = examples_figure(chosen, storage, pixels)
     for name, figure in figures.items():
-        storage.write_bytes(join(run_uri, name), _png_bytes(figure))
+        storage.write_bytes(join(run_uri, name), png_bytes(figure))
     target = join(run_uri, REPORT_MD)
     storage.write_text(target, render_markdown(summary, list(figures)))
     return target
@@ -241,7 +241,7 @@ def _draw_example(image_ax, text_ax, image, judgement, storage, pixels) -> None:
 def _example_text(judgement: Judgement) -> str:
     """The reasoning when there is one, else the raw completion (what went wrong shows)."""
     if judgement.reasoning:
-        return _wrap(judgement.reasoning)
+        return wrap_reasoning(judgement.reasoning)
     if judgement.completion:
         lines = textwrap.wrap(" ".join(judgement.completion.split()), RAW_WIDTH)[:8]
         return "raw output: " + "\n".join(lines) if lines else "(empty output)"

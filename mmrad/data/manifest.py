@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -61,3 +62,12 @@ def absolutize(records: list[dict[str, Any]], base_dir: str) -> list[dict[str, A
         if record.get("reference_uri"):
             record["reference_uri"] = resolve(base_dir, record["reference_uri"])
     return records
+
+
+def defect_types_by_category(records: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:
+    """Each category's known anomaly types (the domain-knowledge prompt): the box labels
+    of all its records among ``records``."""
+    found: dict[str, set[str]] = defaultdict(set)
+    for record in records:
+        found[str(record.get("category"))].update(record.get("labels") or [])
+    return {category: sorted(labels) for category, labels in found.items()}

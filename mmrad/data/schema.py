@@ -1,4 +1,4 @@
-"""The record schema of ``manifest.parquet`` (shared/DESIGN.md) and its validation."""
+"""The record schema of ``manifest.parquet`` (docs/architecture.md) and its validation."""
 
 from __future__ import annotations
 

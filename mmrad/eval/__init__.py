@@ -1,1 +1,2 @@
-"""Evaluation: batch evaluation and annotation jobs, reports and figures."""
+"""Evaluation: batch evaluation (model directory or OpenAI-compatible endpoint), the
+consistency checks and hinted inputs that annotation reuses, reports, figures, comparison."""

@@ -11,7 +11,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field
 
-from mmrad.config import EngineConfig, PixelBudget, PromptConfig, RayConfig, Section, StorageConfig
+from mmrad.config import (
+    EngineConfig,
+    PathField,
+    PixelBudget,
+    PromptConfig,
+    RayConfig,
+    Section,
+    StorageConfig,
+)
 
 
 class ModelTarget(Section):
@@ -19,13 +27,16 @@ class ModelTarget(Section):
     the prompt variant and pixel budget) or any plain Hugging Face directory."""
 
     kind: Literal["model"] = "model"
-    path: str = Field("runs/sft/sft-tiny/export", description="Model directory (local or s3://).")
-    adapter: str | None = Field(
-        "auto",
-        description="LoRA adapter: auto = the export's own (mmrad.json lora: adapter), "
-        "none = base weights only, or an adapter directory (local or s3://).",
+    path: str = PathField(
+        "runs/sft/sft-tiny/export", "Model directory (local or s3://) or hub id.", "local_or_hub"
     )
-    cache_dir: str = Field("runs/cache/models", description="Per-node cache of s3:// models.")
+    adapter: str | None = PathField(
+        "auto",
+        "LoRA adapter: auto = the export's own (mmrad.json lora: adapter), "
+        "none = base weights only, or an adapter directory (local or s3://).",
+        "local_or_hub",
+    )
+    cache_dir: str = PathField("runs/cache/models", "Per-node cache of s3:// models.")
 
 
 class EndpointTarget(Section):
@@ -140,7 +151,7 @@ class PredictorsConfig(Section):
 
 
 class EvalDataConfig(Section):
-    manifest: str = Field("runs/data/synthetic/manifest.parquet", description="Manifest URI.")
+    manifest: str = PathField("runs/data/synthetic/manifest.parquet", "Manifest URI.")
     split: Literal["test", "val", "all"] = Field(
         "test", description="val also finds the F1-maximising score threshold."
     )
@@ -159,7 +170,7 @@ class ReportConfig(Section):
 
 
 class EvalRunSection(Section):
-    storage_path: str = Field("runs/eval", description="Local folder or s3:// prefix.")
+    storage_path: str = PathField("runs/eval", "Local folder or s3:// prefix.")
     name: str = Field("eval-tiny", description="Run directory name under storage_path.")
 
 

@@ -156,9 +156,9 @@ def model_info(path: str, storage: Storage) -> dict | None:
     """The export's ``mmrad.json``, or ``None`` for a plain Hugging Face directory or a
     hub id (a generalist baseline run through vLLM)."""
     from mmrad.model.export import EXPORT_INFO, ExportError, read_export_info
-    from mmrad.model.loading import _looks_like_hub_id
+    from mmrad.model.loading import looks_like_hub_id
 
-    if not is_s3(path) and _looks_like_hub_id(path):
+    if not is_s3(path) and looks_like_hub_id(path):
         return None
     if not storage.exists(join(path, EXPORT_INFO)):
         if not storage.exists(join(path, "config.json")):

@@ -24,7 +24,6 @@ import logging
 import statistics
 import tempfile
 import time
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from mmrad.data.manifest import absolutize, manifest_uri, read_manifest
+from mmrad.data.manifest import (
+    absolutize,
+    defect_types_by_category,
+    manifest_uri,
+    read_manifest,
+)
 from mmrad.data.schema import ManifestError
 from mmrad.eval.config import EndpointTarget, EvalJobConfig, ModelTarget
 from mmrad.eval.inference import (
@@ -44,7 +48,7 @@ from mmrad.eval.inference import (
     record_dataset,
     verdicts_of,
 )
-from mmrad.storage import Storage, absolute, join, parent
+from mmrad.storage import Storage, join, parent
 from mmrad.task.answer import Verdict
 from mmrad.task.metrics import best_f1_threshold
 
@@ -140,34 +144,12 @@ def seen_categories(records: Sequence[Mapping[str, Any]]) -> set[str] | None:
     return seen or None
 
 
-def defect_types_by_category(records: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:
-    """Each category's known anomaly types (the domain-knowledge prompt): the box labels
-    of all its records in the manifest."""
-    found: dict[str, set[str]] = defaultdict(set)
-    for record in records:
-        found[str(record.get("category"))].update(record.get("labels") or [])
-    return {category: sorted(labels) for category, labels in found.items()}
-
-
 # -- the job ----------------------------------------------------------------------------
-
-
-def with_absolute_paths(job: EvalJobConfig) -> EvalJobConfig:
-    """Local paths as the driver sees them: actors run in other working directories."""
-    job = job.model_copy(deep=True)
-    if isinstance(job.target, ModelTarget):
-        if Path(job.target.path).exists():  # else s3:// or a hub id
-            job.target.path = absolute(job.target.path)
-        job.target.cache_dir = absolute(job.target.cache_dir)
-        if job.target.adapter not in (None, "auto", "none"):
-            job.target.adapter = absolute(job.target.adapter)
-    job.data.manifest = absolute(job.data.manifest)
-    job.run.storage_path = absolute(job.run.storage_path)
-    return job
 
 
 def run_eval(job: EvalJobConfig) -> EvalResult:
     """Evaluate ``job.target`` on ``job.data``; see the module docstring for outputs."""
+    from mmrad.config import with_absolute_paths
     from mmrad.ray_env import init_ray
     from mmrad.runinfo import write_run_info
 

@@ -79,7 +79,7 @@ def write_report(
     if load_image is not None and records:
         figures[EXAMPLES_PNG] = examples_figure(predictions, records, load_image, max_examples)
     for name, figure in figures.items():
-        _write_atomic(out_dir / name, _png_bytes(figure))
+        _write_atomic(out_dir / name, png_bytes(figure))
     _write_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
     markdown = render_markdown(metrics, title=title, figures=list(figures))
     _write_atomic(out_dir / "report.md", markdown.encode())
@@ -273,10 +273,13 @@ def _draw_example(image_ax, text_ax, verdict: Verdict, record: Mapping[str, Any]
     )
     image_ax.axis("off")
     text_ax.axis("off")
-    text_ax.text(0, 1, _wrap(verdict.reasoning), va="top", ha="left", fontsize=6.5, wrap=False)
+    text_ax.text(
+        0, 1, wrap_reasoning(verdict.reasoning), va="top", ha="left", fontsize=6.5, wrap=False
+    )
 
 
-def _wrap(reasoning: str | None) -> str:
+def wrap_reasoning(reasoning: str | None) -> str:
+    """Reasoning text for a figure panel: wrapped, cut to ``REASONING_LINES`` lines."""
     if not reasoning:
         return "(no reasoning)"
     lines = textwrap.wrap(" ".join(reasoning.split()), REASONING_WIDTH)
@@ -307,7 +310,8 @@ def _nan_if_none(value: float | None) -> float:
     return math.nan if value is None else value
 
 
-def _png_bytes(figure: Figure) -> bytes:
+def png_bytes(figure: Figure) -> bytes:
+    """A matplotlib figure as PNG bytes (for storage writes, local or ``s3://``)."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
     return buffer.getvalue()

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmrad.task.answer import format_answer
+from mmrad.task.answer import GENERIC_REASONING, format_answer
 from mmrad.task.geometry import as_boxes, to_model_grid
 from mmrad.task.prompt import IMAGE_PLACEHOLDER, PromptVariant, build_messages
 
@@ -40,17 +40,6 @@ IGNORE_INDEX = -100
 IMAGE_TOKEN = "<|image_pad|>"
 VISION_START_TOKEN = "<|vision_start|>"
 END_OF_TURN_TOKEN = "<|im_end|>"
-GENERIC_REASONING = {
-    True: (
-        "Compared with a normal sample of the product, the query image shows regions "
-        "that deviate from the expected appearance; these regions are the anomalies."
-    ),
-    False: (
-        "Compared with a normal sample of the product, the query image matches the "
-        "expected appearance everywhere; the sample is normal."
-    ),
-}
-"""The think block of rows without reasoning text (the no-reasoning variant has none)."""
 
 
 class ImageTokenMismatch(ValueError):

@@ -38,14 +38,14 @@ def resolve_model_path(path: str, storage: Storage, cache_dir: str) -> str:
     local = local_path(path).expanduser()
     if local.is_dir():
         return str(local.absolute())
-    if _looks_like_hub_id(path):
+    if looks_like_hub_id(path):
         return path
     if local.exists():
         raise NotADirectoryError(f"model path {path}: not a directory")
     raise FileNotFoundError(f"model path {path}: no such directory")
 
 
-def _looks_like_hub_id(path: str) -> bool:
+def looks_like_hub_id(path: str) -> bool:
     """``org/name`` whose first part is not a local folder (``runs/tiny`` is a path)."""
     return bool(_HUB_ID.match(path)) and not Path(path.split("/", 1)[0]).exists()
 

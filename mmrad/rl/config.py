@@ -9,21 +9,26 @@ weights and parameters must name registered reward components.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
 from mmrad.config import (
+    TRAINING_RENAMES,
     DataLoadConfig,
     EngineConfig,
-    FSDPConfig,
+    LearnersConfig,
     LoraConfig,
     ModelConfig,
+    OptimizerConfig,
+    PathField,
     PromptConfig,
     RayConfig,
     RunSection,
+    ScheduleConfig,
     Section,
     StorageConfig,
+    check_same_grid,
 )
 from mmrad.task.metrics import RATE_KEYS, check_rate_names
 
@@ -42,9 +47,10 @@ class GRPODataConfig(DataLoadConfig):
 
 
 class GRPOModelConfig(ModelConfig):
-    path: str = Field(
+    path: str = PathField(
         "runs/sft/sft-tiny/export",
-        description="The SFT export (HF dir + mmrad.json, LoRA merged) GRPO starts from.",
+        "The SFT export (HF dir + mmrad.json, LoRA merged) GRPO starts from.",
+        "local_or_hub",
     )
 
 
@@ -112,10 +118,6 @@ class AlgorithmSection(Section):
     kl_kind: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator.")
     epochs: int = Field(1, ge=1, description="Passes over each batch.")
     mini_batches: int = Field(1, ge=1, description="Optimizer steps per pass.")
-    lr: float = Field(1e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_ratio: float = Field(0.0, ge=0, le=1)
-    max_grad_norm: float = Field(1.0, gt=0)
     tis_cap: float | None = Field(
         None, gt=0, description="Truncated importance sampling cap (None = off)."
     )
@@ -132,19 +134,23 @@ class AlgorithmSection(Section):
     )
 
 
-class LearnerSection(Section):
-    """Ray Train workers (FSDP2 over NCCL on GPUs, gloo on CPUs)."""
-
-    num_workers: int = Field(2, ge=1)
-    use_gpu: bool = Field(False)
+class GRPOLearnersConfig(LearnersConfig):
     cpus_per_worker: float = Field(0.4, gt=0)
-    gpus_per_worker: float = Field(1.0, ge=0)
-    micro_batch_size: int = Field(4, ge=1, description="Samples per forward pass on one worker.")
-    fsdp: FSDPConfig = Field(default_factory=FSDPConfig)
 
 
-class ScheduleSection(Section):
+class GRPOOptimizerConfig(OptimizerConfig):
+    lr: float = Field(1e-5, gt=0, description="Peak learning rate.")
+
+
+class GRPOScheduleConfig(ScheduleConfig):
+    """GRPO steps (one batch each); the learning rate is constant after warm-up unless
+    ``min_lr_ratio`` < 1."""
+
     max_steps: int = Field(20, ge=1, description="GRPO steps (one batch each).")
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="Share of steps warming up.")
+    min_lr_ratio: float = Field(
+        1.0, ge=0, le=1, description="Cosine floor as a share of lr (1 = constant after warm-up)."
+    )
     checkpoint_every: int = Field(10, ge=1)
     log_every: int = Field(1, ge=1)
     sample_table_every: int = Field(5, ge=1, description="Steps between sample tables.")
@@ -152,7 +158,6 @@ class ScheduleSection(Section):
     sync_check_every: int = Field(
         0, ge=0, description="Compare engine and learner log-probs after a sync (0 = never)."
     )
-    seed: int = 0
 
 
 class ValidationSection(Section):
@@ -182,16 +187,24 @@ class ValidationSection(Section):
 
 
 class GRPORunSection(RunSection):
-    storage_path: str = Field("runs/grpo", description="Local folder or s3:// prefix.")
+    storage_path: str = PathField("runs/grpo", "Local folder or s3:// prefix.")
     name: str = Field("grpo-tiny", description="Run name (resume key).")
 
 
 class GRPOExportSection(Section):
-    out: str | None = Field(None, description="Default: <storage_path>/<name>/export.")
+    out: str | None = PathField(None, "Default: <storage_path>/<name>/export.")
 
 
 class GRPOJobConfig(Section):
     """`mmrad grpo` / `python -m ray_jobs.grpo`."""
+
+    renamed_keys: ClassVar[dict[str, str]] = {
+        **TRAINING_RENAMES,
+        "algorithm.lr": "optimizer.lr",
+        "algorithm.weight_decay": "optimizer.weight_decay",
+        "algorithm.max_grad_norm": "optimizer.max_grad_norm",
+        "algorithm.warmup_ratio": "schedule.warmup_ratio",
+    }
 
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -208,8 +221,9 @@ class GRPOJobConfig(Section):
     rollout: RolloutSection = Field(default_factory=RolloutSection)
     rewards: RewardSection = Field(default_factory=RewardSection)
     algorithm: AlgorithmSection = Field(default_factory=AlgorithmSection)
-    learners: LearnerSection = Field(default_factory=LearnerSection)
-    schedule: ScheduleSection = Field(default_factory=ScheduleSection)
+    learners: GRPOLearnersConfig = Field(default_factory=GRPOLearnersConfig)
+    optimizer: GRPOOptimizerConfig = Field(default_factory=GRPOOptimizerConfig)
+    schedule: GRPOScheduleConfig = Field(default_factory=GRPOScheduleConfig)
     validation: ValidationSection = Field(default_factory=ValidationSection)
     run: GRPORunSection = Field(default_factory=GRPORunSection)
     export: GRPOExportSection = Field(default_factory=GRPOExportSection)
@@ -233,6 +247,7 @@ class GRPOJobConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> GRPOJobConfig:
+        check_same_grid(self.data.pixels, self.model.pixels)
         samples = self.rollout.prompts_per_step * self.rollout.group_size
         split = self.learners.num_workers * self.algorithm.mini_batches
         if samples % split:

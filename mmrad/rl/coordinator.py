@@ -60,6 +60,7 @@ from mmrad.rl.metrics import advantage_metrics, rollout_metrics, validation_metr
 from mmrad.rl.prompts import DataPosition, PromptItem, PromptStream
 from mmrad.rl.rollout import Rollout, RolloutPrompt, WeightUpdate
 from mmrad.storage import Storage
+from mmrad.task.answer import GENERIC_REASONING
 from mmrad.task.prompt import PromptVariant
 
 log = logging.getLogger(__name__)
@@ -404,8 +405,6 @@ class Coordinator:
 
     def _written(self, group: Group, ground_truth: bool) -> Sample:
         """The record's answer (``ground_truth``) or its opposite, as a sample."""
-        from mmrad.model.collate import GENERIC_REASONING
-
         item = group.item
         anomalous = bool(item.record["is_anomalous"])
         if ground_truth:

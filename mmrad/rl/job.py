@@ -20,17 +20,17 @@ from dataclasses import asdict, dataclass
 
 import ray
 
-from mmrad.config import ConfigError, PixelBudget, PromptConfig
-from mmrad.data.manifest import read_manifest
+from mmrad.config import ConfigError, PixelBudget, PromptConfig, with_absolute_paths
+from mmrad.data.manifest import defect_types_by_category, read_manifest
 from mmrad.ray_env import init_ray
 from mmrad.rl.config import GRPOJobConfig
 from mmrad.rl.coordinator import MAX_CONCURRENCY, Coordinator, coordinator_name
 from mmrad.rl.learner import grpo_learner
 from mmrad.rl.pool import OUTSIDE_PARENT_PLACEMENT_GROUP
 from mmrad.runinfo import write_run_info
-from mmrad.sft.job import with_absolute_paths
 from mmrad.storage import Storage, join
 from mmrad.task.prompt import PromptVariant
+from mmrad.train.core import make_torch_trainer
 from mmrad.train.progress import run_with_progress
 
 log = logging.getLogger(__name__)
@@ -75,45 +75,10 @@ def starting_point(job: GRPOJobConfig, storage: Storage) -> GRPOJobConfig:
         job = job.model_copy(update={"prompt": exported})
     elif job.prompt is None:
         job = job.model_copy(update={"prompt": PromptConfig()})
-    if job.data.pixels != job.model.pixels:
-        raise ConfigError(
-            f"data.pixels {job.data.pixels.model_dump()} differ from model.pixels "
-            f"{job.model.pixels.model_dump()}: images would not land on the model's grid"
-        )
     return job
 
 
-def make_trainer(job: GRPOJobConfig, storage: Storage, spec: dict, callbacks: Sequence = ()):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    learners = job.learners
-    resources = {"CPU": learners.cpus_per_worker}
-    if learners.use_gpu:
-        resources["GPU"] = learners.gpus_per_worker
-    filesystem, path = storage.arrow_filesystem(job.run.storage_path)
-    return TorchTrainer(
-        grpo_learner,
-        train_loop_config=spec,
-        scaling_config=ScalingConfig(
-            num_workers=learners.num_workers,
-            use_gpu=learners.use_gpu,
-            resources_per_worker=resources,
-        ),
-        run_config=RunConfig(
-            name=job.run.name,
-            storage_path=path,
-            storage_filesystem=filesystem,
-            checkpoint_config=CheckpointConfig(num_to_keep=job.run.num_to_keep),
-            failure_config=FailureConfig(max_failures=job.run.max_failures),
-            callbacks=list(callbacks),
-        ),
-    )
-
-
 def start_coordinator(job: GRPOJobConfig, storage: Storage, records: list[dict], model_path: str):
-    from mmrad.sft.job import defect_types_by_category
-
     train = [r for r in records if r["split"] == "train"]
     prompts = [r for r in records if r["split"] == job.data.split]
     if not prompts:
@@ -172,7 +137,7 @@ def run_grpo(job: GRPOJobConfig, train_callbacks: Sequence = ()) -> GRPOResult:
         "variant": job.prompt.model_dump(),
     }
     try:
-        trainer = make_trainer(job, storage, spec, train_callbacks)
+        trainer = make_torch_trainer(grpo_learner, job, spec, callbacks=train_callbacks)
         result = run_with_progress(f"GRPO {job.run.name}", job.run.name, trainer.fit)
     finally:
         try:

@@ -23,23 +23,24 @@ One step ``t`` (the learners hold weights of version ``t``):
    learner's (``sync_check_every``);
 5. log, checkpoint every ``checkpoint_every`` steps (DCP shards, optimizer, step, RNG,
    the coordinator's data position, the prompt ledger), and export at the end.
+
+Model building, the optimizer and schedule, the accumulated optimizer step, checkpoints,
+the metrics log and the export are the trainer core's (:mod:`mmrad.train.core`), shared
+with SFT; this module holds what a GRPO step does.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import ray.train
 import torch
 import torch.distributed as dist
 
-from mmrad.config import LoraConfig, PromptConfig
+from mmrad.config import PromptConfig
 from mmrad.rl.batch import LearnerShard, Probe
 from mmrad.rl.config import GRPOJobConfig
 from mmrad.rl.grpo import (
@@ -52,30 +53,15 @@ from mmrad.rl.grpo import (
 from mmrad.rl.inputs import EncodedPrompt, RolloutCollator, completion_logprobs, padded
 from mmrad.rl.metrics import SampleTable, hidden_share, renamed
 from mmrad.rl.rollout import WeightUpdate
-from mmrad.storage import Storage, join
+from mmrad.storage import join
 from mmrad.task.prompt import PromptVariant
-from mmrad.train.checkpoint import (
-    TrainerState,
-    clean_name,
-    full_model_state,
-    load_checkpoint,
-    save_checkpoint,
-)
-from mmrad.train.distributed import (
-    all_max,
-    all_mean,
-    checkpoint_dir_name,
-    clip_gradients,
-    to_device,
-)
-from mmrad.train.metrics_log import MetricsLog, metrics_dir
+from mmrad.train.checkpoint import clean_name, full_model_state
+from mmrad.train.core import TrainerCore, shared_metrics
+from mmrad.train.distributed import all_max, all_mean, to_device
 from mmrad.train.progress import report_progress
-from mmrad.train.schedule import warmup_cosine
-from mmrad.train.sharding import shard_model
 
 log = logging.getLogger(__name__)
 
-GRPO_STATE_FILE = "grpo_state.json"
 REPORTED_PREFIXES = ("reward/total", "val/")  # what train.report carries (to Tune, too)
 MODEL_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values",
                 "image_grid_thw")  # fmt: skip
@@ -87,11 +73,10 @@ class StalenessError(RuntimeError):
 
 @dataclass
 class GRPOState:
-    """What a checkpoint keeps beyond the weights: committed steps, the coordinator's
-    state after them (data position, version) and, per step, the prompt ids drawn
-    (dynamic sampling draws more than it uses) and used."""
+    """GRPO's own checkpoint state: the coordinator's state after the committed steps
+    (data position, version) and, per step, the prompt ids drawn (dynamic sampling
+    draws more than it uses) and used."""
 
-    step: int = 0
     coordinator: dict[str, Any] | None = None
     ledger: list[dict[str, Any]] = field(default_factory=list)
 
@@ -135,91 +120,47 @@ def split_evenly(items: list, parts: int) -> list[list]:
 
 class GRPOLearner:
     def __init__(self, spec: dict[str, Any]):
-        from mmrad.model.loading import load_model, load_processor, resolve_model_path
-        from mmrad.model.lora import apply_lora
+        from mmrad.model.loading import load_processor
 
         self.job = job = GRPOJobConfig.model_validate(spec["config"])
         self.coordinator = spec["coordinator"]
         self.run_uri: str = spec["run_uri"]
         self.variant = PromptVariant(**spec["variant"])
-        context = ray.train.get_context()
-        self.rank, self.world = context.get_world_rank(), context.get_world_size()
-        self.on_gpu = job.learners.use_gpu
-        self.device = ray.train.torch.get_device()
-        self.lora = job.sync == "lora"
-        self.storage = Storage.from_config(job.storage)
-        self.model_path = resolve_model_path(job.model.path, self.storage, job.model.cache_dir)
+        self.lora = job.lora.enabled
+        # The reference of the KL penalty: with LoRA the policy with its adapter disabled.
+        with_reference = job.algorithm.kl_beta > 0 and not self.lora
+        self.core = TrainerCore(
+            job, self.run_uri, job.optimizer_steps, with_reference=with_reference
+        )
+        self.state = GRPOState(**self.core.extra)
+        self.rank, self.world = self.core.rank, self.core.world
+        self.model, self.reference = self.core.model, self.core.reference
         self.collate = RolloutCollator(
-            load_processor(self.model_path, job.model.pixels), self.variant, job.model.pixels
+            load_processor(self.core.model_path, job.model.pixels), self.variant, job.model.pixels
         )
-        torch.manual_seed(job.schedule.seed)  # the same fresh adapter on every rank
-        model = apply_lora(load_model(self.model_path, job.model.dtype), job.lora)
-        self.model = shard_model(model.to(self.device), job.learners.fsdp, self.on_gpu)
-        self.reference = None
-        if job.algorithm.kl_beta > 0 and not self.lora:
-            reference = load_model(self.model_path, job.model.dtype).to(self.device)
-            reference.requires_grad_(False)
-            self.reference = shard_model(reference.eval(), job.learners.fsdp, self.on_gpu)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        algorithm = job.algorithm
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=algorithm.lr, weight_decay=algorithm.weight_decay
-        )
-        self.scheduler = warmup_cosine(
-            self.optimizer, job.optimizer_steps, algorithm.warmup_ratio, min_ratio=1.0
-        )
-        self.norm_length = algorithm.norm_length or job.rollout.max_tokens
-        self.state = self.restore()
-        self.metrics: MetricsLog | None = None
+        self.norm_length = job.algorithm.norm_length or job.rollout.max_tokens
         self.table: SampleTable | None = None
-        if self.rank == 0:
-            folder = metrics_dir(self.run_uri, Path(tempfile.mkdtemp(prefix="mmrad-metrics-")))
-            self.metrics = MetricsLog(folder, self.run_uri, self.storage)
-            self.table = SampleTable(folder, self.metrics)
+        if self.core.metrics is not None:
+            self.table = SampleTable(self.core.metrics.local_dir, self.core.metrics)
         self._last_state: dict[str, torch.Tensor] | None = None
         self._step_end = time.perf_counter()
 
     # -- checkpoints ----------------------------------------------------------------------
 
-    def restore(self) -> GRPOState:
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return GRPOState()
-        with checkpoint.as_directory() as folder:
-            load_checkpoint(
-                Path(folder), self.model, self.optimizer, self.scheduler, self.rank, self.lora
-            )
-            state = GRPOState(**json.loads((Path(folder) / GRPO_STATE_FILE).read_text()))
-        log.info("rank %d resumed GRPO at step %d", self.rank, state.step)
-        return state
-
-    def save(self, metrics: dict[str, float]) -> None:
-        step = self.state.step
-        with tempfile.TemporaryDirectory(prefix="mmrad-ckpt-") as folder:
-            save_checkpoint(
-                Path(folder), self.model, self.optimizer, self.scheduler,
-                TrainerState(step=step), self.rank, self.lora,
-            )  # fmt: skip
-            if self.rank == 0:
-                self.state.coordinator = ray.get(self.coordinator.state.remote(step))
-                text = json.dumps(self.state.__dict__)
-                (Path(folder) / GRPO_STATE_FILE).write_text(text)
-                if self.metrics:
-                    self.metrics.sync()
-            ray.train.report(
-                {"step": step, **metrics},
-                checkpoint=ray.train.Checkpoint.from_directory(folder),
-                checkpoint_dir_name=checkpoint_dir_name(step),
-            )
+    def save(self, reported: dict[str, float]) -> None:
+        if self.rank == 0:
+            self.state.coordinator = ray.get(self.coordinator.state.remote(self.core.step))
+        self.core.save(self.core.step, asdict(self.state), reported)
 
     # -- weights --------------------------------------------------------------------------
 
     def gather_state(self) -> dict[str, torch.Tensor]:
         """Collective: the unsharded trainable state (the adapter, or every weight), on
         CPU (on rank 0 only when on GPUs)."""
+        on_gpu = self.core.on_gpu
         if self.lora and self.job.learners.fsdp.version == 2:
-            return gather_trainable(self.model, keep=self.rank == 0 or not self.on_gpu)
-        return full_model_state(self.model, self.on_gpu, only_trainable=self.lora)
+            return gather_trainable(self.model, keep=self.rank == 0 or not on_gpu)
+        return full_model_state(self.model, on_gpu, only_trainable=self.lora)
 
     def weight_update(self, version: int, state: dict[str, torch.Tensor]) -> WeightUpdate:
         """The update the engines apply: peft's adapter state dict and config, or every
@@ -236,7 +177,7 @@ class GRPOLearner:
     # -- log-probs --------------------------------------------------------------------------
 
     def forward(self, micro: MicroBatch, temperature: float, **what: bool):
-        inputs = to_device(micro.inputs, self.device)
+        inputs = to_device(micro.inputs, self.core.device)
         model_inputs = {k: inputs[k] for k in MODEL_INPUTS}
         logits = self.model(**model_inputs).logits
         return completion_logprobs(
@@ -246,7 +187,7 @@ class GRPOLearner:
     @torch.no_grad()
     def reference_logprobs(self, micro: MicroBatch, temperature: float) -> torch.Tensor:
         if self.reference is not None:
-            inputs = to_device(micro.inputs, self.device)
+            inputs = to_device(micro.inputs, self.core.device)
             logits = self.reference(**{k: inputs[k] for k in MODEL_INPUTS}).logits
             return completion_logprobs(
                 logits, inputs["input_ids"], inputs["starts"], inputs["lengths"], temperature
@@ -320,30 +261,22 @@ class GRPOLearner:
     def update(self, minis: list[list[MicroBatch]]) -> dict[str, float]:
         """``epochs x mini_batches`` optimizer steps; returns mean loss metrics."""
         algorithm, temperature = self.job.algorithm, self.job.rollout.temperature
-        self.model.train()
         sums: dict[str, float] = {}
         count = 0
         grad_norms = []
         for _ in range(algorithm.epochs):
             for mini in minis:
                 total = aggregation_total([m.mask for m in mini], algorithm.aggregation)
-                for index, micro in enumerate(mini):
-                    if hasattr(self.model, "set_requires_gradient_sync"):
-                        self.model.set_requires_gradient_sync(index == len(mini) - 1)
+
+                def loss_of(micro: MicroBatch, total=total) -> tuple[torch.Tensor, float]:
+                    nonlocal count
                     loss, metrics = self.micro_loss(micro, temperature)
-                    (loss * micro_weight(micro.mask, total, algorithm.aggregation)).backward()
                     for key, value in metrics.items():
                         sums[key] = sums.get(key, 0.0) + value
                     count += 1
-                grad_norms.append(
-                    clip_gradients(
-                        self.model, self.params, algorithm.max_grad_norm,
-                        self.job.learners.fsdp.version,
-                    )
-                )  # fmt: skip
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                    return loss, micro_weight(micro.mask, total, algorithm.aggregation)
+
+                grad_norms.append(self.core.accumulate(mini, loss_of))
         metrics = {key: value / max(count, 1) for key, value in sums.items()}
         metrics["grad_norm"] = sum(grad_norms) / max(len(grad_norms), 1)
         return metrics
@@ -375,19 +308,19 @@ class GRPOLearner:
 
     def check_staleness(self, shard: LearnerShard) -> dict[str, float]:
         """``version_lag``: the learners' version minus each sample's generating one."""
-        lags = [self.state.step - s.version for s in shard.samples]
+        lags = [self.core.step - s.version for s in shard.samples]
         worst = all_max(max(lags, default=0))
         limit = self.job.algorithm.max_staleness
         if worst > limit or min(lags, default=0) < 0:
             raise StalenessError(
-                f"step {self.state.step}: rollouts lag the learners' weights by up to "
+                f"step {self.core.step}: rollouts lag the learners' weights by up to "
                 f"{worst:g} versions (max_staleness={limit}); "
                 f"versions {sorted({s.version for s in shard.samples})}"
             )
         return {"version_lag": worst, "version_lag/mean": sum(lags) / max(len(lags), 1)}
 
     def train_step(self) -> dict[str, float]:
-        step = self.state.step
+        step = self.core.step
         started = time.perf_counter()
         shard: LearnerShard = ray.get(self.coordinator.shard.remote(step, self.rank, self.world))
         waited = time.perf_counter() - started
@@ -404,13 +337,18 @@ class GRPOLearner:
             ray.get(self.coordinator.push_weights.remote(update))
         self._last_state = state
         synced = time.perf_counter()
-        self.state.step += 1
-        metrics.update(all_mean({**scored, **trained}))
+        self.core.step += 1
+        averaged = all_mean({**scored, **trained})
+        metrics.update(averaged)
         metrics["logprob_mismatch/max_abs"] = all_max(scored["logprob_mismatch/max_abs"])
         if shard.probe is not None:
             metrics.update(self.sync_check(shard.probe, probe_before, step + 1))
+        metrics.update(shared_metrics(
+            metrics.pop("loss/total"), metrics.pop("grad_norm"), self.core.lr,
+            averaged["learner/tokens"] * self.world, learned - computing,
+        ))  # fmt: skip
+        metrics["perf/peak_memory_mb_per_worker"] = self.core.peak_memory_mb()
         metrics.update({
-            "lr": self.scheduler.get_last_lr()[0],
             "time/wait": waited,  # rank 0's: it pushes the weights the next batch waits for
             "time/learner": learned - computing,
             "time/sync_gather": synced - learned,
@@ -449,7 +387,7 @@ class GRPOLearner:
     def start_coordinator(self) -> None:
         """Collective: hand the coordinator the restored step, data position and (after
         a resume) the restored weights; the other ranks wait until it has them."""
-        step = self.state.step
+        step = self.core.step
         update = None
         if step > 0:
             state = self.gather_state()
@@ -461,18 +399,18 @@ class GRPOLearner:
 
     def run(self) -> None:
         schedule = self.job.schedule
-        if self.state.step < schedule.max_steps:
+        if self.core.step < schedule.max_steps:
             self.start_coordinator()
         self._step_end = time.perf_counter()
-        while self.state.step < schedule.max_steps:
+        while self.core.step < schedule.max_steps:
             metrics = self.train_step()
-            step = self.state.step
+            step = self.core.step
             last = step == schedule.max_steps
             validated = self.job.validation.due(step, schedule.max_steps)
             if self.rank == 0 and validated:
                 metrics.update(ray.get(self.coordinator.validate.remote(step)))
             if self.rank == 0 and (step % schedule.log_every == 0 or last or validated):
-                self.metrics.log(step, metrics)
+                self.core.log(step, metrics)
                 summary = f"reward {metrics.get('reward/total/mean', 0.0):.3f}"
                 report_progress(self.job.run.name, step, schedule.max_steps, summary)
             reported = {k: v for k, v in metrics.items() if k.startswith(REPORTED_PREFIXES)}
@@ -481,22 +419,16 @@ class GRPOLearner:
             elif validated:  # an intermediate result for Tune's schedulers
                 ray.train.report({"step": step, **reported})
         self.export()
-        if self.metrics:
-            self.metrics.close()
+        self.core.close()
 
     def export(self) -> None:
         """Collective: the final weights as an HF dir + mmrad.json (LoRA merged)."""
-        from mmrad.model.export import export_state_dict
-
         state = self._last_state if self._last_state is not None else self.gather_state()
         if self.rank == 0:
-            out = self.job.export.out or join(self.run_uri, "export")
-            lora = self.job.lora if self.lora else LoraConfig(enabled=False)
-            export_state_dict(
-                state, self.model_path, out, self.storage, lora=lora, merge_lora=True,
-                prompt=PromptConfig(**asdict(self.variant)), pixels=self.job.model.pixels,
-                base_model=self.job.model.path,
-                extra={"stage": "grpo", "run": self.job.run.name, "step": self.state.step},
+            self.core.export(
+                state, self.job.export.out or join(self.run_uri, "export"),
+                PromptConfig(**asdict(self.variant)),
+                extra={"stage": "grpo", "run": self.job.run.name, "step": self.core.step},
             )  # fmt: skip
         dist.barrier()
 

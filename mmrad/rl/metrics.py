@@ -9,9 +9,12 @@ Per step (JSONL + TensorBoard through :class:`~mmrad.train.metrics_log.MetricsLo
   ``rollout/groups``, ``rollout/samples``, ``rollout/incomplete_groups``;
 - ``advantages/mean|std|max|min`` of the trained batch;
 - ``completions/mean_length|max_length|min_length|clipped_ratio``;
-- learner: ``loss/policy``, ``kl``, ``entropy``, ``clip_ratio/low_mean|high_mean|region_mean``,
-  ``approx_kl``, ``grad_norm``, ``lr``, ``mismatch/mean_abs|max_abs|kl``,
-  ``tis/mean_weight|capped_share``;
+- learner, under the names SFT uses too (:func:`mmrad.train.core.shared_metrics`):
+  ``train/loss`` (policy loss plus the KL term), ``train/grad_norm``, ``train/lr``,
+  ``perf/tokens_per_s`` (learner tokens per second of learner time),
+  ``perf/peak_memory_mb_per_worker``; GRPO's own: ``loss/policy``, ``kl``, ``entropy``,
+  ``clip_ratio/low_mean|high_mean|region_mean``, ``approx_kl``,
+  ``mismatch/mean_abs|max_abs|kl``, ``tis/mean_weight|capped_share``;
 - ``rollout/tokens_per_s``; ``time/rollout|reward|learner|sync|wait|step`` and
   ``time/rollout_hidden_share``; ``version_lag`` (max) and ``version_lag/mean``;
 - every ``validation.every`` steps: ``val/<metric>`` (the evaluation job's rates on
@@ -29,12 +32,16 @@ import json
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmrad.rl.batch import Group
+from mmrad.storage import Storage
 from mmrad.task.answer import Verdict
-from mmrad.task.metrics import RATE_KEYS, evaluate
-from mmrad.tune_space import objective_value
+from mmrad.task.metrics import RATE_KEYS, evaluate, objective_value
+from mmrad.train.metrics_log import read_table
+
+if TYPE_CHECKING:
+    from mmrad.train.metrics_log import MetricsLog
 
 SAMPLES_FILE = "samples.jsonl"
 SAMPLE_TEXT_CHARS = 400  # a table cell's completion is cut here (the JSONL keeps it whole)
@@ -114,18 +121,25 @@ def hidden_share(rollout_seconds: float, wait_seconds: float) -> float:
 
 class SampleTable:
     """Appends sample rows to ``samples.jsonl`` in ``folder`` and mirrors them to
-    TensorBoard as a markdown table (``log`` is the run's ``MetricsLog``)."""
+    TensorBoard as a markdown table. With ``log`` (the run's ``MetricsLog``, which writes
+    in ``folder``), the file is one of the log's tables: cut to the rows of steps up to
+    the log's resume step when opened, and uploaded with the metrics."""
 
-    def __init__(self, folder: Path, log: Any | None = None):
-        self.path = Path(folder) / SAMPLES_FILE
+    def __init__(self, folder: str | Path, log: MetricsLog | None = None):
         self.log = log
+        if log is None:
+            self.path = Path(folder) / SAMPLES_FILE
+            return
+        if Path(folder).resolve() != log.local_dir.resolve():
+            raise ValueError(f"{folder}: the sample table goes in its log's {log.local_dir}")
+        self.path = log.table(SAMPLES_FILE)
 
     def write(self, step: int, rows: Sequence[Mapping[str, Any]]) -> None:
         if not rows:
             return
         with open(self.path, "a") as handle:
             for row in rows:
-                handle.write(json.dumps(dict(row)) + "\n")
+                handle.write(json.dumps({"step": step, **row}) + "\n")
         if self.log is not None:
             self.log.text(step, "samples", markdown_table(rows))
 
@@ -145,9 +159,9 @@ def _cell(value: Any) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def read_samples(folder: str | Path) -> list[dict[str, Any]]:
-    path = Path(folder) / SAMPLES_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def read_samples(run_uri: str | Path, storage: Storage | None = None) -> list[dict[str, Any]]:
+    """The sample table of a run directory, local or ``s3://``."""
+    return read_table(storage or Storage(), run_uri, SAMPLES_FILE)
 
 
 def validation_metrics(

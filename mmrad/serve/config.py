@@ -37,6 +37,7 @@ from pydantic import Field, SecretStr, ValidationError, model_validator
 from mmrad.config import (
     ConfigError,
     EngineConfig,
+    PathField,
     PixelBudget,
     PromptConfig,
     Section,
@@ -53,9 +54,10 @@ DEPLOYMENT_NAME = "MMRADServer"
 class ServeArgs(Section):
     """The ``args`` of an mmrad application in a Ray Serve config file."""
 
-    model_dir: str = Field(
-        description="Exported model: local directory or s3:// prefix. Its mmrad.json "
-        "decides the prompt variant and the pixel budget, as in training."
+    model_dir: str = PathField(
+        ...,
+        "Exported model: local directory or s3:// prefix. Its mmrad.json "
+        "decides the prompt variant and the pixel budget, as in training.",
     )
     model_name: str = Field(
         "mmrad", min_length=1, description="The model name clients see and send (`model`)."
@@ -65,9 +67,7 @@ class ServeArgs(Section):
         description="The vLLM engine of each replica.",
     )
     storage: StorageConfig = Field(default_factory=StorageConfig)
-    cache_dir: str = Field(
-        "runs/cache/models", description="Per-node cache of s3:// model directories."
-    )
+    cache_dir: str = PathField("runs/cache/models", "Per-node cache of s3:// model directories.")
     prompt: PromptConfig | None = Field(
         None, description="Only for a model without mmrad.json (a base model): the prompt."
     )

@@ -19,9 +19,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mmrad.config import ConfigError
-from mmrad.serve.config import IMPORT_PATH, ServeFile, load_serve_file
-from mmrad.storage import absolute
+from mmrad.config import ConfigError, path_fields
+from mmrad.config import with_absolute_paths as absolute_paths
+from mmrad.serve.config import IMPORT_PATH, ServeArgs, ServeFile, load_serve_file
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +35,17 @@ class DeployError(RuntimeError):
 
 
 def with_absolute_paths(config: dict[str, Any]) -> dict[str, Any]:
-    """The config with mmrad applications' local ``model_dir`` and ``cache_dir`` made
-    absolute against this process's directory (replicas may run elsewhere)."""
+    """The config with mmrad applications' local paths (``model_dir``, ``cache_dir``)
+    made absolute against this process's directory (replicas may run elsewhere); the
+    other args stay as the file gives them."""
     config = copy.deepcopy(config)
     for app in config.get("applications") or []:
         args = app.get("args") or {}
         if app.get("import_path") == IMPORT_PATH:
-            for key in ("model_dir", "cache_dir"):
-                if isinstance(args.get(key), str):
-                    args[key] = absolute(args[key])
+            resolved = absolute_paths(ServeArgs.model_validate(args))
+            for key in path_fields(ServeArgs):
+                if key in args:
+                    args[key] = getattr(resolved, key)
     return config
 
 

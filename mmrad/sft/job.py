@@ -11,26 +11,32 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any
 
 import ray
-from pydantic import BaseModel
 
-from mmrad.config import SFTJobConfig
+from mmrad.config import ConfigError, SFTJobConfig, with_absolute_paths
 from mmrad.data.loading import DecodeSpec, build_dataset, ordered_rows, rank_datasets
-from mmrad.data.manifest import read_manifest
+from mmrad.data.manifest import defect_types_by_category, read_manifest
 from mmrad.ray_env import init_ray
 from mmrad.runinfo import write_run_info
-from mmrad.sft.plan import StepPlan
+from mmrad.sft.plan import (
+    DataOrder,
+    DataOrderError,
+    SFTProgress,
+    StepPlan,
+    check_data_order,
+    records_fingerprint,
+)
 from mmrad.sft.worker import sft_worker
-from mmrad.storage import Storage, absolute, join
+from mmrad.storage import Storage, join
+from mmrad.train.checkpoint import STATE_FILE
+from mmrad.train.core import make_torch_trainer
 from mmrad.train.progress import run_with_progress
 
 log = logging.getLogger(__name__)
-TrainingJob = TypeVar("TrainingJob", bound=BaseModel)
 
 CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
@@ -44,36 +50,36 @@ class SFTResult:
     best_val_loss: float | None
 
 
-def defect_types_by_category(records: list[dict]) -> dict[str, list[str]]:
-    """The 'domain knowledge' of each category: the defect labels its training data shows."""
-    found: dict[str, set[str]] = defaultdict(set)
-    for record in records:
-        found[record["category"]].update(record["labels"])
-    return {category: sorted(labels) for category, labels in found.items()}
-
-
-def committed_position(storage: Storage, run_uri: str, plan: StepPlan) -> tuple[int, int]:
-    """``(epoch, start position)`` of the last checkpoint Ray committed, else ``(0, 0)``.
-
-    Only a hint to avoid decoding images a resumed run would skip anyway: workers skip
-    positions by their own restored state, so a stale hint costs time, never samples."""
+def committed_progress(storage: Storage, run_uri: str) -> SFTProgress | None:
+    """The SFT state of the last checkpoint Ray committed in ``run_uri``, if any."""
     try:
         snapshot = json.loads(storage.read_text(join(run_uri, CHECKPOINT_SNAPSHOT)))
         name = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
-        state = json.loads(storage.read_text(join(run_uri, name, "trainer_state.json")))
+        state = json.loads(storage.read_text(join(run_uri, name, STATE_FILE)))
+        return SFTProgress(**state["extra"])
     except Exception:
+        return None
+
+
+def start_position(progress: SFTProgress | None, plan: StepPlan) -> tuple[int, int]:
+    """``(epoch, start position)`` of a committed checkpoint, else ``(0, 0)``.
+
+    Only a hint to avoid decoding images a resumed run would skip anyway: workers skip
+    positions by their own restored state, so a stale hint costs time, never samples."""
+    if progress is None:
         return 0, 0
-    epoch, in_epoch = state["epoch"], state["step_in_epoch"]
-    if in_epoch >= plan.steps_per_epoch:
-        return epoch + 1, 0
-    return epoch, plan.start_position(in_epoch)
+    if progress.step_in_epoch >= plan.steps_per_epoch:
+        return progress.epoch + 1, 0
+    return progress.epoch, plan.start_position(progress.step_in_epoch)
 
 
-def build_datasets(job: SFTJobConfig, storage: Storage, train: list, val: list, plan: StepPlan):
+def build_datasets(
+    job: SFTJobConfig, storage: Storage, train: list, val: list, plan: StepPlan,
+    progress: SFTProgress | None,
+):  # fmt: skip
     ray.data.DataContext.get_current().enable_progress_bars = False  # the driver draws one bar
     spec = DecodeSpec.from_config(storage, job.data)
-    run_uri = join(job.run.storage_path, job.run.name)
-    first_epoch, start = committed_position(storage, run_uri, plan)
+    first_epoch, start = start_position(progress, plan)
     epochs_needed = -(-plan.total_steps // plan.steps_per_epoch)
     datasets = {}
     for epoch in range(first_epoch, epochs_needed):
@@ -82,41 +88,9 @@ def build_datasets(job: SFTJobConfig, storage: Storage, train: list, val: list, 
             start=start if epoch == first_epoch else 0, batch_size=job.data.batch_size,
         )  # fmt: skip
         datasets.update({f"train_e{epoch}_r{rank}": ds for rank, ds in enumerate(shards)})
-    val_rows = ordered_rows(sorted(val, key=lambda r: r["id"])[: job.train.val_samples], seed=0)
+    val_rows = ordered_rows(sorted(val, key=lambda r: r["id"])[: job.validation.samples], seed=0)
     datasets["val"] = build_dataset(val_rows, spec, job.data.batch_size)
     return datasets
-
-
-def make_trainer(job: SFTJobConfig, storage: Storage, spec: dict, datasets: dict):
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    resources = {"CPU": job.scaling.cpus_per_worker}
-    if job.scaling.use_gpu:
-        resources["GPU"] = job.scaling.gpus_per_worker
-    filesystem, path = storage.arrow_filesystem(job.run.storage_path)
-    return TorchTrainer(
-        sft_worker,
-        train_loop_config=spec,
-        scaling_config=ScalingConfig(
-            num_workers=job.scaling.num_workers,
-            use_gpu=job.scaling.use_gpu,
-            resources_per_worker=resources,
-        ),
-        run_config=RunConfig(
-            name=job.run.name,
-            storage_path=path,
-            storage_filesystem=filesystem,
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=job.run.num_to_keep,
-                checkpoint_score_attribute="val_loss",
-                checkpoint_score_order="min",
-            ),
-            failure_config=FailureConfig(max_failures=job.run.max_failures),
-        ),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=[]),
-    )
 
 
 def chosen_checkpoint(result, which: str):
@@ -129,7 +103,7 @@ def chosen_checkpoint(result, which: str):
 @ray.remote(num_cpus=0.5)
 def export_task(job_dict: dict, checkpoint, out_uri: str) -> str:
     """Load the base model, the checkpoint's weights and export (runs on a worker node)."""
-    from mmrad.sft.export_step import export_checkpoint
+    from mmrad.train.export import export_checkpoint
 
     job = SFTJobConfig.model_validate(job_dict)
     with tempfile.TemporaryDirectory(prefix="mmrad-export-") as scratch:
@@ -138,18 +112,27 @@ def export_task(job_dict: dict, checkpoint, out_uri: str) -> str:
         return export_checkpoint(job, folder, out_uri)
 
 
-def with_absolute_paths(job: TrainingJob) -> TrainingJob:
-    """Local paths as the driver sees them, so every worker reads and writes the same
-    (SFT and GRPO jobs: ``model``, ``data``, ``run`` and ``export`` sections)."""
-    job = job.model_copy(deep=True)
-    if Path(job.model.path).exists():  # else a hub id or s3://
-        job.model.path = absolute(job.model.path)
-    job.model.cache_dir = absolute(job.model.cache_dir)
-    job.data.manifest = absolute(job.data.manifest)
-    job.run.storage_path = absolute(job.run.storage_path)
-    if job.export.out:
-        job.export.out = absolute(job.export.out)
-    return job
+def step_plan(job: SFTJobConfig, samples: int) -> StepPlan:
+    plan = StepPlan(
+        samples=samples,
+        world_size=job.learners.num_workers,
+        batch_size=job.learners.micro_batch_size,
+        grad_accum=job.learners.grad_accum,
+        epochs=job.schedule.epochs,
+        max_steps=job.schedule.max_steps,
+    )
+    plan.check()
+    return plan
+
+
+def data_order(job: SFTJobConfig, train: list[dict[str, Any]]) -> DataOrder:
+    return DataOrder(
+        seed=job.data.seed,
+        manifest=records_fingerprint(train),
+        world_size=job.learners.num_workers,
+        micro_batch_size=job.learners.micro_batch_size,
+        grad_accum=job.learners.grad_accum,
+    )
 
 
 def run_sft(job: SFTJobConfig) -> SFTResult:
@@ -157,26 +140,26 @@ def run_sft(job: SFTJobConfig) -> SFTResult:
     init_ray(job.ray)
     storage = Storage.from_config(job.storage)
     run_uri = join(job.run.storage_path, job.run.name)
-    write_run_info(storage, run_uri, job, job.train.seed)
     records = read_manifest(storage, job.data.manifest)
     train = [r for r in records if r["split"] == "train"]
     val = [r for r in records if r["split"] == "val"] or train
-    plan = StepPlan(
-        samples=len(train),
-        world_size=job.scaling.num_workers,
-        batch_size=job.train.batch_size_per_worker,
-        grad_accum=job.train.grad_accum,
-        epochs=job.train.epochs,
-        max_steps=job.train.max_steps,
-    )
-    plan.check()
+    plan = step_plan(job, len(train))
+    order = data_order(job, train)
+    progress = committed_progress(storage, run_uri)
+    try:
+        check_data_order(progress and progress.data_order, order, f"run {run_uri}")
+    except DataOrderError as err:
+        raise ConfigError(str(err)) from None
+    write_run_info(storage, run_uri, job, job.schedule.seed)
     spec = {
         "config": job.model_dump(mode="json"),
         "plan": asdict(plan),
+        "data_order": asdict(order),
         "run_uri": run_uri,
         "defect_types": defect_types_by_category(train),
     }
-    trainer = make_trainer(job, storage, spec, build_datasets(job, storage, train, val, plan))
+    datasets = build_datasets(job, storage, train, val, plan, progress)
+    trainer = make_torch_trainer(sft_worker, job, spec, datasets=datasets, best_by="val_loss")
     result = run_with_progress(f"SFT {job.run.name}", job.run.name, trainer.fit)
     checkpoint = chosen_checkpoint(result, job.export.checkpoint)
     out_uri = job.export.out or join(run_uri, "export")

@@ -46,6 +46,19 @@ answer is a few hundred characters, and the bound keeps adversarial input cheap.
 MAX_NUMBER_CHARS = 32
 """Longer digit runs are not coordinates."""
 
+GENERIC_REASONING = {
+    True: (
+        "Compared with a normal sample of the product, the query image shows regions "
+        "that deviate from the expected appearance; these regions are the anomalies."
+    ),
+    False: (
+        "Compared with a normal sample of the product, the query image matches the "
+        "expected appearance everywhere; the sample is normal."
+    ),
+}
+"""The think block of an answer made from a record without reasoning text (SFT targets,
+GRPO's ground-truth and flipped samples); the no-reasoning variant has no think block."""
+
 _DECISION_NOISE = " \t\r\n*\"'`([:"  # what may precede a decision word: markdown, quotes
 _TOKEN_NOISE = " \t\r\n\u0120\u010a\u2581>"  # whitespace, BPE markers Ġ Ċ ▁, tag remnant
 

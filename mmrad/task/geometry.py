@@ -1,6 +1,6 @@
 """Box and image-grid geometry: the one place that knows how pixels are counted.
 
-Conventions (shared/DESIGN.md):
+Conventions (docs/architecture.md, "Records and boxes"):
 - A box is ``[x1, y1, x2, y2]`` in pixel-edge coordinates: x2 and y2 are exclusive, so a
   mask component covering columns 10..19 has ``x1 = 10, x2 = 20`` and area
   ``(x2 - x1) * (y2 - y1)``.

@@ -53,6 +53,15 @@ def check_rate_names(names: Sequence[str]) -> None:
         raise ValueError(f"objective terms {unknown} are not among {list(RATE_KEYS)}")
 
 
+def objective_value(metrics: Mapping[str, Any], terms: Sequence[str]) -> float | None:
+    """A sum of named rates (for example ``[loc_f1]`` or ``[det_accuracy, loc_accuracy]``):
+    GRPO's ``val/objective``, the metric a sweep maximises. None when one is undefined."""
+    values = [metrics.get(term) for term in terms]
+    if any(v is None for v in values):
+        return None
+    return float(sum(values))
+
+
 @dataclass(frozen=True)
 class ImageOutcome:
     """What one answer scores on one image: the counts every metric is built from."""

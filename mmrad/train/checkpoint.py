@@ -1,6 +1,7 @@
 """Checkpoints of a sharded model: DCP shards of the trainable weights and the optimizer
 (every rank writes its own part into its own folder; Ray Train merges the folders of one
-report into one checkpoint), plus the loop's state and each rank's RNG.
+report into one checkpoint), the scheduler, each rank's RNG, and ``trainer_state.json``:
+the step and the job's own ``extra`` state.
 
 With LoRA only the adapter is saved: the frozen base comes from the model path again.
 """
@@ -9,8 +10,8 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,25 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 WEIGHTS_DIR = "weights"
 STATE_FILE = "trainer_state.json"
-
-
-@dataclass
-class TrainerState:
-    """What the loop needs to continue exactly where it stopped."""
-
-    step: int = 0  # optimizer steps committed, all epochs
-    epoch: int = 0
-    step_in_epoch: int = 0
-    best_val_loss: float | None = None
-    best_step: int | None = None
-    trained_ids: list[str] = field(default_factory=list)  # in commit order, every rank
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> TrainerState:
-        return cls(**json.loads(text))
+SCHEDULER_FILE = "scheduler.pt"
 
 
 WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
@@ -77,22 +60,44 @@ def save_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler,
-    state: TrainerState,
+    step: int,
+    extra: dict[str, Any],
     rank: int,
     only_trainable: bool,
 ) -> None:
-    """Collective: every rank calls it with its own (empty) ``folder``."""
+    """Collective: every rank calls it with its own (empty) ``folder``; rank 0's
+    ``extra`` (JSON types) is kept."""
     model_state, optim_state = _sharded_state(model, optimizer, only_trainable)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=folder / WEIGHTS_DIR)
-    rng = {
+    torch.save(rng_states(), folder / rng_file(rank))
+    if rank == 0:
+        (folder / STATE_FILE).write_text(json.dumps({"step": step, "extra": extra}))
+        torch.save(scheduler.state_dict(), folder / SCHEDULER_FILE)
+
+
+def rng_file(rank: int) -> str:
+    return f"rng_rank{rank}.pt"
+
+
+def rng_states() -> dict[str, Any]:
+    """Every generator a step may draw from: Python's, NumPy's, torch's CPU one and, on
+    GPUs, each device's."""
+    states = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
     }
-    torch.save(rng, folder / f"rng_rank{rank}.pt")
-    if rank == 0:
-        (folder / STATE_FILE).write_text(state.to_json())
-        torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def load_checkpoint(
@@ -102,7 +107,9 @@ def load_checkpoint(
     scheduler,
     rank: int,
     only_trainable: bool,
-) -> TrainerState:
+) -> tuple[int, dict[str, Any]]:
+    """Collective: restore the weights, optimizer, scheduler and this rank's RNG from
+    ``folder``; returns the checkpoint's step and ``extra`` state."""
     model_state, optim_state = _sharded_state(model, optimizer, only_trainable)
     loaded = {"model": model_state, "optim": optim_state}
     dcp.load(loaded, checkpoint_id=folder / WEIGHTS_DIR)
@@ -113,14 +120,12 @@ def load_checkpoint(
         optim_state_dict=loaded["optim"],
         options=StateDictOptions(strict=not only_trainable),
     )
-    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
-    rng_file = folder / f"rng_rank{rank}.pt"
-    if rng_file.exists():
-        rng = torch.load(rng_file, weights_only=False)
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-    return TrainerState.from_json((folder / STATE_FILE).read_text())
+    scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, weights_only=False))
+    rng = folder / rng_file(rank)
+    if rng.exists():  # absent when the world size changed: a rank of its own has no past
+        set_rng_states(torch.load(rng, weights_only=False))
+    state = json.loads((folder / STATE_FILE).read_text())
+    return state["step"], state["extra"]
 
 
 def full_model_state(model: nn.Module, on_gpu: bool, only_trainable: bool = False) -> dict:

@@ -1,10 +1,10 @@
-"""Export a saved SFT checkpoint as a plain Hugging Face directory (+ ``mmrad.json``)."""
+"""Export a saved training checkpoint as a plain Hugging Face directory (+ ``mmrad.json``),
+on one node without a process group (the checkpoint's DCP shards are read whole)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from mmrad.config import SFTJobConfig
 from mmrad.model.export import export_model, load_training_state
 from mmrad.model.loading import load_model, load_processor, resolve_model_path
 from mmrad.model.lora import apply_lora
@@ -12,9 +12,10 @@ from mmrad.storage import Storage
 from mmrad.train.checkpoint import load_weights_without_process_group, trainable_keys
 
 
-def export_checkpoint(job: SFTJobConfig, folder: Path, out_uri: str) -> str:
-    """Rebuild the training model on CPU, read the checkpoint's weights (the adapter, or
-    every weight in full fine-tuning) and export it; returns the export's URI."""
+def export_checkpoint(job, folder: Path, out_uri: str) -> str:
+    """Rebuild ``job``'s training model on CPU (its ``model``, ``lora``, ``prompt`` and
+    ``export`` sections), read the checkpoint's weights (the adapter, or every weight in
+    full fine-tuning) and export it; returns the export's URI."""
     storage = Storage.from_config(job.storage)
     path = resolve_model_path(job.model.path, storage, job.model.cache_dir)
     model = apply_lora(load_model(path, job.model.dtype), job.lora)

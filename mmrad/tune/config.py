@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from mmrad.config import (
+    PathField,
     RayConfig,
     Section,
     StageConfig,
@@ -23,7 +24,7 @@ from mmrad.config import (
 )
 from mmrad.rl.config import GRPOJobConfig
 from mmrad.task.metrics import RATE_KEYS, check_rate_names
-from mmrad.tune_space import Dimension, apply_params
+from mmrad.tune.space import Dimension, apply_params
 
 OBJECTIVE_METRIC = "val/objective"
 
@@ -46,7 +47,7 @@ class TrialSection(Section):
 
 
 class TuneRunSection(Section):
-    storage_path: str = Field("runs/tune", description="Local folder or s3:// prefix.")
+    storage_path: str = PathField("runs/tune", "Local folder or s3:// prefix.")
     name: str = Field("sweep-tiny", description="Sweep name: rerunning it resumes the sweep.")
 
 

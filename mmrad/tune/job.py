@@ -19,14 +19,13 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from mmrad.config import validate_config
+from mmrad.config import validate_config, with_absolute_paths
 from mmrad.ray_env import init_ray
 from mmrad.rl.config import GRPOJobConfig
-from mmrad.sft.job import with_absolute_paths
-from mmrad.storage import Storage, absolute, join
-from mmrad.tune_config import OBJECTIVE_METRIC, TuneJobConfig, trial_base
-from mmrad.tune_report import write_sweep_outputs
-from mmrad.tune_space import apply_params, to_tune_space
+from mmrad.storage import Storage, join
+from mmrad.tune.config import OBJECTIVE_METRIC, TuneJobConfig, trial_base
+from mmrad.tune.report import write_sweep_outputs
+from mmrad.tune.space import apply_params, to_tune_space
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +112,7 @@ def make_tuner(job: TuneJobConfig, base: dict[str, Any], sweep_uri: str, storage
 def run_tune(job: TuneJobConfig) -> TuneResult:
     base_job = with_absolute_paths(validate_config(GRPOJobConfig, trial_base(job)))
     base = base_job.model_dump(mode="json")
-    # trials run in their own working directories: every local path must be absolute
-    job = job.model_copy(deep=True)
-    job.run.storage_path = absolute(job.run.storage_path)
+    job = with_absolute_paths(job)  # trials run in their own working directories
     init_ray(job.ray)
     storage = Storage.from_config(job.storage)
     sweep_uri = join(job.run.storage_path, job.run.name)

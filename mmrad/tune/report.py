@@ -15,8 +15,8 @@ import yaml
 from mmrad.config import validate_config
 from mmrad.rl.config import GRPOJobConfig
 from mmrad.storage import Storage, join
-from mmrad.tune_config import OBJECTIVE_METRIC, TuneJobConfig
-from mmrad.tune_space import apply_params
+from mmrad.tune.config import OBJECTIVE_METRIC, TuneJobConfig
+from mmrad.tune.space import apply_params
 
 RESULTS_CSV = "results.csv"
 RESULTS_MD = "results.md"

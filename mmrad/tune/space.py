@@ -5,7 +5,7 @@ A search space is declared in YAML as dotted GRPO config keys, each with a distr
     search_space:
       rewards.weights.localization: {uniform: [0.5, 2.0]}
       rewards.params.localization.threshold: {choice: [0.3, 0.5, 0.7]}
-      algorithm.lr: {loguniform: [1.0e-6, 1.0e-4]}
+      optimizer.lr: {loguniform: [1.0e-6, 1.0e-4]}
 
 Pure: no Ray Tune objects are built until :func:`to_tune_space` is called.
 """
@@ -13,7 +13,7 @@ Pure: no Ray Tune objects are built until :func:`to_tune_space` is called.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import Field, model_validator
@@ -84,12 +84,3 @@ def apply_params(config: Mapping[str, Any], params: Mapping[str, Any]) -> dict[s
             node = child
         node[leaf] = value
     return result
-
-
-def objective_value(metrics: Mapping[str, Any], terms: Sequence[str]) -> float | None:
-    """The sweep's objective: the sum of the named validation metrics (for example
-    ``[loc_f1]`` or ``[det_accuracy, loc_accuracy]``); None when one is undefined."""
-    values = [metrics.get(term) for term in terms]
-    if any(v is None for v in values):
-        return None
-    return float(sum(values))

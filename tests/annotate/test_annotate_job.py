@@ -11,9 +11,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from mmrad.config import ConfigError, load_config
-from mmrad.data.manifest import read_manifest
-from mmrad.eval.annotate import (
+from mmrad.annotate.config import AnnotateJobConfig
+from mmrad.annotate.job import (
     ACCEPTANCE_NAME,
     REJECTED_NAME,
     AnnotateError,
@@ -22,10 +21,11 @@ from mmrad.eval.annotate import (
     select_records,
     write_annotation,
 )
-from mmrad.eval.annotate_config import AnnotateJobConfig
+from mmrad.config import ConfigError, load_config
+from mmrad.data.manifest import read_manifest
 from mmrad.eval.consistency import REASONS
 from mmrad.storage import Storage
-from mmrad.task.answer import format_answer, parse_answer
+from mmrad.task.answer import GENERIC_REASONING, format_answer, parse_answer
 
 CONFIG = "configs/local/annotate.yaml"
 TEACHER_REASONING = (
@@ -87,8 +87,8 @@ def test_config_refuses_to_overwrite_the_input_and_to_skip_reasoning(tmp_path):
 
 
 def test_bad_jobs_fail_before_ray_starts(tmp_path, monkeypatch):
+    from mmrad.annotate.job import run_annotate
     from mmrad.data.manifest import write_manifest
-    from mmrad.eval.annotate import run_annotate
     from mmrad.eval.endpoint import EndpointConfigError
 
     source = write_manifest(Storage(), [record("a", reasoning="done")], str(tmp_path / "in"))
@@ -157,8 +157,8 @@ def test_report_tables_and_figures(tmp_path):
     import numpy as np
     from PIL import Image
 
+    from mmrad.annotate.report import write_annotate_report
     from mmrad.config import PixelBudget
-    from mmrad.eval.annotate_report import write_annotate_report
 
     storage = Storage()
     records = []
@@ -216,7 +216,7 @@ def assert_counts_add_up(result, out_dir: Path, images: int, n: int) -> dict:
 
 @pytest.fixture(scope="module")
 def tiny_teacher_run(ray_cluster, tiny_model, synthetic_local, tmp_path_factory):
-    from mmrad.eval.annotate import run_annotate
+    from mmrad.annotate.job import run_annotate
 
     root = tmp_path_factory.mktemp("annotate-tiny")
     before = sha256(synthetic_local)
@@ -271,7 +271,7 @@ def test_annotated_manifest_trains_with_sft_unchanged(
     one's target is the teacher's reasoning, the others' the generic one."""
     from transformers import AutoProcessor
 
-    from mmrad.model.collate import GENERIC_REASONING, SFTCollator
+    from mmrad.model.collate import SFTCollator
     from mmrad.sft.job import run_sft
     from mmrad.task.geometry import grid_scale, model_grid, to_model_grid
     from mmrad.task.prompt import PromptVariant
@@ -299,12 +299,12 @@ def test_annotated_manifest_trains_with_sft_unchanged(
     assert summary["manifest"]["annotated"] == 1
     assert summary["manifest"]["kept_without_reasoning"] == 9
 
-    steps = ("train.max_steps=2", "train.checkpoint_every=2", "scaling.num_workers=1")
+    steps = ("schedule.max_steps=2", "schedule.checkpoint_every=2", "learners.num_workers=1")
     result = run_sft(sft_config(tiny_model, uri, str(tmp_path / "sft"), "annotated", *steps))
     losses = [m["train/loss"] for m in read_metrics(storage, result.run_uri) if "train/loss" in m]
     assert len(losses) == 2 and all(0 < loss < 100 for loss in losses)
     state = json.loads((Path(result.run_uri) / "checkpoint_000002/trainer_state.json").read_text())
-    assert set(state["trained_ids"]) == {r["id"] for r in records if r["split"] == "train"}
+    assert set(state["extra"]["trained_ids"]) == {r["id"] for r in records if r["split"] == "train"}
     # what the SFT collator (the worker's own target builder) trains on for each record
     collator = SFTCollator(AutoProcessor.from_pretrained(tiny_model), PromptVariant())
     rows = {r["id"]: r for r in read_manifest(storage, uri)}

@@ -8,7 +8,6 @@ import torch
 
 from mmrad.config import LoraConfig, PixelBudget
 from mmrad.model.collate import (
-    GENERIC_REASONING,
     IGNORE_INDEX,
     ImageTokenMismatch,
     SFTCollator,
@@ -17,7 +16,7 @@ from mmrad.model.collate import (
 from mmrad.model.loading import load_model, load_processor
 from mmrad.model.lora import apply_lora, trainable_summary
 from mmrad.model.tiny import build_tiny_model
-from mmrad.task.answer import format_answer
+from mmrad.task.answer import GENERIC_REASONING, format_answer
 from mmrad.task.prompt import PromptVariant
 
 NO_IMAGE = np.zeros((0, 0, 3), dtype=np.uint8)

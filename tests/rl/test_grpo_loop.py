@@ -24,7 +24,6 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from mmrad.config import load_config
@@ -36,6 +35,7 @@ from mmrad.rl.job import run_grpo
 from mmrad.rl.metrics import read_samples
 from mmrad.storage import Storage
 from mmrad.train.metrics_log import read_metrics
+from tests.helpers.processes import ray_processes
 
 pytestmark = pytest.mark.e2e
 
@@ -67,8 +67,10 @@ def steps_of(run_uri: str) -> list[dict]:
 
 
 def grpo_state(run_uri: str) -> dict:
+    """The latest checkpoint's step and GRPO state (coordinator, ledger)."""
     latest = sorted(Path(run_uri).glob("checkpoint_[0-9]*"))[-1]
-    return json.loads((latest / "grpo_state.json").read_text())
+    state = json.loads((latest / "trainer_state.json").read_text())
+    return {"step": state["step"], **state["extra"]}
 
 
 def data_order(manifest: str, seed: int = 0) -> list[str]:
@@ -84,7 +86,7 @@ def assert_sync_is_real(rows: list[dict]) -> None:
 
 
 SHORT_RUN = ("sync=full", "algorithm.max_staleness=1", "algorithm.contrastive_sampling=true",
-             "algorithm.lr=0.0003", "algorithm.kl_beta=0.01", "rollout.prompts_per_step=2",
+             "optimizer.lr=0.0003", "algorithm.kl_beta=0.01", "rollout.prompts_per_step=2",
              "rollout.max_tokens=96",
              "schedule.checkpoint_every=1", "schedule.sample_table_every=1",
              "schedule.sample_table_rows=4")  # fmt: skip
@@ -122,7 +124,10 @@ def test_full_sync_overlap_and_logging(short_run):
         "clip_ratio/region_mean", "completions/mean_length", "completions/max_length",
         "rollout/tokens_per_s", "time/rollout", "time/reward", "time/learner", "time/sync",
         "time/wait", "mismatch/mean_abs", "mismatch/max_abs", "version_lag", "loss/policy",
-        "grad_norm", "tis/mean_weight", "sync/logprob_max_abs_diff",
+        "tis/mean_weight", "sync/logprob_max_abs_diff",
+        # the names SFT logs too
+        "train/loss", "train/grad_norm", "train/lr", "perf/tokens_per_s",
+        "perf/peak_memory_mb_per_worker",
     }  # fmt: skip
     assert expected <= names, sorted(expected - names)
     samples = read_samples(result.run_uri)
@@ -160,16 +165,8 @@ def test_rerun_continues_with_the_next_prompts(short_run, synthetic_local):
 
 
 def rollout_engines_generating() -> list[int]:
-    """Rollout engines of this test's Ray (descendants of this process) busy generating."""
-    busy = []
-    for process in psutil.Process().children(recursive=True):
-        try:
-            title = process.cmdline()[0] if process.cmdline() else ""
-        except psutil.Error:
-            continue
-        if title.startswith("ray::RolloutWorker.generate"):
-            busy.append(process.pid)
-    return busy
+    """Rollout engines of this test's Ray busy generating."""
+    return [p.pid for p in ray_processes("ray::RolloutWorker.generate")]
 
 
 def kill_an_engine_mid_step(run_uri: str, after_step: int, killed: list[int]) -> None:
@@ -193,7 +190,7 @@ LEARNING_STEPS = 12
 LEARNING_RUN = ("sync=lora", "algorithm.max_staleness=0", "rollout.num_workers=1",
                 "rollout.cpus_per_worker=0.6", "rollout.prompts_per_step=4",
                 "rollout.group_size=8", "rollout.temperature=1.0", "rollout.max_tokens=160",
-                "rewards.weights={format: 1.0}", "algorithm.lr=0.002",
+                "rewards.weights={format: 1.0}", "optimizer.lr=0.002",
                 "algorithm.aggregation=seq-mean-token-mean",
                 "algorithm.kl_beta=0.001", "algorithm.dynamic_sampling=true",
                 "algorithm.max_sampling_tries=2", "algorithm.tis_cap=null",

@@ -12,7 +12,7 @@ from mmrad.config import load_config
 from mmrad.eval.config import EvalJobConfig
 from mmrad.eval.job import run_eval
 from mmrad.storage import Storage
-from tests.eval.test_annotate_job import TEST_RUN, assert_counts_add_up, job
+from tests.annotate.test_annotate_job import TEST_RUN, assert_counts_add_up, job
 from tests.eval.test_eval_job import read_json, read_predictions
 
 pytestmark = pytest.mark.integration
@@ -34,7 +34,7 @@ def test_serve_deployment_as_teacher(
     ray_cluster, serve_endpoint, synthetic_local, tmp_path, monkeypatch
 ):
     """Our own Serve deployment, reached as an OpenAI-compatible endpoint on 127.0.0.1."""
-    from mmrad.eval.annotate import run_annotate
+    from mmrad.annotate.job import run_annotate
 
     annotate_job = job(
         f"input={synthetic_local}", f"output={tmp_path}/out", f"run.storage_path={tmp_path}",

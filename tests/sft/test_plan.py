@@ -33,8 +33,7 @@ def test_warmup_then_cosine_to_the_floor():
 
 
 def test_local_paths_become_absolute_for_the_workers(tmp_path, monkeypatch):
-    from mmrad.config import SFTJobConfig, load_config
-    from mmrad.sft.job import with_absolute_paths
+    from mmrad.config import SFTJobConfig, load_config, with_absolute_paths
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models" / "tiny").mkdir(parents=True)

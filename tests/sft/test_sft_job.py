@@ -1,24 +1,28 @@
-"""SFT on a real local Ray cluster: Ray Train V2, FSDP over gloo, 2 CPU workers.
-Full-weight FSDP2 training is checked on the session's ``sft_trained`` run
-(tests/sft/test_sft_quality.py)."""
+"""SFT on a real local Ray cluster: Ray Train V2, FSDP over gloo, 2 CPU workers: resume
+proven against an uninterrupted run (local and S3, rerun and a killed worker), with a
+negative control. Full-weight FSDP2 training is checked on the session's ``sft_trained``
+run (tests/sft/test_sft_quality.py)."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import threading
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 
+from mmrad.config import ConfigError
 from mmrad.model.export import read_export_info
 from mmrad.sft.job import run_sft
-from mmrad.storage import Storage
+from mmrad.storage import Storage, join
 from mmrad.train.metrics_log import read_metrics
 from tests.conftest import TEST_BUCKET
+from tests.helpers.checkpoints import (
+    committed_step,
+    differences,
+    drop_optimizer_state,
+    latest_checkpoint,
+    read_checkpoint,
+)
+from tests.helpers.processes import kill_one_when, train_workers
 from tests.sft.helpers import sft_config
 
 pytestmark = pytest.mark.e2e
@@ -28,91 +32,131 @@ def losses(run_uri: str) -> list[float]:
     return [row["train/loss"] for row in read_metrics(Storage(), run_uri) if "train/loss" in row]
 
 
-def final_state(run_uri: str) -> dict:
-    latest = sorted(Path(run_uri).glob("checkpoint_[0-9]*"))[-1]
-    return json.loads((latest / "trainer_state.json").read_text())
+def loss_steps(run_uri: str) -> list[int]:
+    return [row["step"] for row in read_metrics(Storage(), run_uri) if "train/loss" in row]
 
 
-def test_fsdp1_lora_checkpoints_and_export_land_on_s3(ray_cluster, tiny_model, synthetic_local):
-    """FSDP1 with LoRA (full weights on FSDP2 is the session's ``sft_trained``), on S3."""
+def final_checkpoint(run_uri: str) -> dict:
+    return read_checkpoint(Storage(), latest_checkpoint(Storage(), run_uri))
+
+
+def run_with_a_kill(job, after_step: int):
+    """Run ``job`` while a Train worker is SIGKILLed once Ray Train has committed the
+    checkpoint of ``after_step``; returns the result, or the error when the run failed
+    (``run.max_failures=0``)."""
+    run_uri = join(job.run.storage_path, job.run.name)
+    ready = lambda: committed_step(Storage(), run_uri) >= after_step  # noqa: E731
+    killer, killed = kill_one_when(ready, train_workers)
+    try:
+        outcome = run_sft(job)
+    except Exception as err:  # the stop that a rerun continues from
+        outcome = err
+    killer.join()
+    assert killed, "no Train worker was killed"
+    return outcome
+
+
+def stopped_at_step_4(*args) -> list[dict]:
+    """The first part of an interrupted run: a worker dies after the step-4 checkpoint is
+    committed and, with no restarts allowed, the run fails. Returns the metrics rows of
+    the committed steps, which a rerun that resumes (rather than starts over) keeps as
+    they are. The rerun uses the very same config (a first run with ``max_steps=4``
+    would have another learning-rate schedule)."""
+    job = sft_config(*args, *RESUME, "run.max_failures=0")
+    assert isinstance(run_with_a_kill(job, 4), Exception), "the run was meant to stop"
+    run_uri = join(job.run.storage_path, job.run.name)
+    step = committed_step(Storage(), run_uri)
+    assert 2 <= step < STEPS - 1  # at least 2 steps before and 2 after the interruption
+    return [row for row in read_metrics(Storage(), run_uri) if row["step"] <= step]
+
+
+def assert_resumed_from(before: list[dict], run_uri: str) -> None:
+    """The rerun kept the first part's rows of its committed steps to the letter (their
+    timestamps included): it resumed there. A run that started over would have logged
+    them anew."""
+    rows = read_metrics(Storage(), run_uri)
+    assert rows[: len(before)] == before
+
+
+STEPS = 8
+RESUME = ("lora.enabled=true", "learners.fsdp.version=1", f"schedule.max_steps={STEPS}",
+          "schedule.checkpoint_every=2", "schedule.epochs=2", "run.max_failures=2")  # fmt: skip
+"""FSDP1 with LoRA here; full weights on FSDP2 are the session's ``sft_trained``, FSDP2
+with LoRA the GRPO learners'. The learning rate is > 0 and changes every step (cosine)."""
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_cluster, tiny_model, synthetic_local, tmp_path_factory):
+    """The reference: the same 8 steps without any interruption; its final checkpoint."""
+    job = sft_config(tiny_model, synthetic_local, str(tmp_path_factory.mktemp("clean")), "clean",
+                     *RESUME)  # fmt: skip
+    return final_checkpoint(run_sft(job).run_uri)
+
+
+def assert_same_as_uninterrupted(resumed: dict, uninterrupted: dict) -> None:
+    """Exactly equal on CPU (float32, gloo, one thread order): the weights, AdamW's
+    moments and step counts, the scheduler and its learning rate, every rank's RNG
+    states, and the data position with every trained sample id in order."""
+    assert any(key.startswith("optim.state.") and key.endswith("exp_avg_sq") for key in resumed)
+    assert {"rng_rank0", "rng_rank1", "scheduler"} <= resumed.keys()
+    assert resumed["trainer_state"]["step"] == STEPS
+    assert len(resumed["trainer_state"]["extra"]["trained_ids"]) == STEPS * 2 * 4
+    assert differences(resumed, uninterrupted) == []
+
+
+def test_rerun_and_a_killed_worker_continue_exactly(uninterrupted, tiny_model, synthetic_local,
+                                                     tmp_path):  # fmt: skip
+    """One run interrupted twice, on local disk: it stops after its step-4 checkpoint and
+    is rerun under the same name, and during the rerun a Train worker is SIGKILLed after
+    the step-6 checkpoint (Ray Train restarts the group from it). The final state equals
+    the uninterrupted run's, and the metrics hold each step once."""
+    before = stopped_at_step_4(tiny_model, synthetic_local, str(tmp_path), "again")
+    job = sft_config(tiny_model, synthetic_local, str(tmp_path), "again", *RESUME)
+    result = run_with_a_kill(job, 6)
+    assert_resumed_from(before, result.run_uri)
+    assert_same_as_uninterrupted(final_checkpoint(result.run_uri), uninterrupted)
+    assert loss_steps(result.run_uri) == list(range(1, STEPS + 1))
+
+    other_order = sft_config(tiny_model, synthetic_local, str(tmp_path), "again", *RESUME,
+                             "learners.micro_batch_size=2")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"another data order \(micro_batch_size 4 -> 2\)"):
+        run_sft(other_order)
+
+
+def test_a_resume_on_s3_continues_exactly_and_keeps_every_row(uninterrupted, tiny_model,
+                                                                synthetic_local):  # fmt: skip
     storage_path = f"s3://{TEST_BUCKET}/sft-runs"
-    job = sft_config(
-        tiny_model, synthetic_local, storage_path, "on-s3", "fsdp.version=1",
-        "lora.enabled=true", "train.max_steps=4", "train.checkpoint_every=2",
-    )  # fmt: skip
-    result = run_sft(job)
+    before = stopped_at_step_4(tiny_model, synthetic_local, storage_path, "on-s3")
+    result = run_sft(sft_config(tiny_model, synthetic_local, storage_path, "on-s3", *RESUME))
+    assert_resumed_from(before, result.run_uri)
+    assert_same_as_uninterrupted(final_checkpoint(result.run_uri), uninterrupted)
+    assert loss_steps(result.run_uri) == list(range(1, STEPS + 1))  # none lost, none twice
     curve = losses(result.run_uri)
-    assert len(curve) == 4 and curve[-1] < curve[0]
-    objects = Storage().list(f"{storage_path}/on-s3")
-    names = {uri.split("/on-s3/", 1)[1] for uri in objects}
-    assert {"checkpoint_000002/trainer_state.json", "checkpoint_000004/trainer_state.json"} <= names
-    assert any(name.startswith("checkpoint_000004/weights/") for name in names)
-    assert {"config.yaml", "run_info.json", "metrics.jsonl"} <= names
+    assert curve[-1] < curve[0]
+
+    names = {uri.split("/on-s3/", 1)[1] for uri in Storage().list(f"{storage_path}/on-s3")}
+    assert {"checkpoint_000008/trainer_state.json", "config.yaml", "run_info.json",
+            "metrics.jsonl"} <= names  # fmt: skip
+    assert any(name.startswith("checkpoint_000008/weights/") for name in names)
     assert result.export_uri == f"{storage_path}/on-s3/export"
     assert read_export_info(result.export_uri, Storage())["lora"] == "merged"
     assert "export/model.safetensors" in names
 
 
-def train_worker_pids() -> list[int]:
-    return [
-        p.pid
-        for p in psutil.process_iter(["cmdline"])
-        if p.info["cmdline"] and p.info["cmdline"][0].startswith("ray::RayTrainWorker")
-    ]
-
-
-def kill_a_worker_after(run_uri: str, step: int, killed: list[int]) -> None:
-    """SIGKILL one Train worker once the run has logged ``step`` (no injected exception)."""
-    deadline = time.monotonic() + 600
-    metrics = Path(run_uri) / "metrics.jsonl"
-    while time.monotonic() < deadline and not killed:
-        if metrics.exists() and any(
-            json.loads(line).get("step", 0) >= step for line in metrics.read_text().splitlines()
-        ):
-            pids = train_worker_pids()
-            if pids:
-                os.kill(pids[-1], signal.SIGKILL)
-                killed.append(pids[-1])
-                return
-        time.sleep(0.2)
-
-
-RESUME_OVERRIDES = ("lora.enabled=true", "train.max_steps=12", "train.checkpoint_every=3",
-                    "train.epochs=2", "run.max_failures=2")  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(ray_cluster, tiny_model, synthetic_local, tmp_path_factory):
-    """The reference: the same 12 steps without any interruption."""
-    storage_path = str(tmp_path_factory.mktemp("clean"))
-    job = sft_config(tiny_model, synthetic_local, storage_path, "clean", *RESUME_OVERRIDES)
-    return final_state(run_sft(job).run_uri)["trained_ids"]
-
-
-def test_rerun_and_a_killed_worker_both_continue_and_train_each_sample_once(
-    uninterrupted, tiny_model, synthetic_local, tmp_path
-):
-    """One run interrupted twice, checked against the uninterrupted one: it stops after 6
-    steps and is rerun under the same name (continuing at step 7), and during the rerun a
-    Train worker is SIGKILLed after step 8 (no injected exception; Ray Train restarts the
-    group from the last checkpoint). The same samples in the same order, none twice, none
-    skipped."""
-    first = sft_config(tiny_model, synthetic_local, str(tmp_path), "again", *RESUME_OVERRIDES,
-                       "train.max_steps=6")  # fmt: skip
-    run_sft(first)
-    assert len(final_state(str(tmp_path / "again"))["trained_ids"]) == 6 * 2 * 4
-
-    killed: list[int] = []
-    killer = threading.Thread(target=kill_a_worker_after, args=(str(tmp_path / "again"), 8, killed))
-    killer.start()
-    second = sft_config(tiny_model, synthetic_local, str(tmp_path), "again", *RESUME_OVERRIDES)
-    result = run_sft(second)
-    killer.join()
-    assert killed, "no Train worker was killed"
-
-    assert len(uninterrupted) == 12 * 2 * 4  # steps x workers x batch
-    assert final_state(result.run_uri)["trained_ids"] == uninterrupted
-    steps = [row["step"] for row in read_metrics(Storage(), result.run_uri) if "train/loss" in row]
-    assert steps[:7] == list(range(1, 8))  # the rerun started at step 7
-    assert sorted(set(steps)) == list(range(1, 13))
-    assert len(steps) > 12  # the steps after the last checkpoint before the kill ran twice
+def test_a_resume_without_the_optimizer_state_is_caught(uninterrupted, tiny_model,
+                                                         synthetic_local, tmp_path):  # fmt: skip
+    """The negative control: the same stop and rerun, but the resumed checkpoint's AdamW
+    state zeroed in between (as a resume that re-initialised the optimizer). The comparison
+    that passes above must fail here, in the moments and in the weights they move."""
+    before = stopped_at_step_4(tiny_model, synthetic_local, str(tmp_path), "amnesia")
+    drop_optimizer_state(Path(latest_checkpoint(Storage(), str(tmp_path / "amnesia"))))
+    result = run_sft(sft_config(tiny_model, synthetic_local, str(tmp_path), "amnesia", *RESUME))
+    assert_resumed_from(before, result.run_uri)
+    resumed = final_checkpoint(result.run_uri)
+    differ = differences(resumed, uninterrupted)
+    assert any(key.endswith("exp_avg_sq") for key in differ), differ
+    assert any(key.startswith("model.") and "lora_" in key for key in differ), differ
+    # the same steps over the same samples: only the optimizer's state was lost
+    state, reference = resumed["trainer_state"], uninterrupted["trainer_state"]
+    assert state["step"] == reference["step"]
+    assert state["extra"]["trained_ids"] == reference["extra"]["trained_ids"]

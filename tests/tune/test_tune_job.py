@@ -18,8 +18,8 @@ import yaml
 from mmrad.config import ConfigError, load_config, read_yaml
 from mmrad.rl.config import GRPOJobConfig
 from mmrad.rl.job import run_grpo
-from mmrad.tune import TRIAL_RUNS, run_tune
-from mmrad.tune_config import TuneJobConfig, trial_base
+from mmrad.tune.config import TuneJobConfig, trial_base
+from mmrad.tune.job import TRIAL_RUNS, run_tune
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs/local/tune.yaml"

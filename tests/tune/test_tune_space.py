@@ -6,7 +6,8 @@ import pytest
 from pydantic import ValidationError
 from ray import tune
 
-from mmrad.tune_space import Dimension, apply_params, objective_value, to_tune_space
+from mmrad.task.metrics import objective_value
+from mmrad.tune.space import Dimension, apply_params, to_tune_space
 
 
 def test_each_distribution_becomes_its_tune_domain():
