@@ -125,17 +125,24 @@ class Engine:
     def generate(
         self,
         items: Sequence[Prompt],
-        sampling: Sampling = Sampling(),  # noqa: B008 (frozen, safe to share)
+        sampling: Sampling | Sequence[Sampling] = Sampling(),  # noqa: B008 (frozen)
         lora: LoraHandle | None = None,
     ) -> list[list[Completion]]:
         """``sampling.n`` completions per item, in input order; every item runs with
-        ``lora`` (or with the base weights when ``None``)."""
+        ``lora`` (or with the base weights when ``None``). ``sampling`` may be one per
+        item (each with its own seed, say)."""
         if not items:
             return []
         prompts = [self.request(item) for item in items]
+        if isinstance(sampling, Sampling):
+            params = sampling.to_vllm()
+        elif len(sampling) == len(items):
+            params = [one.to_vllm() for one in sampling]
+        else:
+            raise ValueError(f"{len(items)} prompts but {len(sampling)} samplings")
         start = time.perf_counter()
         outputs = self._vllm().generate(
-            prompts, sampling.to_vllm(), lora_request=_lora_request(lora), use_tqdm=False
+            prompts, params, lora_request=_lora_request(lora), use_tqdm=False
         )
         seconds = time.perf_counter() - start
         completions = [[completion_from_output(o) for o in out.outputs] for out in outputs]

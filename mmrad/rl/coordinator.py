@@ -58,7 +58,7 @@ from mmrad.rl.batch import (
 from mmrad.rl.config import GRPOJobConfig
 from mmrad.rl.metrics import advantage_metrics, rollout_metrics, validation_metrics
 from mmrad.rl.prompts import DataPosition, PromptItem, PromptStream
-from mmrad.rl.rollout import Rollout, RolloutPrompt, WeightUpdate
+from mmrad.rl.rollout import Rollout, RolloutPrompt, WeightUpdate, rollout_seed
 from mmrad.storage import Storage
 from mmrad.task.answer import GENERIC_REASONING
 from mmrad.task.prompt import PromptVariant
@@ -299,10 +299,10 @@ class Coordinator:
             items = self.stream.take(count)
             draws += 1
             drawn.extend(item.prompt_id for item in items)
-            groups = self._rollouts(items, timing)
+            groups = self._rollouts(items, timing, step)
             sampled.extend(groups)
             if job.algorithm.contrastive_sampling:
-                groups = self._contrastive(groups, timing, counts)
+                groups = self._contrastive(groups, timing, counts, step)
             candidates.extend(groups)
             if not dynamic:
                 break
@@ -334,9 +334,18 @@ class Coordinator:
             batch.probe = choose_probe(kept)
         return batch
 
-    def _rollouts(self, items: list[PromptItem], timing: dict[str, float]) -> list[Group]:
+    def _seed(self, step: int, prompt_id: str) -> int:
+        return rollout_seed(self.job.schedule.seed, step, prompt_id)
+
+    def _rollouts(
+        self, items: list[PromptItem], timing: dict[str, float], step: int
+    ) -> list[Group]:
+        """``G`` samples of each item for batch ``step``, seeded per (prompt, batch)."""
         started = time.perf_counter()
-        prompts = [RolloutPrompt(item.prompt_id, item.inputs()) for item in items]
+        prompts = [
+            RolloutPrompt(item.prompt_id, item.inputs(), seed=self._seed(step, item.prompt_id))
+            for item in items
+        ]
         rollouts = self.pool.generate(prompts, self.sampling)
         scored = time.perf_counter()
         groups = [
@@ -363,7 +372,7 @@ class Coordinator:
     # -- contrastive sampling -------------------------------------------------------------
 
     def _contrastive(
-        self, groups: list[Group], timing: dict[str, float], counts: dict[str, int]
+        self, groups: list[Group], timing: dict[str, float], counts: dict[str, int], step: int
     ) -> list[Group]:
         flat = [g for g in groups if not g.has_variance]
         if not flat:
@@ -371,7 +380,7 @@ class Coordinator:
         started = time.perf_counter()
         positives = {id(g): self._written(g, ground_truth=True) for g in flat}
         want_negative = [g for g in flat if positives[id(g)].reward <= g.samples[0].reward]
-        adversarial = self._adversarial(want_negative, timing)
+        adversarial = self._adversarial(want_negative, timing, step)
         repaired = {}
         for group in flat:
             negatives = [*adversarial.get(id(group), []), self._written(group, ground_truth=False)]
@@ -383,19 +392,18 @@ class Coordinator:
         return [repaired.get(id(g), g) for g in groups]
 
     def _adversarial(
-        self, groups: list[Group], timing: dict[str, float]
+        self, groups: list[Group], timing: dict[str, float], step: int
     ) -> dict[int, list[Sample]]:
         """One sample per group from a prompt that asks for the opposite verdict, scored
         as an answer to the real prompt (it has no sampling log-probs of that prompt)."""
         if not groups:
             return {}
         started = time.perf_counter()
-        prompts = [
-            RolloutPrompt(
-                f"{g.item.prompt_id}#adversarial", g.item.inputs(adversarial_hint(g.item))
-            )
-            for g in groups
-        ]
+        prompts = []
+        for g in groups:
+            prompt_id = f"{g.item.prompt_id}#adversarial"
+            inputs = g.item.inputs(adversarial_hint(g.item))
+            prompts.append(RolloutPrompt(prompt_id, inputs, seed=self._seed(step, prompt_id)))
         rollouts = self.pool.generate(prompts, replace(self.sampling, n=1))
         timing["time/rollout"] += time.perf_counter() - started
         return {

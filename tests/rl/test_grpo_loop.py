@@ -35,7 +35,14 @@ from mmrad.rl.job import run_grpo
 from mmrad.rl.metrics import read_samples
 from mmrad.storage import Storage
 from mmrad.train.metrics_log import read_metrics
-from tests.helpers.processes import ray_processes
+from tests.conftest import TEST_BUCKET
+from tests.helpers.checkpoints import (
+    committed_step,
+    differences,
+    latest_checkpoint,
+    read_checkpoint,
+)
+from tests.helpers.processes import busy_train_workers, kill_one_when, ray_processes
 
 pytestmark = pytest.mark.e2e
 
@@ -232,3 +239,56 @@ def test_lora_sync_learns_the_format_and_survives_a_killed_engine(
     first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
     assert last > first + 0.15, rewards
     assert read_export_info(result.export_uri, Storage())["lora"] == "merged"
+
+
+EXACT_STEPS = 4
+EXACT_RUN = ("sync=lora", "algorithm.max_staleness=0", "rollout.prompts_per_step=2",
+             "rollout.max_tokens=64", "optimizer.lr=0.001", f"schedule.max_steps={EXACT_STEPS}",
+             "schedule.checkpoint_every=2", "schedule.sync_check_every=0",
+             "schedule.sample_table_every=1", "schedule.sample_table_rows=2")  # fmt: skip
+"""On-policy (``max_staleness: 0``) with rollouts seeded per (run seed, batch, prompt):
+a resumed run samples, scores and trains exactly what the uninterrupted one did."""
+
+
+@pytest.fixture(scope="module")
+def grpo_uninterrupted(sft_trained, synthetic_local, tmp_path_factory):
+    storage = str(tmp_path_factory.mktemp("grpo-clean"))
+    result = run_grpo(grpo_config(sft_trained.export_uri, synthetic_local, storage, "clean",
+                                  *EXACT_RUN))  # fmt: skip
+    return read_checkpoint(Storage(), latest_checkpoint(Storage(), result.run_uri))
+
+
+def test_a_killed_learner_and_a_rerun_on_s3_continue_exactly(
+    grpo_uninterrupted, sft_trained, synthetic_local
+):
+    """On S3: a learner is SIGKILLed while it computes (not while it waits for its
+    batch in ``Coordinator.shard``) after the step-2 checkpoint; with no restarts allowed
+    the run fails, and the same command again continues it. Its final checkpoint equals
+    the uninterrupted run's: the LoRA weights, AdamW's moments, the scheduler, every
+    rank's RNG, the coordinator's data position and version, and the prompt ledger; the
+    metrics and the sample table hold each step once."""
+    storage, export = f"s3://{TEST_BUCKET}/grpo-runs", sft_trained.export_uri
+    run_uri = f"{storage}/resumed"
+    ready = lambda: committed_step(Storage(), run_uri) == 2  # noqa: E731 (steps 3-4 run)
+    killer, killed = kill_one_when(ready, busy_train_workers)
+    with pytest.raises(Exception):  # noqa: B017 (Ray Train's error for a dead worker group)
+        run_grpo(grpo_config(export, synthetic_local, storage, "resumed", *EXACT_RUN,
+                             "run.max_failures=0"))  # fmt: skip
+    killer.join()
+    assert killed, "no learner was killed"
+    assert committed_step(Storage(), run_uri) == 2
+    before = [row for row in read_metrics(Storage(), run_uri) if row["step"] <= 2]
+
+    result = run_grpo(grpo_config(export, synthetic_local, storage, "resumed", *EXACT_RUN))
+    assert read_metrics(Storage(), run_uri)[: len(before)] == before  # resumed, not restarted
+    resumed = read_checkpoint(Storage(), latest_checkpoint(Storage(), result.run_uri))
+    assert resumed["trainer_state"]["step"] == EXACT_STEPS
+    ledger = resumed["trainer_state"]["extra"]["ledger"]
+    assert [entry["step"] for entry in ledger] == list(range(1, EXACT_STEPS + 1))
+    assert any(key.endswith("exp_avg_sq") for key in resumed)
+    assert differences(resumed, grpo_uninterrupted) == []
+    assert [row["step"] for row in steps_of(result.run_uri)] == list(range(1, EXACT_STEPS + 1))
+    samples = read_samples(result.run_uri)
+    assert [row["step"] for row in samples] == sorted(row["step"] for row in samples)
+    assert {row["step"] for row in samples} == set(range(1, EXACT_STEPS + 1))
+    assert len(samples) == 2 * EXACT_STEPS  # schedule.sample_table_rows per step, once

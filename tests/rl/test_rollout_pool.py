@@ -222,6 +222,28 @@ def test_group_of_rollouts_per_prompt(pool, processor):
         pool.submit([batch[0], batch[0]], sampling)
 
 
+def test_rollout_seeds_are_fixed_per_run_batch_and_prompt():
+    from mmrad.rl.rollout import rollout_seed
+
+    assert rollout_seed(0, 3, "a@0") == rollout_seed(0, 3, "a@0")
+    seeds = {rollout_seed(s, b, p) for s in (0, 1) for b in (0, 1) for p in ("a@0", "b@0")}
+    assert len(seeds) == 8 and all(0 <= seed < 2**31 for seed in seeds)
+
+
+@pytest.mark.integration
+def test_seeded_prompts_sample_the_same_group_on_any_worker(pool):
+    """What makes a resumed GRPO run sample what the uninterrupted one did: a prompt's
+    own seed decides its G completions, whichever worker and batch position it gets."""
+    seeded = [RolloutPrompt(f"s{i}", inspection(i), seed=100 + i) for i in range(3)]
+    sampling = Sampling(n=3, temperature=1.0, max_tokens=12)
+    first = pool.generate(seeded, sampling)
+    again = pool.generate(seeded[::-1], sampling)[::-1]  # s2 moves to worker 0, s0 to 1
+    assert first[0][0].worker != again[0][0].worker
+    assert [[r.token_ids for r in g] for g in first] == [[r.token_ids for r in g] for g in again]
+    other = pool.generate([RolloutPrompt("s0", inspection(0), seed=7)], sampling)[0]
+    assert [r.token_ids for r in other] != [r.token_ids for r in first[0]]
+
+
 @pytest.mark.integration
 def test_sync_full_weights_then_lora(pool, synced):
     import torch
