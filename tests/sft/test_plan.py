@@ -48,3 +48,33 @@ def test_local_paths_become_absolute_for_the_workers(tmp_path, monkeypatch):
     assert resolved.run.storage_path == "s3://b/r"
     assert with_absolute_paths(load_config(SFTJobConfig, None, ["model.path=Org/hub-model"])
                                ).model.path == "Org/hub-model"  # fmt: skip
+
+
+def _record(record_id: str, **changes) -> dict:
+    record = {"id": record_id, "image_uri": f"{record_id}.png", "reference_uri": None,
+              "is_anomalous": False, "boxes": [], "labels": [], "defect_type": "good",
+              "reasoning": None, "category": "brick"}  # fmt: skip
+    return {**record, **changes}
+
+
+def test_the_record_fingerprint_follows_content_not_order():
+    from mmrad.sft.plan import records_fingerprint
+
+    records = [_record("a"), _record("b")]
+    assert records_fingerprint(records) == records_fingerprint(records[::-1])
+    assert records_fingerprint(records) != records_fingerprint(records[:1])
+    changed = [_record("a"), _record("b", boxes=[[1.0, 2.0, 3.0, 4.0]], labels=["hole"])]
+    assert records_fingerprint(records) != records_fingerprint(changed)
+
+
+def test_a_resume_under_another_data_order_names_what_changed():
+    from dataclasses import asdict, replace
+
+    from mmrad.sft.plan import DataOrder, DataOrderError, check_data_order
+
+    saved = DataOrder(seed=0, manifest="abc", world_size=2, micro_batch_size=4, grad_accum=1)
+    check_data_order(None, saved, "run r")  # a fresh run has nothing to agree with
+    check_data_order(asdict(saved), saved, "run r")
+    now = replace(saved, world_size=4, grad_accum=2)
+    with pytest.raises(DataOrderError, match=r"run r: .*world_size 2 -> 4; grad_accum 1 -> 2"):
+        check_data_order(asdict(saved), now, "run r")
