@@ -32,7 +32,7 @@ from mmrad.sft.plan import (
 )
 from mmrad.sft.worker import sft_worker
 from mmrad.storage import Storage, join
-from mmrad.train.checkpoint import STATE_FILE
+from mmrad.train.checkpoint import STATE_FILE, read_trainer_state
 from mmrad.train.core import make_torch_trainer
 from mmrad.train.progress import run_with_progress
 
@@ -51,14 +51,19 @@ class SFTResult:
 
 
 def committed_progress(storage: Storage, run_uri: str) -> SFTProgress | None:
-    """The SFT state of the last checkpoint Ray committed in ``run_uri``, if any."""
+    """The SFT state of the last checkpoint Ray committed in ``run_uri``, if any; a
+    checkpoint this version cannot resume is a :class:`ConfigError`."""
     try:
         snapshot = json.loads(storage.read_text(join(run_uri, CHECKPOINT_SNAPSHOT)))
         name = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
-        state = json.loads(storage.read_text(join(run_uri, name, STATE_FILE)))
-        return SFTProgress(**state["extra"])
+        state_uri = join(run_uri, name, STATE_FILE)
+        text = storage.read_text(state_uri)
     except Exception:
-        return None
+        return None  # no committed checkpoint: a fresh run
+    try:
+        return SFTProgress(**read_trainer_state(state_uri, text)[1])
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"run {run_uri}: {err}") from None
 
 
 def start_position(progress: SFTProgress | None, plan: StepPlan) -> tuple[int, int]:

@@ -110,6 +110,7 @@ def load_checkpoint(
 ) -> tuple[int, dict[str, Any]]:
     """Collective: restore the weights, optimizer, scheduler and this rank's RNG from
     ``folder``; returns the checkpoint's step and ``extra`` state."""
+    step, extra = read_trainer_state(folder / STATE_FILE)
     model_state, optim_state = _sharded_state(model, optimizer, only_trainable)
     loaded = {"model": model_state, "optim": optim_state}
     dcp.load(loaded, checkpoint_id=folder / WEIGHTS_DIR)
@@ -124,7 +125,18 @@ def load_checkpoint(
     rng = folder / rng_file(rank)
     if rng.exists():  # absent when the world size changed: a rank of its own has no past
         set_rng_states(torch.load(rng, weights_only=False))
-    state = json.loads((folder / STATE_FILE).read_text())
+    return step, extra
+
+
+def read_trainer_state(path: Path | str, text: str | None = None) -> tuple[int, dict[str, Any]]:
+    """``(step, extra)`` of a checkpoint's ``trainer_state.json`` (``text``: its content,
+    when already read from an object store)."""
+    state = json.loads(Path(path).read_text() if text is None else text)
+    if not isinstance(state, dict) or "extra" not in state:
+        raise ValueError(
+            f"{path}: a checkpoint of an older mmrad (before SFT and GRPO shared one "
+            "trainer core); it cannot be resumed: start a new run (another run.name)"
+        )
     return state["step"], state["extra"]
 
 

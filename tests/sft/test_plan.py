@@ -78,3 +78,23 @@ def test_a_resume_under_another_data_order_names_what_changed():
     now = replace(saved, world_size=4, grad_accum=2)
     with pytest.raises(DataOrderError, match=r"run r: .*world_size 2 -> 4; grad_accum 1 -> 2"):
         check_data_order(asdict(saved), now, "run r")
+
+
+def test_the_driver_reads_the_committed_progress_and_refuses_an_old_checkpoint(tmp_path):
+    import json
+
+    from mmrad.config import ConfigError
+    from mmrad.sft.job import committed_progress
+    from mmrad.storage import Storage
+
+    assert committed_progress(Storage(), str(tmp_path)) is None  # a fresh run
+    snapshot = {"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_000004"}}
+    (tmp_path / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
+    state = tmp_path / "checkpoint_000004" / "trainer_state.json"
+    state.parent.mkdir()
+    state.write_text(json.dumps({"step": 4, "extra": {"epoch": 1, "step_in_epoch": 2}}))
+    progress = committed_progress(Storage(), str(tmp_path))
+    assert (progress.epoch, progress.step_in_epoch) == (1, 2)
+    state.write_text(json.dumps({"step": 4, "epoch": 1, "step_in_epoch": 2}))  # the old layout
+    with pytest.raises(ConfigError, match="checkpoint of an older mmrad"):
+        committed_progress(Storage(), str(tmp_path))
