@@ -276,17 +276,19 @@ def kill_a_computing_learner_after(run_uri: str, step: int):
     return kill_one_when(ready, busy_train_workers)
 
 
-def test_killed_learners_a_rerun_and_a_restart_on_s3_continue_exactly(
-    grpo_uninterrupted, sft_trained, synthetic_local
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_killed_learners_a_rerun_and_a_restart_continue_exactly(
+    where, grpo_uninterrupted, sft_trained, synthetic_local, tmp_path
 ):
-    """On S3: a learner is SIGKILLed after the step-2 checkpoint and, with no restarts
-    allowed, the run fails; the same command again continues it, and during that rerun
-    another learner is SIGKILLed after step 3 (Ray Train restarts the learners, the
-    coordinator lives on). The final checkpoint equals the uninterrupted run's: the LoRA
-    weights, AdamW's moments, the scheduler, every rank's RNG, the coordinator's data
-    position and version, and the prompt ledger; the metrics and the sample table hold
-    each step once."""
-    storage, export = f"s3://{TEST_BUCKET}/grpo-runs", sft_trained.export_uri
+    """On local disk and on S3: a learner is SIGKILLed after the step-2 checkpoint and,
+    with no restarts allowed, the run fails; the same command again continues it, and
+    during that rerun another learner is SIGKILLed after step 3 (Ray Train restarts the
+    learners, the coordinator lives on). The final checkpoint equals the uninterrupted
+    run's: the LoRA weights, AdamW's moments, the scheduler, every rank's RNG, the
+    coordinator's data position and version, and the prompt ledger; the metrics and the
+    sample table hold each step once."""
+    storage = f"s3://{TEST_BUCKET}/grpo-runs" if where == "s3" else str(tmp_path)
+    export = sft_trained.export_uri
     run_uri = f"{storage}/resumed"
     killer, killed = kill_a_computing_learner_after(run_uri, 2)
     with pytest.raises(Exception):  # noqa: B017 (Ray Train's error for a dead worker group)
