@@ -1,2 +1,2 @@
-"""Pieces shared by the SFT job and the GRPO learners: sharding, schedules, checkpoints,
-metrics and progress."""
+"""The one trainer core of the SFT workers and the GRPO learners (``core.py``) and its
+parts: sharding, schedule, checkpoints, metrics log, export, progress."""
