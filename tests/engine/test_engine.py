@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -251,6 +252,22 @@ def test_sampling_n_with_seed(engine):
     assert len({c.token_ids for c in group}) > 1  # seeds seed, seed+1, seed+2
     (again,) = engine.generate(ITEMS[:1], sampling)
     assert [c.token_ids for c in again] == [c.token_ids for c in group]
+
+
+@pytest.mark.integration
+def test_one_sampling_per_item_keeps_each_items_own_seed(engine):
+    """Per-item samplings (what GRPO's seeded rollouts send): each item samples as it
+    would alone with its own seed, whatever its neighbour in the call."""
+    base = Sampling(n=2, temperature=1.0, max_tokens=MAX_TOKENS, logprobs=0)
+    first, second = replace(base, seed=11), replace(base, seed=12)
+    together = engine.generate(ITEMS, [first, second])
+    alone = [engine.generate([item], [sampling])[0]
+             for item, sampling in zip(ITEMS, (first, second), strict=True)]  # fmt: skip
+    assert [[c.token_ids for c in g] for g in together] == [[c.token_ids for c in g] for g in alone]
+    reseeded = engine.generate(ITEMS[:1], [replace(base, seed=13)])[0]
+    assert [c.token_ids for c in reseeded] != [c.token_ids for c in together[0]]
+    with pytest.raises(ValueError, match="2 prompts but 1 samplings"):
+        engine.generate(ITEMS, [first])
 
 
 @pytest.mark.integration
