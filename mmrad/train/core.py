@@ -42,6 +42,7 @@ from mmrad.storage import Storage
 from mmrad.train.checkpoint import load_checkpoint, save_checkpoint
 from mmrad.train.distributed import all_max, checkpoint_dir_name, clip_gradients, peak_memory_mb
 from mmrad.train.metrics_log import MetricsLog, metrics_dir
+from mmrad.train.restore import checkpoint_folder
 from mmrad.train.schedule import warmup_cosine
 from mmrad.train.sharding import shard_model
 
@@ -183,9 +184,10 @@ class TrainerCore:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return 0, {}
-        with checkpoint.as_directory() as folder:
+        local_rank = ray.train.get_context().get_local_rank()
+        with checkpoint_folder(checkpoint, local_rank) as folder:
             step, extra = load_checkpoint(
-                Path(folder), self.model, self.optimizer, self.scheduler, self.rank,
+                folder, self.model, self.optimizer, self.scheduler, self.rank,
                 self.trains_adapter,
             )  # fmt: skip
         log.info("rank %d resumed at step %d", self.rank, step)

@@ -10,6 +10,12 @@ import torch
 import torch.distributed as dist
 
 
+def barrier() -> None:
+    """Wait for every rank (a no-op outside a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def checkpoint_dir_name(step: int) -> str:
     return f"checkpoint_{step:06d}"
 
