@@ -17,6 +17,9 @@ os.environ["AWS_SECRET_ACCESS_KEY"] = TEST_SECRET_KEY
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.pop("AWS_PROFILE", None)
 os.environ.pop("AWS_SESSION_TOKEN", None)
+# Every trainer process refuses collectives that NCCL would refuse (see
+# mmrad.train.collective_guard); Ray workers inherit this from the session.
+os.environ["MMRAD_CHECK_COLLECTIVES"] = "1"
 
 TEST_BUCKET = "mmrad-test"
 WARM_WORKERS = 6

@@ -39,6 +39,7 @@ import ray.train
 import torch
 
 from mmrad.storage import Storage
+from mmrad.train import collective_guard
 from mmrad.train.checkpoint import load_checkpoint, save_checkpoint
 from mmrad.train.distributed import all_max, checkpoint_dir_name, clip_gradients, peak_memory_mb
 from mmrad.train.metrics_log import MetricsLog, metrics_dir
@@ -106,6 +107,7 @@ class TrainerCore:
     ):
         from mmrad.model.loading import resolve_model_path
 
+        collective_guard.install()
         self.job = job
         self.run_uri = run_uri
         context = ray.train.get_context()

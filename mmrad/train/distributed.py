@@ -1,6 +1,14 @@
 """Small collectives and step helpers that every Ray Train loop (SFT, GRPO learners)
 shares: reductions of Python numbers over ranks, gradient clipping for FSDP1 and FSDP2,
-peak memory, moving a batch to the device, checkpoint folder names."""
+peak memory, moving a batch to the device, checkpoint folder names.
+
+Reductions run on the process group's own device: this process's GPU under NCCL (Ray
+Train's backend on GPUs), the CPU under gloo. Rejected: ``TorchConfig(backend=
+"cpu:gloo,cuda:nccl")``, which would let CPU tensors through on GPUs but opens a second
+(gloo, TCP) communicator per group beside NCCL for a few numbers per step. Every tensor
+mmrad hands to a collective is made by :func:`group_tensor`, which
+:mod:`mmrad.train.collective_guard` checks for.
+"""
 
 from __future__ import annotations
 
@@ -32,14 +40,37 @@ def clip_gradients(model, params: list[torch.nn.Parameter], max_norm: float, ver
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
+GROUP_TENSOR = "_mmrad_group_tensor"
+"""Attribute marking a tensor made by :func:`group_tensor` (see the collective guard)."""
+
+
+def device_for_backend(backend: str) -> torch.device:
+    """Where a collective of ``backend`` takes its tensors: NCCL has no CPU tensors."""
+    if "nccl" in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def group_device() -> torch.device:
+    """The default process group's collective device."""
+    return device_for_backend(str(dist.get_backend()))
+
+
+def group_tensor(values: list[float], dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``values`` as a tensor on the process group's device, ready for a collective."""
+    tensor = torch.tensor(values, dtype=dtype, device=group_device())
+    setattr(tensor, GROUP_TENSOR, True)
+    return tensor
+
+
 def all_sum(value: float) -> float:
-    tensor = torch.tensor([value], dtype=torch.float64)
+    tensor = group_tensor([value])
     dist.all_reduce(tensor)
     return float(tensor.item())
 
 
 def all_max(value: float) -> float:
-    tensor = torch.tensor([value], dtype=torch.float64)
+    tensor = group_tensor([value])
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return float(tensor.item())
 
@@ -48,7 +79,7 @@ def all_mean(values: dict[str, float]) -> dict[str, float]:
     """Each value averaged over ranks (one collective for the whole dict; every rank
     must pass the same keys)."""
     keys = sorted(values)
-    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    tensor = group_tensor([float(values[k]) for k in keys])
     dist.all_reduce(tensor)
     tensor /= dist.get_world_size()
     return dict(zip(keys, tensor.tolist(), strict=True))
