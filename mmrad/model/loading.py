@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from mmrad.config import PixelBudget
+from mmrad.model.hf import ATTN_IMPLEMENTATION, load_model  # noqa: F401  (their home for callers)
 from mmrad.storage import Storage, StorageError, is_s3, local_path, split_s3
 
 COMPLETE_MARKER = ".mmrad-download.json"
 EXPORT_IN_PROGRESS = ".mmrad-export-in-progress"
 """Present in an ``s3://`` export while it is being (re)written; downloads refuse it."""
-ATTN_IMPLEMENTATION = "sdpa"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -141,14 +141,3 @@ def load_processor(path: str, pixels: PixelBudget):
             f"but the pixel budget says factor {pixels.factor}"
         )
     return processor
-
-
-def load_model(path: str, dtype: str, *, device: str = "cpu"):
-    """A Qwen2.5-VL-style image-text-to-text model with SDPA attention."""
-    import torch
-    from transformers import AutoModelForImageTextToText
-
-    model = AutoModelForImageTextToText.from_pretrained(
-        path, dtype=getattr(torch, dtype), attn_implementation=ATTN_IMPLEMENTATION
-    )
-    return model.to(device)

@@ -9,9 +9,11 @@ beside ``...q_proj.lora_A.default.weight`` and ``...q_proj.lora_B.default.weight
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mmrad.config import LoraConfig
+if TYPE_CHECKING:
+    from mmrad.config import LoraConfig
+
 
 ADAPTER_NAME = "default"
 
