@@ -239,7 +239,9 @@ class PromptConfig(Section):
 class FSDPConfig(Section):
     version: Literal[1, 2] = Field(2, description="FSDP2 (fully_shard) or FSDP1.")
     mixed_precision: Literal["auto", "bf16", "none"] = Field(
-        "auto", description="auto = bf16 on GPUs, none on CPUs."
+        "auto",
+        description="Compute dtype: auto = bf16 on GPUs, none (float32) on CPUs. Trained "
+        "weights and AdamW states stay float32 either way.",
     )
 
 
@@ -253,7 +255,26 @@ class LearnersConfig(Section):
         0.5, gt=0, description="Fractional on small machines so Ray Data tasks can run."
     )
     gpus_per_worker: float = Field(1.0, ge=0)
-    micro_batch_size: int = Field(4, ge=1, description="Samples per forward pass on one worker.")
+    micro_batch_size: int = Field(
+        4,
+        ge=1,
+        description="Samples per forward pass on one worker (at most, with a token budget).",
+    )
+    micro_batch_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Token budget of one forward pass (samples x padded length), samples "
+        "sorted by length; None = micro_batch_size samples each.",
+    )
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each decoder and vision block in backward (non-reentrant)."
+    )
+    logprob_chunk_tokens: int = Field(
+        1024,
+        ge=1,
+        description="Tokens whose full-vocabulary logits exist at once when computing "
+        "log-probs and the loss.",
+    )
     fsdp: FSDPConfig = Field(default_factory=FSDPConfig)
 
 
@@ -289,8 +310,14 @@ class RunSection(Section):
 
 
 class SFTLearnersConfig(LearnersConfig):
-    micro_batch_size: int = Field(2, ge=1, description="Samples per forward pass on one worker.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    micro_batch_size: int = Field(
+        2,
+        ge=1,
+        description="Samples per forward pass on one worker (at most, with a token budget).",
+    )
+    grad_accum: int = Field(
+        1, ge=1, description="Samples per worker and step = micro_batch_size x grad_accum."
+    )
 
 
 class SFTScheduleConfig(ScheduleConfig):

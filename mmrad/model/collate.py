@@ -47,7 +47,7 @@ class ImageTokenMismatch(ValueError):
 
 
 @dataclass(frozen=True)
-class _Sample:
+class EncodedSample:
     input_ids: list[int]
     labels: list[int]
     mm_token_type_ids: list[int]
@@ -94,9 +94,12 @@ class SFTCollator:
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if not rows:
             raise ValueError("cannot collate an empty list of rows")
-        samples = [self.encode(row) for row in rows]
-        batch = self._pad(samples)
-        batch["sample_ids"] = [str(row["id"]) for row in rows]
+        return self.batch([self.encode(row) for row in rows], [str(row["id"]) for row in rows])
+
+    def batch(self, samples: Sequence[EncodedSample], sample_ids: Sequence[str]) -> dict[str, Any]:
+        """Encoded samples (see :meth:`encode`) as one right-padded batch."""
+        batch = self._pad(list(samples))
+        batch["sample_ids"] = list(sample_ids)
         self.check_image_tokens(batch)
         return batch
 
@@ -120,7 +123,7 @@ class SFTCollator:
             merge_size=self.merge_size,
         )
 
-    def encode(self, row: Mapping[str, Any]) -> _Sample:
+    def encode(self, row: Mapping[str, Any]) -> EncodedSample:
         """One row → unpadded ids, labels and its images' pixels."""
         sample_id = str(row["id"])
         if row.get("error"):
@@ -148,7 +151,7 @@ class SFTCollator:
         labels = [IGNORE_INDEX] * len(input_ids)
         labels[answer_start:answer_end] = input_ids[answer_start:answer_end]
         mm_types = encoded["mm_token_type_ids"][0].tolist()
-        sample = _Sample(
+        sample = EncodedSample(
             input_ids, labels, mm_types, encoded["pixel_values"], encoded["image_grid_thw"]
         )
         return self._truncate(sample_id, sample, answer_start)
@@ -222,7 +225,7 @@ class SFTCollator:
         start = len(input_ids) - len(tail)
         return start, start + tail.index(self.end_of_turn_id) + 1
 
-    def _truncate(self, sample_id: str, sample: _Sample, answer_start: int) -> _Sample:
+    def _truncate(self, sample_id: str, sample: EncodedSample, answer_start: int) -> EncodedSample:
         limit = self.max_length
         if limit is None or len(sample.input_ids) <= limit:
             return sample
@@ -244,7 +247,7 @@ class SFTCollator:
             limit,
             len(sample.input_ids),
         )
-        return _Sample(
+        return EncodedSample(
             sample.input_ids[:limit],
             sample.labels[:limit],
             sample.mm_token_type_ids[:limit],
@@ -252,7 +255,7 @@ class SFTCollator:
             sample.image_grid_thw,
         )
 
-    def _pad(self, samples: list[_Sample]) -> dict[str, Any]:
+    def _pad(self, samples: list[EncodedSample]) -> dict[str, Any]:
         """Right padding: pads take no attention, no loss and are text tokens (type 0)."""
         length = max(len(s.input_ids) for s in samples)
         shape = (len(samples), length)

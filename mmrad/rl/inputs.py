@@ -7,7 +7,8 @@ model grid) and encoded by the model's processor without resizing, so the learne
 scores the very token sequence vLLM sampled: ``prompt ids + completion ids``. Each
 prompt is encoded once per step and shared by its group's samples.
 
-Log-probs of completion token ``j`` come from the logits at the position before it;
+Log-probs of completion token ``j`` come from the logits at the position before it,
+computed a chunk of tokens at a time (:mod:`mmrad.train.token_logprobs`);
 dividing the logits by the sampling temperature gives the distribution the engines
 sampled from (GRPO's ``old_logp`` and ``logp``), temperature 1 gives vLLM's raw
 log-probs (the mismatch metric and the importance weights compare those).
@@ -26,6 +27,11 @@ from mmrad.engine.requests import build_request
 from mmrad.model.collate import IMAGE_TOKEN, VISION_START_TOKEN, check_image_tokens
 from mmrad.rl.prompts import PromptItem
 from mmrad.task.prompt import PromptVariant
+from mmrad.train.token_logprobs import ENTROPY, LOGP, RAW, ScoredTokens, score_tokens
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values",
+                "image_grid_thw")  # fmt: skip
+"""What a collated batch passes to the model (the rest is for the loss)."""
 
 
 @dataclass(frozen=True)
@@ -121,49 +127,36 @@ class TokenLogprobs:
         return self.logp if self.raw is None else self.raw
 
 
-def completion_logits(logits: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor):
-    """``(B, C, V)`` logits predicting each completion token, and the ``(B, C)`` mask;
-    ``C`` is the longest completion."""
-    longest = max(int(lengths.max()), 1)
-    offsets = torch.arange(longest, device=logits.device)
-    positions = (starts[:, None].to(logits.device) - 1 + offsets[None, :]).clamp(
-        0, logits.shape[1] - 1
-    )
-    mask = offsets[None, :] < lengths[:, None].to(logits.device)
-    picked = logits.gather(1, positions[..., None].expand(-1, -1, logits.shape[-1]))
-    return picked, mask
+def spread(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Flat per-token ``values`` placed at the ``True`` entries of ``(B, C)`` ``mask``
+    (row-major, as :meth:`ScoredTokens.from_spans` lists them); 0 elsewhere."""
+    out = values.new_zeros(mask.shape)
+    out[mask] = values
+    return out
 
 
 def completion_logprobs(
-    logits: torch.Tensor,
-    input_ids: torch.Tensor,
-    starts: torch.Tensor,
-    lengths: torch.Tensor,
+    model: torch.nn.Module,
+    inputs: dict[str, Any],
     temperature: float = 1.0,
     *,
+    chunk_tokens: int = 1024,
     with_raw: bool = False,
     with_entropy: bool = False,
 ) -> TokenLogprobs:
-    """Log-probs of the completion tokens (see :class:`TokenLogprobs`); padding
-    positions hold 0."""
-    picked, mask = completion_logits(logits, starts, lengths)
-    longest = picked.shape[1]
-    offsets = torch.arange(longest, device=input_ids.device)
-    targets_at = (starts[:, None].to(input_ids.device) + offsets[None, :]).clamp(
-        max=input_ids.shape[1] - 1
-    )
-    targets = input_ids.gather(1, targets_at)[..., None].to(picked.device)
-    picked = picked.float()
-    tempered = torch.log_softmax(picked / temperature, dim=-1)
-    logp = tempered.gather(-1, targets).squeeze(-1).masked_fill(~mask, 0.0)
-    raw = None
-    if with_raw and temperature != 1.0:
-        raw = torch.log_softmax(picked, dim=-1).gather(-1, targets).squeeze(-1)
-        raw = raw.masked_fill(~mask, 0.0)
-    entropy = None
-    if with_entropy:
-        entropy = -(tempered.exp() * tempered).sum(-1).masked_fill(~mask, 0.0)
-    return TokenLogprobs(logp, raw, entropy, mask)
+    """Log-probs of the completion tokens of a collated batch (``inputs``: the model's
+    inputs plus ``starts`` and ``lengths``) under ``model``, from the logits of the
+    position before each token, ``chunk_tokens`` at a time (see
+    :mod:`mmrad.train.token_logprobs`); padding positions hold 0."""
+    tokens, mask = ScoredTokens.from_spans(inputs["input_ids"], inputs["starts"], inputs["lengths"])
+    stats = score_tokens(
+        model, {k: inputs[k] for k in MODEL_INPUTS if k in inputs}, tokens, chunk_tokens,
+        temperature=temperature, with_raw=with_raw and temperature != 1.0,
+        with_entropy=with_entropy,
+    )  # fmt: skip
+    raw = spread(stats[:, RAW], mask) if with_raw and temperature != 1.0 else None
+    entropy = spread(stats[:, ENTROPY], mask) if with_entropy else None
+    return TokenLogprobs(spread(stats[:, LOGP], mask), raw, entropy, mask)
 
 
 def padded(rows: Sequence[Sequence[float] | None], width: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import ray.train
@@ -58,13 +58,12 @@ from mmrad.task.prompt import PromptVariant
 from mmrad.train.checkpoint import clean_name, full_model_state
 from mmrad.train.core import TrainerCore, shared_metrics
 from mmrad.train.distributed import all_max, all_mean, to_device
+from mmrad.train.micro_batches import by_token_budget, same_count, step_weights
 from mmrad.train.progress import report_progress
 
 log = logging.getLogger(__name__)
 
 REPORTED_PREFIXES = ("reward/total", "val/")  # what train.report carries (to Tune, too)
-MODEL_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values",
-                "image_grid_thw")  # fmt: skip
 
 
 class StalenessError(RuntimeError):
@@ -94,23 +93,17 @@ class MicroBatch:
     ref_logp: torch.Tensor | None = None
     is_weights: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+    filler: bool = False
+    """Runs so that every rank runs as many micro-batches; weighs nothing, counts nowhere."""
 
 
-def micro_weight(mask: torch.Tensor, total: float, aggregation: str) -> float:
-    """This micro-batch's share of its mini-batch's aggregation denominator (tokens for
-    ``token-mean``, sequences with tokens otherwise), so summed micro-batch losses equal
-    the mini-batch's loss."""
-    if total <= 0:
-        return 0.0
+def aggregation_units(mask: torch.Tensor, aggregation: str) -> float:
+    """What a micro-batch's loss averages over: its tokens for ``token-mean``, its
+    sequences with tokens otherwise (its weight in the step, see
+    :func:`mmrad.train.micro_batches.step_weights`)."""
     if aggregation == "token-mean":
-        return float(mask.sum()) / total
-    return float((mask.sum(-1) > 0).sum()) / total
-
-
-def aggregation_total(masks: list[torch.Tensor], aggregation: str) -> float:
-    if aggregation == "token-mean":
-        return float(sum(m.sum() for m in masks))
-    return float(sum((m.sum(-1) > 0).sum() for m in masks))
+        return float(mask.sum())
+    return float((mask.sum(-1) > 0).sum())
 
 
 def split_evenly(items: list, parts: int) -> list[list]:
@@ -176,22 +169,16 @@ class GRPOLearner:
 
     # -- log-probs --------------------------------------------------------------------------
 
-    def forward(self, micro: MicroBatch, temperature: float, **what: bool):
-        inputs = to_device(micro.inputs, self.core.device)
-        model_inputs = {k: inputs[k] for k in MODEL_INPUTS}
-        logits = self.model(**model_inputs).logits
+    def forward(self, micro: MicroBatch, temperature: float, *, model=None, **what: bool):
         return completion_logprobs(
-            logits, inputs["input_ids"], inputs["starts"], inputs["lengths"], temperature, **what
-        )
+            model or self.model, to_device(micro.inputs, self.core.device), temperature,
+            chunk_tokens=self.job.learners.logprob_chunk_tokens, **what,
+        )  # fmt: skip
 
     @torch.no_grad()
     def reference_logprobs(self, micro: MicroBatch, temperature: float) -> torch.Tensor:
         if self.reference is not None:
-            inputs = to_device(micro.inputs, self.core.device)
-            logits = self.reference(**{k: inputs[k] for k in MODEL_INPUTS}).logits
-            return completion_logprobs(
-                logits, inputs["input_ids"], inputs["starts"], inputs["lengths"], temperature
-            ).logp
+            return self.forward(micro, temperature, model=self.reference).logp
         with self.model.disable_adapter():
             return self.forward(micro, temperature).logp
 
@@ -219,15 +206,21 @@ class GRPOLearner:
         )
 
     def prepare(self, shard: LearnerShard) -> list[list[MicroBatch]]:
-        """Mini-batches of micro-batches, in shard order."""
+        """Mini-batches of micro-batches (by the token budget), in shard order, each
+        mini-batch padded with fillers to the same count on every rank."""
         prompts = [self.collate.encode_prompt(item) for item in shard.prompts]
         rows = [(s.prompt, s.token_ids, s.advantage, s.sampling_logprobs) for s in shard.samples]
-        size = self.job.learners.micro_batch_size
-        minis = split_evenly(rows, self.job.algorithm.mini_batches)
-        return [
-            [self.micro_batch(prompts, mini[i : i + size]) for i in range(0, len(mini), size)]
-            for mini in minis
-        ]
+        learners = self.job.learners
+        minis = []
+        for mini in split_evenly(rows, self.job.algorithm.mini_batches):
+            lengths = [len(prompts[r[0]].input_ids) + len(r[1]) for r in mini]
+            groups = by_token_budget(
+                lengths, learners.micro_batch_size, learners.micro_batch_tokens
+            )
+            micros = [self.micro_batch(prompts, [mini[i] for i in group]) for group in groups]
+            filler = replace(micros[0], filler=True)
+            minis.append([m for m, _ in same_count(micros, [1.0] * len(micros), filler)])
+        return minis
 
     @torch.no_grad()
     def score_old(self, minis: list[list[MicroBatch]]) -> dict[str, float]:
@@ -241,14 +234,16 @@ class GRPOLearner:
             out = self.forward(micro, temperature, with_raw=True, with_entropy=True)
             micro.old_logp, micro.mask = out.logp.cpu(), out.mask.cpu()
             micro.raw_logp = out.untempered.cpu()
-            entropy_sum += float(out.entropy.sum())
-            tokens += float(out.mask.sum())
             if algorithm.kl_beta > 0:
                 micro.ref_logp = self.reference_logprobs(micro, temperature).cpu()
             compared = micro.mask & micro.sampling_mask
             if algorithm.tis_cap is not None:
                 weights = truncated_is_weights(micro.raw_logp, micro.sampling, algorithm.tis_cap)
                 micro.is_weights = torch.where(compared, weights, torch.ones_like(weights))
+            if micro.filler:
+                continue
+            entropy_sum += float(out.entropy.sum())
+            tokens += float(out.mask.sum())
             learner_rows.append(micro.raw_logp)
             sampling_rows.append(micro.sampling)
             mask_rows.append(compared)
@@ -266,17 +261,21 @@ class GRPOLearner:
         grad_norms = []
         for _ in range(algorithm.epochs):
             for mini in minis:
-                total = aggregation_total([m.mask for m in mini], algorithm.aggregation)
+                real = [m for m in mini if not m.filler]
+                units = [aggregation_units(m.mask, algorithm.aggregation) for m in real]
+                weights = iter(step_weights(units))
+                weighted = [(m, 0.0 if m.filler else next(weights)) for m in mini]
 
-                def loss_of(micro: MicroBatch, total=total) -> tuple[torch.Tensor, float]:
+                def loss_of(micro: MicroBatch) -> torch.Tensor:
                     nonlocal count
                     loss, metrics = self.micro_loss(micro, temperature)
-                    for key, value in metrics.items():
-                        sums[key] = sums.get(key, 0.0) + value
-                    count += 1
-                    return loss, micro_weight(micro.mask, total, algorithm.aggregation)
+                    if not micro.filler:
+                        for key, value in metrics.items():
+                            sums[key] = sums.get(key, 0.0) + value
+                        count += 1
+                    return loss
 
-                grad_norms.append(self.core.accumulate(mini, loss_of))
+                grad_norms.append(self.core.accumulate(weighted, loss_of))
         metrics = {key: value / max(count, 1) for key, value in sums.items()}
         metrics["grad_norm"] = sum(grad_norms) / max(len(grad_norms), 1)
         return metrics
@@ -460,7 +459,9 @@ def mismatch_metrics(
 
 
 def tis_metrics(minis: list[list[MicroBatch]], cap: float) -> dict[str, float]:
-    weights = [m.is_weights[m.mask & m.sampling_mask] for mini in minis for m in mini]
+    weights = [
+        m.is_weights[m.mask & m.sampling_mask] for mini in minis for m in mini if not m.filler
+    ]
     flat = torch.cat(weights) if weights else torch.zeros(0)
     if not flat.numel():
         return {"tis/mean_weight": 1.0, "tis/capped_share": 0.0}

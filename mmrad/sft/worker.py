@@ -21,11 +21,14 @@ import torch.distributed as dist
 
 from mmrad.config import SFTJobConfig
 from mmrad.data.loading import SkipLog
+from mmrad.model.collate import IGNORE_INDEX
 from mmrad.sft.plan import DataOrder, SFTProgress, StepPlan, check_data_order
 from mmrad.task.prompt import PromptVariant
 from mmrad.train.core import TrainerCore, shared_metrics
 from mmrad.train.distributed import all_sum, to_device
+from mmrad.train.micro_batches import by_token_budget, same_count, step_weights
 from mmrad.train.progress import report_progress
+from mmrad.train.token_logprobs import LOGP, ScoredTokens, score_tokens
 
 
 def micro_batches(rows: Iterator[dict], size: int) -> Iterator[list[dict]]:
@@ -76,44 +79,67 @@ class SFTLoop:
 
     # -- steps ---------------------------------------------------------------------------
 
-    def forward_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+    def token_nll(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        """The summed negative log-likelihood of the batch's label tokens, and their
+        count (log-probs a chunk of tokens at a time: no full-vocabulary logits)."""
         batch = to_device(batch, self.core.device)
-        batch.pop("sample_ids", None)
-        tokens = int(batch["attention_mask"].sum())
-        return self.core.model(**batch).loss, tokens
+        tokens = ScoredTokens.from_labels(batch["labels"])
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "sample_ids")}
+        stats = score_tokens(
+            self.core.model, inputs, tokens, self.job.learners.logprob_chunk_tokens
+        )
+        return -stats[:, LOGP].sum(), len(tokens)
+
+    def micro_batches_of(self, rows: list[dict]) -> list[dict[str, Any]]:
+        """This rank's usable rows of a step as micro-batches (by the token budget)."""
+        usable = list(self.skips.usable_rows(rows))
+        samples = [self.collate.encode(row) for row in usable]
+        learners = self.job.learners
+        groups = by_token_budget(
+            [len(s.input_ids) for s in samples], learners.micro_batch_size,
+            learners.micro_batch_tokens,
+        )  # fmt: skip
+        return [
+            self.collate.batch([samples[i] for i in group], [str(usable[i]["id"]) for i in group])
+            for group in groups
+        ]
 
     def train_step(self, step_rows: list[dict]) -> dict[str, float]:
-        """One optimizer step over this rank's rows, ``grad_accum`` micro-batches."""
-        accum = self.job.learners.grad_accum
-        chunks = list(micro_batches(iter(step_rows), self.job.learners.micro_batch_size))
-        ids, losses, tokens = [], [], 0
+        """One optimizer step over this rank's rows: the mean negative log-likelihood
+        over every label token of every rank."""
+        batches = self.micro_batches_of(step_rows)
+        label_tokens = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches]
+        # A filler keeps the collectives in step with the other ranks; it learns nothing.
+        weighted = same_count(batches, step_weights(label_tokens), self.val_batches[0])
+        ids = [sample_id for batch in batches for sample_id in batch["sample_ids"]]
+        real, nll_sum = {id(batch) for batch in batches}, 0.0
 
-        def loss_of(chunk: list[dict]) -> tuple[torch.Tensor, float]:
-            nonlocal tokens
-            usable = list(self.skips.usable_rows(chunk))
-            if not usable:  # keep the collectives in step with the other ranks; learn nothing
-                return self.forward_loss(self.val_batches[0])[0], 0.0
-            batch = self.collate(usable)
-            ids.extend(batch["sample_ids"])
-            loss, batch_tokens = self.forward_loss(batch)
-            losses.append(float(loss.detach()))
-            tokens += batch_tokens
-            return loss, 1.0 / accum
+        def loss_of(batch: dict[str, Any]) -> torch.Tensor:
+            nonlocal nll_sum
+            nll, count = self.token_nll(batch)
+            if id(batch) in real:
+                nll_sum += float(nll.detach())
+            return nll / max(count, 1)
 
-        grad_norm = self.core.accumulate(chunks, loss_of)
+        grad_norm = self.core.accumulate(weighted, loss_of)
         committed = gather_ids(ids)
         self.progress.trained_ids.extend(committed)
         self.core.step += 1
         self.progress.step_in_epoch += 1
-        mean_loss = all_sum(sum(losses)) / max(1.0, all_sum(len(losses)))
-        return {"loss": mean_loss, "grad_norm": grad_norm, "tokens": all_sum(tokens),
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        return {"loss": all_sum(nll_sum) / max(1.0, all_sum(sum(label_tokens))),
+                "grad_norm": grad_norm, "tokens": all_sum(tokens),
                 "samples": len(committed)}  # fmt: skip
 
     @torch.no_grad()
     def validation_loss(self) -> float:
+        """Mean negative log-likelihood per label token of this rank's val samples."""
         self.core.model.eval()
-        losses = [float(self.forward_loss(batch)[0]) for batch in self.val_batches]
-        return sum(losses) / max(1, len(losses))
+        nll_sum, count = 0.0, 0
+        for batch in self.val_batches:
+            nll, tokens = self.token_nll(batch)
+            nll_sum, count = nll_sum + float(nll), count + tokens
+        return nll_sum / max(1, count)
 
     # -- the loop ------------------------------------------------------------------------
 

@@ -3,8 +3,10 @@ the GRPO learners supply only what their step does.
 
 The core owns, once for both jobs:
 
-- the model: load (hub id, local or ``s3://`` directory through the node cache), seed,
-  LoRA, FSDP sharding; a frozen copy for a reference policy;
+- the model: load (hub id, local or ``s3://`` directory through the node cache) on rank 0
+  only, seed, LoRA, float32 trained weights, activation checkpointing, FSDP sharding
+  that broadcasts rank 0's weights (:mod:`mmrad.train.building`); a frozen copy for a
+  reference policy;
 - AdamW over the trainable parameters and the warm-up + cosine schedule;
 - the gradient-accumulated step: gradients synchronised on the last micro-batch only,
   clipped to ``optimizer.max_grad_norm``, then one optimizer and scheduler step;
@@ -40,32 +42,16 @@ import torch
 
 from mmrad.storage import Storage
 from mmrad.train import collective_guard
+from mmrad.train.building import build_model
 from mmrad.train.checkpoint import load_checkpoint, save_checkpoint
 from mmrad.train.distributed import all_max, checkpoint_dir_name, clip_gradients, peak_memory_mb
 from mmrad.train.metrics_log import MetricsLog, metrics_dir
+from mmrad.train.micro_batches import accumulate_gradients
 from mmrad.train.restore import checkpoint_folder
 from mmrad.train.schedule import warmup_cosine
-from mmrad.train.sharding import shard_model
 
 log = logging.getLogger(__name__)
 MicroBatch = TypeVar("MicroBatch")
-
-
-def build_model(job, model_path: str, device: torch.device, *, trainable: bool = True):
-    """The model as the job trains it: loaded, LoRA applied (``lora.enabled``), moved to
-    ``device`` and sharded. ``trainable=False``: a frozen copy without LoRA (a
-    reference policy)."""
-    from mmrad.model.loading import load_model
-    from mmrad.model.lora import apply_lora
-
-    model = load_model(model_path, job.model.dtype)
-    if trainable:
-        torch.manual_seed(job.schedule.seed)  # the same fresh adapter on every rank
-        model = apply_lora(model, job.lora)
-    else:
-        model.requires_grad_(False)
-        model.eval()
-    return shard_model(model.to(device), job.learners.fsdp, job.learners.use_gpu)
 
 
 def seed_everything(seed: int, rank: int) -> None:
@@ -118,10 +104,12 @@ class TrainerCore:
         seed_everything(job.schedule.seed, self.rank)
         self.model_path = resolve_model_path(job.model.path, self.storage, job.model.cache_dir)
         self.trains_adapter = job.lora.enabled
-        self.model = build_model(job, self.model_path, self.device)
+        self.model = build_model(job, self.model_path, self.device, self.rank)
         self.reference = None  # built before the restore: loading must not shift the RNG
         if with_reference:
-            self.reference = build_model(job, self.model_path, self.device, trainable=False)
+            self.reference = build_model(
+                job, self.model_path, self.device, self.rank, trainable=False
+            )
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.params, lr=job.optimizer.lr, weight_decay=job.optimizer.weight_decay
@@ -142,25 +130,15 @@ class TrainerCore:
 
     def accumulate(
         self,
-        micro_batches: Sequence[MicroBatch],
-        loss_of: Callable[[MicroBatch], tuple[torch.Tensor, float]],
+        weighted: Sequence[tuple[MicroBatch, float]],
+        loss_of: Callable[[MicroBatch], torch.Tensor],
     ) -> float:
-        """Backward ``loss * weight`` of every micro-batch (``loss_of`` returns both),
-        synchronising gradients on the last one only, then one optimizer step; returns
-        the gradient norm before clipping."""
+        """Backward ``weight x loss_of(micro)`` of every ``(micro, weight)`` pair (the
+        same count on every rank, see :mod:`mmrad.train.micro_batches`), then one
+        optimizer step; returns the gradient norm before clipping."""
         self.model.train()
-        last = len(micro_batches) - 1
-        for index, micro in enumerate(micro_batches):
-            self.gradient_sync(index == last)
-            loss, weight = loss_of(micro)
-            (loss * weight).backward()
+        accumulate_gradients(self.model, weighted, loss_of)
         return self.optimizer_step()
-
-    def gradient_sync(self, enabled: bool) -> None:
-        """FSDP2 reduce-scatters gradients only when enabled (on the last micro-batch of
-        a step); FSDP1 always does (correct, one reduction per micro-batch)."""
-        if hasattr(self.model, "set_requires_gradient_sync"):
-            self.model.set_requires_gradient_sync(enabled)
 
     def optimizer_step(self) -> float:
         norm = clip_gradients(
@@ -232,7 +210,7 @@ class TrainerCore:
             state, self.model_path, out_uri, self.storage,
             lora=job.lora if self.trains_adapter else LoraConfig(enabled=False),
             merge_lora=True, prompt=prompt, pixels=job.model.pixels,
-            base_model=job.model.path, extra=extra,
+            base_model=job.model.path, extra=extra, dtype=job.model.dtype,
         )  # fmt: skip
 
 

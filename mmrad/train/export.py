@@ -9,6 +9,7 @@ from mmrad.model.export import export_model, load_training_state
 from mmrad.model.loading import load_model, load_processor, resolve_model_path
 from mmrad.model.lora import apply_lora
 from mmrad.storage import Storage
+from mmrad.train.building import keep_trained_in_float32
 from mmrad.train.checkpoint import load_weights_without_process_group, trainable_keys
 
 
@@ -19,6 +20,7 @@ def export_checkpoint(job, folder: Path, out_uri: str) -> str:
     storage = Storage.from_config(job.storage)
     path = resolve_model_path(job.model.path, storage, job.model.cache_dir)
     model = apply_lora(load_model(path, job.model.dtype), job.lora)
+    keep_trained_in_float32(model)  # as trained: the checkpoint's master weights
     wanted = trainable_keys(model)
     template = {key: value for key, value in model.state_dict().items() if key in wanted}
     load_training_state(model, load_weights_without_process_group(folder, template))
@@ -32,5 +34,6 @@ def export_checkpoint(job, folder: Path, out_uri: str) -> str:
         pixels=job.model.pixels,
         base_model=job.model.path,
         in_place=True,
+        dtype=job.model.dtype,
         extra={"checkpoint": str(folder.name), "run": job.run.name},
     )

@@ -27,8 +27,8 @@ from mmrad.rl.batch import (
     trainable_prefix,
 )
 from mmrad.rl.config import GRPOJobConfig
-from mmrad.rl.inputs import completion_logprobs, padded
-from mmrad.rl.learner import aggregation_total, micro_weight, split_evenly
+from mmrad.rl.inputs import padded
+from mmrad.rl.learner import aggregation_units, split_evenly
 from mmrad.rl.metrics import advantage_metrics, hidden_share, markdown_table, rollout_metrics
 from mmrad.rl.prompts import DataPosition, PromptItem, prompt_id
 
@@ -211,46 +211,17 @@ def test_data_position_round_trips():
 # -- learner helpers ----------------------------------------------------------------------
 
 
-def test_completion_logprobs_pick_the_position_before_each_token():
-    vocab = 5
-    logits = torch.randn(2, 6, vocab)
-    input_ids = torch.tensor([[0, 1, 2, 3, 4, 0], [0, 1, 2, 3, 0, 0]])
-    starts, lengths = torch.tensor([3, 2]), torch.tensor([3, 2])
-    out = completion_logprobs(logits, input_ids, starts, lengths, temperature=2.0,
-                              with_raw=True, with_entropy=True)  # fmt: skip
-    assert out.mask.tolist() == [[True, True, True], [True, True, False]]
-    tempered = torch.log_softmax(logits / 2.0, -1)
-    raw = torch.log_softmax(logits, -1)
-    assert out.logp[0, 0] == pytest.approx(float(tempered[0, 2, 3]))  # token 3 after pos 2
-    assert out.logp[0, 2] == pytest.approx(float(tempered[0, 4, 0]))
-    assert out.raw[1, 1] == pytest.approx(float(raw[1, 2, 3]))
-    assert out.logp[1, 2] == 0.0 and out.raw[1, 2] == 0.0
-    entropy = -(tempered[1, 1].exp() * tempered[1, 1]).sum()
-    assert out.entropy[1, 0] == pytest.approx(float(entropy))
-    untempered = completion_logprobs(logits, input_ids, starts, lengths, with_raw=True)
-    assert untempered.raw is None and torch.equal(untempered.untempered, untempered.logp)
-
-
 def test_padded_sampling_logprobs_mask_missing_rows():
     values, mask = padded([(-1.0, -2.0), None, (-3.0,)], 2)
     assert values.tolist() == [[-1.0, -2.0], [0.0, 0.0], [-3.0, 0.0]]
     assert mask.tolist() == [[True, True], [False, False], [True, False]]
 
 
-def test_micro_batch_weights_add_up_to_the_mini_batch_loss():
-    masks = [torch.tensor([[1, 1, 0], [1, 0, 0]]), torch.tensor([[1, 1, 1], [0, 0, 0]])]
-    for aggregation, total in (("token-mean", 6.0), ("seq-mean-token-mean", 3.0)):
-        assert aggregation_total(masks, aggregation) == total
-        weights = [micro_weight(m, total, aggregation) for m in masks]
-        assert sum(weights) == pytest.approx(1.0)
-    # token-mean of the whole = weighted token-means of the parts
-    values = [torch.randn(2, 3) for _ in masks]
-    whole = sum(float((v * m).sum()) for v, m in zip(values, masks, strict=True)) / 6
-    parts = sum(
-        float((v * m).sum() / m.sum()) * micro_weight(m, 6.0, "token-mean")
-        for v, m in zip(values, masks, strict=True)
-    )
-    assert parts == pytest.approx(whole)
+def test_a_micro_batch_weighs_what_its_loss_averages_over():
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0]])
+    assert aggregation_units(mask, "token-mean") == 3.0
+    assert aggregation_units(mask, "seq-mean-token-mean") == 2.0  # sequences with tokens
+    assert aggregation_units(mask, "seq-mean-token-sum-norm") == 2.0
     assert split_evenly(list(range(6)), 3) == [[0, 1], [2, 3], [4, 5]]
 
 

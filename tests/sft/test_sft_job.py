@@ -80,9 +80,11 @@ def assert_resumed_from(before: list[dict], run_uri: str) -> None:
 
 STEPS = 8
 RESUME = ("lora.enabled=true", "learners.fsdp.version=1", f"schedule.max_steps={STEPS}",
-          "schedule.checkpoint_every=2", "schedule.epochs=2", "run.max_failures=2")  # fmt: skip
-"""FSDP1 with LoRA here; full weights on FSDP2 are the session's ``sft_trained``, FSDP2
-with LoRA the GRPO learners'. The learning rate is > 0 and changes every step (cosine)."""
+          "schedule.checkpoint_every=2", "schedule.epochs=2", "run.max_failures=2",
+          "learners.micro_batch_tokens=700")  # fmt: skip
+"""FSDP1 with LoRA and micro-batches by a token budget here; full weights on FSDP2 are the
+session's ``sft_trained``, FSDP2 with LoRA the GRPO learners'. The learning rate is > 0
+and changes every step (cosine)."""
 
 
 @pytest.fixture(scope="module")
