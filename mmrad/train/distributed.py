@@ -63,6 +63,16 @@ def group_tensor(values: list[float], dtype: torch.dtype = torch.float64) -> tor
     return tensor
 
 
+def broadcast_from_rank0(tensor: torch.Tensor) -> None:
+    """Rank 0's values of ``tensor`` (on the group's device, as NCCL needs) on every rank."""
+    if tensor.device != group_device():
+        raise ValueError(
+            f"broadcast of a tensor on {tensor.device}; the group uses {group_device()}"
+        )
+    setattr(tensor, GROUP_TENSOR, True)
+    dist.broadcast(tensor, src=0)
+
+
 def all_sum(value: float) -> float:
     tensor = group_tensor([value])
     dist.all_reduce(tensor)
