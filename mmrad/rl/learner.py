@@ -58,7 +58,7 @@ from mmrad.task.prompt import PromptVariant
 from mmrad.train.checkpoint import clean_name, full_model_state
 from mmrad.train.core import TrainerCore, shared_metrics
 from mmrad.train.distributed import all_max, all_mean, to_device
-from mmrad.train.micro_batches import by_token_budget, same_count, step_weights
+from mmrad.train.micro_batches import by_token_budget, step_weights, with_fillers
 from mmrad.train.progress import report_progress
 
 log = logging.getLogger(__name__)
@@ -218,8 +218,7 @@ class GRPOLearner:
                 lengths, learners.micro_batch_size, learners.micro_batch_tokens
             )
             micros = [self.micro_batch(prompts, [mini[i] for i in group]) for group in groups]
-            filler = replace(micros[0], filler=True)
-            minis.append([m for m, _ in same_count(micros, [1.0] * len(micros), filler)])
+            minis.append(with_fillers(micros, replace(micros[0], filler=True)))
         return minis
 
     @torch.no_grad()

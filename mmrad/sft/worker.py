@@ -21,7 +21,6 @@ import torch.distributed as dist
 
 from mmrad.config import SFTJobConfig
 from mmrad.data.loading import SkipLog
-from mmrad.model.collate import IGNORE_INDEX
 from mmrad.sft.plan import DataOrder, SFTProgress, StepPlan, check_data_order
 from mmrad.task.prompt import PromptVariant
 from mmrad.train.core import TrainerCore, shared_metrics
@@ -108,7 +107,7 @@ class SFTLoop:
         """One optimizer step over this rank's rows: the mean negative log-likelihood
         over every label token of every rank."""
         batches = self.micro_batches_of(step_rows)
-        label_tokens = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches]
+        label_tokens = [len(ScoredTokens.from_labels(b["labels"])) for b in batches]
         # A filler keeps the collectives in step with the other ranks; it learns nothing.
         weighted = same_count(batches, step_weights(label_tokens), self.val_batches[0])
         ids = [sample_id for batch in batches for sample_id in batch["sample_ids"]]

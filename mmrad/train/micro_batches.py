@@ -55,11 +55,16 @@ def step_weights(units: Sequence[float]) -> list[float]:
     return [u * world / total for u in units]
 
 
+def with_fillers(items: list[Item], filler: Item) -> list[Item]:
+    """Collective: ``items`` padded with ``filler`` to the largest count of any rank."""
+    return items + [filler] * (int(all_max(len(items))) - len(items))
+
+
 def same_count(items: list[Item], weights: list[float], filler: Item) -> list[tuple[Item, float]]:
     """Collective: ``(item, weight)`` pairs, padded with ``(filler, 0.0)`` to the largest
     count of any rank."""
-    count = int(all_max(len(items)))
-    return list(zip(items, weights, strict=True)) + [(filler, 0.0)] * (count - len(items))
+    padded = with_fillers(items, filler)
+    return list(zip(padded, [*weights, *[0.0] * (len(padded) - len(items))], strict=True))
 
 
 def accumulate_gradients(
