@@ -74,7 +74,7 @@ def measure(args: argparse.Namespace, staleness: int, storage: str) -> dict[str,
     out["critical_sync_share"] = statistics.mean(
         r["time/sync_gather"] / r["time/step"] for r in steady
     )
-    out["sync_kind"] = job.sync
+    out["sync_kind"] = job.sync.weights
     return out
 
 

@@ -779,7 +779,7 @@ class Row:
 
 def cluster_learners(configs: Path = CONFIGS) -> list[Learner]:
     """SFT, the GRPO learner and a sweep trial's learner, each LoRA and full, as
-    configured (full: ``lora.enabled=false`` / ``sync=full`` added)."""
+    configured (full: ``lora.enabled=false`` / ``sync.weights=full`` added)."""
     from mmrad.config import SFTJobConfig, load_config, validate_config
     from mmrad.config import apply_overrides as overrides_of
     from mmrad.rl.config import GRPOJobConfig
@@ -796,14 +796,16 @@ def cluster_learners(configs: Path = CONFIGS) -> list[Learner]:
             )
         )
     for lora in (True, False):
-        grpo = load_config(GRPOJobConfig, configs / "grpo.yaml", [] if lora else ["sync=full"])
+        grpo = load_config(
+            GRPOJobConfig, configs / "grpo.yaml", [] if lora else ["sync.weights=full"]
+        )
         learners.append(grpo_learner("GRPO learner", grpo, lora, grpo.algorithm.kl_beta > 0))
     tune = load_config(TuneJobConfig, configs / "tune.yaml")
     kl_choices = tune.search_space.get("algorithm.kl_beta")
     kl_max = max(kl_choices.choice or [0.0]) if kl_choices else 0.0
     base = trial_base(tune)
     for lora in (True, False):
-        data = overrides_of(base, [] if lora else ["sync=full", "lora.enabled=false"])
+        data = overrides_of(base, [] if lora else ["sync.weights=full", "lora.enabled=false"])
         trial = validate_config(GRPOJobConfig, data, "tune.yaml trial")
         reference = max(kl_max, trial.algorithm.kl_beta) > 0
         learners.append(grpo_learner("sweep-trial learner", trial, lora, reference, "tune.yaml"))

@@ -402,6 +402,14 @@ class EngineConfig(Section):
     max_lora_rank: int = Field(64, ge=1)
     max_images: int = Field(2, ge=1, description="Images per prompt.")
     seed: int = 0
+    multiprocess: bool | None = Field(
+        None,
+        description=(
+            "Run vLLM's engine core in a child process (vLLM's layout on GPUs) or in the "
+            "calling process (fastest on CPUs); None = child process on GPUs, in-process "
+            "on CPUs."
+        ),
+    )
 
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)

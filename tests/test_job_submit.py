@@ -105,7 +105,7 @@ SMALL_PIPELINE = [
     "sft.overrides=[schedule.max_steps=4, schedule.checkpoint_every=4, validation.every=2]",
     "grpo.overrides=[schedule.max_steps=2, schedule.checkpoint_every=2, "
     "schedule.sample_table_every=1, rollout.prompts_per_step=2, rollout.max_tokens=64, "
-    "sync=full, algorithm.max_staleness=0]",
+    "sync.weights=full, algorithm.max_staleness=0]",
     "eval.overrides=[data.limit=4, sampling.max_tokens=64]",
     "serve.images=2",
 ]

@@ -2,16 +2,19 @@
 part of the loop, every knob in ``configs/local/grpo.yaml``.
 
 Cross-field rules are checked here, before any resource starts: a step's samples must
-split evenly over learners and mini-batches; ``sync: lora`` trains a LoRA adapter (and
-the rollout engines serve it), ``sync: full`` trains and ships every weight; reward
-weights and parameters must name registered reward components.
+split evenly over learners and mini-batches; ``sync.weights: lora`` trains a LoRA adapter
+(and the rollout engines serve it), ``sync.weights: full`` trains and ships every weight
+(``lora.enabled`` follows it); ``sync.transport`` picks how new weights reach the rollout
+engines (:meth:`SyncSection.resolved_transport`); reward weights and parameters must name
+registered reward components. ``sync`` was once a scalar (``sync: full``): that form is
+refused with the section to write instead.
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from mmrad.config import (
     TRAINING_RENAMES,
@@ -134,6 +137,34 @@ class AlgorithmSection(Section):
     )
 
 
+class SyncSection(Section):
+    """What the learners ship to the rollout engines after each step, and how."""
+
+    weights: Literal["lora", "full"] = Field(
+        "lora",
+        description="Train and ship a LoRA adapter (lora.enabled follows), or every weight.",
+    )
+    transport: Literal["auto", "collective", "object_store"] = Field(
+        "auto",
+        description=(
+            "How weights reach the rollout engines: collective = a broadcast process group "
+            "from learner rank 0 to every engine worker (NCCL on GPUs, gloo on CPUs) in "
+            "bounded buckets; object_store = one Ray object per version; auto = collective "
+            "on GPUs, object_store on CPUs."
+        ),
+    )
+    bucket_mb: int = Field(
+        256, ge=1, description="Size of one broadcast bucket of the collective transport, in MiB."
+    )
+
+    def resolved_transport(self, on_gpu: bool) -> Literal["collective", "object_store"]:
+        """The transport in effect: an explicit one as given; auto = collective on GPUs,
+        object_store on CPUs."""
+        if self.transport != "auto":
+            return self.transport
+        return "collective" if on_gpu else "object_store"
+
+
 class GRPOLearnersConfig(LearnersConfig):
     cpus_per_worker: float = Field(0.4, gt=0)
 
@@ -213,9 +244,7 @@ class GRPOJobConfig(Section):
     prompt: PromptConfig | None = Field(
         None, description="None = the prompt variant of the export's mmrad.json."
     )
-    sync: Literal["lora", "full"] = Field(
-        "lora", description="Train and ship a LoRA adapter, or every weight."
-    )
+    sync: SyncSection = Field(default_factory=SyncSection)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     rollout: RolloutSection = Field(default_factory=RolloutSection)
@@ -228,19 +257,43 @@ class GRPOJobConfig(Section):
     run: GRPORunSection = Field(default_factory=GRPORunSection)
     export: GRPOExportSection = Field(default_factory=GRPOExportSection)
 
+    @field_validator("sync", mode="before")
+    @classmethod
+    def _sync_is_a_section(cls, value: Any) -> Any:
+        """The old scalar form (``sync: full``, or the override ``sync=full``) is refused
+        with the section to write instead."""
+        if isinstance(value, str):
+            weights = value if value in ("lora", "full") else "lora|full"
+            raise ValueError(
+                f'sync is a section now: write "sync: {{weights: {weights}, transport: auto}}" '
+                f'(or the override sync.weights={weights}) instead of "sync: {value}"'
+            )
+        return value
+
     @model_validator(mode="before")
     @classmethod
     def _lora_follows_sync(cls, data: Any) -> Any:
-        """``lora.enabled`` follows ``sync`` (and may not contradict it)."""
+        """``lora.enabled`` follows ``sync.weights`` (and may not contradict it)."""
         if not isinstance(data, dict):
             return data
-        wants_lora = data.get("sync", "lora") == "lora"
+        sync = data.get("sync")
+        if isinstance(sync, SyncSection):
+            weights = sync.weights
+        elif sync is None:
+            weights = "lora"
+        elif isinstance(sync, dict):
+            weights = sync.get("weights", "lora")
+        else:
+            return data  # the old scalar form or garbage: the sync field's error says why
+        if weights not in ("lora", "full"):
+            return data  # the sync.weights field's error names what is allowed
+        wants_lora = weights == "lora"
         lora = dict(data.get("lora") or {})
         given = lora.get("enabled")
         if given is not None and bool(given) != wants_lora:
             raise ValueError(
-                f"lora.enabled={given} contradicts sync={data.get('sync', 'lora')!r}; "
-                "sync: lora trains an adapter, sync: full trains every weight"
+                f"lora.enabled={given} contradicts sync.weights={weights!r}; "
+                "sync.weights: lora trains an adapter, sync.weights: full trains every weight"
             )
         lora["enabled"] = wants_lora
         return {**data, "lora": lora}
@@ -255,7 +308,7 @@ class GRPOJobConfig(Section):
                 f"a step's {samples} samples (rollout.prompts_per_step x rollout.group_size) "
                 f"must split evenly over learners.num_workers x algorithm.mini_batches = {split}"
             )
-        if self.sync == "lora":
+        if self.sync.weights == "lora":
             if not self.engine.enable_lora:
                 self.engine.enable_lora = True
             if self.engine.max_lora_rank < self.lora.r:

@@ -1,8 +1,8 @@
 """The GRPO learner: the Ray Train (V2) train function, one per worker, FSDP2-sharded.
 
 The policy is the SFT export (LoRA already merged into its base) with a fresh LoRA
-adapter (``sync: lora``), or all of its weights (``sync: full``). The reference policy
-of the KL penalty is the same model with the adapter disabled (peft's
+adapter (``sync.weights: lora``), or all of its weights (``sync.weights: full``). The
+reference policy of the KL penalty is the same model with the adapter disabled (peft's
 ``disable_adapter()``: the SFT model, no second copy); in full-weight mode a frozen copy
 sharded like the policy, loaded only when ``kl_beta > 0``.
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmrad.config import ConfigError, load_config
+from mmrad.config import ConfigError, load_config, validate_config
 from mmrad.rl.batch import (
     Group,
     RewardSpec,
@@ -26,7 +26,7 @@ from mmrad.rl.batch import (
     scored_sample,
     trainable_prefix,
 )
-from mmrad.rl.config import GRPOJobConfig
+from mmrad.rl.config import GRPOJobConfig, SyncSection
 from mmrad.rl.inputs import padded
 from mmrad.rl.learner import aggregation_units, split_evenly
 from mmrad.rl.metrics import advantage_metrics, hidden_share, markdown_table, rollout_metrics
@@ -231,10 +231,12 @@ def test_a_micro_batch_weighs_what_its_loss_averages_over():
 def test_config_cross_field_rules():
     job = load_config(GRPOJobConfig, "configs/local/grpo.yaml")
     assert job.lora.enabled and job.engine.enable_lora and job.batch_samples == 16
-    full = load_config(GRPOJobConfig, "configs/local/grpo.yaml", ["sync=full"])
+    full = load_config(GRPOJobConfig, "configs/local/grpo.yaml", ["sync.weights=full"])
     assert not full.lora.enabled
-    with pytest.raises(ConfigError, match="contradicts sync"):
-        load_config(GRPOJobConfig, "configs/local/grpo.yaml", ["sync=full", "lora.enabled=true"])
+    with pytest.raises(ConfigError, match="contradicts sync.weights='full'"):
+        load_config(
+            GRPOJobConfig, "configs/local/grpo.yaml", ["sync.weights=full", "lora.enabled=true"]
+        )
     with pytest.raises(ConfigError, match="split evenly"):
         uneven = ["rollout.prompts_per_step=3", "algorithm.mini_batches=4"]
         load_config(GRPOJobConfig, "configs/local/grpo.yaml", uneven)
@@ -248,6 +250,55 @@ def test_config_cross_field_rules():
     with pytest.raises(ConfigError, match="max_lora_rank"):
         load_config(GRPOJobConfig, "configs/local/grpo.yaml", ["lora.r=64"])
     assert load_config(GRPOJobConfig, "configs/cluster/grpo.yaml").learners.use_gpu
+
+
+def test_sync_is_a_section_and_the_old_scalar_is_refused_with_the_new_shape():
+    job = load_config(GRPOJobConfig, "configs/local/grpo.yaml")
+    assert job.sync == SyncSection(weights="lora", transport="auto", bucket_mb=256)
+    for given in ("full", "lora"):
+        for overrides in ([f"sync={given}"], []):  # override, and the scalar in a file's data
+            with pytest.raises(ConfigError) as raised:
+                if overrides:
+                    load_config(GRPOJobConfig, "configs/local/grpo.yaml", overrides)
+                else:
+                    validate_config(GRPOJobConfig, {"sync": given})
+            message = str(raised.value)
+            assert "key 'sync': " in message and "sync is a section now" in message
+            assert f"sync.weights={given}" in message
+            assert f"sync: {{weights: {given}, transport: auto}}" in message
+            assert "contradicts" not in message  # the scalar is the one error named
+    with pytest.raises(ConfigError, match="sync is a section now"):
+        validate_config(GRPOJobConfig, {"sync": "full", "lora": {"enabled": False}})
+    with pytest.raises(ConfigError, match="sync.transport"):
+        load_config(GRPOJobConfig, None, ["sync.transport=nccl"])
+    with pytest.raises(ConfigError, match="sync.bucket_mb"):
+        load_config(GRPOJobConfig, None, ["sync.bucket_mb=0"])
+
+
+def test_sync_transport_resolves_auto_by_device_and_keeps_an_explicit_one():
+    auto = SyncSection()
+    assert auto.transport == "auto"
+    assert auto.resolved_transport(on_gpu=True) == "collective"
+    assert auto.resolved_transport(on_gpu=False) == "object_store"
+    for explicit in ("collective", "object_store"):
+        section = SyncSection(transport=explicit)
+        assert section.resolved_transport(on_gpu=True) == explicit
+        assert section.resolved_transport(on_gpu=False) == explicit
+    job = load_config(GRPOJobConfig, None, ["sync.transport=object_store", "sync.bucket_mb=64"])
+    assert job.sync.resolved_transport(on_gpu=True) == "object_store"
+    assert job.sync.bucket_mb == 64
+
+
+def test_full_weight_sync_turns_lora_off():
+    for data in ({"sync": {"weights": "full"}}, {"sync": {"weights": "full", "transport": "auto"}}):
+        job = validate_config(GRPOJobConfig, data)
+        assert job.sync.weights == "full" and not job.lora.enabled
+    full = load_config(GRPOJobConfig, "configs/local/grpo.yaml", ["sync.weights=full"])
+    assert not full.lora.enabled and full.sync.transport == "auto"
+    assert validate_config(GRPOJobConfig, {}).lora.enabled  # no sync section: LoRA
+    assert validate_config(GRPOJobConfig, {"sync": {"transport": "collective"}}).lora.enabled
+    in_code = GRPOJobConfig(sync=SyncSection(weights="full"))
+    assert not in_code.lora.enabled
 
 
 def test_validation_metrics_sum_the_objective_rates():

@@ -98,8 +98,9 @@ def assert_sync_is_real(rows: list[dict]) -> None:
         assert change > max(20 * diff, SYNC_TOLERANCE), row["step"]
 
 
-SHORT_RUN = ("sync=full", "algorithm.max_staleness=1", "algorithm.contrastive_sampling=true",
-             "optimizer.lr=0.0003", "algorithm.kl_beta=0.01", "rollout.prompts_per_step=2",
+SHORT_RUN = ("sync.weights=full", "algorithm.max_staleness=1",
+             "algorithm.contrastive_sampling=true", "optimizer.lr=0.0003",
+             "algorithm.kl_beta=0.01", "rollout.prompts_per_step=2",
              "rollout.max_tokens=96", "learners.micro_batch_tokens=700",
              "schedule.checkpoint_every=1", "schedule.sample_table_every=1",
              "schedule.sample_table_rows=4")  # fmt: skip
@@ -200,7 +201,7 @@ def kill_an_engine_mid_step(run_uri: str, after_step: int, killed: list[int]) ->
 
 
 LEARNING_STEPS = 12
-LEARNING_RUN = ("sync=lora", "algorithm.max_staleness=0", "rollout.num_workers=1",
+LEARNING_RUN = ("sync.weights=lora", "algorithm.max_staleness=0", "rollout.num_workers=1",
                 "rollout.cpus_per_worker=0.6", "rollout.prompts_per_step=4",
                 "rollout.group_size=8", "rollout.temperature=0.8", "rollout.max_tokens=160",
                 "rewards.weights={format: 1.0}", "optimizer.lr=0.004",
@@ -253,7 +254,7 @@ def test_lora_sync_learns_the_format_and_survives_a_killed_engine(
 
 
 EXACT_STEPS = 5
-EXACT_RUN = ("sync=lora", "algorithm.max_staleness=0", "rollout.prompts_per_step=2",
+EXACT_RUN = ("sync.weights=lora", "algorithm.max_staleness=0", "rollout.prompts_per_step=2",
              "rollout.max_tokens=64", "optimizer.lr=0.001", f"schedule.max_steps={EXACT_STEPS}",
              "schedule.checkpoint_every=1", "schedule.sync_check_every=0",
              "schedule.sample_table_every=1", "schedule.sample_table_rows=2")  # fmt: skip
