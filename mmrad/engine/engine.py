@@ -1,10 +1,18 @@
 """The one vLLM wrapper: rollouts, evaluation, serving and annotation all sample here.
 
-:class:`Engine` owns one in-process ``vllm.LLM``. It turns inspections into multimodal
-prompts (:mod:`mmrad.engine.requests`), samples with log-probs and answer scores
+:class:`Engine` owns one ``vllm.LLM``. It turns inspections into multimodal prompts
+(:mod:`mmrad.engine.requests`), samples with log-probs and answer scores
 (:mod:`mmrad.engine.sampling`), scores given completions (:meth:`Engine.prompt_logprobs`),
-and takes new weights in place (:meth:`Engine.update_weights`) or as LoRA adapters
+and takes new weights in place (:meth:`Engine.update_weights`, or from the weight
+channel: :meth:`Engine.join_channel`, :meth:`Engine.receive`) or as LoRA adapters
 (:meth:`Engine.load_lora`).
+
+Both of vLLM's process layouts work (``EngineConfig.multiprocess``): the engine core in
+this process (fastest on CPUs) or in a child process (vLLM's layout on GPUs). Weights
+reach the model through mmrad's worker extension (:mod:`mmrad.engine.worker_extension`)
+in either: in-process as tensors, to a child process through a shared-memory file or
+the weight channel (vLLM's RPC would turn tensors into lists). A child process that dies
+makes every later call raise :class:`EngineDied`.
 
 What vLLM 0.32 needs from a caller, and this class does:
 
@@ -19,21 +27,52 @@ What vLLM 0.32 needs from a caller, and this class does:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import gc
 import os
+import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from mmrad.config import EngineConfig, PixelBudget
 from mmrad.engine.requests import ModelPrompts, Prompt
 from mmrad.engine.sampling import Completion, Sampling, completion_from_output
-from mmrad.engine.settings import engine_kwargs, on_gpu_default, prepare_cpu_environment
+from mmrad.engine.settings import (
+    child_process,
+    engine_kwargs,
+    layout_environment,
+    on_gpu_default,
+)
 from mmrad.task.prompt import PromptVariant
 
 if TYPE_CHECKING:
     import torch
+
+SHARED_MEMORY = "/dev/shm"
+
+
+class EngineDied(RuntimeError):
+    """vLLM's engine core process is gone; this engine can do nothing more (the caller
+    replaces it)."""
+
+
+def _engine_call(method: Callable) -> Callable:
+    """Turn vLLM's ``EngineDeadError`` into :class:`EngineDied` (callers need not import
+    vLLM to recognise a dead engine)."""
+
+    @functools.wraps(method)
+    def call(self: Engine, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as error:
+            if type(error).__name__ == "EngineDeadError":
+                raise EngineDied(f"vLLM engine core of {self.model_path} died: {error}") from error
+            raise
+
+    return call
 
 
 @dataclass(frozen=True)
@@ -70,13 +109,13 @@ class EngineStats:
 
 
 class Engine:
-    """One in-process vLLM engine for the model at ``model_path``.
+    """One vLLM engine for the model at ``model_path``.
 
-    On CPUs the process-wide ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` is set first (see
-    :mod:`mmrad.engine.settings`); variables vLLM itself sets while starting are put
-    back by :meth:`close`. In-process, vLLM also seeds this process's global RNGs
-    (``random``, numpy, torch) with ``config.seed`` while starting. Not thread-safe: one
-    call at a time.
+    The process-wide ``VLLM_ENABLE_V1_MULTIPROCESSING`` is set first to the layout
+    :func:`~mmrad.engine.settings.child_process` chooses; variables vLLM itself sets
+    while starting are put back by :meth:`close`. In-process, vLLM also seeds this
+    process's global RNGs (``random``, numpy, torch) with ``config.seed`` while
+    starting. Not thread-safe: one call at a time.
     """
 
     def __init__(
@@ -91,8 +130,8 @@ class Engine:
         self.pixels = pixels
         self.variant = variant
         on_gpu = on_gpu_default()
-        if not on_gpu:
-            prepare_cpu_environment()
+        self.child_process = child_process(config, on_gpu)
+        os.environ.update(layout_environment(self.child_process))
         before = dict(os.environ)
         from vllm import LLM
 
@@ -122,6 +161,7 @@ class Engine:
 
     # -- sampling ---------------------------------------------------------------------
 
+    @_engine_call
     def generate(
         self,
         items: Sequence[Prompt],
@@ -152,6 +192,7 @@ class Engine:
         self._stats = EngineStats(last=last, total=stats.total + last, calls=stats.calls + 1)
         return completions
 
+    @_engine_call
     def prompt_logprobs(
         self,
         items: Sequence[Prompt],
@@ -202,6 +243,7 @@ class Engine:
         """The weights' version: 0 as loaded, then what :meth:`update_weights` was given."""
         return self._version
 
+    @_engine_call
     def update_weights(
         self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int
     ) -> None:
@@ -214,9 +256,39 @@ class Engine:
         Layers that receive nothing keep their weights (vLLM logs a warning for each).
         LoRA adapters loaded in the workers are dropped; handles stay usable (vLLM loads
         an adapter again from its directory when a request names it).
+
+        In-process the tensors are handed over as they are; to a child process they go
+        through one safetensors file in shared memory, deleted after the load.
         """
         llm = self._vllm()
-        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(named_tensors)})
+        if not self.child_process:
+            llm.collective_rpc("mmrad_load_tensors", args=(list(named_tensors),))
+        else:
+            with _shared_file(named_tensors) as path:
+                llm.collective_rpc("mmrad_load_file", args=(path,))
+        self._weights_changed(version)
+
+    @_engine_call
+    def join_channel(self, spec: dict[str, Any], first_rank: int) -> None:
+        """Join the weight channel ``spec`` (a :class:`~mmrad.engine.channel.ChannelSpec`
+        as a dict); this engine's workers take ranks ``first_rank, first_rank + 1, ...``
+        (one per tensor-parallel rank). Blocks until every member has joined."""
+        self._vllm().collective_rpc("mmrad_join_channel", args=(spec, first_rank))
+
+    @_engine_call
+    def receive(self, plan: dict[str, Any]) -> None:
+        """Take the weights the channel's sender broadcasts by ``plan`` (a
+        :class:`~mmrad.engine.channel.SendPlan` as a dict) and its version. What
+        :meth:`update_weights` says about full layers holds here too."""
+        self._vllm().collective_rpc("mmrad_receive", args=(plan,))
+        self._weights_changed(int(plan["version"]))
+
+    def leave_channel(self) -> None:
+        if self._llm is not None:
+            self._llm.collective_rpc("mmrad_leave_channel")
+
+    def _weights_changed(self, version: int) -> None:
+        llm = self._vllm()
         llm.llm_engine.reset_encoder_cache()
         llm.reset_prefix_cache()
         self._version = version
@@ -238,6 +310,12 @@ class Engine:
         return LoraHandle(version=version, path=str(adapter_dir), request=request)
 
     # -- life cycle -------------------------------------------------------------------
+
+    def core_pid(self) -> int:
+        """The process running the engine core: vLLM's child, or this one in-process."""
+        if not self.child_process:
+            return os.getpid()
+        return self._vllm().llm_engine.engine_core.resources.engine_manager.processes[0].pid
 
     @property
     def stats(self) -> EngineStats:
@@ -270,6 +348,22 @@ class Engine:
         if self._llm is None:
             raise RuntimeError("the engine is closed")
         return self._llm
+
+
+@contextlib.contextmanager
+def _shared_file(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[str]:
+    """The path of a safetensors file of ``named_tensors`` in shared memory (``/dev/shm``
+    where there is one), deleted when the ``with`` block ends."""
+    from safetensors.torch import save_file
+
+    folder = SHARED_MEMORY if os.access(SHARED_MEMORY, os.W_OK) else None
+    handle, path = tempfile.mkstemp(prefix="mmrad-weights-", suffix=".safetensors", dir=folder)
+    os.close(handle)
+    try:
+        save_file({name: t.detach().to("cpu").contiguous() for name, t in named_tensors}, path)
+        yield path
+    finally:
+        os.unlink(path)
 
 
 def _lora_request(lora: LoraHandle | None) -> Any:

@@ -12,15 +12,18 @@ from typing import Any
 
 from mmrad.config import EngineConfig
 
-CPU_ENVIRONMENT = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-"""Run vLLM's engine core in the calling process instead of a child process.
+MULTIPROCESSING = "VLLM_ENABLE_V1_MULTIPROCESSING"
+"""Whether vLLM runs its engine core (scheduler + model) in a child process.
 
-vLLM normally runs the engine core (scheduler + model) in a separate process and talks
-to it over ZMQ. On a small CPU machine that second busy process competes with the
-caller for the same few cores and every step pays a serialisation round trip; in-process
-it is 5-10x faster on 2 cores. It also makes ``collective_rpc`` (weight reloads) a plain
-function call, so tensors are not pickled. vLLM reads the variable when an engine is
-created, so it must be set before ``vllm.LLM(...)``."""
+vLLM's default (on GPUs) is a child process it talks to over ZMQ. On a small CPU machine
+that second busy process competes with the caller for the same few cores and every step
+pays a serialisation round trip; in-process it is 5-10x faster on 2 cores. vLLM reads
+the variable when an engine is created, so it must be set before ``vllm.LLM(...)``."""
+
+CPU_ENVIRONMENT = {MULTIPROCESSING: "0"}
+
+WORKER_EXTENSION = "mmrad.engine.worker_extension.WeightReceiver"
+"""Mixed into every vLLM worker: weight loads that work in both process layouts."""
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """The ``max_lora_rank`` values vLLM 0.32 accepts (``vllm.config.lora.MaxLoRARanks``)."""
@@ -36,6 +39,25 @@ def on_gpu_default() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def child_process(config: EngineConfig, on_gpu: bool) -> bool:
+    """Whether the engine core runs in a child process: ``config.multiprocess``, or
+    vLLM's layout on GPUs and in-process on CPUs when that is ``None``."""
+    return on_gpu if config.multiprocess is None else config.multiprocess
+
+
+def layout_environment(child: bool) -> dict[str, str]:
+    """The variables that choose the process layout (set them before the engine)."""
+    return {MULTIPROCESSING: "1" if child else "0"}
+
+
+def engine_dtype(config: EngineConfig, on_gpu: bool) -> str:
+    """The dtype the engine holds its weights in (``auto``: bfloat16 on GPUs, float32 on
+    CPUs, where bfloat16 matmuls are slow or absent)."""
+    if config.dtype != "auto":
+        return config.dtype
+    return "bfloat16" if on_gpu else "float32"
 
 
 def engine_kwargs(
@@ -57,16 +79,17 @@ def engine_kwargs(
         "max_num_seqs": config.max_num_seqs,
         "seed": config.seed,
         "limit_mm_per_prompt": {"image": config.max_images},
+        "worker_extension_cls": WORKER_EXTENSION,
     }
     if on_gpu:
         kwargs |= {
-            "dtype": "bfloat16" if config.dtype == "auto" else config.dtype,
+            "dtype": engine_dtype(config, on_gpu=True),
             "gpu_memory_utilization": config.gpu_memory_utilization,
             "tensor_parallel_size": config.tensor_parallel_size,
         }
     else:
         kwargs |= {
-            "dtype": "float32" if config.dtype == "auto" else config.dtype,
+            "dtype": engine_dtype(config, on_gpu=False),
             "distributed_executor_backend": "uni",
             "enforce_eager": True,
             "kv_cache_memory_bytes": config.kv_cache_bytes,

@@ -25,9 +25,10 @@ from mmrad.engine import (
 )
 from mmrad.engine.engine import _environ_changes
 from mmrad.engine.sampling import answer_score, completion_from_output, top_by_text
-from mmrad.engine.settings import lora_rank_slot
+from mmrad.engine.settings import child_process, layout_environment, lora_rank_slot
 from mmrad.model.tiny import build_tiny_model
 from mmrad.task.prompt import PromptVariant
+from tests.helpers.logprobs import hf_completion_logprobs
 
 PIXELS = PixelBudget()  # 56*56 .. 224*224, the tiny model's processor budget
 MAX_TOKENS = 16
@@ -67,6 +68,7 @@ def test_cpu_settings():
         "max_num_seqs": 64,
         "seed": 5,
         "limit_mm_per_prompt": {"image": 3},
+        "worker_extension_cls": "mmrad.engine.worker_extension.WeightReceiver",
         "dtype": "float32",
         "distributed_executor_backend": "uni",
         "enforce_eager": True,
@@ -93,6 +95,16 @@ def test_gpu_settings_with_lora():
     )
     assert "enable_lora" not in engine_kwargs(EngineConfig(), "/m", on_gpu=True)
     assert engine_kwargs(EngineConfig(dtype="float16"), "/m", on_gpu=True)["dtype"] == "float16"
+
+
+def test_process_layout_follows_the_device_unless_set():
+    assert child_process(EngineConfig(), on_gpu=True) is True
+    assert child_process(EngineConfig(), on_gpu=False) is False
+    for explicit in (True, False):
+        for on_gpu in (True, False):
+            assert child_process(EngineConfig(multiprocess=explicit), on_gpu) is explicit
+    assert layout_environment(True) == {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    assert layout_environment(False) == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 
 def test_lora_rank_slots():
@@ -192,8 +204,13 @@ def test_completion_from_vllm_output():
 # -- the engine (real vLLM) ------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_dir):
+LAYOUTS = {"in_process": False, "child_process": True}
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def engine(tiny_dir, request):
+    """One engine per vLLM process layout: every engine test runs in both (the engine
+    core in this process, as on CPUs, and in vLLM's child process, as on GPUs)."""
     saved = dict(os.environ)
     config = EngineConfig(
         max_model_len=2048,
@@ -201,6 +218,7 @@ def engine(tiny_dir):
         max_num_seqs=8,
         enable_lora=True,
         max_lora_rank=8,
+        multiprocess=LAYOUTS[request.param],
     )
     engine = Engine(str(tiny_dir), config, PIXELS)
     yield engine
@@ -371,11 +389,126 @@ def test_lora(engine, greedy, adapter_dir):
     np.testing.assert_allclose(base[0][0].logprobs, greedy[0][0].logprobs, atol=1e-5)
 
 
+class ChannelSender:
+    """Learner rank 0's side of a weight channel with one engine (world 2), sending from
+    a thread of this process: announce ``model``'s weights (adapters merged), then
+    broadcast them while the engine receives."""
+
+    def __init__(self, name: str):
+        from mmrad.rl.weight_sender import WeightSender
+
+        self.name = name
+        self.sender = WeightSender(0, "gloo", "127.0.0.1", bucket_bytes=256 * 1024)
+        self.spec: dict | None = None
+
+    def send(self, engine, model, version: int) -> None:
+        import threading
+
+        import torch
+
+        from mmrad.engine.channel import ChannelSpec
+
+        update = self.sender.announce(model, torch.float32, version)
+        names = [t.name for t in update.send_plan.tensors]
+        assert len(update.send_plan.buckets) > 1  # bounded buckets, not one blob
+        assert not any("lora_" in n or "base_layer" in n or "base_model" in n for n in names)
+        fresh = self.spec is None
+        if fresh:
+            self.spec = ChannelSpec(update.host, update.port, 2, "gloo", self.name, 120).to_dict()
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self.sender.send(model, torch.float32, update, self.spec)
+            except BaseException as error:  # reported below
+                errors.append(error)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        if fresh:
+            engine.join_channel(self.spec, first_rank=1)
+        engine.receive(update.plan)
+        thread.join(timeout=120)
+        assert not errors and not thread.is_alive()
+        assert engine.version == version
+
+    def close(self, engine) -> None:
+        engine.leave_channel()
+        self.sender.close()
+
+
+def engine_matches(engine, model, processor) -> None:
+    """The engine's log-probs of its own greedy completions equal ``model``'s."""
+    completions = engine.generate(ITEMS, Sampling(max_tokens=MAX_TOKENS, logprobs=0))
+    for item, (completion,) in zip(ITEMS, completions, strict=True):
+        expected = hf_completion_logprobs(
+            model, processor, engine.request(item), completion.token_ids
+        )
+        np.testing.assert_allclose(completion.logprobs, expected, atol=1e-3)
+
+
+def same_as_greedy(engine, greedy) -> None:
+    restored = engine.generate(ITEMS, Sampling(max_tokens=MAX_TOKENS, logprobs=5))
+    assert [g[0].token_ids for g in restored] == [g[0].token_ids for g in greedy]
+    np.testing.assert_allclose(restored[0][0].logprobs, greedy[0][0].logprobs, atol=1e-5)
+
+
+@pytest.mark.integration
+def test_weights_over_the_channel(engine, greedy, tiny_dir, processor):
+    """Full weights (one layer perturbed) broadcast over a gloo channel in 256 KiB
+    buckets; then the original weights again over the same channel, no rejoin."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_dir).eval()
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith("model.language_model.layers.0."):
+                param.add_(0.3 * torch.randn(param.shape, generator=generator))
+    channel = ChannelSender(f"full-{engine.child_process}")
+    try:
+        channel.send(engine, model, engine.version + 1)
+        engine_matches(engine, model, processor)
+        changed = engine.generate(ITEMS, Sampling(max_tokens=MAX_TOKENS, logprobs=5))
+        assert [g[0].logprobs for g in changed] != [g[0].logprobs for g in greedy]
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                param.copy_(original[name])
+        channel.send(engine, model, engine.version + 1)
+    finally:
+        channel.close(engine)
+    same_as_greedy(engine, greedy)
+
+
+@pytest.mark.integration
+def test_lora_merged_over_the_channel(engine, greedy, tiny_dir, processor, adapter_dir):
+    """A peft policy goes over the channel with its adapter merged: the engine then
+    samples as the peft model does, without loading any adapter."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    base = AutoModelForImageTextToText.from_pretrained(tiny_dir)
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    channel = ChannelSender(f"lora-{engine.child_process}")
+    try:
+        channel.send(engine, model, engine.version + 1)
+        engine_matches(engine, model, processor)
+    finally:
+        channel.close(engine)
+        weights = load_file(tiny_dir / "model.safetensors")
+        engine.update_weights(weights.items(), engine.version + 1)
+    same_as_greedy(engine, greedy)
+
+
 @pytest.mark.integration
 def test_close_restores_environment(engine):
     """Last: closes the module's engine."""
     set_by_vllm = dict(engine._environ_set)
-    assert "LOCAL_WORLD_SIZE" in set_by_vllm
+    if not engine.child_process:  # a child process sets its own
+        assert "LOCAL_WORLD_SIZE" in set_by_vllm
     engine.close()
     for key, (old, _) in set_by_vllm.items():
         assert os.environ.get(key) == old

@@ -1,0 +1,231 @@
+"""The weight channel: learner rank 0 broadcasts weights to every engine worker.
+
+One process group outside ``torch.distributed``'s global state (the learners keep their
+own FSDP group; vLLM keeps its own): rank 0 is the sender, ranks ``1..n`` the engines'
+workers (one per tensor-parallel rank). NCCL on GPUs, gloo on CPUs. A sync sends:
+
+- by ``collective_rpc`` (small, msgpack-safe): the version and a :class:`SendPlan`, each
+  tensor's name, dtype and shape, cut into buckets of at most ``bucket_bytes``;
+- by broadcast: one flat byte buffer per bucket, which each side packs and unpacks with
+  :func:`pack` and :func:`unpack`. The sender builds a bucket as its tensors are
+  gathered from the FSDP shards, and a receiver loads a bucket before the next one
+  arrives, so neither side holds more than a bucket beyond its model.
+
+Both sides import this module: the learner (:mod:`mmrad.rl.weight_sender`) and the vLLM
+worker (:mod:`mmrad.engine.worker_extension`). It imports torch only.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+SENDER_RANK = 0
+DEFAULT_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True)
+class ChannelSpec:
+    """Where a channel's rendezvous is (the sender hosts its TCP store), its size and
+    backend. ``name`` is fresh for every group: a rebuilt channel never meets the
+    store keys of an old one."""
+
+    host: str
+    port: int
+    world_size: int
+    backend: str  # "nccl" or "gloo"
+    name: str
+    timeout_s: float = DEFAULT_TIMEOUT_S
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ChannelSpec:
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    name: str
+    dtype: str  # torch dtype name without "torch.", e.g. "bfloat16"
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return element_size(self.dtype) * numel(self.shape)
+
+
+@dataclass(frozen=True)
+class SendPlan:
+    """A version's tensors in send order, cut into buckets (index ranges into
+    ``tensors``) of at most ``bucket_bytes`` each (a larger tensor is a bucket alone)."""
+
+    version: int
+    tensors: tuple[TensorMeta, ...]
+    buckets: tuple[tuple[int, int], ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def bucket(self, index: int) -> tuple[TensorMeta, ...]:
+        start, stop = self.buckets[index]
+        return self.tensors[start:stop]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Lists, strings and ints only: what crosses vLLM's msgpack RPC intact."""
+        return {
+            "version": self.version,
+            "tensors": [[t.name, t.dtype, list(t.shape)] for t in self.tensors],
+            "buckets": [list(b) for b in self.buckets],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SendPlan:
+        return cls(
+            version=int(data["version"]),
+            tensors=tuple(TensorMeta(n, d, tuple(s)) for n, d, s in data["tensors"]),
+            buckets=tuple((int(a), int(b)) for a, b in data["buckets"]),
+        )
+
+
+def plan_sends(version: int, tensors: Sequence[TensorMeta], bucket_bytes: int) -> SendPlan:
+    """Consecutive tensors grouped greedily into buckets of at most ``bucket_bytes``."""
+    if bucket_bytes < 1:
+        raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
+    buckets, start, size = [], 0, 0
+    for index, meta in enumerate(tensors):
+        if index > start and size + meta.nbytes > bucket_bytes:
+            buckets.append((start, index))
+            start, size = index, 0
+        size += meta.nbytes
+    if start < len(tensors):
+        buckets.append((start, len(tensors)))
+    return SendPlan(version, tuple(tensors), tuple(buckets))
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def element_size(dtype: str) -> int:
+    import torch
+
+    return torch.empty((), dtype=getattr(torch, dtype)).element_size()
+
+
+def numel(shape: Sequence[int]) -> int:
+    count = 1
+    for size in shape:
+        count *= int(size)
+    return count
+
+
+def pack(tensors: Iterable[torch.Tensor], nbytes: int, device: torch.device) -> torch.Tensor:
+    """One flat ``uint8`` buffer of ``nbytes`` on ``device`` holding ``tensors``' bytes
+    back to back (the channel's device: NCCL broadcasts GPU memory only)."""
+    import torch
+
+    buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    offset = 0
+    for tensor in tensors:
+        flat = tensor.detach().contiguous().view(-1).view(torch.uint8)
+        buffer[offset : offset + flat.numel()].copy_(flat)
+        offset += flat.numel()
+    if offset != nbytes:
+        raise ValueError(f"packed {offset} bytes into a bucket of {nbytes}")
+    return buffer
+
+
+def unpack(buffer: torch.Tensor, metas: Sequence[TensorMeta]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` views of ``buffer`` as :func:`pack` laid them out."""
+    import torch
+
+    offset = 0
+    for meta in metas:
+        flat = buffer[offset : offset + meta.nbytes]
+        yield meta.name, flat.view(getattr(torch, meta.dtype)).view(meta.shape)
+        offset += meta.nbytes
+
+
+def local_address(peer: str) -> str:
+    """This machine's address on the route to ``peer`` (``127.0.0.1`` for a local peer):
+    gloo binds there, not to whatever the hostname resolves to."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((peer, 9))  # UDP: picks the route, sends nothing
+        return probe.getsockname()[0]
+
+
+def free_port(host: str) -> int:
+    """A TCP port free on ``host`` now (the sender's store binds it right after)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+class Channel:
+    """This process's member of the channel ``spec`` as ``rank``; collective: every member
+    constructs one (the sender first or last, it does not matter: the others wait for
+    its store until ``spec.timeout_s``)."""
+
+    def __init__(self, spec: ChannelSpec, rank: int, device: torch.device):
+        import torch.distributed as dist
+
+        if not 0 <= rank < spec.world_size:
+            raise ValueError(f"rank {rank} is outside channel {spec.name} of {spec.world_size}")
+        self.spec = spec
+        self.rank = rank
+        self.device = device
+        timeout = timedelta(seconds=spec.timeout_s)
+        store = dist.TCPStore(
+            spec.host, spec.port, spec.world_size, is_master=rank == SENDER_RANK, timeout=timeout
+        )
+        self._store = dist.PrefixStore(f"mmrad-weights/{spec.name}", store)
+        self._group = _process_group(spec, self._store, rank, timeout)
+
+    def broadcast(self, buffer: torch.Tensor) -> None:
+        """Rank 0's ``buffer`` into every member's ``buffer`` (same size on all)."""
+        import torch.distributed as dist
+
+        options = dist.BroadcastOptions()
+        options.rootRank = SENDER_RANK
+        self._group.broadcast([buffer], options).wait()
+
+    def close(self) -> None:
+        group, self._group = self._group, None
+        if group is not None and hasattr(group, "shutdown"):
+            group.shutdown()
+
+
+def _process_group(spec: ChannelSpec, store: Any, rank: int, timeout: timedelta):
+    backend, world_size = spec.backend, spec.world_size
+    if backend == "gloo":
+        from torch.distributed import ProcessGroupGloo
+
+        options = ProcessGroupGloo._Options()
+        options._timeout = timeout
+        options._devices = [ProcessGroupGloo.create_device(hostname=local_address(spec.host))]
+        return ProcessGroupGloo(store, rank, world_size, options)
+    if backend == "nccl":
+        from torch.distributed import ProcessGroupNCCL
+
+        options = ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        return ProcessGroupNCCL(store, rank, world_size, options)
+    raise ValueError(f"weight channel backend must be 'nccl' or 'gloo', got {backend!r}")
+
+
+def channel_device(backend: str, local_device: torch.device | None = None) -> torch.device:
+    """Where a channel's buffers live: this process's GPU for NCCL, the CPU for gloo."""
+    import torch
+
+    if backend == "nccl":
+        return local_device or torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
