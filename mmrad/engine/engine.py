@@ -32,6 +32,7 @@ import functools
 import gc
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -137,6 +138,9 @@ class Engine:
 
         self._llm = LLM(**engine_kwargs(config, self.model_path, on_gpu=on_gpu))
         self._environ_set = _environ_changes(before, dict(os.environ))
+        self._closing = threading.Event()
+        if self.child_process:
+            _watch_core(self._llm.llm_engine.engine_core, self._closing)
         self._tokenizer = self._llm.get_tokenizer()
         self._prompts = ModelPrompts(self.model_path)
         self._version = 0
@@ -328,6 +332,7 @@ class Engine:
         llm, self._llm = self._llm, None
         if llm is None:
             return
+        self._closing.set()
         llm.llm_engine.engine_core.shutdown()  # distributed state too: a new engine can start
         del llm
         gc.collect()
@@ -348,6 +353,28 @@ class Engine:
         if self._llm is None:
             raise RuntimeError("the engine is closed")
         return self._llm
+
+
+def _watch_core(client: Any, closing: threading.Event) -> None:
+    """Wake a caller waiting for outputs when the engine core process dies.
+
+    vLLM 0.32's sync client notices the death (its monitor marks the engine dead and
+    shuts the client down) but never wakes a ``generate`` already waiting on the output
+    queue: it would wait forever. This puts vLLM's own ``EngineDeadError`` in that queue
+    (so the caller raises it, and :class:`EngineDied`) unless the engine is closing."""
+    from multiprocessing.connection import wait
+
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    sentinels = [proc.sentinel for proc in client.resources.engine_manager.processes]
+
+    def watch() -> None:
+        wait(sentinels)
+        if not closing.is_set():
+            client.resources.engine_dead = True
+            client.outputs_queue.put_nowait(EngineDeadError())
+
+    threading.Thread(target=watch, name="mmrad-engine-core-watch", daemon=True).start()
 
 
 @contextlib.contextmanager

@@ -21,7 +21,17 @@ one version (the pool is not synced mid-batch).
 
 Learners call :meth:`Coordinator.start` when they (re)start (with the restored step,
 data position and weights), then per step :meth:`shard` (blocks until the batch is
-ready) and :meth:`push_weights`. The pool is used from one thread at a time.
+ready) and :meth:`push_weights`. The pool is used from one thread at a time, except that
+a channel push issues its receives at once (:meth:`~mmrad.rl.pool.RolloutPool.receive`):
+learner rank 0 broadcasts right after, and a replacement engine waiting for weights must
+not wait for a batch that waits for it.
+
+With the collective transport nobody keeps a copy of the weights, so an engine that
+replaced a dead one needs the learners to send again. The pool says so
+(``on_behind``), and :meth:`shard` answers every learner rank with
+:class:`ResendWeights` instead of a shard: the learners, which hold exactly the
+version the engines need while they wait for a batch, send it and ask again. If they
+are training instead, their next push brings the replacement up.
 """
 
 from __future__ import annotations
@@ -59,6 +69,7 @@ from mmrad.rl.config import GRPOJobConfig
 from mmrad.rl.metrics import advantage_metrics, rollout_metrics, validation_metrics
 from mmrad.rl.prompts import DataPosition, PromptItem, PromptStream
 from mmrad.rl.rollout import Rollout, RolloutPrompt, WeightUpdate, rollout_seed
+from mmrad.rl.weight_sender import ChannelUpdate, ResendWeights
 from mmrad.storage import Storage
 from mmrad.task.answer import GENERIC_REASONING
 from mmrad.task.prompt import PromptVariant
@@ -132,6 +143,9 @@ class Coordinator:
         self._received = 0  # newest weight version the learners pushed
         self._pending: WeightUpdate | None = None
         self._sync_seconds = 0.0  # applying the update before the next batch
+        self._resend_wanted = 0  # requests for the learners' weights (replacement engines)
+        self._resend_answered = 0  # the newest request a shard call answered
+        self._answers: dict[tuple[int, int], ResendWeights | None] = {}  # (step, attempt)
         self._error: str | None = None
         self._stop = threading.Event()
         self._producer: threading.Thread | None = None
@@ -139,12 +153,17 @@ class Coordinator:
     # -- the learners' calls ------------------------------------------------------------
 
     def start(
-        self, step: int, position: dict[str, int] | None, update: WeightUpdate | None
+        self,
+        step: int,
+        position: dict[str, int] | None,
+        update: WeightUpdate | None,
+        channel: bool = False,
     ) -> None:
         """(Re)start producing at batch ``step``: the learners hold weights of version
         ``step`` (``update``, or the engines' starting weights at step 0) and the data
-        continues at ``position``. Batches made ahead for a previous learner group are
-        dropped."""
+        continues at ``position``. With ``channel`` the learners send those weights over
+        the weight channel right after (:meth:`push_weights`); no batch is made before.
+        Batches made ahead for a previous learner group are dropped."""
         self._stop_producer()
         with self._pool_lock:
             if self.pool.version > step:  # learners restarted from an older checkpoint
@@ -155,22 +174,46 @@ class Coordinator:
                 if update.version != step:
                     raise ValueError(f"start at step {step} with weights of v{update.version}")
                 self._sync_seconds = self.pool.sync(update)
-            elif step > 0 and self.pool.version != step:
+            elif step > 0 and self.pool.version != step and not channel:
                 raise ValueError(f"restarting at step {step} needs the learners' weights")
+            held = self.pool.version if channel else step
         self.stream.seek(DataPosition.from_dict(position) if position else DataPosition())
         with self._cond:
             self._batches, self._fetched = {}, {}
-            self._received, self._pending, self._error = step, None, None
+            self._received, self._pending, self._error = held, None, None
+            self._answers, self._resend_answered = {}, self._resend_wanted
         self._stop.clear()
         self._producer = threading.Thread(
             target=self._produce, args=(step,), name="grpo-producer", daemon=True
         )
         self._producer.start()
 
-    def shard(self, step: int, rank: int, world: int) -> LearnerShard:
-        """Learner ``rank``'s part of batch ``step`` (waits until it is made)."""
+    def shard(
+        self, step: int, rank: int, world: int, attempt: int = 0
+    ) -> LearnerShard | ResendWeights:
+        """Learner ``rank``'s part of batch ``step`` (waits until it is made), or
+        :class:`ResendWeights` when replacement engines need the learners' weights
+        first; then the learners ask again with ``attempt + 1``. Every rank gets the
+        same answer for the same ``(step, attempt)``, whenever it asks."""
         with self._cond:
-            self._cond.wait_for(lambda: step in self._batches or self._error is not None)
+            key = (step, attempt)
+            if key not in self._answers:
+                self._cond.wait_for(
+                    lambda: (
+                        step in self._batches
+                        or self._error is not None
+                        or self._resend_wanted > self._resend_answered
+                    )
+                )
+                if self._resend_wanted > self._resend_answered:
+                    self._resend_answered = self._resend_wanted
+                    self._answers[key] = ResendWeights(self._resend_wanted)
+                else:
+                    self._answers[key] = None
+                self._answers = {k: v for k, v in self._answers.items() if k[0] >= step}
+            answer = self._answers[key]
+            if answer is not None:
+                return answer
             if step not in self._batches:
                 raise RuntimeError(f"the GRPO coordinator failed:\n{self._error}")
             batch = self._batches[step]
@@ -180,14 +223,35 @@ class Coordinator:
                 del self._batches[step]
         return batch.shard(rank, world)
 
-    def push_weights(self, update: WeightUpdate) -> None:
-        """New weights from the learners; applied before the next batch is generated."""
+    def push_weights(self, update: WeightUpdate | ChannelUpdate) -> dict[str, Any] | None:
+        """New weights from the learners. A :class:`WeightUpdate` is applied before the
+        next batch is generated. A :class:`ChannelUpdate` is received by every engine
+        now (after the batch it is generating): returns the channel's spec, on which
+        learner rank 0 then broadcasts; the same version again is a re-send."""
+        channel = isinstance(update, ChannelUpdate)
         with self._cond:
-            if update.version <= self._received:
+            if update.version < self._received or (
+                update.version == self._received and not channel
+            ):
                 raise ValueError(
                     f"weights v{update.version} arrived after v{self._received} already had"
                 )
-            self._pending, self._received = update, update.version
+        if not channel:
+            with self._cond:
+                self._pending, self._received = update, update.version
+                self._cond.notify_all()
+            return None
+        spec = self.pool.receive(update)
+        with self._cond:
+            self._received = update.version
+            self._resend_answered = self._resend_wanted  # replacements receive this one too
+            self._cond.notify_all()
+        return spec
+
+    def _want_resend(self) -> None:
+        """The pool's ``on_behind``: ask the learners waiting in :meth:`shard` to send."""
+        with self._cond:
+            self._resend_wanted += 1
             self._cond.notify_all()
 
     def engine_logprobs(self, version: int, probe: Probe) -> list[float]:
@@ -277,11 +341,13 @@ class Coordinator:
             raise RuntimeError(f"engines hold v{self.pool.version}, asked about v{version}")
 
     def _apply_pending(self) -> None:
-        """Sync the newest pushed weights to the engines (caller holds the pool lock)."""
+        """Sync the newest pushed weights to the engines, or wait for the channel
+        receives in flight (caller holds the pool lock)."""
         with self._cond:
             update, self._pending = self._pending, None
         if update is not None:
             self._sync_seconds += self.pool.sync(update)
+        self._sync_seconds += self.pool.finish_receive()
 
     def _make_batch(self, step: int) -> TrainBatch:
         job = self.job
@@ -469,4 +535,5 @@ class Coordinator:
             num_cpus=rollout.cpus_per_worker,
             num_gpus=rollout.gpus_per_worker,
             max_retries=rollout.max_retries,
+            on_behind=self._want_resend,
         )

@@ -17,8 +17,11 @@ One step ``t`` (the learners hold weights of version ``t``):
    optional truncated importance weights; replaced samples have none and are left out);
 3. ``epochs x mini_batches`` optimizer steps on ``policy_loss + kl_beta * kl_penalty``,
    micro-batched, gradients clipped;
-4. gather the new weights (the LoRA adapter as peft names it, or every weight under its
-   HF name) and hand ``WeightUpdate(version=t + 1)`` to the coordinator; optionally
+4. publish the new weights as version ``t + 1`` (:meth:`GRPOLearner.publish`): over the
+   weight channel (``sync.transport: collective``; every weight under its HF name, the
+   adapter merged, streamed from the shards by :mod:`mmrad.rl.weight_sender`), or
+   gathered into a ``WeightUpdate`` for the object store (the LoRA adapter as peft
+   names it, or every weight); optionally
    compare the engines' log-probs of a probe completion after the sync with the
    learner's (``sync_check_every``);
 5. log, checkpoint every ``checkpoint_every`` steps (DCP shards, optimizer, step, RNG,
@@ -41,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 from mmrad.config import PromptConfig
+from mmrad.engine.settings import engine_dtype
 from mmrad.rl.batch import LearnerShard, Probe
 from mmrad.rl.config import GRPOJobConfig
 from mmrad.rl.grpo import (
@@ -53,6 +57,7 @@ from mmrad.rl.grpo import (
 from mmrad.rl.inputs import EncodedPrompt, RolloutCollator, completion_logprobs, padded
 from mmrad.rl.metrics import SampleTable, hidden_share, renamed
 from mmrad.rl.rollout import WeightUpdate
+from mmrad.rl.weight_sender import ResendWeights, WeightSender, check_streamable
 from mmrad.storage import join
 from mmrad.task.prompt import PromptVariant
 from mmrad.train.checkpoint import clean_name, full_model_state
@@ -136,7 +141,20 @@ class GRPOLearner:
         if self.core.metrics is not None:
             self.table = SampleTable(self.core.metrics.local_dir, self.core.metrics)
         self._last_state: dict[str, torch.Tensor] | None = None
+        self.sender = self._weight_sender()
         self._step_end = time.perf_counter()
+
+    def _weight_sender(self) -> WeightSender | None:
+        """This rank's member of the weight channel (``None``: the object store)."""
+        job = self.job
+        if job.sync.resolved_transport(on_gpu=self.core.on_gpu) != "collective":
+            return None
+        check_streamable(job.learners.fsdp.version)
+        engines_on_gpu = job.rollout.gpus_per_worker > 0
+        self.send_dtype = getattr(torch, engine_dtype(job.engine, on_gpu=engines_on_gpu))
+        backend = "nccl" if self.core.on_gpu and engines_on_gpu else "gloo"
+        host = ray.util.get_node_ip_address()
+        return WeightSender(self.rank, backend, host, job.sync.bucket_mb * 2**20)
 
     # -- checkpoints ----------------------------------------------------------------------
 
@@ -154,6 +172,37 @@ class GRPOLearner:
         if self.lora and self.job.learners.fsdp.version == 2:
             return gather_trainable(self.model, keep=self.rank == 0 or not on_gpu)
         return full_model_state(self.model, on_gpu, only_trainable=self.lora)
+
+    def publish(self, version: int) -> None:
+        """Collective: the current weights to the engines as ``version``."""
+        if self.sender is not None:
+            self.send_over_channel(version)
+            return
+        state = self.gather_state()
+        if self.rank == 0:
+            ray.get(self.coordinator.push_weights.remote(self.weight_update(version, state)))
+        self._last_state = state
+
+    def send_over_channel(self, version: int) -> None:
+        """Collective: rank 0 announces ``version`` (the coordinator has the engines
+        receive) and broadcasts it while every rank gathers the shards."""
+        update = spec = None
+        if self.rank == 0:
+            update = self.sender.announce(self.model, self.send_dtype, version)
+            spec = ray.get(self.coordinator.push_weights.remote(update))
+        self.sender.send(self.model, self.send_dtype, update, spec)
+
+    def fetch_shard(self, step: int) -> LearnerShard:
+        """Collective when engines were replaced: this rank's shard of batch ``step``,
+        after sending the current weights again as often as the coordinator asks."""
+        attempt = 0
+        while True:
+            answer = ray.get(self.coordinator.shard.remote(step, self.rank, self.world, attempt))
+            if not isinstance(answer, ResendWeights):
+                return answer
+            log.warning("rollout engines were replaced: sending weights v%d again", step)
+            self.send_over_channel(step)
+            attempt += 1
 
     def weight_update(self, version: int, state: dict[str, torch.Tensor]) -> WeightUpdate:
         """The update the engines apply: peft's adapter state dict and config, or every
@@ -320,7 +369,7 @@ class GRPOLearner:
     def train_step(self) -> dict[str, float]:
         step = self.core.step
         started = time.perf_counter()
-        shard: LearnerShard = ray.get(self.coordinator.shard.remote(step, self.rank, self.world))
+        shard = self.fetch_shard(step)
         waited = time.perf_counter() - started
         metrics = self.check_staleness(shard)
         computing = time.perf_counter()
@@ -329,11 +378,7 @@ class GRPOLearner:
         probe_before = self.probe_logprobs(shard.probe) if shard.probe else None
         trained = self.update(minis)
         learned = time.perf_counter()
-        state = self.gather_state()
-        if self.rank == 0:
-            update = self.weight_update(step + 1, state)
-            ray.get(self.coordinator.push_weights.remote(update))
-        self._last_state = state
+        self.publish(step + 1)
         synced = time.perf_counter()
         self.core.step += 1
         averaged = all_mean({**scored, **trained})
@@ -387,13 +432,16 @@ class GRPOLearner:
         a resume) the restored weights; the other ranks wait until it has them."""
         step = self.core.step
         update = None
-        if step > 0:
+        channel = self.sender is not None
+        if step > 0 and not channel:
             state = self.gather_state()
             update = self.weight_update(step, state) if self.rank == 0 else None
         if self.rank == 0:
             position = (self.state.coordinator or {}).get("position")
-            ray.get(self.coordinator.start.remote(step, position, update))
+            ray.get(self.coordinator.start.remote(step, position, update, channel))
         dist.barrier()
+        if step > 0 and channel:
+            self.send_over_channel(step)
 
     def run(self) -> None:
         schedule = self.job.schedule

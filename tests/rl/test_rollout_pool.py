@@ -295,3 +295,49 @@ def test_killed_worker_is_replaced_and_its_prompts_reissued(pool, synced):
     scored = pool.prompt_logprobs(synced.fixed, synced.completions)
     assert_close(scored[:2], synced.hf_lora[:2])
     assert_close(scored[2:], synced.hf_full[2:])
+
+
+@pytest.mark.integration
+def test_full_and_merged_lora_weights_over_the_channel(pool, synced, tiny_model, processor):
+    """In-process engines over the weight channel: full weights (v3), then a peft
+    policy merged (v4), each checked against transformers/peft on both workers."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from mmrad.model.lora import apply_lora
+    from tests.helpers.channel import PoolSender
+
+    def reference(model) -> list[list[float]]:
+        return [
+            hf_completion_logprobs(
+                model, processor, build_request(processor, p.inputs, VARIANT, PIXELS), c
+            )
+            for p, c in zip(synced.fixed, synced.completions, strict=True)
+        ]
+
+    def on_each_worker() -> list[list[list[float]]]:
+        return pool._on_each_worker(
+            lambda w, fresh: w.actor.prompt_logprobs.remote(synced.fixed, synced.completions)
+        )
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model).eval()
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.02 * torch.randn(param.shape, generator=generator))
+    sender = PoolSender(pool)
+    try:
+        assert sender.send(model, 3) > 0
+        assert pool.worker_versions() == [3, 3]
+        for scored in on_each_worker():  # no adapter any more: every prompt follows v3
+            assert_close(scored, reference(model))
+        peft_model = apply_lora(model, LORA).eval()
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(std=0.5, generator=generator)
+        sender.send(peft_model, 4)
+        for scored in on_each_worker():
+            assert_close(scored, reference(peft_model))
+    finally:
+        sender.close()

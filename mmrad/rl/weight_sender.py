@@ -1,0 +1,189 @@
+"""The learners' side of the weight channel: the policy's weights, gathered from the FSDP
+shards one tensor at a time and broadcast by learner rank 0 in bounded buckets.
+
+What is sent are HF checkpoint names in the engines' dtype:
+
+- ``full``: every weight of the model;
+- ``lora`` (merged): every weight with the adapter folded in, ``W + scale * B @ A`` for
+  each adapted projection, so the engines sample the policy with no adapter at all.
+
+Every learner rank iterates :func:`policy_tensors` in step (each tensor is an all-gather
+over the learners); rank 0 alone packs and broadcasts, so no rank holds more than one
+bucket beyond its shard. FSDP2 (or an unsharded model) only: FSDP1's flat parameters
+have no per-tensor gather (:func:`check_streamable`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from mmrad.engine.channel import (
+    SENDER_RANK,
+    Channel,
+    ChannelSpec,
+    SendPlan,
+    TensorMeta,
+    channel_device,
+    dtype_name,
+    free_port,
+    pack,
+    plan_sends,
+)
+from mmrad.train.checkpoint import clean_name
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+PEFT_PREFIX = "base_model.model."
+LORA_PARTS = (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B.")
+
+
+@dataclass(frozen=True)
+class ChannelUpdate:
+    """Weights of ``version`` announced to the engines; the bytes follow over the channel.
+    ``host``/``port`` are where learner rank 0 would host a new channel's store (the pool
+    decides whether one is needed)."""
+
+    version: int
+    plan: dict[str, Any]  # a SendPlan as a dict
+    host: str
+    port: int
+    backend: str  # "nccl" or "gloo"
+
+    @property
+    def send_plan(self) -> SendPlan:
+        return SendPlan.from_dict(self.plan)
+
+
+@dataclass(frozen=True)
+class ResendWeights:
+    """The coordinator's answer to a learner asking for a batch when replacement engines
+    need the learners' current weights over the channel first (``request`` counts)."""
+
+    request: int
+
+
+def hf_name(name: str) -> str:
+    """A learner parameter's HF checkpoint name: no FSDP/compile wrappers, no peft prefix,
+    no ``.base_layer``."""
+    return clean_name(name).removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")
+
+
+def _is_lora_part(name: str) -> bool:
+    return any(part in name for part in LORA_PARTS)
+
+
+def policy_metas(model: nn.Module, dtype: torch.dtype) -> list[TensorMeta]:
+    """What :func:`policy_tensors` yields, by name, dtype and full shape, in the same
+    order (known on every rank without gathering anything)."""
+    return [
+        TensorMeta(hf_name(name), dtype_name(dtype), tuple(param.shape))
+        for name, param in model.named_parameters()
+        if not _is_lora_part(name)
+    ]
+
+
+def policy_tensors(model: nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """Collective: ``(HF name, full tensor)`` for every weight of the policy, adapters
+    merged, in :func:`policy_metas` order, on this rank's device."""
+    lora_layers = _lora_layers(model)
+    for name, param in model.named_parameters():
+        if _is_lora_part(name):
+            continue
+        full = _full(param)
+        owner = name.rsplit(".base_layer.", 1)[0] if ".base_layer." in name else None
+        if owner in lora_layers and name.endswith(".weight"):
+            full = merged_weight(full, lora_layers[owner])
+        yield hf_name(name), full.detach().to(dtype)
+
+
+def merged_weight(base: torch.Tensor, layer: Any) -> torch.Tensor:
+    """``W + scale * B @ A`` for a peft LoRA linear layer's active adapters (in fp32)."""
+    merged = base.float()
+    for adapter in layer.active_adapters:
+        if adapter not in layer.lora_A:
+            continue
+        a = _full(layer.lora_A[adapter].weight).float()
+        b = _full(layer.lora_B[adapter].weight).float()
+        merged = merged + layer.scaling[adapter] * (b @ a)
+    return merged
+
+
+def _lora_layers(model: nn.Module) -> dict[str, Any]:
+    """Modules holding LoRA adapters by their ``named_modules`` name."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if hasattr(module, "lora_A") and hasattr(module, "base_layer")
+    }
+
+
+def check_streamable(fsdp_version: int) -> None:
+    if fsdp_version != 2:
+        raise ValueError(
+            "sync.transport=collective streams FSDP2 shards one tensor at a time; with "
+            "learners.fsdp.version=1 use sync.transport=object_store"
+        )
+
+
+def _full(param: torch.Tensor) -> torch.Tensor:
+    return param.full_tensor() if hasattr(param, "full_tensor") else param
+
+
+class WeightSender:
+    """Learner rank 0's member of the weight channel (every rank makes one; the others
+    only take part in the gathers)."""
+
+    def __init__(self, rank: int, backend: str, host: str, bucket_bytes: int):
+        self.rank = rank
+        self.backend = backend
+        self.host = host
+        self.bucket_bytes = bucket_bytes
+        self._channel: Channel | None = None
+
+    def announce(self, model: nn.Module, dtype: torch.dtype, version: int) -> ChannelUpdate:
+        """Rank 0: what the engines are to receive, and where a new channel would meet."""
+        plan = plan_sends(version, policy_metas(model, dtype), self.bucket_bytes)
+        return ChannelUpdate(version, plan.to_dict(), self.host, free_port(self.host), self.backend)
+
+    def send(self, model: nn.Module, dtype: torch.dtype, update: ChannelUpdate | None,
+             spec: dict[str, Any] | None) -> None:  # fmt: skip
+        """Collective over the learners: stream the policy. Rank 0 joins ``spec`` first
+        when it is a new channel, then broadcasts each bucket of ``update``'s plan as its
+        tensors are gathered; the other ranks pass ``None`` for both."""
+        tensors = policy_tensors(model, dtype)
+        if self.rank != SENDER_RANK:
+            for _ in tensors:  # the gathers only
+                pass
+            return
+        assert update is not None and spec is not None
+        channel = self._join(ChannelSpec.from_dict(spec))
+        plan = update.send_plan
+        for index in range(len(plan.buckets)):
+            metas = plan.bucket(index)
+            bucket = [_checked(next(tensors), meta) for meta in metas]
+            channel.broadcast(pack(bucket, sum(m.nbytes for m in metas), channel.device))
+
+    def _join(self, spec: ChannelSpec) -> Channel:
+        if self._channel is None or self._channel.spec != spec:
+            self.close()
+            self._channel = Channel(spec, SENDER_RANK, channel_device(self.backend))
+        return self._channel
+
+    def close(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.close()
+
+
+def _checked(item: tuple[str, torch.Tensor], meta: TensorMeta) -> torch.Tensor:
+    name, tensor = item
+    if name != meta.name or tuple(tensor.shape) != meta.shape:
+        raise RuntimeError(
+            f"weight channel: sending {name} {tuple(tensor.shape)} where the plan has "
+            f"{meta.name} {meta.shape}"
+        )
+    return tensor

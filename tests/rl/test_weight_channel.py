@@ -1,0 +1,219 @@
+"""Weights to a rollout pool whose engines run vLLM's engine core in a child process
+(vLLM's layout on GPUs), by both transports, and an engine core that dies inside a live
+actor. Each sync is checked by the engines' log-probs of fixed completions against
+transformers/peft after it. The in-process layout's pool is tests/rl/test_rollout_pool.py.
+
+The tests share one pool (two workers) and run in file order; versions build up.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from mmrad.config import EngineConfig, LoraConfig, PixelBudget
+from mmrad.engine import InspectionInput, Sampling, build_request
+from mmrad.rl.pool import RolloutPool
+from mmrad.rl.rollout import RolloutPrompt, WeightUpdate
+from mmrad.task.prompt import PromptVariant
+from tests.helpers.channel import PoolSender
+from tests.helpers.logprobs import hf_completion_logprobs
+
+PIXELS = PixelBudget()
+VARIANT = PromptVariant()
+ENGINE = EngineConfig(
+    max_model_len=1024,
+    kv_cache_bytes=64 * 2**20,
+    max_num_seqs=16,
+    enable_lora=True,
+    max_lora_rank=8,
+    multiprocess=True,
+)
+LORA = LoraConfig(r=8, alpha=16, dropout=0.0)
+TOLERANCE = 1e-3
+TEXT = "<think>The brick looks normal.</think><answer>No.</answer><|im_end|>"
+
+pytestmark = pytest.mark.integration
+
+
+def noise(size: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def prompts(count: int, tag: str) -> list[RolloutPrompt]:
+    return [
+        RolloutPrompt(f"{tag}{i}", InspectionInput(noise(112, i), noise(112, i + 1000), "brick"))
+        for i in range(count)
+    ]
+
+
+class Behind:
+    """The pool's ``on_behind``: counts calls (replacements that need weights)."""
+
+    def __init__(self):
+        self.calls = 0
+        self.event = threading.Event()
+
+    def __call__(self) -> None:
+        self.calls += 1
+        self.event.set()
+
+
+@pytest.fixture(scope="module")
+def behind():
+    return Behind()
+
+
+@pytest.fixture(scope="module")
+def pool(ray_cluster, tiny_model, behind):
+    pool = RolloutPool(
+        tiny_model, ENGINE, PIXELS, VARIANT, num_workers=2, num_cpus=0.5, on_behind=behind
+    )
+    yield pool
+    pool.shutdown()
+
+
+@pytest.fixture(scope="module")
+def sender(pool):
+    sender = PoolSender(pool)
+    yield sender
+    sender.close()
+
+
+@pytest.fixture(scope="module")
+def probe(tiny_model):
+    """Fixed completions of two prompts (one per worker) and a reference: transformers'
+    log-probs of them under a given model."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_model)
+    fixed = prompts(2, "fixed-")
+    completion = processor.tokenizer(TEXT).input_ids
+
+    def reference(model) -> list[list[float]]:
+        return [
+            hf_completion_logprobs(
+                model, processor, build_request(processor, p.inputs, VARIANT, PIXELS), completion
+            )
+            for p in fixed
+        ]
+
+    return fixed, [completion] * len(fixed), reference
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_model):
+    """The tiny model with every weight perturbed (a policy some steps into training)."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.02 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+@pytest.fixture(scope="module")
+def lora_policy(policy):
+    """``policy`` with a LoRA adapter whose B is not zero (so it matters)."""
+    import copy
+
+    import torch
+
+    from mmrad.model.lora import apply_lora
+
+    peft_model = apply_lora(copy.deepcopy(policy), LORA).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5, generator=generator)
+    return peft_model
+
+
+def on_each_worker(pool, probe) -> list[list[list[float]]]:
+    """Every worker's log-probs of the probe completions."""
+    fixed, completions, _ = probe
+    return pool._on_each_worker(lambda w, fresh: w.actor.prompt_logprobs.remote(fixed, completions))
+
+
+def assert_close(actual, expected):
+    for got, want in zip(actual, expected, strict=True):
+        np.testing.assert_allclose(got, want, atol=TOLERANCE)
+
+
+def test_full_weights_over_the_channel(pool, sender, probe, policy):
+    _, _, reference = probe
+    base = on_each_worker(pool, probe)
+    seconds = sender.send(policy, 1)
+    assert seconds > 0 and pool.version == 1 and pool.worker_versions() == [1, 1]
+    expected = reference(policy)
+    for scored in on_each_worker(pool, probe):
+        assert_close(scored, expected)
+        assert max(abs(a - b) for a, b in zip(scored[0], base[0][0], strict=True)) > 0.05
+
+
+def test_lora_adapter_through_the_object_store(pool, probe, lora_policy):
+    """An adapter loads in a child-process engine too (vLLM reads its directory)."""
+    from peft import get_peft_model_state_dict
+
+    fixed, completions, reference = probe
+    config = lora_policy.peft_config["default"].to_dict()
+    pool.sync(WeightUpdate(2, "lora", get_peft_model_state_dict(lora_policy), config))
+    assert_close(pool.prompt_logprobs(fixed, completions), reference(lora_policy))
+
+
+def test_lora_merged_over_the_channel(pool, sender, probe, lora_policy):
+    """The same peft policy with its adapter merged: the workers drop their adapter."""
+    peft_model = lora_policy
+    _, _, reference = probe
+    sender.send(peft_model, 3)
+    expected = reference(peft_model)
+    for scored in on_each_worker(pool, probe):
+        assert_close(scored, expected)
+    assert pool._on_each_worker(lambda w, fresh: w.actor.adapter_dir.remote()) == [None, None]
+
+
+def test_dead_engine_core_is_replaced_and_its_prompts_reissued(
+    pool, sender, probe, behind, lora_policy
+):
+    """SIGKILL to worker 0's engine core process (the actor lives on): the worker is
+    dead, its replacement has no copy of v3 (it went by channel), so its chunk waits;
+    the pool asks for the weights, the learner side sends v3 again, and the chunk is
+    generated with v3 on the replacement."""
+    _, _, reference = probe
+    actors = pool._on_each_worker(lambda w, fresh: w.actor.pid.remote())
+    cores = pool._on_each_worker(lambda w, fresh: w.actor.engine_pid.remote())
+    assert cores[0] != actors[0]  # the engine core is a child process of the actor
+    batch = prompts(6, "dead-core-")
+    sampling = Sampling(n=2, temperature=1.0, max_tokens=32, seed=3)
+    pending = pool.submit(batch, sampling)
+    time.sleep(0.2)
+    os.kill(cores[0], signal.SIGKILL)
+
+    def learner() -> None:  # what the coordinator's ResendWeights makes the learners do
+        assert behind.event.wait(timeout=300)
+        sender.send(lora_policy, 3)
+
+    resend = threading.Thread(target=learner, daemon=True)
+    resend.start()
+    groups = pending.result()
+    resend.join(timeout=300)
+
+    assert behind.calls == 1
+    assert [g[0].prompt_id for g in groups] == [p.prompt_id for p in batch]
+    assert {r.worker for g in groups[:3] for r in g} == {"rollout-0.1"}
+    assert {r.worker for g in groups[3:] for r in g} == {"rollout-1"}
+    assert {r.version for g in groups for r in g} == {3}
+    assert pool.stats()["rollout/workers_replaced"] == 1
+    after = pool._on_each_worker(lambda w, fresh: w.actor.pid.remote())
+    assert after[0] != actors[0] and after[1] == actors[1]
+    for scored in on_each_worker(pool, probe):  # the replacement holds v3 for real
+        assert_close(scored, reference(lora_policy))
