@@ -7,9 +7,10 @@ workers (one per tensor-parallel rank). NCCL on GPUs, gloo on CPUs. A sync sends
 - by ``collective_rpc`` (small, msgpack-safe): the version and a :class:`SendPlan`, each
   tensor's name, dtype and shape, cut into buckets of at most ``bucket_bytes``;
 - by broadcast: one flat byte buffer per bucket, which each side packs and unpacks with
-  :func:`pack` and :func:`unpack`. The sender builds a bucket as its tensors are
-  gathered from the FSDP shards, and a receiver loads a bucket before the next one
-  arrives, so neither side holds more than a bucket beyond its model.
+  :func:`pack` and :func:`unpack` (each tensor aligned, so mixed dtypes view in place).
+  The sender builds a bucket as its tensors are gathered from the FSDP shards, and a
+  receiver loads a bucket before the next one arrives, so neither side holds more than
+  a bucket beyond its model.
 
 Both sides import this module: the learner (:mod:`mmrad.rl.weight_sender`) and the vLLM
 worker (:mod:`mmrad.engine.worker_extension`). It imports torch only.
@@ -18,7 +19,7 @@ worker (:mod:`mmrad.engine.worker_extension`). It imports torch only.
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 
 SENDER_RANK = 0
 DEFAULT_TIMEOUT_S = 600.0
+ALIGNMENT = 16  # bytes: each tensor of a bucket starts here, so any dtype views in place
 
 
 @dataclass(frozen=True)
@@ -102,10 +104,10 @@ def plan_sends(version: int, tensors: Sequence[TensorMeta], bucket_bytes: int) -
         raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
     buckets, start, size = [], 0, 0
     for index, meta in enumerate(tensors):
-        if index > start and size + meta.nbytes > bucket_bytes:
+        if index > start and size + aligned(meta.nbytes) > bucket_bytes:
             buckets.append((start, index))
             start, size = index, 0
-        size += meta.nbytes
+        size += aligned(meta.nbytes)
     if start < len(tensors):
         buckets.append((start, len(tensors)))
     return SendPlan(version, tuple(tensors), tuple(buckets))
@@ -128,19 +130,27 @@ def numel(shape: Sequence[int]) -> int:
     return count
 
 
-def pack(tensors: Iterable[torch.Tensor], nbytes: int, device: torch.device) -> torch.Tensor:
-    """One flat ``uint8`` buffer of ``nbytes`` on ``device`` holding ``tensors``' bytes
-    back to back (the channel's device: NCCL broadcasts GPU memory only)."""
+def aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGNMENT) * ALIGNMENT
+
+
+def bucket_nbytes(metas: Sequence[TensorMeta]) -> int:
+    """The size of the buffer :func:`pack` lays ``metas``' tensors out in."""
+    return sum(aligned(meta.nbytes) for meta in metas)
+
+
+def pack(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """One flat ``uint8`` buffer on ``device`` (the channel's: NCCL broadcasts GPU memory
+    only) holding ``tensors``' bytes, each from an :data:`ALIGNMENT` boundary."""
     import torch
 
-    buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    sizes = [t.numel() * t.element_size() for t in tensors]
+    buffer = torch.empty(sum(aligned(n) for n in sizes), dtype=torch.uint8, device=device)
     offset = 0
-    for tensor in tensors:
+    for tensor, size in zip(tensors, sizes, strict=True):
         flat = tensor.detach().contiguous().view(-1).view(torch.uint8)
-        buffer[offset : offset + flat.numel()].copy_(flat)
-        offset += flat.numel()
-    if offset != nbytes:
-        raise ValueError(f"packed {offset} bytes into a bucket of {nbytes}")
+        buffer[offset : offset + size].copy_(flat)
+        offset += aligned(size)
     return buffer
 
 
@@ -148,11 +158,13 @@ def unpack(buffer: torch.Tensor, metas: Sequence[TensorMeta]) -> Iterator[tuple[
     """``(name, tensor)`` views of ``buffer`` as :func:`pack` laid them out."""
     import torch
 
+    if buffer.numel() != bucket_nbytes(metas):
+        raise ValueError(f"a bucket of {buffer.numel()} bytes for {bucket_nbytes(metas)}")
     offset = 0
     for meta in metas:
         flat = buffer[offset : offset + meta.nbytes]
         yield meta.name, flat.view(getattr(torch, meta.dtype)).view(meta.shape)
-        offset += meta.nbytes
+        offset += aligned(meta.nbytes)
 
 
 def local_address(peer: str) -> str:

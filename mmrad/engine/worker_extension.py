@@ -18,7 +18,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from mmrad.engine.channel import Channel, ChannelSpec, SendPlan, channel_device, unpack
+from mmrad.engine.channel import (
+    Channel,
+    ChannelSpec,
+    SendPlan,
+    bucket_nbytes,
+    channel_device,
+    unpack,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -90,7 +97,7 @@ def _received(channel: Channel, plan: SendPlan) -> Iterator[tuple[str, torch.Ten
 
     for index in range(len(plan.buckets)):
         metas = plan.bucket(index)
-        buffer = torch.empty(sum(m.nbytes for m in metas), dtype=torch.uint8, device=channel.device)
+        buffer = torch.empty(bucket_nbytes(metas), dtype=torch.uint8, device=channel.device)
         channel.broadcast(buffer)
         yield from unpack(buffer, metas)
 

@@ -121,6 +121,13 @@ def _lora_layers(model: nn.Module) -> dict[str, Any]:
     }
 
 
+def channel_backend(learners_on_gpu: bool, engine_gpus: float) -> str:
+    """NCCL when learners and engines each hold whole GPUs; gloo otherwise, through host
+    memory: on CPUs, and where engines share a GPU (``engine_gpus < 1``), possibly with a
+    learner, since NCCL refuses two ranks on one GPU."""
+    return "nccl" if learners_on_gpu and engine_gpus >= 1 else "gloo"
+
+
 def check_streamable(fsdp_version: int) -> None:
     if fsdp_version != 2:
         raise ValueError(
@@ -165,7 +172,7 @@ class WeightSender:
         for index in range(len(plan.buckets)):
             metas = plan.bucket(index)
             bucket = [_checked(next(tensors), meta) for meta in metas]
-            channel.broadcast(pack(bucket, sum(m.nbytes for m in metas), channel.device))
+            channel.broadcast(pack(bucket, channel.device))
 
     def _join(self, spec: ChannelSpec) -> Channel:
         if self._channel is None or self._channel.spec != spec:
