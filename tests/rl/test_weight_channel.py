@@ -160,13 +160,28 @@ def test_full_weights_over_the_channel(pool, sender, probe, policy):
         assert max(abs(a - b) for a, b in zip(scored[0], base[0][0], strict=True)) > 0.05
 
 
-def test_lora_adapter_through_the_object_store(pool, probe, lora_policy):
-    """An adapter loads in a child-process engine too (vLLM reads its directory)."""
+def test_full_weights_and_a_lora_adapter_through_the_object_store(pool, probe, policy, lora_policy):
+    """Tensors reach a child-process engine through a shared-memory file: other weights
+    (v2), then the policy's again (v3); an adapter on top loads from its directory (v4)."""
+    import copy
+
+    import torch
     from peft import get_peft_model_state_dict
 
     fixed, completions, reference = probe
+    other = copy.deepcopy(policy)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for param in other.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    for version, model in ((2, other), (3, policy)):
+        pool.sync(
+            WeightUpdate(version, "full", {n: p.detach() for n, p in model.named_parameters()})
+        )
+        for scored in on_each_worker(pool, probe):
+            assert_close(scored, reference(model))
     config = lora_policy.peft_config["default"].to_dict()
-    pool.sync(WeightUpdate(2, "lora", get_peft_model_state_dict(lora_policy), config))
+    pool.sync(WeightUpdate(4, "lora", get_peft_model_state_dict(lora_policy), config))
     assert_close(pool.prompt_logprobs(fixed, completions), reference(lora_policy))
 
 
@@ -174,7 +189,7 @@ def test_lora_merged_over_the_channel(pool, sender, probe, lora_policy):
     """The same peft policy with its adapter merged: the workers drop their adapter."""
     peft_model = lora_policy
     _, _, reference = probe
-    sender.send(peft_model, 3)
+    sender.send(peft_model, 5)
     expected = reference(peft_model)
     for scored in on_each_worker(pool, probe):
         assert_close(scored, expected)
@@ -185,9 +200,9 @@ def test_dead_engine_core_is_replaced_and_its_prompts_reissued(
     pool, sender, probe, behind, lora_policy
 ):
     """SIGKILL to worker 0's engine core process (the actor lives on): the worker is
-    dead, its replacement has no copy of v3 (it went by channel), so its chunk waits;
-    the pool asks for the weights, the learner side sends v3 again, and the chunk is
-    generated with v3 on the replacement."""
+    dead, its replacement has no copy of v5 (it went by channel), so its chunk waits;
+    the pool asks for the weights, the learner side sends v5 again, and the chunk is
+    generated with v5 on the replacement."""
     _, _, reference = probe
     actors = pool._on_each_worker(lambda w, fresh: w.actor.pid.remote())
     cores = pool._on_each_worker(lambda w, fresh: w.actor.engine_pid.remote())
@@ -200,7 +215,7 @@ def test_dead_engine_core_is_replaced_and_its_prompts_reissued(
 
     def learner() -> None:  # what the coordinator's ResendWeights makes the learners do
         assert behind.event.wait(timeout=300)
-        sender.send(lora_policy, 3)
+        sender.send(lora_policy, 5)
 
     resend = threading.Thread(target=learner, daemon=True)
     resend.start()
@@ -211,9 +226,9 @@ def test_dead_engine_core_is_replaced_and_its_prompts_reissued(
     assert [g[0].prompt_id for g in groups] == [p.prompt_id for p in batch]
     assert {r.worker for g in groups[:3] for r in g} == {"rollout-0.1"}
     assert {r.worker for g in groups[3:] for r in g} == {"rollout-1"}
-    assert {r.version for g in groups for r in g} == {3}
+    assert {r.version for g in groups for r in g} == {5}
     assert pool.stats()["rollout/workers_replaced"] == 1
     after = pool._on_each_worker(lambda w, fresh: w.actor.pid.remote())
     assert after[0] != actors[0] and after[1] == actors[1]
-    for scored in on_each_worker(pool, probe):  # the replacement holds v3 for real
+    for scored in on_each_worker(pool, probe):  # the replacement holds v5 for real
         assert_close(scored, reference(lora_policy))
