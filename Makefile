@@ -42,6 +42,7 @@ bench: venv
 	$(NETNS) $(BIN)/python benchmarks/rollout_throughput.py
 	$(NETNS) $(BIN)/python benchmarks/grpo_step.py
 	$(NETNS) $(BIN)/python benchmarks/serve_load.py
+	$(NETNS) $(BIN)/python benchmarks/weight_sync.py
 	$(BIN)/python benchmarks/learner_memory.py
 
 clean:

@@ -8,9 +8,10 @@ workers (one per tensor-parallel rank). NCCL on GPUs, gloo on CPUs. A sync sends
   tensor's name, dtype and shape, cut into buckets of at most ``bucket_bytes``;
 - by broadcast: one flat byte buffer per bucket, which each side packs and unpacks with
   :func:`pack` and :func:`unpack` (each tensor aligned, so mixed dtypes view in place).
-  The sender builds a bucket as its tensors are gathered from the FSDP shards, and a
-  receiver loads a bucket before the next one arrives, so neither side holds more than
-  a bucket beyond its model.
+  The sender copies each tensor into the bucket as it is gathered from the FSDP shards
+  (one bucket and one gathered tensor beyond its shard), and a receiver hands a bucket
+  to vLLM's reload before the next arrives (the bucket in flight plus the tensors of
+  the layer vLLM is assembling: 2-3 buckets at most, measured).
 
 Both sides import this module: the learner (:mod:`mmrad.rl.weight_sender`) and the vLLM
 worker (:mod:`mmrad.engine.worker_extension`). It imports torch only.
@@ -19,7 +20,7 @@ worker (:mod:`mmrad.engine.worker_extension`). It imports torch only.
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -139,18 +140,23 @@ def bucket_nbytes(metas: Sequence[TensorMeta]) -> int:
     return sum(aligned(meta.nbytes) for meta in metas)
 
 
-def pack(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+def pack(
+    tensors: Iterable[torch.Tensor], metas: Sequence[TensorMeta], device: torch.device
+) -> torch.Tensor:
     """One flat ``uint8`` buffer on ``device`` (the channel's: NCCL broadcasts GPU memory
-    only) holding ``tensors``' bytes, each from an :data:`ALIGNMENT` boundary."""
+    only) holding the bytes of ``tensors``, described by ``metas``, each from an
+    :data:`ALIGNMENT` boundary. ``tensors`` is consumed one at a time: a generator that
+    gathers each tensor keeps one alive, not the bucket's worth."""
     import torch
 
-    sizes = [t.numel() * t.element_size() for t in tensors]
-    buffer = torch.empty(sum(aligned(n) for n in sizes), dtype=torch.uint8, device=device)
+    buffer = torch.empty(bucket_nbytes(metas), dtype=torch.uint8, device=device)
     offset = 0
-    for tensor, size in zip(tensors, sizes, strict=True):
+    for meta, tensor in zip(metas, tensors, strict=True):
         flat = tensor.detach().contiguous().view(-1).view(torch.uint8)
-        buffer[offset : offset + size].copy_(flat)
-        offset += aligned(size)
+        if flat.numel() != meta.nbytes:
+            raise ValueError(f"{meta.name}: {flat.numel()} bytes where the plan has {meta.nbytes}")
+        buffer[offset : offset + meta.nbytes].copy_(flat)
+        offset += aligned(meta.nbytes)
     return buffer
 
 

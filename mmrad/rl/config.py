@@ -149,20 +149,23 @@ class SyncSection(Section):
         description=(
             "How weights reach the rollout engines: collective = a broadcast process group "
             "from learner rank 0 to every engine worker (NCCL on GPUs, gloo on CPUs) in "
-            "bounded buckets; object_store = one Ray object per version; auto = collective "
-            "on GPUs, object_store on CPUs."
+            "bounded buckets, LoRA merged; object_store = one Ray object per version, LoRA "
+            "as adapter files; auto = collective with FSDP2, object_store with FSDP1."
         ),
     )
     bucket_mb: int = Field(
         256, ge=1, description="Size of one broadcast bucket of the collective transport, in MiB."
     )
 
-    def resolved_transport(self, on_gpu: bool) -> Literal["collective", "object_store"]:
-        """The transport in effect: an explicit one as given; auto = collective on GPUs,
-        object_store on CPUs."""
+    def resolved_transport(self, fsdp_version: int) -> Literal["collective", "object_store"]:
+        """The transport in effect: an explicit one as given; ``auto`` = the collective
+        channel wherever it works (FSDP2: it streams shards one tensor at a time), on
+        CPUs too, where benchmarks/weight_sync.py measured it faster end to end than the
+        object store for full weights and for LoRA (merged weights spare vLLM's slow CPU
+        LoRA kernels)."""
         if self.transport != "auto":
             return self.transport
-        return "collective" if on_gpu else "object_store"
+        return "collective" if fsdp_version == 2 else "object_store"
 
 
 class GRPOLearnersConfig(LearnersConfig):
@@ -307,6 +310,11 @@ class GRPOJobConfig(Section):
             raise ValueError(
                 f"a step's {samples} samples (rollout.prompts_per_step x rollout.group_size) "
                 f"must split evenly over learners.num_workers x algorithm.mini_batches = {split}"
+            )
+        if self.sync.transport == "collective" and self.learners.fsdp.version != 2:
+            raise ValueError(
+                "sync.transport=collective streams FSDP2 shards one tensor at a time; with "
+                "learners.fsdp.version=1 use sync.transport=object_store (or auto)"
             )
         if self.sync.weights == "lora":
             if not self.engine.enable_lora:

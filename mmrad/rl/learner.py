@@ -61,7 +61,6 @@ from mmrad.rl.weight_sender import (
     ResendWeights,
     WeightSender,
     channel_backend,
-    check_streamable,
 )
 from mmrad.storage import join
 from mmrad.task.prompt import PromptVariant
@@ -152,9 +151,8 @@ class GRPOLearner:
     def _weight_sender(self) -> WeightSender | None:
         """This rank's member of the weight channel (``None``: the object store)."""
         job = self.job
-        if job.sync.resolved_transport(on_gpu=self.core.on_gpu) != "collective":
+        if job.sync.resolved_transport(job.learners.fsdp.version) != "collective":
             return None
-        check_streamable(job.learners.fsdp.version)
         engines_on_gpu = job.rollout.gpus_per_worker > 0
         self.send_dtype = getattr(torch, engine_dtype(job.engine, on_gpu=engines_on_gpu))
         backend = channel_backend(self.core.on_gpu, job.rollout.gpus_per_worker)

@@ -155,7 +155,7 @@ class RolloutPool:
         self._last_batch: dict[str, float] = {}
         self._lock = threading.RLock()  # workers and channel: a push thread and the producer
         self._channel: dict[str, Any] | None = None  # the current channel's spec
-        self._channel_members: list[tuple[int, int]] = []  # (slot, generation) in it
+        self._channel_members: list = []  # its sender's id, then (slot, generation) of each
         self._channel_version: int | None = None  # newest version sent over the channel
         self._receiving: dict[int, tuple[int, int, Any]] = {}  # slot → (gen, version, ref)
         self._receive_started = 0.0
@@ -230,13 +230,14 @@ class RolloutPool:
         """Have every worker receive ``update`` over the weight channel; returns the
         channel's spec, for the learner to join (as rank 0) and broadcast on. Returns at
         once: the receives run as the learner sends (:meth:`finish_receive` waits). The
-        channel is rebuilt, at ``update``'s host and port, when the workers changed."""
+        channel is rebuilt, at ``update``'s host and port, when the workers or the sender
+        (a restarted learner) changed."""
         with self._lock:
             if update.version < self._version:
                 raise ValueError(
                     f"channel update v{update.version} is older than the pool's v{self._version}"
                 )
-            members = [(w.slot, w.generation) for w in self._workers]
+            members = [update.sender, *((w.slot, w.generation) for w in self._workers)]
             fresh = self._channel is None or members != self._channel_members
             if fresh:
                 ranks = self._worker_args[1].tensor_parallel_size

@@ -8,13 +8,15 @@ What is sent are HF checkpoint names in the engines' dtype:
   each adapted projection, so the engines sample the policy with no adapter at all.
 
 Every learner rank iterates :func:`policy_tensors` in step (each tensor is an all-gather
-over the learners); rank 0 alone packs and broadcasts, so no rank holds more than one
-bucket beyond its shard. FSDP2 (or an unsharded model) only: FSDP1's flat parameters
-have no per-tensor gather (:func:`check_streamable`).
+over the learners); rank 0 alone packs and broadcasts, copying each tensor into the
+bucket as it arrives, so it holds one bucket and one gathered tensor beyond its shard.
+FSDP2 (or an unsharded model) only: FSDP1's flat parameters have no per-tensor gather
+(the job config refuses the pair).
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -52,6 +54,7 @@ class ChannelUpdate:
     host: str
     port: int
     backend: str  # "nccl" or "gloo"
+    sender: str  # the WeightSender's id: a restarted learner needs a new channel
 
     @property
     def send_plan(self) -> SendPlan:
@@ -128,14 +131,6 @@ def channel_backend(learners_on_gpu: bool, engine_gpus: float) -> str:
     return "nccl" if learners_on_gpu and engine_gpus >= 1 else "gloo"
 
 
-def check_streamable(fsdp_version: int) -> None:
-    if fsdp_version != 2:
-        raise ValueError(
-            "sync.transport=collective streams FSDP2 shards one tensor at a time; with "
-            "learners.fsdp.version=1 use sync.transport=object_store"
-        )
-
-
 def _full(param: torch.Tensor) -> torch.Tensor:
     return param.full_tensor() if hasattr(param, "full_tensor") else param
 
@@ -149,12 +144,14 @@ class WeightSender:
         self.backend = backend
         self.host = host
         self.bucket_bytes = bucket_bytes
+        self.id = uuid.uuid4().hex[:12]
         self._channel: Channel | None = None
 
     def announce(self, model: nn.Module, dtype: torch.dtype, version: int) -> ChannelUpdate:
         """Rank 0: what the engines are to receive, and where a new channel would meet."""
         plan = plan_sends(version, policy_metas(model, dtype), self.bucket_bytes)
-        return ChannelUpdate(version, plan.to_dict(), self.host, free_port(self.host), self.backend)
+        port = free_port(self.host)
+        return ChannelUpdate(version, plan.to_dict(), self.host, port, self.backend, self.id)
 
     def send(self, model: nn.Module, dtype: torch.dtype, update: ChannelUpdate | None,
              spec: dict[str, Any] | None) -> None:  # fmt: skip
@@ -171,8 +168,8 @@ class WeightSender:
         plan = update.send_plan
         for index in range(len(plan.buckets)):
             metas = plan.bucket(index)
-            bucket = [_checked(next(tensors), meta) for meta in metas]
-            channel.broadcast(pack(bucket, channel.device))
+            gathered = (_checked(next(tensors), meta) for meta in metas)
+            channel.broadcast(pack(gathered, metas, channel.device))
 
     def _join(self, spec: ChannelSpec) -> Channel:
         if self._channel is None or self._channel.spec != spec:

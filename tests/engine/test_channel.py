@@ -59,13 +59,15 @@ def test_pack_and_unpack_round_trip_mixed_dtypes():
         "c": torch.arange(6, dtype=torch.int64).view(2, 3).t(),  # not contiguous
     }
     described = [TensorMeta(n, dtype_name(t.dtype), tuple(t.shape)) for n, t in tensors.items()]
-    buffer = pack(list(tensors.values()), torch.device("cpu"))
+    buffer = pack(iter(tensors.values()), described, torch.device("cpu"))
     assert buffer.dtype == torch.uint8
     assert buffer.numel() == bucket_nbytes(described) == 48 + 16 + 48  # b: 10 bytes, padded
     for (name, got), want in zip(unpack(buffer, described), tensors.values(), strict=True):
         assert got.dtype == want.dtype and torch.equal(got, want), name
     with pytest.raises(ValueError, match="bytes for"):
         list(unpack(buffer[:-16], described))
+    with pytest.raises(ValueError, match="a: 48 bytes where the plan has 4"):
+        pack([tensors["a"]], [TensorMeta("a", "float32", (1,))], torch.device("cpu"))
 
 
 def test_hf_names_drop_wrappers_peft_prefix_and_base_layer():

@@ -275,18 +275,21 @@ def test_sync_is_a_section_and_the_old_scalar_is_refused_with_the_new_shape():
         load_config(GRPOJobConfig, None, ["sync.bucket_mb=0"])
 
 
-def test_sync_transport_resolves_auto_by_device_and_keeps_an_explicit_one():
+def test_sync_transport_resolves_auto_by_fsdp_version_and_keeps_an_explicit_one():
     auto = SyncSection()
     assert auto.transport == "auto"
-    assert auto.resolved_transport(on_gpu=True) == "collective"
-    assert auto.resolved_transport(on_gpu=False) == "object_store"
+    assert auto.resolved_transport(fsdp_version=2) == "collective"
+    assert auto.resolved_transport(fsdp_version=1) == "object_store"
     for explicit in ("collective", "object_store"):
-        section = SyncSection(transport=explicit)
-        assert section.resolved_transport(on_gpu=True) == explicit
-        assert section.resolved_transport(on_gpu=False) == explicit
+        assert SyncSection(transport=explicit).resolved_transport(fsdp_version=2) == explicit
+    assert SyncSection(transport="object_store").resolved_transport(1) == "object_store"
     job = load_config(GRPOJobConfig, None, ["sync.transport=object_store", "sync.bucket_mb=64"])
-    assert job.sync.resolved_transport(on_gpu=True) == "object_store"
+    assert job.sync.resolved_transport(job.learners.fsdp.version) == "object_store"
     assert job.sync.bucket_mb == 64
+    with pytest.raises(ConfigError, match="learners.fsdp.version=1 use sync.transport"):
+        load_config(GRPOJobConfig, None, ["sync.transport=collective", "learners.fsdp.version=1"])
+    fsdp1 = load_config(GRPOJobConfig, None, ["learners.fsdp.version=1"])
+    assert fsdp1.sync.resolved_transport(fsdp1.learners.fsdp.version) == "object_store"
 
 
 def test_full_weight_sync_turns_lora_off():

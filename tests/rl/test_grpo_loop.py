@@ -13,10 +13,11 @@ Two runs (and one continuation) check everything, to keep the wall time small:
   continues at step 3 with exactly the next prompts of the data order, the replaced
   engine gets the weights again from the learners (it is the only one: nobody else
   holds them) and no prompt is lost, metric names, the sample table, the export.
-- LoRA sync (the default), ``max_staleness: 0``, format reward at temperature 1:
-  learning (mean reward of the last steps clearly above the first), the sync is real for
-  LoRA adapters, lag 0, and the rollout engine SIGKILLed while it generates is replaced
-  without losing a prompt.
+- LoRA adapter files through the object store (``sync.transport: object_store``),
+  ``max_staleness: 0``, format reward at temperature 0.8: learning (mean reward of the
+  last steps clearly above the first), the sync is real for LoRA adapters, lag 0, and
+  the rollout engine SIGKILLed while it generates is replaced (applying the latest
+  adapter first) without losing a prompt.
 """
 
 from __future__ import annotations
@@ -221,7 +222,8 @@ def kill_an_engine_mid_step(run_uri: str, after_step: int, killed: list[int]) ->
 
 
 LEARNING_STEPS = 12
-LEARNING_RUN = ("sync.weights=lora", "algorithm.max_staleness=0", "rollout.num_workers=1",
+LEARNING_RUN = ("sync.weights=lora", "sync.transport=object_store",
+                "algorithm.max_staleness=0", "rollout.num_workers=1",
                 "rollout.cpus_per_worker=0.6", "rollout.prompts_per_step=4",
                 "rollout.group_size=8", "rollout.temperature=0.8", "rollout.max_tokens=160",
                 "rewards.weights={format: 1.0}", "optimizer.lr=0.004",
