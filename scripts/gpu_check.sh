@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The trainer's checks that need a GPU (scripts/gpu_check.py), as one command of a few
-# minutes on one GPU; needs only torch, transformers, peft and tokenizers.
+# minutes on one GPU; needs only torch, transformers, peft and tokenizers. The engine
+# checks (scripts/gpu_check_engine.py: engine_layouts, engine_channel, grpo_shared_gpu)
+# need vLLM (and Ray) too and say SKIPPED without them.
 #
 #   bash scripts/gpu_check.sh [--cpu] [--only CHECK,...] [OUT_DIR]
 #
@@ -20,7 +22,7 @@ while (($#)); do
       shift 2
       ;;
     -h | --help)
-      sed -n '2,10p' "${BASH_SOURCE[0]}"
+      sed -n '2,12p' "${BASH_SOURCE[0]}"
       exit 0
       ;;
     -*)

