@@ -30,7 +30,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import logging
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -53,6 +55,7 @@ if TYPE_CHECKING:
     import torch
 
 SHARED_MEMORY = "/dev/shm"
+log = logging.getLogger(__name__)
 
 
 class EngineDied(RuntimeError):
@@ -366,7 +369,12 @@ def _watch_core(client: Any, closing: threading.Event) -> None:
 
     from vllm.v1.engine.exceptions import EngineDeadError
 
-    sentinels = [proc.sentinel for proc in client.resources.engine_manager.processes]
+    try:
+        sentinels = [proc.sentinel for proc in client.resources.engine_manager.processes]
+        client.outputs_queue  # noqa: B018 (where the error goes)
+    except AttributeError as error:  # another vLLM's client: rely on its own detection
+        log.warning("not watching the vLLM engine core process (%s)", error)
+        return
 
     def watch() -> None:
         wait(sentinels)
@@ -377,17 +385,28 @@ def _watch_core(client: Any, closing: threading.Event) -> None:
     threading.Thread(target=watch, name="mmrad-engine-core-watch", daemon=True).start()
 
 
+def _shared_folder(size: int) -> str | None:
+    """``/dev/shm`` when it is writable and has room for ``size`` bytes (containers often
+    give it 64 MB), else the temporary folder (``None``)."""
+    if not os.access(SHARED_MEMORY, os.W_OK):
+        return None
+    return SHARED_MEMORY if shutil.disk_usage(SHARED_MEMORY).free > 1.1 * size else None
+
+
 @contextlib.contextmanager
 def _shared_file(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[str]:
     """The path of a safetensors file of ``named_tensors`` in shared memory (``/dev/shm``
-    where there is one), deleted when the ``with`` block ends."""
+    where it has room, else the temporary folder), deleted when the ``with`` block ends."""
     from safetensors.torch import save_file
 
-    folder = SHARED_MEMORY if os.access(SHARED_MEMORY, os.W_OK) else None
-    handle, path = tempfile.mkstemp(prefix="mmrad-weights-", suffix=".safetensors", dir=folder)
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in named_tensors}
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    handle, path = tempfile.mkstemp(
+        prefix="mmrad-weights-", suffix=".safetensors", dir=_shared_folder(size)
+    )
     os.close(handle)
     try:
-        save_file({name: t.detach().to("cpu").contiguous() for name, t in named_tensors}, path)
+        save_file(tensors, path)
         yield path
     finally:
         os.unlink(path)

@@ -113,6 +113,13 @@ def test_lora_rank_slots():
         lora_rank_slot(513)
 
 
+def test_weight_files_go_to_shared_memory_when_it_has_room():
+    from mmrad.engine.engine import _shared_folder
+
+    assert _shared_folder(1) == ("/dev/shm" if os.access("/dev/shm", os.W_OK) else None)
+    assert _shared_folder(10**18) is None  # a model larger than /dev/shm: the temp folder
+
+
 def test_environment_changes():
     before = {"A": "1", "B": "2"}
     after = {"A": "1", "B": "3", "C": "4"}
