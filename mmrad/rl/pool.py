@@ -305,6 +305,24 @@ class RolloutPool:
         """Process ids of the workers (dead ones are replaced first)."""
         return self._on_each_worker(lambda w, fresh: w.actor.pid.remote())
 
+    def engine_pids(self) -> list[int]:
+        """The process running each worker's engine core: vLLM's child process, or the
+        worker's own in-process."""
+        return self._on_each_worker(lambda w, fresh: w.actor.engine_pid.remote())
+
+    def worker_logprobs(
+        self, prompts: Sequence[RolloutPrompt], token_ids: Sequence[Sequence[int]]
+    ) -> list[list[list[float]]]:
+        """Every worker's log-probs of given completions, in slot order (do all engines
+        hold the same weights?)."""
+        return self._on_each_worker(
+            lambda w, fresh: w.actor.prompt_logprobs.remote(prompts, token_ids)
+        )
+
+    def adapter_dirs(self) -> list[str | None]:
+        """Each worker's current adapter directory (``None``: no adapter loaded)."""
+        return self._on_each_worker(lambda w, fresh: w.actor.adapter_dir.remote())
+
     def worker_versions(self) -> list[int]:
         """Weight version of each worker (all equal to :attr:`version` after a sync)."""
         return self._on_each_worker(lambda w, fresh: w.actor.version.remote())

@@ -316,9 +316,7 @@ def test_full_and_merged_lora_weights_over_the_channel(pool, synced, tiny_model,
         ]
 
     def on_each_worker() -> list[list[list[float]]]:
-        return pool._on_each_worker(
-            lambda w, fresh: w.actor.prompt_logprobs.remote(synced.fixed, synced.completions)
-        )
+        return pool.worker_logprobs(synced.fixed, synced.completions)
 
     model = AutoModelForImageTextToText.from_pretrained(tiny_model).eval()
     generator = torch.Generator().manual_seed(5)

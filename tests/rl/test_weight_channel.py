@@ -141,7 +141,7 @@ def lora_policy(policy):
 def on_each_worker(pool, probe) -> list[list[list[float]]]:
     """Every worker's log-probs of the probe completions."""
     fixed, completions, _ = probe
-    return pool._on_each_worker(lambda w, fresh: w.actor.prompt_logprobs.remote(fixed, completions))
+    return pool.worker_logprobs(fixed, completions)
 
 
 def assert_close(actual, expected):
@@ -193,7 +193,7 @@ def test_lora_merged_over_the_channel(pool, sender, probe, lora_policy):
     expected = reference(peft_model)
     for scored in on_each_worker(pool, probe):
         assert_close(scored, expected)
-    assert pool._on_each_worker(lambda w, fresh: w.actor.adapter_dir.remote()) == [None, None]
+    assert pool.adapter_dirs() == [None, None]
 
 
 def test_dead_engine_core_is_replaced_and_its_prompts_reissued(
@@ -204,8 +204,8 @@ def test_dead_engine_core_is_replaced_and_its_prompts_reissued(
     the pool asks for the weights, the learner side sends v5 again, and the chunk is
     generated with v5 on the replacement."""
     _, _, reference = probe
-    actors = pool._on_each_worker(lambda w, fresh: w.actor.pid.remote())
-    cores = pool._on_each_worker(lambda w, fresh: w.actor.engine_pid.remote())
+    actors = pool.worker_pids()
+    cores = pool.engine_pids()
     assert cores[0] != actors[0]  # the engine core is a child process of the actor
     batch = prompts(6, "dead-core-")
     sampling = Sampling(n=2, temperature=1.0, max_tokens=32, seed=3)
@@ -228,7 +228,7 @@ def test_dead_engine_core_is_replaced_and_its_prompts_reissued(
     assert {r.worker for g in groups[3:] for r in g} == {"rollout-1"}
     assert {r.version for g in groups for r in g} == {5}
     assert pool.stats()["rollout/workers_replaced"] == 1
-    after = pool._on_each_worker(lambda w, fresh: w.actor.pid.remote())
+    after = pool.worker_pids()
     assert after[0] != actors[0] and after[1] == actors[1]
     for scored in on_each_worker(pool, probe):  # the replacement holds v5 for real
         assert_close(scored, reference(lora_policy))
