@@ -72,7 +72,6 @@ def cpu_run(tmp_path_factory):
 def engine_run(tmp_path_factory):
     """The engine checks with ``--cpu`` where vLLM and Ray are installed (~5 minutes on
     2 busy cores)."""
-    pytest.importorskip("vllm")
     folder = tmp_path_factory.mktemp("gpu-check-engine")
     only = ",".join(sorted(ENGINE_CHECKS))
     return run_script(folder, "--cpu", "--only", only, bare=False, timeout=1100)

@@ -28,6 +28,7 @@ from mmrad.engine.sampling import answer_score, completion_from_output, top_by_t
 from mmrad.engine.settings import child_process, layout_environment, lora_rank_slot
 from mmrad.model.tiny import build_tiny_model
 from mmrad.task.prompt import PromptVariant
+from tests.helpers.engines import small_engine_config
 from tests.helpers.logprobs import hf_completion_logprobs
 
 PIXELS = PixelBudget()  # 56*56 .. 224*224, the tiny model's processor budget
@@ -219,13 +220,8 @@ def engine(tiny_dir, request):
     """One engine per vLLM process layout: every engine test runs in both (the engine
     core in this process, as on CPUs, and in vLLM's child process, as on GPUs)."""
     saved = dict(os.environ)
-    config = EngineConfig(
-        max_model_len=2048,
-        kv_cache_bytes=64 * 2**20,
-        max_num_seqs=8,
-        enable_lora=True,
-        max_lora_rank=8,
-        multiprocess=LAYOUTS[request.param],
+    config = small_engine_config(
+        max_model_len=2048, max_num_seqs=8, multiprocess=LAYOUTS[request.param]
     )
     engine = Engine(str(tiny_dir), config, PIXELS)
     yield engine

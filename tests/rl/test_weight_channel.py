@@ -16,24 +16,18 @@ import time
 import numpy as np
 import pytest
 
-from mmrad.config import EngineConfig, LoraConfig, PixelBudget
+from mmrad.config import LoraConfig, PixelBudget
 from mmrad.engine import InspectionInput, Sampling, build_request
 from mmrad.rl.pool import RolloutPool
 from mmrad.rl.rollout import RolloutPrompt, WeightUpdate
 from mmrad.task.prompt import PromptVariant
 from tests.helpers.channel import PoolSender
+from tests.helpers.engines import small_engine_config
 from tests.helpers.logprobs import hf_completion_logprobs
 
 PIXELS = PixelBudget()
 VARIANT = PromptVariant()
-ENGINE = EngineConfig(
-    max_model_len=1024,
-    kv_cache_bytes=64 * 2**20,
-    max_num_seqs=16,
-    enable_lora=True,
-    max_lora_rank=8,
-    multiprocess=True,
-)
+ENGINE = small_engine_config(multiprocess=True)
 LORA = LoraConfig(r=8, alpha=16, dropout=0.0)
 TOLERANCE = 1e-3
 TEXT = "<think>The brick looks normal.</think><answer>No.</answer><|im_end|>"
