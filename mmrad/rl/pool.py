@@ -239,14 +239,13 @@ class RolloutPool:
                 )
             members = [update.sender, *((w.slot, w.generation) for w in self._workers)]
             fresh = self._channel is None or members != self._channel_members
+            ranks = self._worker_args[1].tensor_parallel_size  # channel members per engine
             if fresh:
-                ranks = self._worker_args[1].tensor_parallel_size
                 self._channel = ChannelSpec(
                     update.host, update.port, 1 + ranks * len(self._workers), update.backend,
                     name=f"{self._pool_id}-v{update.version}-{uuid.uuid4().hex[:6]}",
                 ).to_dict()  # fmt: skip
                 self._channel_members = members
-            ranks = self._worker_args[1].tensor_parallel_size
             self._receive_started = time.perf_counter()
             for index, worker in enumerate(self._workers):
                 ref = worker.actor.receive.remote(
