@@ -157,7 +157,8 @@ class GRPOLearner:
         self.send_dtype = getattr(torch, engine_dtype(job.engine, on_gpu=engines_on_gpu))
         backend = channel_backend(self.core.on_gpu, job.rollout.gpus_per_worker)
         host = ray.util.get_node_ip_address()
-        return WeightSender(self.rank, backend, host, job.sync.bucket_mb * 2**20)
+        bucket_bytes = job.sync.bucket_mb * 2**20
+        return WeightSender(self.rank, backend, host, bucket_bytes, self.core.device)
 
     # -- checkpoints ----------------------------------------------------------------------
 

@@ -139,9 +139,18 @@ class WeightSender:
     """Learner rank 0's member of the weight channel (every rank makes one; the others
     only take part in the gathers)."""
 
-    def __init__(self, rank: int, backend: str, host: str, bucket_bytes: int):
+    def __init__(
+        self,
+        rank: int,
+        backend: str,
+        host: str,
+        bucket_bytes: int,
+        device: torch.device | None = None,
+    ):
+        """``device``: this learner's GPU for NCCL (else the current CUDA device)."""
         self.rank = rank
         self.backend = backend
+        self.device = device
         self.host = host
         self.bucket_bytes = bucket_bytes
         self.id = uuid.uuid4().hex[:12]
@@ -174,7 +183,8 @@ class WeightSender:
     def _join(self, spec: ChannelSpec) -> Channel:
         if self._channel is None or self._channel.spec != spec:
             self.close()
-            self._channel = Channel(spec, SENDER_RANK, channel_device(self.backend))
+            device = channel_device(self.backend, self.device)
+            self._channel = Channel(spec, SENDER_RANK, device)
         return self._channel
 
     def close(self) -> None:
