@@ -113,6 +113,30 @@ class RayConfig(Section):
             "start each stage faster; each kept process holds some memory."
         ),
     )
+    worker_resource: str | None = Field(
+        "mmrad_worker",
+        description=(
+            "Custom resource that only worker nodes have (cluster.yaml's worker types "
+            "declare it; a local Ray that mmrad starts grants it). Coordinators, engines, "
+            "learners and predictors ask for a sliver of it, so none lands on a CPU-only "
+            "head. null: they go anywhere."
+        ),
+    )
+    check_placement: bool = Field(
+        True,
+        description=(
+            "Refuse within seconds a job whose actors no node can host (alive nodes and the "
+            "autoscaler's node types), naming the resource; turn off on an autoscaling "
+            "cluster whose node types Ray does not report (the launcher's are read)."
+        ),
+    )
+    accelerator_type: str | None = Field(
+        None,
+        description=(
+            "GPU type every GPU actor asks for (Ray's names: H100, A100, A10G, L4, ...), so "
+            "the autoscaler cannot place a job on the wrong nodes. null: any GPU."
+        ),
+    )
 
 
 class SyntheticConfig(Section):
@@ -255,6 +279,13 @@ class LearnersConfig(Section):
         0.5, gt=0, description="Fractional on small machines so Ray Data tasks can run."
     )
     gpus_per_worker: float = Field(1.0, ge=0)
+    placement: Literal["strict_pack", "pack"] = Field(
+        "strict_pack",
+        description=(
+            "strict_pack: all workers on one node (NCCL within a node, no job spread over "
+            "partial nodes); pack: as few nodes as possible, for more workers than one node has."
+        ),
+    )
     micro_batch_size: int = Field(
         4,
         ge=1,

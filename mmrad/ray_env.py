@@ -74,8 +74,11 @@ def local_system_config(config: RayConfig) -> dict[str, int] | None:
 
 def init_ray(config: RayConfig) -> None:
     """Join the cluster a job was submitted to, or start a local one with its state under
-    ``config.state_dir``. Idempotent within a process."""
+    ``config.state_dir`` that is a worker node too (it grants ``ray.worker_resource``).
+    Idempotent within a process."""
     import ray
+
+    from mmrad.placement import local_resources
 
     if ray.is_initialized():
         return
@@ -87,6 +90,7 @@ def init_ray(config: RayConfig) -> None:
     Path(env["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
     ray.init(
         num_cpus=config.num_cpus,
+        resources=local_resources(config),
         _node_ip_address="127.0.0.1",
         include_dashboard=config.dashboard,
         dashboard_host="127.0.0.1",

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from mmrad.config import RayConfig
+from mmrad.placement import local_resources
 from mmrad.ray_env import PREEMPTION_WATCHER, auth_token_path, local_system_config
 from tests.conftest import WARM_WORKERS
 
@@ -22,6 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 DASHBOARD_PORT = 8275
 # the same warm worker pool as the session's Ray
 WARM_POOL = json.dumps(local_system_config(RayConfig(warm_workers=WARM_WORKERS)))
+# a head that works too, as cluster.yaml's worker nodes do (mmrad.placement)
+WORKER_NODE = json.dumps(local_resources(RayConfig()))
 EXCLUDES = '{"excludes": [".venv", "runs", ".git", "*.pyc", "__pycache__"]}'
 
 
@@ -49,7 +52,7 @@ def head_cluster(tmp_path_factory):
         env, "start", "--head", "--node-ip-address=127.0.0.1", "--port=6390",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}",
         "--dashboard-agent-listen-port=52375", "--num-cpus=2", f"--temp-dir={temp_dir}",
-        "--disable-usage-stats", f"--system-config={WARM_POOL}",
+        "--disable-usage-stats", f"--system-config={WARM_POOL}", f"--resources={WORKER_NODE}",
     )  # fmt: skip
     assert started.returncode == 0, started.stderr[-2000:]
     yield env

@@ -40,6 +40,8 @@ from mmrad.eval.consistency import (
     judge,
     judge_error,
 )
+from mmrad.eval.inference import predictors_request
+from mmrad.placement import check_or_log
 from mmrad.ray_env import init_ray
 from mmrad.runinfo import write_run_info
 from mmrad.storage import Storage, join, parent
@@ -307,7 +309,7 @@ def teacher_spec(job: AnnotateJobConfig, storage: Storage):
         api_key(job.teacher)
     prompt = job.prompt.model_copy(update={"reasoning": True})
     return InferenceSpec.build(
-        job.teacher, job.sampling, prompt, job.engine, job.predictors, storage
+        job.teacher, job.sampling, prompt, job.engine, job.predictors, storage, job.ray
     )
 
 
@@ -357,6 +359,7 @@ def run_annotate(job: AnnotateJobConfig) -> AnnotateResult:
         )
     spec = teacher_spec(job, storage)
     init_ray(job.ray)
+    check_or_log(job.ray, [predictors_request(spec)])
     run_uri = join(job.run.storage_path, job.run.name)
     write_run_info(storage, run_uri, job, job.sampling.seed)
     log.info("annotating %d of %d images, %d samples each", len(selected), len(records),

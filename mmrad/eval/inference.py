@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import SecretStr
 
-from mmrad.config import EngineConfig, PixelBudget, PromptConfig
+from mmrad.config import EngineConfig, PixelBudget, PromptConfig, RayConfig
 from mmrad.engine.requests import (
     ImageLike,
     InspectionInput,
@@ -43,6 +43,7 @@ from mmrad.eval.config import (
     PromptOverrides,
     SamplingConfig,
 )
+from mmrad.placement import Request, actor_shape, ray_options
 from mmrad.storage import Storage, is_s3, join
 from mmrad.task.answer import Verdict, parse_answer
 from mmrad.task.prompt import PromptVariant
@@ -118,6 +119,7 @@ class InferenceSpec:
     engine: EngineConfig
     predictors: PredictorsConfig
     storage: Storage
+    ray: RayConfig = field(default_factory=RayConfig)  # placement rules (mmrad.placement)
 
     @classmethod
     def build(
@@ -128,6 +130,7 @@ class InferenceSpec:
         engine: EngineConfig,
         predictors: PredictorsConfig,
         storage: Storage,
+        ray: RayConfig | None = None,
     ) -> InferenceSpec:
         """Resolve the target and the prompt: a model's ``mmrad.json`` gives the prompt
         variant, pixel budget and LoRA adapter unless ``prompt``/``target`` override
@@ -145,6 +148,7 @@ class InferenceSpec:
             engine=engine,
             predictors=predictors,
             storage=storage,
+            ray=ray or RayConfig(),
         )
 
 
@@ -215,17 +219,21 @@ def predict(dataset, spec: InferenceSpec, *, to_input: ToInput = default_input):
         predictor = EndpointPredictor
         # read here: actors do not see variables set in the driver after Ray started
         arguments["key"] = SecretStr(api_key(spec.target))
-    resources: dict[str, Any] = {"num_cpus": predictors.cpus_per_actor}
-    if predictors.gpus_per_actor:
-        resources["num_gpus"] = predictors.gpus_per_actor
     return dataset.map_batches(
         predictor,
         fn_constructor_kwargs=arguments,
         batch_size=predictors.batch_size,
         batch_format="pyarrow",
         concurrency=predictors.num_actors,
-        **resources,
+        **ray_options(predictors_request(spec).shape),
     )
+
+
+def predictors_request(spec: InferenceSpec) -> Request:
+    """The predictor actors' resources (:mod:`mmrad.placement`)."""
+    predictors = spec.predictors
+    shape = actor_shape(spec.ray, cpus=predictors.cpus_per_actor, gpus=predictors.gpus_per_actor)
+    return Request("predictors", shape, predictors.num_actors)
 
 
 def collect_rows(dataset) -> list[dict[str, Any]]:

@@ -45,6 +45,7 @@ from mmrad.eval.inference import (
     InferenceSpec,
     collect_rows,
     predict,
+    predictors_request,
     record_dataset,
     verdicts_of,
 )
@@ -150,6 +151,7 @@ def seen_categories(records: Sequence[Mapping[str, Any]]) -> set[str] | None:
 def run_eval(job: EvalJobConfig) -> EvalResult:
     """Evaluate ``job.target`` on ``job.data``; see the module docstring for outputs."""
     from mmrad.config import with_absolute_paths
+    from mmrad.placement import check_or_log
     from mmrad.ray_env import init_ray
     from mmrad.runinfo import write_run_info
 
@@ -160,7 +162,7 @@ def run_eval(job: EvalJobConfig) -> EvalResult:
 
         api_key(job.target)  # a missing key fails here, before Ray starts
     spec = InferenceSpec.build(job.target, job.sampling, job.prompt, job.engine,
-                               job.predictors, storage)  # fmt: skip
+                               job.predictors, storage, job.ray)  # fmt: skip
     manifest, labelled = read_eval_records(storage, job.data.manifest)
     records = select_split(manifest, job.data.split, job.data.limit)
     if not records:
@@ -171,6 +173,7 @@ def run_eval(job: EvalJobConfig) -> EvalResult:
 
     run_uri = join(job.run.storage_path, job.run.name)
     init_ray(job.ray)
+    check_or_log(job.ray, [predictors_request(spec)])
     write_run_info(storage, run_uri, job, job.sampling.seed or 0)
     dataset = record_dataset(records, storage, spec.pixels, batch_size=job.predictors.batch_size,
                              on_bad_image=job.data.on_bad_image,

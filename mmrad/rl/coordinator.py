@@ -47,6 +47,7 @@ from typing import Any
 
 from mmrad.data.loading import DecodeSpec
 from mmrad.engine.sampling import Sampling
+from mmrad.placement import ray_options
 from mmrad.rl.batch import (
     Group,
     LearnerShard,
@@ -68,6 +69,7 @@ from mmrad.rl.batch import (
 from mmrad.rl.config import GRPOJobConfig
 from mmrad.rl.metrics import advantage_metrics, rollout_metrics, validation_metrics
 from mmrad.rl.prompts import DataPosition, PromptItem, PromptStream
+from mmrad.rl.resources import engine_shape
 from mmrad.rl.rollout import Rollout, RolloutPrompt, WeightUpdate, rollout_seed
 from mmrad.rl.weight_sender import ChannelUpdate, ResendWeights
 from mmrad.storage import Storage
@@ -527,15 +529,16 @@ class Coordinator:
     def _new_pool(self):
         from mmrad.rl.pool import RolloutPool
 
-        rollout = self.job.rollout
+        shape = ray_options(engine_shape(self.job))
         return RolloutPool(
             self.model_path,
             self.job.engine,
             self.job.model.pixels,
             self.variant,
-            num_workers=rollout.num_workers,
-            num_cpus=rollout.cpus_per_worker,
-            num_gpus=rollout.gpus_per_worker,
-            max_retries=rollout.max_retries,
+            num_workers=self.job.rollout.num_workers,
+            num_cpus=shape["num_cpus"],
+            num_gpus=shape["num_gpus"],
+            resources=shape["resources"],
+            max_retries=self.job.rollout.max_retries,
             on_behind=self._want_resend,
         )

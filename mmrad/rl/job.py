@@ -22,11 +22,13 @@ import ray
 
 from mmrad.config import ConfigError, PixelBudget, PromptConfig, with_absolute_paths
 from mmrad.data.manifest import defect_types_by_category, read_manifest
+from mmrad.placement import check_or_log, ray_options
 from mmrad.ray_env import init_ray
 from mmrad.rl.config import GRPOJobConfig
 from mmrad.rl.coordinator import MAX_CONCURRENCY, Coordinator, coordinator_name
 from mmrad.rl.learner import grpo_learner
 from mmrad.rl.pool import OUTSIDE_PARENT_PLACEMENT_GROUP
+from mmrad.rl.resources import coordinator_shape, grpo_requests
 from mmrad.runinfo import write_run_info
 from mmrad.storage import Storage, join
 from mmrad.task.prompt import PromptVariant
@@ -87,7 +89,7 @@ def start_coordinator(job: GRPOJobConfig, storage: Storage, records: list[dict],
         )
     actor = ray.remote(Coordinator).options(
         name=coordinator_name(job.run.name),
-        num_cpus=0,
+        **ray_options(coordinator_shape(job)),
         max_concurrency=MAX_CONCURRENCY,
         scheduling_strategy=OUTSIDE_PARENT_PLACEMENT_GROUP,  # so are its engines and tasks
     )
@@ -123,6 +125,7 @@ def run_grpo(job: GRPOJobConfig, train_callbacks: Sequence = ()) -> GRPOResult:
 
     job = with_absolute_paths(job)
     init_ray(job.ray)
+    check_or_log(job.ray, grpo_requests(job))
     storage = Storage.from_config(job.storage)
     job = starting_point(job, storage)
     run_uri = join(job.run.storage_path, job.run.name)

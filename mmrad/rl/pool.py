@@ -38,7 +38,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,7 +124,8 @@ OUTSIDE_PARENT_PLACEMENT_GROUP = "DEFAULT"
 
 class RolloutPool:
     """``num_workers`` :class:`~mmrad.rl.rollout.RolloutWorker` actors with
-    ``num_cpus``/``num_gpus`` each; returns once every worker's engine is up."""
+    ``num_cpus``/``num_gpus`` and custom ``resources`` each (:mod:`mmrad.placement`);
+    returns once every worker's engine is up."""
 
     def __init__(
         self,
@@ -135,6 +136,7 @@ class RolloutPool:
         num_workers: int,
         num_cpus: float = 1.0,
         num_gpus: float = 0.0,
+        resources: Mapping[str, float] | None = None,
         max_retries: int = 3,
         on_behind: Callable[[], None] | None = None,
     ):
@@ -145,7 +147,8 @@ class RolloutPool:
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
         self._worker_args = (str(model_path), engine, pixels, variant)
-        self._resources = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+        self._resources = {"num_cpus": num_cpus, "num_gpus": num_gpus,
+                           "resources": dict(resources or {})}  # fmt: skip
         self.max_retries = max_retries
         self._actor_class = ray.remote(RolloutWorker)
         self._pool_id = uuid.uuid4().hex[:8]

@@ -20,6 +20,7 @@ import ray
 from mmrad.config import ConfigError, SFTJobConfig, with_absolute_paths
 from mmrad.data.loading import DecodeSpec, build_dataset, ordered_rows, rank_datasets
 from mmrad.data.manifest import defect_types_by_category, read_manifest
+from mmrad.placement import check_or_log, learners_request
 from mmrad.ray_env import init_ray
 from mmrad.runinfo import write_run_info
 from mmrad.sft.plan import (
@@ -143,6 +144,7 @@ def data_order(job: SFTJobConfig, train: list[dict[str, Any]]) -> DataOrder:
 def run_sft(job: SFTJobConfig) -> SFTResult:
     job = with_absolute_paths(job)
     init_ray(job.ray)
+    check_or_log(job.ray, [learners_request(job.ray, job.learners)])
     storage = Storage.from_config(job.storage)
     run_uri = join(job.run.storage_path, job.run.name)
     records = read_manifest(storage, job.data.manifest)

@@ -224,16 +224,15 @@ def make_torch_trainer(
     best_by: str | None = None,
 ):
     """The ``TorchTrainer`` (Train V2) of a training job: ``learners`` workers with their
-    resources, checkpoints under ``run.storage_path/run.name`` (local or object store),
-    ``run.num_to_keep`` of them (the lowest ``best_by`` metric first, else the newest),
-    ``run.max_failures`` restarts."""
+    resources, in one placement group (:mod:`mmrad.placement`); checkpoints under
+    ``run.storage_path/run.name`` (local or object store), ``run.num_to_keep`` of them
+    (the lowest ``best_by`` metric first, else the newest), ``run.max_failures`` restarts."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from mmrad.placement import learner_shape, placement_strategy
+
     learners = job.learners
-    resources = {"CPU": learners.cpus_per_worker}
-    if learners.use_gpu:
-        resources["GPU"] = learners.gpus_per_worker
     filesystem, path = Storage.from_config(job.storage).arrow_filesystem(job.run.storage_path)
     keep = CheckpointConfig(num_to_keep=job.run.num_to_keep)
     if best_by:
@@ -248,7 +247,8 @@ def make_torch_trainer(
         scaling_config=ScalingConfig(
             num_workers=learners.num_workers,
             use_gpu=learners.use_gpu,
-            resources_per_worker=resources,
+            resources_per_worker=learner_shape(job.ray, learners),
+            placement_strategy=placement_strategy(learners.placement),
         ),
         run_config=RunConfig(
             name=job.run.name,
