@@ -12,10 +12,10 @@ import difflib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -38,6 +38,26 @@ def PathField(default: Any, description: str, kind: str = "local") -> Any:  # no
     not a local path is a hub id and stays as it is."""
     assert kind in PATH_KINDS
     return Field(default, description=description, json_schema_extra={"path": kind})
+
+
+def _node_folder(value: str | None) -> str | None:
+    if value is not None and not os.path.isabs(os.path.expanduser(value)):
+        raise ValueError(f"{value!r} is relative; give an absolute folder that every node has")
+    return value
+
+
+NodeFolder = Annotated[str | None, AfterValidator(_node_folder)]
+
+
+def NodeCacheField() -> Any:  # noqa: N802
+    """The folder each node downloads ``s3://`` models into. It is never resolved on the
+    driver: each node uses this absolute folder when set, else its own (see
+    :func:`mmrad.model.loading.node_cache_dir`)."""
+    return Field(
+        None,
+        description="Where each node keeps s3:// model downloads (an absolute folder). null: "
+        "$MMRAD_NODE_CACHE where the node sets it, else its Ray temp dir's mmrad-models.",
+    )
 
 
 def with_absolute_paths(config: ConfigT) -> ConfigT:
@@ -235,7 +255,7 @@ class ModelConfig(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Weights dtype (bfloat16 on GPUs, float32 on CPUs)."
     )
-    cache_dir: str = PathField("runs/cache/models", "Per-node cache of s3:// model directories.")
+    cache_dir: NodeFolder = NodeCacheField()
     pixels: PixelBudget = Field(default_factory=PixelBudget)
 
 

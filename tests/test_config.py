@@ -137,7 +137,7 @@ def test_one_path_resolver_makes_every_local_path_absolute(tmp_path, monkeypatch
         "run.storage_path=runs/sft", "export.out=out/export",
     ]))  # fmt: skip
     assert sft.model.path == str(tmp_path / "models/tiny")
-    assert sft.model.cache_dir == str(tmp_path / "runs/cache/models")
+    assert sft.model.cache_dir is None  # each node's own folder, never the driver's
     assert sft.data.manifest == "s3://bucket/data/manifest.parquet"
     assert sft.run.storage_path == str(tmp_path / "runs/sft")
     assert sft.export.out == str(tmp_path / "out/export")
@@ -192,3 +192,11 @@ def test_serve_files_get_their_paths_from_the_one_resolver(tmp_path, monkeypatch
         "model_dir": "runs/export", "engine": {"max_num_seqs": 4}}}]}  # fmt: skip
     args = with_absolute_paths(config)["applications"][0]["args"]
     assert args == {"model_dir": str(tmp_path / "runs/export"), "engine": {"max_num_seqs": 4}}
+
+
+def test_a_model_cache_folder_must_be_one_every_node_can_have():
+    from mmrad.eval.config import EvalJobConfig
+
+    assert load_config(SFTJobConfig, None, ["model.cache_dir=/nvme/models"]).model.cache_dir
+    with pytest.raises(ConfigError, match=r"target.cache_dir.*'cache' is relative"):
+        load_config(EvalJobConfig, None, ["target.cache_dir=cache"])

@@ -13,6 +13,8 @@ from pydantic import BeforeValidator, Field
 
 from mmrad.config import (
     EngineConfig,
+    NodeCacheField,
+    NodeFolder,
     PathField,
     PixelBudget,
     PromptConfig,
@@ -36,7 +38,7 @@ class ModelTarget(Section):
         "none = base weights only, or an adapter directory (local or s3://).",
         "local_or_hub",
     )
-    cache_dir: str = PathField("runs/cache/models", "Per-node cache of s3:// models.")
+    cache_dir: NodeFolder = NodeCacheField()
 
 
 class EndpointTarget(Section):

@@ -1,6 +1,9 @@
 """Where a model comes from (hub id, local directory, ``s3://`` directory) and loading it.
 
-An ``s3://`` model directory is downloaded once per node into ``cache_dir/<sha of URI>``:
+Every actor resolves a model on its own node: a driver hands actors the URI (a
+:class:`ModelSource`), never a path of its own disk. An ``s3://`` model directory is
+downloaded once per node into that node's cache folder (:func:`node_cache_dir`), under
+``<sha of URI>``:
 every worker of the node takes the same file lock, the first one downloads into a temporary
 directory and renames it into place with a completion marker, the others wait and reuse
 it. A download cut short (a killed worker) leaves no marker and is never used. The marker
@@ -17,10 +20,11 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmrad.config import PixelBudget
+from mmrad.config import PixelBudget, StorageConfig
 from mmrad.model.hf import ATTN_IMPLEMENTATION, load_model  # noqa: F401  (their home for callers)
 from mmrad.storage import Storage, StorageError, is_s3, local_path, split_s3
 
@@ -30,11 +34,49 @@ EXPORT_IN_PROGRESS = ".mmrad-export-in-progress"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def resolve_model_path(path: str, storage: Storage, cache_dir: str) -> str:
+NODE_CACHE_ENV = "MMRAD_NODE_CACHE"
+"""Set on a node (its Ray start command, a container's environment) to put its model
+downloads on a disk of its choosing."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model as a driver hands it to actors: a hub id, a folder every node has, or an
+    ``s3://`` URI, resolved by :meth:`local` on the node that loads it."""
+
+    path: str
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    cache_dir: str | None = None
+
+    def local(self) -> str:
+        return resolve_model_path(self.path, Storage.from_config(self.storage), self.cache_dir)
+
+
+def node_cache_dir(configured: str | None = None) -> Path:
+    """This node's folder for model downloads: ``configured`` (an absolute folder every
+    node has), else ``$MMRAD_NODE_CACHE``, else ``mmrad-models`` in this node's Ray temp
+    dir (the system temp dir outside Ray)."""
+    chosen = configured or os.environ.get(NODE_CACHE_ENV)
+    if chosen:
+        return Path(chosen).expanduser()
+    return node_temp_dir() / "mmrad-models"
+
+
+def node_temp_dir() -> Path:
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    if ray.is_initialized() and node is not None:
+        return Path(node.get_temp_dir_path())
+    return Path(tempfile.gettempdir())
+
+
+def resolve_model_path(path: str, storage: Storage, cache_dir: str | None = None) -> str:
     """A path ``from_pretrained`` can open: hub ids as they are, local directories as
-    absolute paths (they must exist), ``s3://`` directories downloaded to the node cache."""
+    absolute paths (they must exist), ``s3://`` directories downloaded to this node's
+    cache (:func:`node_cache_dir` of ``cache_dir``)."""
     if is_s3(path):
-        return str(_download_cached(path.rstrip("/"), storage, Path(cache_dir)))
+        return str(_download_cached(path.rstrip("/"), storage, node_cache_dir(cache_dir)))
     local = local_path(path).expanduser()
     if local.is_dir():
         return str(local.absolute())
@@ -50,15 +92,19 @@ def looks_like_hub_id(path: str) -> bool:
     return bool(_HUB_ID.match(path)) and not Path(path.split("/", 1)[0]).exists()
 
 
-def cached_model_dir(uri: str, cache_dir: str | Path) -> Path:
+def cached_model_dir(uri: str, cache_dir: str | None = None) -> Path:
     """Where :func:`resolve_model_path` keeps the download of ``uri`` on this node."""
-    return Path(cache_dir) / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:32]
+    return node_cache_dir(cache_dir) / _cache_key(uri)
+
+
+def _cache_key(uri: str) -> str:
+    return hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:32]
 
 
 def _download_cached(uri: str, storage: Storage, cache_dir: Path) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
-    target = cached_model_dir(uri, cache_dir)
-    key = target.name
+    key = _cache_key(uri)
+    target = cache_dir / key
     objects = _list_objects(uri, storage)
     fingerprint = hashlib.sha256(json.dumps(objects, sort_keys=True).encode()).hexdigest()
     with open(cache_dir / f"{key}.lock", "w") as lock:

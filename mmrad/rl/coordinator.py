@@ -47,6 +47,7 @@ from typing import Any
 
 from mmrad.data.loading import DecodeSpec
 from mmrad.engine.sampling import Sampling
+from mmrad.model.loading import ModelSource
 from mmrad.placement import ray_options
 from mmrad.rl.batch import (
     Group,
@@ -101,19 +102,21 @@ def coordinator_name(run_name: str) -> str:
 
 
 class Coordinator:
-    """Run as ``ray.remote(num_cpus=0, max_concurrency=MAX_CONCURRENCY)(Coordinator)``."""
+    """Run as a Ray actor with ``max_concurrency=MAX_CONCURRENCY`` on a worker node
+    (:func:`mmrad.rl.resources.coordinator_shape`). It and its engines resolve the
+    model on their own nodes."""
 
     def __init__(
         self,
         job: dict[str, Any],
         records: Sequence[Mapping[str, Any]],
-        model_path: str,
         variant: dict[str, bool],
         defect_types: Mapping[str, Sequence[str]],
         val_records: Sequence[Mapping[str, Any]] = (),
     ):
         self.job = GRPOJobConfig.model_validate(job)
-        self.model_path = model_path
+        model = self.job.model
+        self.model = ModelSource(model.path, self.job.storage, model.cache_dir)
         self.variant = PromptVariant(**variant)
         self.rewards = RewardSpec(
             dict(self.job.rewards.weights), dict(self.job.rewards.params), self.variant.reasoning
@@ -511,7 +514,7 @@ class Coordinator:
 
     def tokenizer(self):
         if self._tokenizer is None:
-            self._tokenizer = ids_tokenizer(self.model_path)
+            self._tokenizer = ids_tokenizer(self.model.local())
         return self._tokenizer
 
     # -- engines and data -----------------------------------------------------------------
@@ -531,7 +534,7 @@ class Coordinator:
 
         shape = ray_options(engine_shape(self.job))
         return RolloutPool(
-            self.model_path,
+            self.model,
             self.job.engine,
             self.job.model.pixels,
             self.variant,

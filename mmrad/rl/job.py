@@ -32,7 +32,7 @@ from mmrad.rl.resources import coordinator_shape, grpo_requests
 from mmrad.runinfo import write_run_info
 from mmrad.storage import Storage, join
 from mmrad.task.prompt import PromptVariant
-from mmrad.train.core import make_torch_trainer
+from mmrad.train.core import checkpoint_uri, make_torch_trainer
 from mmrad.train.progress import run_with_progress
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def starting_point(job: GRPOJobConfig, storage: Storage) -> GRPOJobConfig:
     return job
 
 
-def start_coordinator(job: GRPOJobConfig, storage: Storage, records: list[dict], model_path: str):
+def start_coordinator(job: GRPOJobConfig, records: list[dict]):
     train = [r for r in records if r["split"] == "train"]
     prompts = [r for r in records if r["split"] == job.data.split]
     if not prompts:
@@ -96,7 +96,6 @@ def start_coordinator(job: GRPOJobConfig, storage: Storage, records: list[dict],
     return actor.remote(
         job.model_dump(mode="json"),
         prompts,
-        model_path,
         asdict(PromptVariant(**job.prompt.model_dump())),
         defect_types_by_category(train),
         validation_records(job, records),
@@ -121,8 +120,6 @@ def validation_records(job: GRPOJobConfig, records: list[dict]) -> list[dict]:
 def run_grpo(job: GRPOJobConfig, train_callbacks: Sequence = ()) -> GRPOResult:
     """Run (or resume) a GRPO job; ``train_callbacks`` go to the learners' Ray Train run
     (a sweep passes Tune's report callback)."""
-    from mmrad.model.loading import resolve_model_path
-
     job = with_absolute_paths(job)
     init_ray(job.ray)
     check_or_log(job.ray, grpo_requests(job))
@@ -131,8 +128,7 @@ def run_grpo(job: GRPOJobConfig, train_callbacks: Sequence = ()) -> GRPOResult:
     run_uri = join(job.run.storage_path, job.run.name)
     write_run_info(storage, run_uri, job, job.schedule.seed)
     records = read_manifest(storage, job.data.manifest)
-    model_path = resolve_model_path(job.model.path, storage, job.model.cache_dir)
-    coordinator = start_coordinator(job, storage, records, model_path)
+    coordinator = start_coordinator(job, records)
     spec = {
         "config": job.model_dump(mode="json"),
         "coordinator": coordinator,
@@ -148,6 +144,6 @@ def run_grpo(job: GRPOJobConfig, train_callbacks: Sequence = ()) -> GRPOResult:
         except Exception as err:  # the run's own error matters more
             log.warning("stopping the GRPO coordinator: %s", err)
         ray.kill(coordinator)
-    checkpoint = result.checkpoint.path if result.checkpoint else None
+    checkpoint = checkpoint_uri(run_uri, result.checkpoint) if result.checkpoint else None
     export_uri = job.export.out or join(run_uri, "export")
     return GRPOResult(run_uri, export_uri, checkpoint, job.schedule.max_steps)

@@ -46,6 +46,7 @@ from mmrad.config import EngineConfig, PixelBudget
 from mmrad.engine.channel import ChannelSpec
 from mmrad.engine.engine import EngineDied
 from mmrad.engine.sampling import Sampling
+from mmrad.model.loading import ModelSource
 from mmrad.rl.rollout import Rollout, RolloutPrompt, RolloutWorker, WeightUpdate
 from mmrad.rl.weight_sender import ChannelUpdate
 from mmrad.task.prompt import PromptVariant
@@ -129,7 +130,7 @@ class RolloutPool:
 
     def __init__(
         self,
-        model_path: str,
+        model: str | ModelSource,
         engine: EngineConfig,
         pixels: PixelBudget,
         variant: PromptVariant,
@@ -146,7 +147,7 @@ class RolloutPool:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
-        self._worker_args = (str(model_path), engine, pixels, variant)
+        self._worker_args = (model, engine, pixels, variant)
         self._resources = {"num_cpus": num_cpus, "num_gpus": num_gpus,
                            "resources": dict(resources or {})}  # fmt: skip
         self.max_retries = max_retries

@@ -40,6 +40,7 @@ from mmrad.config import EngineConfig, PixelBudget
 from mmrad.engine.engine import Engine, LoraHandle, Throughput
 from mmrad.engine.requests import InspectionInput
 from mmrad.engine.sampling import Completion, Sampling
+from mmrad.model.loading import ModelSource
 from mmrad.task.prompt import PromptVariant
 
 if TYPE_CHECKING:
@@ -163,18 +164,20 @@ def with_logprobs(sampling: Sampling) -> Sampling:
 
 class RolloutWorker:
     """One vLLM engine that generates rollouts and applies weight updates (run it as a
-    Ray actor: one method at a time, in submission order)."""
+    Ray actor: one method at a time, in submission order). A :class:`ModelSource` is
+    resolved on the actor's own node."""
 
     def __init__(
         self,
         name: str,
-        model_path: str,
+        model: str | ModelSource,
         engine: EngineConfig,
         pixels: PixelBudget,
         variant: PromptVariant,
         adapter_root: str | None = None,
     ):
         self.name = name
+        model_path = model.local() if isinstance(model, ModelSource) else model
         self._engine = Engine(model_path, engine, pixels, variant)
         self._adapter_root = adapter_root
         self._lora: LoraHandle | None = None

@@ -37,6 +37,8 @@ from pydantic import Field, SecretStr, ValidationError, model_validator
 from mmrad.config import (
     ConfigError,
     EngineConfig,
+    NodeCacheField,
+    NodeFolder,
     PathField,
     PixelBudget,
     PromptConfig,
@@ -67,7 +69,7 @@ class ServeArgs(Section):
         description="The vLLM engine of each replica.",
     )
     storage: StorageConfig = Field(default_factory=StorageConfig)
-    cache_dir: str = PathField("runs/cache/models", "Per-node cache of s3:// model directories.")
+    cache_dir: NodeFolder = NodeCacheField()
     prompt: PromptConfig | None = Field(
         None, description="Only for a model without mmrad.json (a base model): the prompt."
     )

@@ -35,7 +35,7 @@ class DeployError(RuntimeError):
 
 
 def with_absolute_paths(config: dict[str, Any]) -> dict[str, Any]:
-    """The config with mmrad applications' local paths (``model_dir``, ``cache_dir``)
+    """The config with mmrad applications' local paths (``model_dir``)
     made absolute against this process's directory (replicas may run elsewhere); the
     other args stay as the file gives them."""
     config = copy.deepcopy(config)

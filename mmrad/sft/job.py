@@ -34,7 +34,7 @@ from mmrad.sft.plan import (
 from mmrad.sft.worker import sft_worker
 from mmrad.storage import Storage, join
 from mmrad.train.checkpoint import STATE_FILE, read_trainer_state
-from mmrad.train.core import make_torch_trainer
+from mmrad.train.core import checkpoint_uri, make_torch_trainer
 from mmrad.train.progress import run_with_progress
 
 log = logging.getLogger(__name__)
@@ -172,4 +172,5 @@ def run_sft(job: SFTJobConfig) -> SFTResult:
     out_uri = job.export.out or join(run_uri, "export")
     export_uri = ray.get(export_task.remote(job.model_dump(mode="json"), checkpoint, out_uri))
     best = min((m["val_loss"] for _, m in result.best_checkpoints), default=None)
-    return SFTResult(run_uri, export_uri, checkpoint.path, plan.total_steps, best)
+    return SFTResult(run_uri, export_uri, checkpoint_uri(run_uri, checkpoint), plan.total_steps,
+                     best)  # fmt: skip

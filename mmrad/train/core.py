@@ -33,14 +33,14 @@ import logging
 import random
 import tempfile
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 import numpy as np
 import ray.train
 import torch
 
-from mmrad.storage import Storage
+from mmrad.storage import Storage, join
 from mmrad.train import collective_guard
 from mmrad.train.building import build_model
 from mmrad.train.checkpoint import load_checkpoint, save_checkpoint
@@ -261,3 +261,9 @@ def make_torch_trainer(
         datasets=datasets or {},
         dataset_config=DataConfig(datasets_to_split=[]),
     )
+
+
+def checkpoint_uri(run_uri: str, checkpoint) -> str:
+    """A Ray Train checkpoint of the run at ``run_uri`` as a URI (Ray's own path drops the
+    ``s3://`` scheme)."""
+    return join(run_uri, PurePosixPath(checkpoint.path).name)
