@@ -55,8 +55,8 @@ LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "task": (("mmrad.task",), ()),
     # what a job's driver does once per run: start or join Ray, write the run's info
     "runtime": (("mmrad.ray_env", "mmrad.runinfo"), BASE),
-    # config sections, storage (and the local S3 server), the package's version
-    "base": (("mmrad", "mmrad.config", "mmrad.storage", "mmrad.s3local"), ()),
+    # config sections, storage (and the local S3 server), placement rules, the version
+    "base": (("mmrad", "mmrad.config", "mmrad.storage", "mmrad.s3local", "mmrad.placement"), ()),
 }
 
 Import = tuple[str, str, int]  # (imported module, name taken from it or "", line)

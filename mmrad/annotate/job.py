@@ -359,7 +359,7 @@ def run_annotate(job: AnnotateJobConfig) -> AnnotateResult:
         )
     spec = teacher_spec(job, storage)
     init_ray(job.ray)
-    check_or_log(job.ray, [predictors_request(spec)])
+    check_or_log(job.ray, [predictors_request(job.ray, job.predictors)])
     run_uri = join(job.run.storage_path, job.run.name)
     write_run_info(storage, run_uri, job, job.sampling.seed)
     log.info("annotating %d of %d images, %d samples each", len(selected), len(records),

@@ -225,14 +225,13 @@ def predict(dataset, spec: InferenceSpec, *, to_input: ToInput = default_input):
         batch_size=predictors.batch_size,
         batch_format="pyarrow",
         concurrency=predictors.num_actors,
-        **ray_options(predictors_request(spec).shape),
+        **ray_options(predictors_request(spec.ray, predictors).shape),
     )
 
 
-def predictors_request(spec: InferenceSpec) -> Request:
+def predictors_request(ray: RayConfig, predictors: PredictorsConfig) -> Request:
     """The predictor actors' resources (:mod:`mmrad.placement`)."""
-    predictors = spec.predictors
-    shape = actor_shape(spec.ray, cpus=predictors.cpus_per_actor, gpus=predictors.gpus_per_actor)
+    shape = actor_shape(ray, cpus=predictors.cpus_per_actor, gpus=predictors.gpus_per_actor)
     return Request("predictors", shape, predictors.num_actors)
 
 

@@ -173,7 +173,7 @@ def run_eval(job: EvalJobConfig) -> EvalResult:
 
     run_uri = join(job.run.storage_path, job.run.name)
     init_ray(job.ray)
-    check_or_log(job.ray, [predictors_request(spec)])
+    check_or_log(job.ray, [predictors_request(job.ray, job.predictors)])
     write_run_info(storage, run_uri, job, job.sampling.seed or 0)
     dataset = record_dataset(records, storage, spec.pixels, batch_size=job.predictors.batch_size,
                              on_bad_image=job.data.on_bad_image,

@@ -16,12 +16,14 @@ unfinished ones start again and their GRPO runs continue from their last checkpo
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from mmrad.config import validate_config, with_absolute_paths
+from mmrad.placement import Request, Shape, actor_shape, check_or_log
 from mmrad.ray_env import init_ray
 from mmrad.rl.config import GRPOJobConfig
+from mmrad.rl.resources import grpo_requests
 from mmrad.storage import Storage, join
 from mmrad.tune.config import OBJECTIVE_METRIC, TuneJobConfig, trial_base
 from mmrad.tune.report import write_sweep_outputs
@@ -77,7 +79,7 @@ def make_tuner(job: TuneJobConfig, base: dict[str, Any], sweep_uri: str, storage
 
     trainable = tune.with_resources(
         tune.with_parameters(grpo_trial, base=base, runs_uri=join(sweep_uri, TRIAL_RUNS)),
-        {"cpu": job.trial.cpus},
+        tune.PlacementGroupFactory([trial_shape(job)]),
     )
     filesystem, path = storage.arrow_filesystem(job.run.storage_path)
     experiment = join(path, job.run.name)
@@ -109,11 +111,25 @@ def make_tuner(job: TuneJobConfig, base: dict[str, Any], sweep_uri: str, storage
     )
 
 
+def trial_shape(job: TuneJobConfig) -> Shape:
+    """A trial's own actor (the GRPO run's driver); its learners and engines ask for theirs."""
+    return actor_shape(job.ray, cpus=job.trial.cpus)
+
+
+def sweep_requests(job: TuneJobConfig, base: GRPOJobConfig) -> list[Request]:
+    """What ``max_concurrent_trials`` trials at once ask: each its trial actor and GRPO run."""
+    trial = Request("a trial's driver", trial_shape(job))
+    return [replace(request, label=f"trial {number}: {request.label}")
+            for number in range(1, job.max_concurrent_trials + 1)
+            for request in [trial, *grpo_requests(base)]]  # fmt: skip
+
+
 def run_tune(job: TuneJobConfig) -> TuneResult:
     base_job = with_absolute_paths(validate_config(GRPOJobConfig, trial_base(job)))
     base = base_job.model_dump(mode="json")
     job = with_absolute_paths(job)  # trials run in their own working directories
     init_ray(job.ray)
+    check_or_log(job.ray, sweep_requests(job, base_job))
     storage = Storage.from_config(job.storage)
     sweep_uri = join(job.run.storage_path, job.run.name)
     results = make_tuner(job, base, sweep_uri, storage).fit()

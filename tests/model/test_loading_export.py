@@ -288,3 +288,13 @@ def test_s3_errors(s3_server, processor, lora_model, tmp_path):
         export_model(lora_model, processor, prefix, STORAGE, merge_lora=True,
                      prompt=PROMPT, pixels=PIXELS)  # fmt: skip
     assert STORAGE.list(prefix) == [f"{prefix}/notes.txt"]
+
+
+def test_a_node_cache_is_the_configured_folder_else_the_nodes_own(tmp_path, monkeypatch):
+    """Each node picks its own folder; a config names one only as an absolute folder."""
+    monkeypatch.delenv(loading.NODE_CACHE_ENV, raising=False)
+    assert loading.node_cache_dir() == loading.node_temp_dir() / "mmrad-models"
+    monkeypatch.setenv(loading.NODE_CACHE_ENV, str(tmp_path / "nvme"))
+    assert loading.node_cache_dir() == tmp_path / "nvme"
+    assert loading.node_cache_dir(str(tmp_path / "configured")) == tmp_path / "configured"
+    assert cached_model_dir("s3://b/m").parent == tmp_path / "nvme"
