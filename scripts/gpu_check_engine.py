@@ -588,7 +588,17 @@ def grpo_overrides(on_gpu: bool, model: Path, manifest: str, work: Path) -> list
         "learners.gpus_per_worker=0.5",
         "rollout.gpus_per_worker=0.5",
         "engine.gpu_memory_utilization=0.4",
+        *accelerator_type_override(),
     ]
+
+
+def accelerator_type_override() -> list[str]:
+    """Ray's own name for this GPU: the learners and the engine ask for it as they would on
+    a cluster (mmrad.placement), and the resource Ray detected must meet the ask."""
+    from ray._private.accelerators import NvidiaGPUAcceleratorManager
+
+    detected = NvidiaGPUAcceleratorManager.get_current_node_accelerator_type()
+    return [f"ray.accelerator_type={detected}"] if detected else []
 
 
 def check_grpo_shared_gpu(ctx: Any) -> dict:

@@ -20,7 +20,7 @@ import ray
 from mmrad.config import ConfigError, SFTJobConfig, with_absolute_paths
 from mmrad.data.loading import DecodeSpec, build_dataset, ordered_rows, rank_datasets
 from mmrad.data.manifest import defect_types_by_category, read_manifest
-from mmrad.placement import check_or_log, learners_request
+from mmrad.placement import actor_shape, check_or_log, learners_request, ray_options
 from mmrad.ray_env import init_ray
 from mmrad.runinfo import write_run_info
 from mmrad.sft.plan import (
@@ -106,7 +106,10 @@ def chosen_checkpoint(result, which: str):
     return min(result.best_checkpoints, key=lambda pair: pair[1]["val_loss"])[0]
 
 
-@ray.remote(num_cpus=0.5)
+EXPORT_CPUS = 0.5
+
+
+@ray.remote
 def export_task(job_dict: dict, checkpoint, out_uri: str) -> str:
     """Load the base model, the checkpoint's weights and export (runs on a worker node)."""
     from mmrad.train.export import export_checkpoint
@@ -170,7 +173,8 @@ def run_sft(job: SFTJobConfig) -> SFTResult:
     result = run_with_progress(f"SFT {job.run.name}", job.run.name, trainer.fit)
     checkpoint = chosen_checkpoint(result, job.export.checkpoint)
     out_uri = job.export.out or join(run_uri, "export")
-    export_uri = ray.get(export_task.remote(job.model_dump(mode="json"), checkpoint, out_uri))
+    exporting = export_task.options(**ray_options(actor_shape(job.ray, cpus=EXPORT_CPUS)))
+    export_uri = ray.get(exporting.remote(job.model_dump(mode="json"), checkpoint, out_uri))
     best = min((m["val_loss"] for _, m in result.best_checkpoints), default=None)
     return SFTResult(run_uri, export_uri, checkpoint_uri(run_uri, checkpoint), plan.total_steps,
                      best)  # fmt: skip
