@@ -16,7 +16,7 @@ unfinished ones start again and their GRPO runs continue from their last checkpo
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from mmrad.config import validate_config, with_absolute_paths
@@ -117,11 +117,9 @@ def trial_shape(job: TuneJobConfig) -> Shape:
 
 
 def sweep_requests(job: TuneJobConfig, base: GRPOJobConfig) -> list[Request]:
-    """What ``max_concurrent_trials`` trials at once ask: each its trial actor and GRPO run."""
-    trial = Request("a trial's driver", trial_shape(job))
-    return [replace(request, label=f"trial {number}: {request.label}")
-            for number in range(1, job.max_concurrent_trials + 1)
-            for request in [trial, *grpo_requests(base)]]  # fmt: skip
+    """What one trial asks: its own actor and its GRPO run's. Tune runs up to
+    ``max_concurrent_trials`` of them where they fit and queues the rest, so one must fit."""
+    return [Request("a trial's driver", trial_shape(job)), *grpo_requests(base)]
 
 
 def run_tune(job: TuneJobConfig) -> TuneResult:
