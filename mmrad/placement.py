@@ -87,9 +87,14 @@ def actor_shape(config: RayConfig, *, cpus: float, gpus: float = 0.0) -> Shape:
         shape["GPU"] = gpus
         if config.accelerator_type:
             shape[ACCELERATOR_PREFIX + config.accelerator_type] = WORKER_RESOURCE_SHARE
-    if config.worker_resource:
-        shape[config.worker_resource] = WORKER_RESOURCE_SHARE
-    return shape
+    return shape | worker_resources(config)
+
+
+def worker_resources(config: RayConfig) -> Shape:
+    """The custom resources of any working actor or task: a worker node's, never the
+    head's. Data tasks ask them too; Ray Data fuses a decode stage into the predictor
+    actors after it only where both ask the same."""
+    return {config.worker_resource: WORKER_RESOURCE_SHARE} if config.worker_resource else {}
 
 
 def ray_options(shape: Shape) -> dict[str, Any]:

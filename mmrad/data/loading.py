@@ -165,8 +165,14 @@ def decode_batch(batch: pa.Table, spec: DecodeSpec) -> pa.Table:
     return batch
 
 
-def build_dataset(rows: list[dict[str, Any]], spec: DecodeSpec, batch_size: int = 16):
-    """A Ray Dataset over ``rows`` (from :func:`ordered_rows`) that keeps their order."""
+def build_dataset(
+    rows: list[dict[str, Any]],
+    spec: DecodeSpec,
+    batch_size: int = 16,
+    resources: Mapping[str, float] | None = None,
+):
+    """A Ray Dataset over ``rows`` (from :func:`ordered_rows`) that keeps their order;
+    its decode tasks ask for custom ``resources`` too (:mod:`mmrad.placement`)."""
     import ray.data
 
     context = ray.data.DataContext.get_current()
@@ -175,8 +181,9 @@ def build_dataset(rows: list[dict[str, Any]], spec: DecodeSpec, batch_size: int 
     # Tasks, not an actor pool: worker processes (and their cached clients and
     # references) are reused across datasets, while actors would start cold each time.
     return dataset.map_batches(
-        decode_batch, fn_kwargs={"spec": spec}, batch_size=batch_size, batch_format="pyarrow"
-    )
+        decode_batch, fn_kwargs={"spec": spec}, batch_size=batch_size, batch_format="pyarrow",
+        resources=dict(resources or {}),
+    )  # fmt: skip
 
 
 def rank_datasets(
@@ -188,6 +195,7 @@ def rank_datasets(
     epoch: int = 0,
     start: int = 0,
     batch_size: int = 16,
+    resources: Mapping[str, float] | None = None,
 ) -> list:
     """One ordered dataset per rank; pass them to Ray Train as ``{"train_<rank>": ds}``
     with ``DataConfig(datasets_to_split=[])`` so each worker reads only its own."""
@@ -198,6 +206,7 @@ def rank_datasets(
             ),
             spec,
             batch_size,
+            resources,
         )
         for rank in range(world_size)
     ]

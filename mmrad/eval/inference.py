@@ -43,7 +43,7 @@ from mmrad.eval.config import (
     PromptOverrides,
     SamplingConfig,
 )
-from mmrad.placement import Request, actor_shape, ray_options
+from mmrad.placement import Request, actor_shape, ray_options, worker_resources
 from mmrad.storage import Storage, is_s3, join
 from mmrad.task.answer import Verdict, parse_answer
 from mmrad.task.prompt import PromptVariant
@@ -193,14 +193,16 @@ def record_dataset(
     batch_size: int = 16,
     on_bad_image: str = "skip",
     fetch_threads: int = 8,
+    placement: RayConfig | None = None,
 ):
     """An ordered Ray Dataset of ``records`` with images decoded onto the model grid
-    (``image``, ``reference``, ``grid_width``, ``grid_height``, ``error``)."""
+    (``image``, ``reference``, ``grid_width``, ``grid_height``, ``error``), by tasks that
+    ask for ``placement``'s worker resources, as the predictors after them do."""
     from mmrad.data.loading import DecodeSpec, build_dataset
 
     spec = DecodeSpec(storage, pixels, on_bad_image, fetch_threads)  # type: ignore[arg-type]
     rows = [{**record, "position": index} for index, record in enumerate(records)]
-    return build_dataset(rows, spec, batch_size)
+    return build_dataset(rows, spec, batch_size, worker_resources(placement or RayConfig()))
 
 
 def predict(dataset, spec: InferenceSpec, *, to_input: ToInput = default_input):

@@ -176,6 +176,7 @@ def run_eval(job: EvalJobConfig) -> EvalResult:
     check_or_log(job.ray, [predictors_request(job.ray, job.predictors)])
     write_run_info(storage, run_uri, job, job.sampling.seed or 0)
     dataset = record_dataset(records, storage, spec.pixels, batch_size=job.predictors.batch_size,
+                             placement=job.ray,
                              on_bad_image=job.data.on_bad_image,
                              fetch_threads=job.data.fetch_threads)  # fmt: skip
     start = time.perf_counter()

@@ -48,7 +48,7 @@ from typing import Any
 from mmrad.data.loading import DecodeSpec
 from mmrad.engine.sampling import Sampling
 from mmrad.model.loading import ModelSource
-from mmrad.placement import ray_options
+from mmrad.placement import ray_options, worker_resources
 from mmrad.rl.batch import (
     Group,
     LearnerShard,
@@ -527,6 +527,7 @@ class Coordinator:
             defect_types=defect_types,
             decode_cpus=self.job.data.decode_cpus,
             batch_size=self.job.data.batch_size,
+            resources=worker_resources(self.job.ray),
         )
 
     def _new_pool(self):

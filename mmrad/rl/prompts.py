@@ -117,6 +117,7 @@ class PromptStream:
         decode_cpus: float = 0.25,
         batch_size: int = 8,
         position: DataPosition = DataPosition(),  # noqa: B008 (frozen)
+        resources: Mapping[str, float] | None = None,
     ):
         if not records:
             raise ValueError("no records to prompt from (is the split empty?)")
@@ -126,6 +127,7 @@ class PromptStream:
         self.defect_types = dict(defect_types or {})
         self.decode_cpus = decode_cpus
         self.batch_size = batch_size
+        self.resources = dict(resources or {})  # custom ones of each decode task
         self.skips = SkipLog()
         self._position = position
         self._rows: Iterator[dict[str, Any]] | None = None
@@ -177,4 +179,5 @@ class PromptStream:
             batch_size=self.batch_size,
             batch_format="pyarrow",
             num_cpus=self.decode_cpus,
+            resources=self.resources,
         )

@@ -20,7 +20,13 @@ import ray
 from mmrad.config import ConfigError, SFTJobConfig, with_absolute_paths
 from mmrad.data.loading import DecodeSpec, build_dataset, ordered_rows, rank_datasets
 from mmrad.data.manifest import defect_types_by_category, read_manifest
-from mmrad.placement import actor_shape, check_or_log, learners_request, ray_options
+from mmrad.placement import (
+    actor_shape,
+    check_or_log,
+    learners_request,
+    ray_options,
+    worker_resources,
+)
 from mmrad.ray_env import init_ray
 from mmrad.runinfo import write_run_info
 from mmrad.sft.plan import (
@@ -92,10 +98,11 @@ def build_datasets(
         shards = rank_datasets(
             train, spec, world_size=plan.world_size, seed=job.data.seed, epoch=epoch,
             start=start if epoch == first_epoch else 0, batch_size=job.data.batch_size,
+            resources=worker_resources(job.ray),
         )  # fmt: skip
         datasets.update({f"train_e{epoch}_r{rank}": ds for rank, ds in enumerate(shards)})
     val_rows = ordered_rows(sorted(val, key=lambda r: r["id"])[: job.validation.samples], seed=0)
-    datasets["val"] = build_dataset(val_rows, spec, job.data.batch_size)
+    datasets["val"] = build_dataset(val_rows, spec, job.data.batch_size, worker_resources(job.ray))
     return datasets
 
 
