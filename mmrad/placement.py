@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmrad.config import RayConfig
+from mmrad.config import LearnersConfig, RayConfig
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +120,13 @@ def local_resources(config: RayConfig) -> dict[str, float]:
 def check_placement(
     requests: Sequence[Request], node_types: Sequence[NodeType] | None = None
 ) -> None:
-    """Raise :class:`PlacementError` naming each request that no node can host, or that
-    the cluster cannot host all together; ``node_types`` defaults to the current cluster's."""
+    """Raise :class:`PlacementError` naming each request that no node can host, else any
+    resource the cluster lacks for all of them together; ``node_types`` defaults to the
+    current cluster's. Best effort: it never refuses what could run, but it sums
+    capacities without fitting the actors node by node."""
     types = list(cluster_node_types() if node_types is None else node_types)
     problems = [problem for request in requests if (problem := _unmet(request, types))]
-    problems += _over_capacity(requests, types)
+    problems = problems or _over_capacity(requests, types)
     if problems:
         offered = "; ".join(f"{t.name}: {_describe(t.resources)}" for t in types) or "none"
         problems.append(f"Nodes this cluster has or can add: {offered}")
@@ -136,14 +138,14 @@ def _unmet(request: Request, types: Sequence[NodeType]) -> str | None:
     if any(_fits(need, node.resources) for node in types):
         return None
     who = f"{request.count} packed on one node" if request.packed else "each"
-    missing = [key for key, amount in need.items()
-               if max((node.offers(key) for node in types), default=0.0) < amount]  # fmt: skip
+    most = {key: max((node.offers(key) for node in types), default=0.0) for key in need}
+    missing = [key for key, amount in need.items() if most[key] < amount]
     if not missing:
         return f"{request.label} ({who}) ask {_describe(need)}: no single node has all of it"
     key = missing[0]
-    most = max((node.offers(key) for node in types), default=0.0)
+    offered = f"{_amount(need[key])} (at most {_amount(most[key])})"
     return (f"{request.label} ({who}) ask {_describe(need)}: no node offers {key!r} "
-            f"{_amount(need[key])} (at most {_amount(most)}). {_hint(key, request)}")  # fmt: skip
+            f"{offered}. {_hint(key, request)}")  # fmt: skip
 
 
 def _over_capacity(requests: Sequence[Request], types: Sequence[NodeType]) -> list[str]:
@@ -232,7 +234,9 @@ def launcher_node_types(cluster: Mapping[str, Any]) -> list[NodeType]:
         resources = {key: math.inf for key in _AUTODETECTED}
         resources.update({key: float(value) for key, value in spec.get("resources", {}).items()})
         head = name == cluster.get("head_node_type")
-        types.append(NodeType(f"node type {name}", resources, 1 if head else spec["max_workers"]))
+        # a type's max_workers is optional; the cluster's own cap applies then
+        most = 1 if head else spec.get("max_workers", cluster.get("max_workers", -1))
+        types.append(NodeType(f"node type {name}", resources, most))
     return types
 
 
@@ -244,12 +248,12 @@ def check_or_log(config: RayConfig, requests: Sequence[Request]) -> None:
     check_placement(requests)
 
 
-def learner_shape(config: RayConfig, learners) -> Shape:
+def learner_shape(config: RayConfig, learners: LearnersConfig) -> Shape:
     """One Ray Train worker's resources (``learners``: a :class:`LearnersConfig`)."""
     return actor_shape(config, cpus=learners.cpus_per_worker,
                        gpus=learners.gpus_per_worker if learners.use_gpu else 0.0)  # fmt: skip
 
 
-def learners_request(config: RayConfig, learners) -> Request:
+def learners_request(config: RayConfig, learners: LearnersConfig) -> Request:
     return Request("learners", learner_shape(config, learners), learners.num_workers,
                    packed=learners.placement == "strict_pack")  # fmt: skip

@@ -319,7 +319,7 @@ def teacher_rows(spec, storage: Storage, selected: list[dict]) -> list[dict[str,
     from mmrad.eval.inference import collect_rows, predict, record_dataset
 
     dataset = record_dataset(selected, storage, spec.pixels, batch_size=spec.predictors.batch_size,
-                             placement=spec.ray)  # fmt: skip
+                             placement=spec.placement)  # fmt: skip
     return collect_rows(predict(dataset, spec, to_input=hinted_input))
 
 

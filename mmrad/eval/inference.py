@@ -119,7 +119,7 @@ class InferenceSpec:
     engine: EngineConfig
     predictors: PredictorsConfig
     storage: Storage
-    ray: RayConfig = field(default_factory=RayConfig)  # placement rules (mmrad.placement)
+    placement: RayConfig = field(default_factory=RayConfig)  # rules of mmrad.placement
 
     @classmethod
     def build(
@@ -130,7 +130,7 @@ class InferenceSpec:
         engine: EngineConfig,
         predictors: PredictorsConfig,
         storage: Storage,
-        ray: RayConfig | None = None,
+        placement: RayConfig | None = None,
     ) -> InferenceSpec:
         """Resolve the target and the prompt: a model's ``mmrad.json`` gives the prompt
         variant, pixel budget and LoRA adapter unless ``prompt``/``target`` override
@@ -148,7 +148,7 @@ class InferenceSpec:
             engine=engine,
             predictors=predictors,
             storage=storage,
-            ray=ray or RayConfig(),
+            placement=placement or RayConfig(),
         )
 
 
@@ -227,13 +227,13 @@ def predict(dataset, spec: InferenceSpec, *, to_input: ToInput = default_input):
         batch_size=predictors.batch_size,
         batch_format="pyarrow",
         concurrency=predictors.num_actors,
-        **ray_options(predictors_request(spec.ray, predictors).shape),
+        **ray_options(predictors_request(spec.placement, predictors).shape),
     )
 
 
-def predictors_request(ray: RayConfig, predictors: PredictorsConfig) -> Request:
+def predictors_request(placement: RayConfig, predictors: PredictorsConfig) -> Request:
     """The predictor actors' resources (:mod:`mmrad.placement`)."""
-    shape = actor_shape(ray, cpus=predictors.cpus_per_actor, gpus=predictors.gpus_per_actor)
+    shape = actor_shape(placement, cpus=predictors.cpus_per_actor, gpus=predictors.gpus_per_actor)
     return Request("predictors", shape, predictors.num_actors)
 
 

@@ -73,7 +73,7 @@ from mmrad.rl.prompts import DataPosition, PromptItem, PromptStream
 from mmrad.rl.resources import engine_shape
 from mmrad.rl.rollout import Rollout, RolloutPrompt, WeightUpdate, rollout_seed
 from mmrad.rl.weight_sender import ChannelUpdate, ResendWeights
-from mmrad.storage import Storage
+from mmrad.storage import Storage, is_s3, join
 from mmrad.task.answer import GENERIC_REASONING
 from mmrad.task.prompt import PromptVariant
 
@@ -85,16 +85,20 @@ VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|imag
 MAX_CONCURRENCY = 16  # learners' shard calls, weight pushes, probes, state queries
 
 
-def ids_tokenizer(model_path: str):
+def ids_tokenizer(model: ModelSource):
     """The model's fast tokenizer through the ``tokenizers`` library alone: token ids are
     all the coordinator needs, and importing transformers for them cost the first step
-    several seconds."""
+    several seconds. From object storage only ``tokenizer.json`` is read: the coordinator's
+    node need not hold the weights."""
     from tokenizers import Tokenizer
 
-    local = Path(model_path, "tokenizer.json")
+    if is_s3(model.path):
+        storage = Storage.from_config(model.storage)
+        return Tokenizer.from_str(storage.read_text(join(model.path, "tokenizer.json")))
+    local = Path(model.path, "tokenizer.json")
     if local.is_file():
         return Tokenizer.from_file(str(local))
-    return Tokenizer.from_pretrained(model_path)
+    return Tokenizer.from_pretrained(model.path)
 
 
 def coordinator_name(run_name: str) -> str:
@@ -514,7 +518,7 @@ class Coordinator:
 
     def tokenizer(self):
         if self._tokenizer is None:
-            self._tokenizer = ids_tokenizer(self.model.local())
+            self._tokenizer = ids_tokenizer(self.model)
         return self._tokenizer
 
     # -- engines and data -----------------------------------------------------------------

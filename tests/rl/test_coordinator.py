@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,6 +32,8 @@ from mmrad.rl.inputs import padded
 from mmrad.rl.learner import aggregation_units, split_evenly
 from mmrad.rl.metrics import advantage_metrics, hidden_share, markdown_table, rollout_metrics
 from mmrad.rl.prompts import DataPosition, PromptItem, prompt_id
+from mmrad.storage import Storage
+from tests.conftest import TEST_BUCKET
 
 SPEC = RewardSpec({"format": 0.5, "detection": 1.0, "localization": 1.0})
 
@@ -331,14 +334,23 @@ def test_validation_needs_known_rates_and_runs_when_due():
     assert not load_config(GRPOJobConfig, "configs/local/grpo.yaml").validation.due(7, 7)
 
 
-def test_the_coordinators_tokenizer_gives_transformers_ids(tiny_model):
-    """The coordinator reads ``tokenizer.json`` without transformers; its ids must be the
-    ones the model's transformers tokenizer gives (vision tokens found, answers equal)."""
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_the_coordinators_tokenizer_gives_transformers_ids(tiny_model, where, request):
+    """The coordinator reads ``tokenizer.json`` without transformers (from object storage
+    that file alone, not the weights); its ids must be the ones the model's transformers
+    tokenizer gives (vision tokens found, answers equal)."""
     from transformers import AutoTokenizer
 
+    from mmrad.model.loading import ModelSource
     from mmrad.rl.coordinator import END_OF_TURN_TOKEN, VISION_TOKENS, ids_tokenizer
 
-    ours, theirs = ids_tokenizer(tiny_model), AutoTokenizer.from_pretrained(tiny_model)
+    source = ModelSource(tiny_model)
+    if where == "s3":
+        request.getfixturevalue("s3_server")
+        source = ModelSource(f"s3://{TEST_BUCKET}/models/tokenizer-only")
+        Storage().write_bytes(f"{source.path}/tokenizer.json",
+                              (Path(tiny_model) / "tokenizer.json").read_bytes())  # fmt: skip
+    ours, theirs = ids_tokenizer(source), AutoTokenizer.from_pretrained(tiny_model)
     for token in (*VISION_TOKENS, END_OF_TURN_TOKEN):
         assert ours.token_to_id(token) == theirs.convert_tokens_to_ids(token) is not None, token
     for text in (YES_BOX, ground_truth_answer(item(True), True, "generic"), "héllo  wörld\n x"):
