@@ -87,8 +87,10 @@ def run_jobs(spec: dict, address: str) -> dict:
 def actor_placements(names: dict[str, str]) -> list[dict]:
     from ray.util.state import list_actors
 
-    return [{"class": actor.class_name, "name": actor.name, "node": names.get(actor.node_id)}
-            for actor in list_actors(limit=10_000, raise_on_missing_output=False)]  # fmt: skip
+    return [{"class": actor.class_name, "name": actor.name, "node": names.get(actor.node_id),
+             "resources": sorted(actor.required_resources or {})}
+            for actor in list_actors(limit=10_000, detail=True,
+                                     raise_on_missing_output=False)]  # fmt: skip
 
 
 def cache_contents(folder: Path) -> dict[str, list[str]]:
