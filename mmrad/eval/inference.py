@@ -439,12 +439,10 @@ def local_adapter_dir(target: ModelTarget, model_dir: str, storage: Storage) -> 
         return str(Path(model_dir) / adapter[len(target.path.rstrip("/")) + 1 :])
     if not is_s3(adapter):
         return adapter
-    from mmrad.model.loading import cached_model_dir
+    from mmrad.model.loading import download_to_node_cache
 
-    local = cached_model_dir(adapter, target.cache_dir)
-    if not (local / "adapter_config.json").exists():
-        storage.download_dir(adapter, local)
-    return str(local)
+    return str(download_to_node_cache(adapter, storage, target.cache_dir,
+                                      required="adapter_config.json"))  # fmt: skip
 
 
 def adapter_rank(adapter_dir: str) -> int:

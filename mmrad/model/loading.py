@@ -76,7 +76,7 @@ def resolve_model_path(path: str, storage: Storage, cache_dir: str | None = None
     absolute paths (they must exist), ``s3://`` directories downloaded to this node's
     cache (:func:`node_cache_dir` of ``cache_dir``)."""
     if is_s3(path):
-        return str(_download_cached(path.rstrip("/"), storage, node_cache_dir(cache_dir)))
+        return str(download_to_node_cache(path, storage, cache_dir))
     local = local_path(path).expanduser()
     if local.is_dir():
         return str(local.absolute())
@@ -101,11 +101,20 @@ def _cache_key(uri: str) -> str:
     return hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:32]
 
 
-def _download_cached(uri: str, storage: Storage, cache_dir: Path) -> Path:
+def download_to_node_cache(
+    uri: str, storage: Storage, cache_dir: str | None = None, *, required: str = "config.json"
+) -> Path:
+    """The ``s3://`` folder ``uri`` (which must hold ``required``: a model's
+    ``config.json``, an adapter's ``adapter_config.json``) in this node's cache,
+    downloaded once per node under the file lock (see the module)."""
+    return _download_cached(uri.rstrip("/"), storage, node_cache_dir(cache_dir), required)
+
+
+def _download_cached(uri: str, storage: Storage, cache_dir: Path, required: str) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     key = _cache_key(uri)
     target = cache_dir / key
-    objects = _list_objects(uri, storage)
+    objects = _list_objects(uri, storage, required)
     fingerprint = hashlib.sha256(json.dumps(objects, sort_keys=True).encode()).hexdigest()
     with open(cache_dir / f"{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
@@ -129,7 +138,7 @@ def _download_cached(uri: str, storage: Storage, cache_dir: Path) -> Path:
     return target
 
 
-def _list_objects(uri: str, storage: Storage) -> dict[str, list[Any]]:
+def _list_objects(uri: str, storage: Storage, required: str) -> dict[str, list[Any]]:
     """``{relative key: [size, etag]}`` of every object below ``uri``."""
     bucket, prefix = split_s3(uri)
     prefix = prefix.rstrip("/") + "/" if prefix else ""
@@ -145,10 +154,8 @@ def _list_objects(uri: str, storage: Storage) -> dict[str, list[Any]]:
         raise StorageError(f"{uri}: cannot list the model directory: {err}") from None
     if EXPORT_IN_PROGRESS in found:
         raise StorageError(f"{uri}: an export is being written there; try again when it is done")
-    if "config.json" not in found:
-        raise FileNotFoundError(
-            f"model path {uri}: no config.json there (found {len(found)} objects)"
-        )
+    if required not in found:
+        raise FileNotFoundError(f"{uri}: no {required} there (found {len(found)} objects)")
     return found
 
 

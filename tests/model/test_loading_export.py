@@ -247,15 +247,7 @@ def test_s3_export_downloads_once_per_node(
         loading, "_download_file", lambda *a: downloads.append(a[1]) or real_download(*a)
     )
     cache = tmp_path / "cache"
-    found: list[str] = []
-    workers = [
-        threading.Thread(target=lambda: found.append(resolve_model_path(uri, STORAGE, cache)))
-        for _ in range(3)
-    ]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
+    found = concurrently(3, lambda: resolve_model_path(uri, STORAGE, cache))
     local = cached_model_dir(uri, cache)
     assert found == [str(local)] * 3
     assert len(downloads) == len(set(downloads)) == len(STORAGE.list(uri))  # once each
@@ -276,6 +268,46 @@ def test_s3_export_downloads_once_per_node(
     (local / "model.safetensors").write_bytes(b"truncated")
     assert resolve_model_path(uri, STORAGE, cache) == str(local)
     assert (local / "model.safetensors").stat().st_size > 1000
+
+
+def concurrently(count: int, call) -> list:
+    """``call()`` on ``count`` threads at once; their results."""
+    found: list = []
+    workers = [threading.Thread(target=lambda: found.append(call())) for _ in range(count)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return found
+
+
+@pytest.mark.integration
+def test_an_s3_adapter_is_downloaded_once_per_node_too(
+    s3_server, processor, lora_model, tmp_path, monkeypatch
+):
+    """Evaluation's separate adapters go through the node cache's lock and marker."""
+    from mmrad.eval.config import ModelTarget
+    from mmrad.eval.inference import local_adapter_dir
+
+    uri = f"s3://mmrad-test/exports/{uuid.uuid4().hex}"
+    export_model(lora_model, processor, uri, STORAGE, merge_lora=False,
+                 prompt=PROMPT, pixels=PIXELS)  # fmt: skip
+    downloads = []
+    real_download = loading._download_file
+    monkeypatch.setattr(
+        loading, "_download_file", lambda *a: downloads.append(a[1]) or real_download(*a)
+    )
+    target = ModelTarget(path="s3://mmrad-test/some/base", adapter=f"{uri}/adapter",
+                         cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    found = concurrently(3, lambda: local_adapter_dir(target, "unused", STORAGE))
+    local = cached_model_dir(f"{uri}/adapter", target.cache_dir)
+    assert found == [str(local)] * 3
+    assert len(downloads) == len(set(downloads)) == len(STORAGE.list(f"{uri}/adapter"))
+    assert (local / loading.COMPLETE_MARKER).exists()
+    assert (local / "adapter_config.json").exists()
+    with pytest.raises(FileNotFoundError, match=f"{uri}: no adapter_config.json"):
+        loading.download_to_node_cache(uri, STORAGE, target.cache_dir,
+                                       required="adapter_config.json")  # fmt: skip
 
 
 @pytest.mark.integration
