@@ -287,9 +287,11 @@ def run() -> None:
     from mmrad.data.schema import ManifestError
     from mmrad.eval.endpoint import EndpointConfigError
     from mmrad.model.export import ExportError
+    from mmrad.placement import PlacementError
     from mmrad.storage import StorageError
 
-    user_errors = (DataBuildError, ManifestError, StorageError, EndpointConfigError, ExportError)
+    user_errors = (DataBuildError, ManifestError, StorageError, EndpointConfigError, ExportError,
+                   PlacementError)  # fmt: skip
     try:
         app()
     except (*user_errors, AnnotateError) as err:

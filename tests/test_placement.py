@@ -135,3 +135,25 @@ def test_a_job_no_node_can_host_fails_at_once_naming_the_resource(ray_cluster, t
     with pytest.raises(PlacementError, match="the GRPO coordinator .* no node offers "
                        "'gpu_workers'"):  # fmt: skip
         run_grpo(unknown)
+
+
+@pytest.mark.integration
+def test_the_command_line_reports_it_in_one_line(ray_cluster, tmp_path, monkeypatch, capfd):
+    from mmrad.cli import run
+
+    monkeypatch.setattr(
+        "sys.argv",
+        [
+            "mmrad",
+            "grpo",
+            "ray.accelerator_type=H100",
+            "learners.use_gpu=true",
+            f"run.storage_path={tmp_path}",
+        ],
+    )
+    with pytest.raises(SystemExit) as exit_code:
+        run()
+    assert exit_code.value.code == 1
+    printed = " ".join(capfd.readouterr().err.split())  # errors go to stderr
+    assert printed.startswith("error: learners (2 packed on one node) ask") and "'GPU' 2" in printed
+    assert "Traceback" not in printed
