@@ -13,6 +13,14 @@ workers (one per tensor-parallel rank). NCCL on GPUs, gloo on CPUs. A sync sends
   to vLLM's reload before the next arrives (the bucket in flight plus the tensors of
   the layer vLLM is assembling: 2-3 buckets at most, measured).
 
+The channel forms in two steps, so that nobody waits on a member that is gone: each
+receiver connects to the sender's TCP store and counts itself in; the sender waits until
+all have, asking ``members_alive`` now and then (the learner asks the coordinator whether
+a receive failed), and then sets a verdict: ``go`` (the process group forms) or
+``abort`` (every receiver that came, or comes later, leaves with :class:`ChannelFailed`).
+A channel that breaks mid-broadcast raises :class:`ChannelFailed` on both sides too; the
+receivers keep their engines, and the weights are sent again on a fresh channel.
+
 Both sides import this module: the learner (:mod:`mmrad.rl.weight_sender`) and the vLLM
 worker (:mod:`mmrad.engine.worker_extension`). It imports torch only.
 """
@@ -20,7 +28,8 @@ worker (:mod:`mmrad.engine.worker_extension`). It imports torch only.
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -30,6 +39,12 @@ if TYPE_CHECKING:
 
 SENDER_RANK = 0
 DEFAULT_TIMEOUT_S = 600.0
+CONNECT_TIMEOUT_S = 120.0  # a receiver waits this long for the sender's store to open
+JOIN_POLL_S = 0.05
+LIVENESS_CHECK_S = 1.0
+JOINED_KEY, VERDICT_KEY = "joined", "verdict"
+GO, ABORT = b"go", b"abort"
+_called_off: list[Any] = []  # the last aborted store, open so late receivers read "abort"
 ALIGNMENT = 16  # bytes: each tensor of a bucket starts here, so any dtype views in place
 
 
@@ -45,6 +60,7 @@ class ChannelSpec:
     backend: str  # "nccl" or "gloo"
     name: str
     timeout_s: float = DEFAULT_TIMEOUT_S
+    connect_timeout_s: float = CONNECT_TIMEOUT_S
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -52,6 +68,19 @@ class ChannelSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ChannelSpec:
         return cls(**data)
+
+
+class ChannelFailed(RuntimeError):
+    """A weight channel that did not form or broke; its members live on without the
+    weights (the caller sends them again on a fresh channel)."""
+
+
+class ChannelTimedOut(ChannelFailed):
+    """The members did not all join within the channel's timeout (nobody reported one
+    dead: a slow engine start, or a lost message)."""
+
+
+MembersCheck = Callable[[], "str | None"]  # why to stop waiting for the members, or None
 
 
 @dataclass(frozen=True)
@@ -190,36 +219,113 @@ def free_port(host: str) -> int:
 
 class Channel:
     """This process's member of the channel ``spec`` as ``rank``; collective: every member
-    constructs one (the sender first or last, it does not matter: the others wait for
-    its store until ``spec.timeout_s``)."""
+    constructs one. The sender waits for the receivers until ``spec.timeout_s``, or until
+    ``members_alive()`` names a reason to stop (then :class:`ChannelFailed`, everywhere);
+    a receiver waits ``spec.connect_timeout_s`` for the sender's store to open."""
 
-    def __init__(self, spec: ChannelSpec, rank: int, device: torch.device):
-        import torch.distributed as dist
-
+    def __init__(
+        self,
+        spec: ChannelSpec,
+        rank: int,
+        device: torch.device,
+        members_alive: MembersCheck | None = None,
+    ):
         if not 0 <= rank < spec.world_size:
             raise ValueError(f"rank {rank} is outside channel {spec.name} of {spec.world_size}")
         self.spec = spec
         self.rank = rank
         self.device = device
-        timeout = timedelta(seconds=spec.timeout_s)
-        store = dist.TCPStore(
-            spec.host, spec.port, spec.world_size, is_master=rank == SENDER_RANK, timeout=timeout
-        )
-        self._store = dist.PrefixStore(f"mmrad-weights/{spec.name}", store)
-        self._group = _process_group(spec, self._store, rank, timeout)
+        self._store = _open_store(spec, rank)
+        if rank == SENDER_RANK:
+            _await_receivers(self._store, spec, members_alive)
+        else:
+            _await_verdict(self._store, spec)
+        self._group = _process_group(spec, self._store, rank, timedelta(seconds=spec.timeout_s))
 
     def broadcast(self, buffer: torch.Tensor) -> None:
         """Rank 0's ``buffer`` into every member's ``buffer`` (same size on all)."""
         import torch.distributed as dist
 
+        if self._group is None:
+            raise ChannelFailed(f"weight channel {self.spec.name} is closed")
         options = dist.BroadcastOptions()
         options.rootRank = SENDER_RANK
-        self._group.broadcast([buffer], options).wait()
+        try:
+            self._group.broadcast([buffer], options).wait()
+        except ChannelFailed:
+            raise
+        except RuntimeError as error:  # a member died: gloo's socket closed, NCCL timed out
+            raise ChannelFailed(f"weight channel {self.spec.name} broke: {error}") from error
 
     def close(self) -> None:
+        """Leave the channel (the sender keeps its store open while this object lives, so
+        a receiver arriving late still reads the verdict)."""
         group, self._group = self._group, None
         if group is not None and hasattr(group, "shutdown"):
             group.shutdown()
+
+
+def _open_store(spec: ChannelSpec, rank: int) -> Any:
+    import torch.distributed as dist
+
+    sender = rank == SENDER_RANK
+    connect = spec.timeout_s if sender else min(spec.connect_timeout_s, spec.timeout_s)
+    try:
+        store = dist.TCPStore(
+            spec.host, spec.port, spec.world_size, is_master=sender,
+            timeout=timedelta(seconds=connect), wait_for_workers=False,
+        )  # fmt: skip
+    except dist.DistError as error:
+        raise ChannelFailed(
+            f"weight channel {spec.name}: no store at {spec.host}:{spec.port} "
+            f"(rank {rank}): {error}"
+        ) from error
+    store.set_timeout(timedelta(seconds=spec.timeout_s))
+    return dist.PrefixStore(f"mmrad-weights/{spec.name}", store)
+
+
+def _await_receivers(store: Any, spec: ChannelSpec, members_alive: MembersCheck | None) -> None:
+    """The sender: wait until every receiver counted itself in, then say ``go``; say
+    ``abort`` and raise :class:`ChannelFailed` at the deadline or when ``members_alive``
+    gives a reason."""
+    receivers = spec.world_size - 1
+    deadline = time.monotonic() + spec.timeout_s
+    next_check = time.monotonic() + LIVENESS_CHECK_S
+    while (joined := store.add(JOINED_KEY, 0)) < receivers:
+        now = time.monotonic()
+        if now >= deadline:
+            _call_off(store)
+            raise ChannelTimedOut(
+                f"weight channel {spec.name}: {joined} of {receivers} receivers joined "
+                f"within {spec.timeout_s:.0f} s"
+            )
+        if members_alive is not None and now >= next_check:
+            next_check = now + LIVENESS_CHECK_S
+            if reason := members_alive():
+                _call_off(store)
+                raise ChannelFailed(f"weight channel {spec.name} called off: {reason}")
+        time.sleep(JOIN_POLL_S)
+    store.set(VERDICT_KEY, GO)
+
+
+def _call_off(store: Any) -> None:
+    store.set(VERDICT_KEY, ABORT)
+    _called_off[:] = [store]
+
+
+def _await_verdict(store: Any, spec: ChannelSpec) -> None:
+    """A receiver: count itself in, then wait for the sender's verdict."""
+    import torch.distributed as dist
+
+    try:
+        store.add(JOINED_KEY, 1)
+        verdict = store.get(VERDICT_KEY)
+    except dist.DistError as error:  # the sender died, or never said
+        raise ChannelFailed(
+            f"weight channel {spec.name}: no word from the sender: {error}"
+        ) from error
+    if verdict != GO:
+        raise ChannelFailed(f"weight channel {spec.name}: the sender called it off")
 
 
 def _process_group(spec: ChannelSpec, store: Any, rank: int, timeout: timedelta):

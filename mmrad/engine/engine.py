@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from mmrad.config import EngineConfig, PixelBudget
+from mmrad.engine.channel import ChannelFailed
 from mmrad.engine.requests import ModelPrompts, Prompt
 from mmrad.engine.sampling import Completion, Sampling, completion_from_output
 from mmrad.engine.settings import (
@@ -77,6 +78,13 @@ def _engine_call(method: Callable) -> Callable:
             raise
 
     return call
+
+
+def _raise_channel_failure(reasons: Sequence[str | None]) -> None:
+    """The first failure any of the engine's workers reported on the weight channel."""
+    failed = [reason for reason in reasons if reason]
+    if failed:
+        raise ChannelFailed(failed[0])
 
 
 @dataclass(frozen=True)
@@ -279,15 +287,20 @@ class Engine:
     def join_channel(self, spec: dict[str, Any], first_rank: int) -> None:
         """Join the weight channel ``spec`` (a :class:`~mmrad.engine.channel.ChannelSpec`
         as a dict); this engine's workers take ranks ``first_rank, first_rank + 1, ...``
-        (one per tensor-parallel rank). Blocks until every member has joined."""
-        self._vllm().collective_rpc("mmrad_join_channel", args=(spec, first_rank))
+        (one per tensor-parallel rank). Blocks until every member has joined; raises
+        :class:`~mmrad.engine.channel.ChannelFailed` when the channel did not form."""
+        _raise_channel_failure(
+            self._vllm().collective_rpc("mmrad_join_channel", args=(spec, first_rank))
+        )
 
     @_engine_call
     def receive(self, plan: dict[str, Any]) -> None:
         """Take the weights the channel's sender broadcasts by ``plan`` (a
         :class:`~mmrad.engine.channel.SendPlan` as a dict) and its version. What
-        :meth:`update_weights` says about full layers holds here too."""
-        self._vllm().collective_rpc("mmrad_receive", args=(plan,))
+        :meth:`update_weights` says about full layers holds here too. Raises
+        :class:`~mmrad.engine.channel.ChannelFailed` when the channel broke (the weights
+        are then partly loaded: the caller must not generate before a new receive)."""
+        _raise_channel_failure(self._vllm().collective_rpc("mmrad_receive", args=(plan,)))
         self._weights_changed(int(plan["version"]))
 
     def leave_channel(self) -> None:
@@ -359,12 +372,15 @@ class Engine:
 
 
 def _watch_core(client: Any, closing: threading.Event) -> None:
-    """Wake a caller waiting for outputs when the engine core process dies.
+    """Wake a caller waiting on the engine core when its process dies.
 
     vLLM 0.32's sync client notices the death (its monitor marks the engine dead and
-    shuts the client down) but never wakes a ``generate`` already waiting on the output
-    queue: it would wait forever. This puts vLLM's own ``EngineDeadError`` in that queue
-    (so the caller raises it, and :class:`EngineDied`) unless the engine is closing."""
+    shuts the client down) but wakes neither a ``generate`` already waiting on the output
+    queue nor a ``collective_rpc`` waiting for its result (a weight receive): they would
+    wait forever. This puts vLLM's own ``EngineDeadError`` in that queue and into every
+    pending call's result (so the caller raises it, and :class:`EngineDied`) unless the
+    engine is closing. A call made after that finds the engine marked dead."""
+    from concurrent.futures import InvalidStateError
     from multiprocessing.connection import wait
 
     from vllm.v1.engine.exceptions import EngineDeadError
@@ -372,15 +388,20 @@ def _watch_core(client: Any, closing: threading.Event) -> None:
     try:
         sentinels = [proc.sentinel for proc in client.resources.engine_manager.processes]
         client.outputs_queue  # noqa: B018 (where the error goes)
+        client.utility_results  # noqa: B018 (the calls waiting for a result)
     except AttributeError as error:  # another vLLM's client: rely on its own detection
         log.warning("not watching the vLLM engine core process (%s)", error)
         return
 
     def watch() -> None:
         wait(sentinels)
-        if not closing.is_set():
-            client.resources.engine_dead = True
-            client.outputs_queue.put_nowait(EngineDeadError())
+        if closing.is_set():
+            return
+        client.resources.engine_dead = True
+        client.outputs_queue.put_nowait(EngineDeadError())
+        for future in list(client.utility_results.values()):
+            with contextlib.suppress(InvalidStateError):  # answered after all
+                future.set_exception(EngineDeadError())
 
     threading.Thread(target=watch, name="mmrad-engine-core-watch", daemon=True).start()
 

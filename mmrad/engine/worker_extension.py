@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from mmrad.engine.channel import (
     Channel,
+    ChannelFailed,
     ChannelSpec,
     SendPlan,
     bucket_nbytes,
@@ -44,19 +45,33 @@ class WeightReceiver:
         """Load every tensor of a safetensors file (memory-mapped, one at a time)."""
         return self._mmrad_reload(_safetensors_items(path))
 
-    def mmrad_join_channel(self, spec: dict[str, Any], first_rank: int) -> None:
+    def mmrad_join_channel(self, spec: dict[str, Any], first_rank: int) -> str | None:
         """Join the weight channel ``spec`` as rank ``first_rank`` + this worker's rank in
-        its engine (leaving any channel joined before)."""
+        its engine (leaving any channel joined before); returns why the channel failed
+        (``None``: joined). A failure is a value, not an exception: it crosses vLLM's RPC
+        from a child process as itself."""
         self.mmrad_leave_channel()
         channel = ChannelSpec.from_dict(spec)
         device = channel_device(channel.backend, getattr(self, "device", None))
-        self._mmrad_channel = Channel(channel, first_rank + int(getattr(self, "rank", 0)), device)
+        rank = first_rank + int(getattr(self, "rank", 0))
+        try:
+            self._mmrad_channel = Channel(channel, rank, device)
+        except ChannelFailed as error:
+            return str(error)
+        return None
 
-    def mmrad_receive(self, plan: dict[str, Any]) -> int:
-        """Receive the buckets of ``plan`` from the channel's sender and load them."""
+    def mmrad_receive(self, plan: dict[str, Any]) -> str | None:
+        """Receive the buckets of ``plan`` from the channel's sender and load them;
+        returns why the channel failed (``None``: received). A channel that broke leaves
+        this worker's weights partly loaded, and the channel closed."""
         if self._mmrad_channel is None:
-            raise RuntimeError("mmrad_receive before mmrad_join_channel")
-        return self._mmrad_reload(_received(self._mmrad_channel, SendPlan.from_dict(plan)))
+            return "no weight channel joined"
+        try:
+            self._mmrad_reload(_received(self._mmrad_channel, SendPlan.from_dict(plan)))
+        except ChannelFailed as error:
+            self.mmrad_leave_channel()
+            return str(error)
+        return None
 
     def mmrad_leave_channel(self) -> None:
         channel, self._mmrad_channel = self._mmrad_channel, None

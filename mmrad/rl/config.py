@@ -156,6 +156,15 @@ class SyncSection(Section):
     bucket_mb: int = Field(
         256, ge=1, description="Size of one broadcast bucket of the collective transport, in MiB."
     )
+    channel_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description=(
+            "Longest wait of the collective transport: for the engines to join a channel "
+            "(a replacement engine loads the model first) and for one broadcast. The sender "
+            "stops waiting at once when an engine's receive fails."
+        ),
+    )
 
     def resolved_transport(self, fsdp_version: int) -> Literal["collective", "object_store"]:
         """The transport in effect: an explicit one as given; ``auto`` = the collective

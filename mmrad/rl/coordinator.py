@@ -40,6 +40,7 @@ import logging
 import threading
 import time
 import traceback
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -156,6 +157,8 @@ class Coordinator:
         self._resend_answered = 0  # the newest request a shard call answered
         self._answers: dict[tuple[int, int], ResendWeights | None] = {}  # (step, attempt)
         self._error: str | None = None
+        self._producing = "idle"  # what the producer does now (status)
+        self._in_shard: Counter[int] = Counter()  # learner rank → its calls waiting in shard
         self._stop = threading.Event()
         self._producer: threading.Thread | None = None
 
@@ -206,14 +209,18 @@ class Coordinator:
         same answer for the same ``(step, attempt)``, whenever it asks."""
         with self._cond:
             key = (step, attempt)
-            self._cond.wait_for(
-                lambda: (
-                    key in self._answers
-                    or step in self._batches
-                    or self._error is not None
-                    or self._resend_wanted > self._resend_answered
+            self._in_shard[rank] += 1
+            try:
+                self._cond.wait_for(
+                    lambda: (
+                        key in self._answers
+                        or step in self._batches
+                        or self._error is not None
+                        or self._resend_wanted > self._resend_answered
+                    )
                 )
-            )
+            finally:
+                self._in_shard[rank] -= 1
             if key not in self._answers:  # the first rank to ask decides for all
                 if self._resend_wanted > self._resend_answered:
                     self._resend_answered = self._resend_wanted
@@ -259,6 +266,12 @@ class Coordinator:
             self._cond.notify_all()
         return spec
 
+    def channel_failure(self, name: str) -> str | None:
+        """Why learner rank 0 should stop waiting for weight channel ``name``'s members
+        (a receive failed: an engine died, or the pool moved on); ``None``: keep waiting.
+        Takes no coordinator lock: it answers while a batch is being made."""
+        return self.pool.channel_failure(name)
+
     def _want_resend(self) -> None:
         """The pool's ``on_behind``: ask the learners waiting in :meth:`shard` to send."""
         with self._cond:
@@ -300,6 +313,20 @@ class Coordinator:
             raise RuntimeError(f"no batch {step - 1} was made: its data position is unknown")
         return {"position": self._positions[step - 1].to_dict(), "version": step}
 
+    def status(self) -> dict[str, Any]:
+        """What the coordinator does now (for operators and fault tests; takes no pool
+        lock): ``producing``, the newest weights ``received``, ``batches_ready``,
+        ``learners_in_shard`` (ranks with calls waiting), and the pool's
+        :meth:`~mmrad.rl.pool.RolloutPool.status`."""
+        with self._cond:
+            state = {
+                "producing": self._producing,
+                "received": self._received,
+                "batches_ready": sorted(self._batches),
+                "learners_in_shard": sorted(r for r, n in self._in_shard.items() if n > 0),
+            }
+        return {**state, "pool": self.pool.status()}
+
     def worker_pids(self) -> list[int]:
         with self._pool_lock:
             return self.pool.worker_pids()
@@ -317,18 +344,23 @@ class Coordinator:
         try:
             for step in range(first, self.job.schedule.max_steps):
                 with self._cond:
+                    self._producing = f"waiting for weights v{step - staleness}"
                     self._cond.wait_for(
                         lambda s=step: self._stop.is_set() or self._received >= s - staleness
                     )
                 if self._stop.is_set():
+                    self._producing = "stopped"
                     return
+                self._producing = f"making batch {step}"
                 with self._pool_lock:
                     self._apply_pending()
                     batch = self._make_batch(step)
                 with self._cond:
                     self._batches[step] = batch
                     self._cond.notify_all()
+            self._producing = "done"
         except BaseException:
+            self._producing = "failed"
             with self._cond:
                 self._error = traceback.format_exc()
                 self._cond.notify_all()
@@ -549,4 +581,5 @@ class Coordinator:
             resources=shape["resources"],
             max_retries=self.job.rollout.max_retries,
             on_behind=self._want_resend,
+            channel_timeout_s=self.job.sync.channel_timeout_s,
         )

@@ -34,8 +34,10 @@ with SFT; this module holds what a GRPO step does.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -44,6 +46,7 @@ import torch
 import torch.distributed as dist
 
 from mmrad.config import PromptConfig
+from mmrad.engine.channel import ChannelFailed, ChannelTimedOut
 from mmrad.engine.settings import engine_dtype
 from mmrad.rl.batch import LearnerShard, Probe
 from mmrad.rl.config import GRPOJobConfig
@@ -120,6 +123,12 @@ def split_evenly(items: list, parts: int) -> list[list]:
     return [items[i * size : (i + 1) * size] for i in range(parts)]
 
 
+def sync_failure_metrics(failed: Counter[str]) -> dict[str, float]:
+    """Sends over the weight channel that did not reach every engine since the last step
+    (``sync/failed_sends``), and of those the ones that waited out the timeout."""
+    return {key: float(failed[key]) for key in ("sync/failed_sends", "sync/timed_out_sends")}
+
+
 class GRPOLearner:
     def __init__(self, spec: dict[str, Any]):
         from mmrad.model.loading import load_processor
@@ -146,6 +155,7 @@ class GRPOLearner:
             self.table = SampleTable(self.core.metrics.local_dir, self.core.metrics)
         self._last_state: dict[str, torch.Tensor] | None = None
         self.sender = self._weight_sender()
+        self.failed_sends: Counter[str] = Counter()  # rank 0's, since the last step's metrics
         self._step_end = time.perf_counter()
 
     def _weight_sender(self) -> WeightSender | None:
@@ -190,11 +200,21 @@ class GRPOLearner:
     def send_over_channel(self, version: int) -> None:
         """Collective: rank 0 announces ``version`` (the coordinator has the engines
         receive) and broadcasts it while every rank gathers the shards."""
-        update = spec = None
+        update = spec = members_alive = None
         if self.rank == 0:
             update = self.sender.announce(self.model, self.send_dtype, version)
             spec = ray.get(self.coordinator.push_weights.remote(update))
-        self.sender.send(self.model, self.send_dtype, update, spec)
+            members_alive = functools.partial(self.channel_failure, spec["name"])
+        try:
+            self.sender.send(self.model, self.send_dtype, update, spec, members_alive)
+        except ChannelFailed as error:  # the engines that missed it ask again (shard)
+            log.warning("weights v%d did not reach every rollout engine: %s", version, error)
+            self.failed_sends["sync/failed_sends"] += 1
+            if isinstance(error, ChannelTimedOut):
+                self.failed_sends["sync/timed_out_sends"] += 1
+
+    def channel_failure(self, name: str) -> str | None:
+        return ray.get(self.coordinator.channel_failure.remote(name))
 
     def fetch_shard(self, step: int) -> LearnerShard:
         """Collective when engines were replaced: this rank's shard of batch ``step``,
@@ -405,6 +425,9 @@ class GRPOLearner:
         if self.rank == 0:
             metrics = {**shard.metrics, **renamed(metrics)}
             metrics["time/sync"] = metrics["time/sync_gather"] + metrics.get("time/sync_apply", 0)
+            if self.sender is not None:
+                metrics.update(sync_failure_metrics(self.failed_sends))
+                self.failed_sends.clear()
             metrics["time/rollout_hidden_share"] = hidden_share(
                 metrics.get("time/rollout", 0.0), metrics["time/wait"]
             )

@@ -34,6 +34,7 @@ killed and replaced either way.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -43,13 +44,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mmrad.config import EngineConfig, PixelBudget
-from mmrad.engine.channel import ChannelSpec
+from mmrad.engine.channel import DEFAULT_TIMEOUT_S, ChannelFailed, ChannelSpec
 from mmrad.engine.engine import EngineDied
 from mmrad.engine.sampling import Sampling
 from mmrad.model.loading import ModelSource
 from mmrad.rl.rollout import Rollout, RolloutPrompt, RolloutWorker, WeightUpdate
 from mmrad.rl.weight_sender import ChannelUpdate
 from mmrad.task.prompt import PromptVariant
+
+log = logging.getLogger(__name__)
 
 BEHIND_TIMEOUT_S = 900.0
 """How long a replacement worker's chunk waits for the learners' next send."""
@@ -140,6 +143,7 @@ class RolloutPool:
         resources: Mapping[str, float] | None = None,
         max_retries: int = 3,
         on_behind: Callable[[], None] | None = None,
+        channel_timeout_s: float = DEFAULT_TIMEOUT_S,
     ):
         import ray
 
@@ -163,7 +167,9 @@ class RolloutPool:
         self._channel_version: int | None = None  # newest version sent over the channel
         self._receiving: dict[int, tuple[int, int, Any]] = {}  # slot → (gen, version, ref)
         self._receive_started = 0.0
-        self._behind: set[int] = set()  # slots whose replacement lacks the current weights
+        self._channel_timeout_s = channel_timeout_s
+        self._missed: Counter[int] = Counter()  # slot → channel receives failed in a row
+        self._behind: set[int] = set()  # slots that lack the current weights
         self.on_behind = on_behind
         self._workers = [self._start(slot, 0) for slot in range(num_workers)]
         try:
@@ -248,6 +254,7 @@ class RolloutPool:
                 self._channel = ChannelSpec(
                     update.host, update.port, 1 + ranks * len(self._workers), update.backend,
                     name=f"{self._pool_id}-v{update.version}-{uuid.uuid4().hex[:6]}",
+                    timeout_s=self._channel_timeout_s,
                 ).to_dict()  # fmt: skip
                 self._channel_members = members
             self._receive_started = time.perf_counter()
@@ -261,23 +268,90 @@ class RolloutPool:
 
     def finish_receive(self) -> float:
         """Wait for the workers' receives in flight; returns the seconds since they were
-        issued (0 with none). A worker that died receiving is replaced (behind)."""
-        import ray
-
+        issued (0 with none). A worker that died receiving is replaced, one whose channel
+        failed kept; both are behind until the weights are sent again."""
         with self._lock:
             receiving, self._receiving = self._receiving, {}
         if not receiving:
             return 0.0
         for slot, (generation, _, ref) in receiving.items():
             try:
-                ray.get(ref)
+                self._settle(slot, generation, ref)
             except dead_worker_errors():
                 self._replace(slot, generation)
-                continue
-            with self._lock:
-                if self._workers[slot].generation == generation:
-                    self._behind.discard(slot)
         return time.perf_counter() - self._receive_started
+
+    def channel_failure(self, name: str) -> str | None:
+        """Why the sender should stop waiting for channel ``name``'s members: a receive of
+        it that ended in an error, or a newer channel (``None``: keep waiting)."""
+        import ray
+
+        with self._lock:
+            if self._channel is None or self._channel["name"] != name:
+                return f"the rollout pool gave up on channel {name}"
+            receiving = dict(self._receiving)
+        for slot, (generation, version, ref) in receiving.items():
+            ready, _ = ray.wait([ref], timeout=0)
+            if not ready:
+                continue
+            try:
+                ray.get(ref)
+            except Exception as error:
+                return f"{worker_name(slot, generation)} failed to receive v{version}: {error}"
+        return None
+
+    def status(self) -> dict[str, Any]:
+        """``workers`` (their names, by slot), ``receiving`` (worker name → the version its
+        channel receive in flight takes), ``behind`` (workers lacking the current weights)
+        and the pool's ``version``."""
+        import ray
+
+        with self._lock:
+            workers = {w.slot: w.name for w in self._workers}
+            receiving = {
+                workers[slot]: version
+                for slot, (generation, version, ref) in self._receiving.items()
+                if self._workers[slot].generation == generation
+                and not ray.wait([ref], timeout=0)[0]
+            }
+            behind = [workers[slot] for slot in sorted(self._behind)]
+            return {"workers": list(workers.values()), "receiving": receiving,
+                    "behind": behind, "version": self._version}  # fmt: skip
+
+    def _settle(self, slot: int, generation: int, ref: Any) -> bool:
+        """The outcome of a finished receive: whether ``slot`` now holds its weights (a
+        failed channel is noted; a dead worker raises)."""
+        import ray
+
+        try:
+            ray.get(ref)
+        except ChannelFailed as error:
+            self._missed_weights(slot, generation, error)
+            return False
+        with self._lock:
+            if self._workers[slot].generation != generation:
+                return False
+            self._behind.discard(slot)
+            self._missed.pop(slot, None)
+            return True
+
+    def _missed_weights(self, slot: int, generation: int, error: Exception) -> None:
+        """``slot``'s worker lives but lacks the current weights: behind until they are
+        sent again on a fresh channel; after ``max_retries`` misses in a row, give up."""
+        with self._lock:
+            if self._workers[slot].generation != generation:
+                return
+            self._channel = None
+            self._missed[slot] += 1
+            if self._missed[slot] > self.max_retries:
+                raise RolloutError(
+                    f"{worker_name(slot, generation)} failed to receive weights "
+                    f"{self._missed[slot]} times in a row (max_retries={self.max_retries}): {error}"
+                ) from error
+            log.warning("%s; it waits for the weights to be sent again", error)
+            self._behind.add(slot)
+        if self.on_behind is not None:
+            self.on_behind()
 
     def _caught_up(self, slot: int) -> bool:
         """Whether ``slot``'s worker holds the current weights (a behind one once its
@@ -293,9 +367,8 @@ class RolloutPool:
             ready, _ = ray.wait([entry[2]], timeout=0)
             if not ready:
                 return False
-            ray.get(entry[2])
-            self._behind.discard(slot)
-            return True
+            del self._receiving[slot]
+        return self._settle(slot, entry[0], entry[2])
 
     @property
     def version(self) -> int:
@@ -421,6 +494,12 @@ class RolloutPool:
         again.continues(chunk, chunk.failures + 1, errors)
         return again
 
+    def _repark(self, chunk: _Chunk, sampling: Sampling) -> _Chunk:
+        """``chunk`` again, for its slot's worker once that holds the current weights."""
+        again = self._send(chunk.slot, chunk.start, chunk.prompts, sampling)
+        again.continues(chunk, chunk.failures, chunk.errors)
+        return again
+
     def _name_of(self, chunk: _Chunk) -> str:
         return worker_name(chunk.slot, chunk.generation)
 
@@ -522,6 +601,11 @@ class PendingRollouts:
                 else:
                     pending[again.rollouts] = again
                 continue
+            except ChannelFailed as error:  # its weights broke in a receive: wait for new ones
+                self._pool._missed_weights(chunk.slot, chunk.generation, error)
+                parked.append(self._pool._repark(chunk, self._sampling))
+                parked_since = time.monotonic()
+                continue
             except Exception as error:
                 ids = [p.prompt_id for p in chunk.prompts]
                 raise RolloutError(f"rollouts of prompts {ids} failed: {error}") from error
@@ -552,12 +636,7 @@ class PendingRollouts:
             if not ready:
                 waiting.append(chunk)
                 continue
-            again = self._pool._send(chunk.slot, chunk.start, chunk.prompts, self._sampling)
-            again.failures, again.errors, again.version = (
-                chunk.failures,
-                chunk.errors,
-                chunk.version,
-            )
+            again = self._pool._repark(chunk, self._sampling)
             if again.rollouts is None:
                 waiting.append(again)
             else:

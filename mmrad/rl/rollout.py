@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from mmrad.config import EngineConfig, PixelBudget
+from mmrad.engine.channel import ChannelFailed
 from mmrad.engine.engine import Engine, LoraHandle, Throughput
 from mmrad.engine.requests import InspectionInput
 from mmrad.engine.sampling import Completion, Sampling
@@ -183,6 +184,7 @@ class RolloutWorker:
         self._lora: LoraHandle | None = None
         self._adapter_dir: Path | None = None
         self._version = 0
+        self._missed: str | None = None  # a failed channel receive: weights partly loaded
         self._total = Throughput()
         self._last = Throughput()
 
@@ -190,6 +192,7 @@ class RolloutWorker:
 
     def generate(self, prompts: Sequence[RolloutPrompt], sampling: Sampling) -> list[list[Rollout]]:
         """``sampling.n`` rollouts per prompt, in input order, with sampling log-probs."""
+        self._require_whole_weights()
         sampling = with_logprobs(sampling)
         last = Throughput()
 
@@ -216,6 +219,7 @@ class RolloutWorker:
         would have sampled them with), under the weights each prompt would sample from."""
         if len(prompts) != len(token_ids):
             raise ValueError(f"{len(prompts)} prompts but {len(token_ids)} completions")
+        self._require_whole_weights()
 
         def run(indices: list[int], lora: LoraHandle | None) -> list[list[float]]:
             items = [prompts[i].inputs for i in indices]
@@ -292,12 +296,22 @@ class RolloutWorker:
                 f"rollout worker {self.name}: channel weights v{version} are older than its "
                 f"current v{self._version}"
             )
-        if spec is not None:
-            self._engine.join_channel(spec, first_rank)
-        self._engine.receive(plan)
+        try:
+            if spec is not None:
+                self._engine.join_channel(spec, first_rank)
+            self._engine.receive(plan)
+        except ChannelFailed as error:
+            self._missed = f"rollout worker {self.name} missed weights v{version}: {error}"
+            raise ChannelFailed(self._missed) from error
+        self._missed = None
         self._drop_adapter()
         self._version = version
         return version
+
+    def _require_whole_weights(self) -> None:
+        """Refuse to sample from weights a broken channel left partly loaded."""
+        if self._missed is not None:
+            raise ChannelFailed(self._missed)
 
     def channel_ranks(self) -> int:
         """Members this worker's engine adds to a weight channel (one per GPU it spans)."""

@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING, Any
 from mmrad.engine.channel import (
     SENDER_RANK,
     Channel,
+    ChannelFailed,
     ChannelSpec,
+    MembersCheck,
     SendPlan,
     TensorMeta,
     channel_device,
@@ -162,29 +164,44 @@ class WeightSender:
         port = free_port(self.host)
         return ChannelUpdate(version, plan.to_dict(), self.host, port, self.backend, self.id)
 
-    def send(self, model: nn.Module, dtype: torch.dtype, update: ChannelUpdate | None,
-             spec: dict[str, Any] | None) -> None:  # fmt: skip
+    def send(
+        self,
+        model: nn.Module,
+        dtype: torch.dtype,
+        update: ChannelUpdate | None,
+        spec: dict[str, Any] | None,
+        members_alive: MembersCheck | None = None,
+    ) -> None:
         """Collective over the learners: stream the policy. Rank 0 joins ``spec`` first
-        when it is a new channel, then broadcasts each bucket of ``update``'s plan as its
-        tensors are gathered; the other ranks pass ``None`` for both."""
+        when it is a new channel (waiting for the engines while ``members_alive`` finds
+        nothing wrong), then broadcasts each bucket of ``update``'s plan as its tensors
+        are gathered; the other ranks pass ``None`` for all three. When the channel does
+        not form or breaks, rank 0 still takes part in every gather, then raises
+        :class:`~mmrad.engine.channel.ChannelFailed`."""
         tensors = policy_tensors(model, dtype)
         if self.rank != SENDER_RANK:
             for _ in tensors:  # the gathers only
                 pass
             return
         assert update is not None and spec is not None
-        channel = self._join(ChannelSpec.from_dict(spec))
-        plan = update.send_plan
-        for index in range(len(plan.buckets)):
-            metas = plan.bucket(index)
-            gathered = (_checked(next(tensors), meta) for meta in metas)
-            channel.broadcast(pack(gathered, metas, channel.device))
+        try:
+            channel = self._join(ChannelSpec.from_dict(spec), members_alive)
+            plan = update.send_plan
+            for index in range(len(plan.buckets)):
+                metas = plan.bucket(index)
+                gathered = (_checked(next(tensors), meta) for meta in metas)
+                channel.broadcast(pack(gathered, metas, channel.device))
+        except ChannelFailed:
+            self.close()
+            for _ in tensors:  # the other ranks gather on
+                pass
+            raise
 
-    def _join(self, spec: ChannelSpec) -> Channel:
+    def _join(self, spec: ChannelSpec, members_alive: MembersCheck | None) -> Channel:
         if self._channel is None or self._channel.spec != spec:
             self.close()
             device = channel_device(self.backend, self.device)
-            self._channel = Channel(spec, SENDER_RANK, device)
+            self._channel = Channel(spec, SENDER_RANK, device, members_alive)
         return self._channel
 
     def close(self) -> None:

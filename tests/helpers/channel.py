@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -20,12 +21,17 @@ class PoolSender:
         self.sender = WeightSender(0, "gloo", LOOPBACK, bucket_bytes)
 
     def send(self, model, version: int) -> float:
-        """Seconds from the announcement until every worker holds ``version``."""
+        """Seconds from the announcement until every worker holds ``version``; raises
+        :class:`~mmrad.engine.channel.ChannelFailed` when the channel failed (the pool
+        has settled its receives: the workers that missed it are behind)."""
         start = time.perf_counter()
         update = self.sender.announce(model, torch.float32, version)
         spec = self.pool.receive(update)
-        self.sender.send(model, torch.float32, update, spec)
-        self.pool.finish_receive()
+        try:
+            members_alive = functools.partial(self.pool.channel_failure, spec["name"])
+            self.sender.send(model, torch.float32, update, spec, members_alive)
+        finally:
+            self.pool.finish_receive()
         return time.perf_counter() - start
 
     def close(self) -> None:

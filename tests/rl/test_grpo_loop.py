@@ -32,11 +32,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from mmrad.config import load_config
-from mmrad.data.loading import epoch_order
-from mmrad.data.manifest import read_manifest
 from mmrad.model.export import read_export_info
-from mmrad.rl.config import GRPOJobConfig
 from mmrad.rl.job import run_grpo
 from mmrad.rl.metrics import read_samples
 from mmrad.storage import Storage
@@ -48,61 +44,16 @@ from tests.helpers.checkpoints import (
     latest_checkpoint,
     read_checkpoint,
 )
+from tests.helpers.grpo import (
+    assert_sync_is_real,
+    data_order,
+    grpo_config,
+    grpo_state,
+    steps_of,
+)
 from tests.helpers.processes import busy_train_workers, kill_one_when, ray_processes
 
 pytestmark = pytest.mark.e2e
-
-SYNC_TOLERANCE = 1e-3  # vLLM and transformers agree to ~1e-5 on the tiny model in float32
-COMMON = (
-    "ray.num_cpus=2",
-    "data.pixels.max_pixels=12544",
-    "model.pixels.max_pixels=12544",  # the session SFT export's pixel budget
-    "data.decode_cpus=0.1",
-    "engine.kv_cache_bytes=67108864",
-    "engine.max_num_seqs=32",
-    "rollout.cpus_per_worker=0.4",
-    "learners.cpus_per_worker=0.4",
-    "learners.micro_batch_size=8",
-    "rollout.group_size=4",
-    "schedule.log_every=1",
-    "schedule.sync_check_every=1",
-)
-
-
-def grpo_config(export: str, manifest: str, storage: str, name: str, *overrides: str):
-    base = [f"model.path={export}", f"data.manifest={manifest}", f"run.storage_path={storage}",
-            f"run.name={name}", *COMMON]  # fmt: skip
-    return load_config(GRPOJobConfig, "configs/local/grpo.yaml", [*base, *overrides])
-
-
-def steps_of(run_uri: str) -> list[dict]:
-    return [row for row in read_metrics(Storage(), run_uri) if "reward/total/mean" in row]
-
-
-def grpo_state(run_uri: str) -> dict:
-    """The latest checkpoint's step and GRPO state (coordinator, ledger)."""
-    latest = sorted(Path(run_uri).glob("checkpoint_[0-9]*"))[-1]
-    state = json.loads((latest / "trainer_state.json").read_text())
-    return {"step": state["step"], **state["extra"]}
-
-
-def data_order(manifest: str, seed: int = 0) -> list[str]:
-    """The prompt ids an uninterrupted run draws, epoch 0 first."""
-    train = [r for r in read_manifest(Storage(), manifest) if r["split"] == "train"]
-    return [f"{train[i]['id']}@0" for i in epoch_order(train, seed, 0)]
-
-
-def assert_sync_is_real(rows: list[dict]) -> None:
-    """The engines' log-probs of the probe after a sync agree with the learner's new
-    weights, and differ from its previous ones by far more than from its new ones (an
-    engine that kept the old weights has the two equal). Once the policy has learned the
-    format one step moves a well-formed probe's log-probs little, hence the relative
-    test."""
-    for row in rows:
-        diff, change = row["sync/logprob_max_abs_diff"], row["sync/logprob_max_abs_change"]
-        assert diff < SYNC_TOLERANCE, row["step"]
-        assert change > max(20 * diff, SYNC_TOLERANCE), row["step"]
-
 
 SHORT_RUN = ("sync.weights=full", "sync.transport=collective", "engine.multiprocess=true",
              "algorithm.max_staleness=1",

@@ -18,6 +18,7 @@ import pytest
 
 from mmrad.config import LoraConfig, PixelBudget
 from mmrad.engine import InspectionInput, Sampling, build_request
+from mmrad.engine.channel import ChannelFailed, ChannelTimedOut
 from mmrad.rl.pool import RolloutPool
 from mmrad.rl.rollout import RolloutPrompt, WeightUpdate
 from mmrad.task.prompt import PromptVariant
@@ -226,3 +227,61 @@ def test_dead_engine_core_is_replaced_and_its_prompts_reissued(
     assert after[0] != actors[0] and after[1] == actors[1]
     for scored in on_each_worker(pool, probe):  # the replacement holds v5 for real
         assert_close(scored, reference(lora_policy))
+
+
+def test_engines_killed_while_they_receive_release_the_sender_and_a_resend_heals(
+    pool, sender, probe, behind, policy
+):
+    """Worker 1's engine core is frozen (SIGSTOP), so its receive of v6 waits; it is
+    SIGKILLed once the pool shows that receive in flight: the channel breaks for the
+    sender and for worker 0 (whose engine lives on, behind). The replacement's core is
+    frozen and killed the same way while it joins the fresh channel of the resend: the
+    sender is called off at once, naming it (the channel's timeout is 600 s). The third
+    send reaches both workers, the second replacement included."""
+    _, _, reference = probe
+    calls = behind.calls
+    failures = [
+        kill_engine_core_while_it_receives(pool, sender, policy, 6, slot=1) for _ in range(2)
+    ]
+    assert "broke" in str(failures[0])  # mid-broadcast on the channel of v5's members
+    assert "called off: rollout-1.1 failed to receive v6" in str(failures[1])  # joining
+    assert not any(isinstance(failure, ChannelTimedOut) for failure in failures)
+    status = pool.status()
+    assert status["workers"] == ["rollout-0.1", "rollout-1.2"]
+    assert status["behind"] == ["rollout-0.1", "rollout-1.2"] and status["receiving"] == {}
+    assert behind.calls == calls + 4  # per kill: the replacement, and worker 0 missing v6
+
+    sender.send(policy, 6)
+    assert pool.status()["behind"] == [] and pool.worker_versions() == [6, 6]
+    for scored in on_each_worker(pool, probe):
+        assert_close(scored, reference(policy))
+
+
+def kill_engine_core_while_it_receives(pool, sender, model, version: int, slot: int):
+    """Freeze ``slot``'s engine core, send ``version`` from a thread, SIGKILL the core
+    once the pool shows its receive in flight; returns the sender's ChannelFailed."""
+    core = pool.engine_pids()[slot]
+    name = pool.status()["workers"][slot]
+    os.kill(core, signal.SIGSTOP)
+    failures: list[Exception] = []
+
+    def learner() -> None:
+        try:
+            sender.send(model, version)
+        except ChannelFailed as error:
+            failures.append(error)
+
+    sending = threading.Thread(target=learner, daemon=True)
+    sending.start()
+    wait_until(lambda: name in pool.status()["receiving"])
+    os.kill(core, signal.SIGKILL)
+    sending.join(timeout=120)
+    assert not sending.is_alive() and len(failures) == 1
+    return failures[0]
+
+
+def wait_until(condition, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "the state waited for never came"
+        time.sleep(0.05)
