@@ -10,7 +10,8 @@ The sweep lives under ``<run.storage_path>/<run.name>``: Tune's experiment state
 trial's GRPO run in ``grpo/<trial id>``, and at the end ``results.csv``, ``results.md``,
 ``objective.png`` and ``best_grpo.yaml`` (the winning trial's GRPO config, runnable as
 is). Rerunning the same sweep resumes it with ``Tuner.restore``: finished trials are kept,
-unfinished ones start again and their GRPO runs continue from their last checkpoint.
+unfinished ones start again and their GRPO runs continue from their last checkpoint. A
+rerun with another search space or base config is refused (:mod:`mmrad.tune.resume`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from mmrad.rl.resources import grpo_requests
 from mmrad.storage import Storage, join
 from mmrad.tune.config import OBJECTIVE_METRIC, TuneJobConfig, trial_base
 from mmrad.tune.report import write_sweep_outputs
+from mmrad.tune.resume import check_or_record_sweep, sweep_identity
 from mmrad.tune.space import apply_params, to_tune_space
 
 log = logging.getLogger(__name__)
@@ -83,7 +85,10 @@ def make_tuner(job: TuneJobConfig, base: dict[str, Any], sweep_uri: str, storage
     )
     filesystem, path = storage.arrow_filesystem(job.run.storage_path)
     experiment = join(path, job.run.name)
-    if tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
+    resuming = tune.Tuner.can_restore(experiment, storage_filesystem=filesystem)
+    identity = sweep_identity(job.model_dump(mode="json")["search_space"], base)
+    check_or_record_sweep(storage, sweep_uri, identity, resuming)
+    if resuming:
         log.info("resuming the sweep in %s", sweep_uri)
         return tune.Tuner.restore(
             experiment, trainable, resume_errored=True, storage_filesystem=filesystem

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -152,3 +153,16 @@ def test_sweep_survives_a_killed_driver_and_its_best_config_runs(
     )
     grpo = run_grpo(best)
     assert grpo.steps == 2 and Path(grpo.export_uri, "mmrad.json").exists()
+
+    started_with = read_yaml(config)
+    for key, change, names in (
+        ("search_space", {"algorithm.kl_beta": {"choice": [0.0, 0.1]}},
+         "another search space: algorithm.kl_beta.choice: [0.0, 0.01] then, [0.0, 0.1] now"),
+        ("grpo", {"overrides": [*started_with["grpo"]["overrides"], "rollout.max_tokens=48"]},
+         "another base GRPO config (file and overrides): rollout.max_tokens: 64 then, 48 now"),
+    ):  # fmt: skip
+        changed = tmp_path / f"changed-{key}.yaml"
+        changed.write_text(yaml.safe_dump({**started_with, key: {**started_with[key], **change}}))
+        with pytest.raises(ConfigError, match=re.escape(names)):
+            run_tune(load_config(TuneJobConfig, changed))
+    assert result.trials == len(trial_dirs(sweep)) == 4  # the refusals started no trial

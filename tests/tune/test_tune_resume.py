@@ -1,0 +1,56 @@
+"""What a sweep was started with is kept, and a rerun with another search space or base
+config is refused, naming every changed key (local storage; no Ray)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mmrad.config import ConfigError
+from mmrad.storage import Storage
+from mmrad.tune.resume import (
+    SWEEP_FILE,
+    changed_keys,
+    check_or_record_sweep,
+    sweep_identity,
+)
+
+SPACE = {"optimizer.lr": {"loguniform": [1e-5, 1e-3]}}
+BASE = {"optimizer": {"lr": 1e-4}, "rollout": {"max_tokens": 64, "group_size": 4}}
+
+
+def test_changed_keys_are_dotted_and_cover_added_and_removed_ones():
+    new = {"optimizer": {"lr": 1e-4}, "rollout": {"max_tokens": 48}, "seed": 1}
+    assert changed_keys(BASE, new) == [
+        ("rollout.group_size", 4, None), ("rollout.max_tokens", 64, 48), ("seed", None, 1),
+    ]  # fmt: skip
+    assert changed_keys(BASE, BASE) == []
+
+
+def test_a_new_sweep_is_recorded_and_the_same_one_resumes(tmp_path):
+    sweep, storage = str(tmp_path / "sweep"), Storage()
+    identity = sweep_identity(SPACE, BASE)
+    check_or_record_sweep(storage, sweep, identity, resuming=False)
+    assert json.loads((tmp_path / "sweep" / SWEEP_FILE).read_text()) == identity
+    check_or_record_sweep(storage, sweep, identity, resuming=True)  # no error
+
+
+@pytest.mark.parametrize(
+    ("space", "base", "message"),
+    [
+        ({"optimizer.lr": {"loguniform": [1e-5, 1e-2]}}, BASE,
+         "another search space: optimizer.lr.loguniform: [1e-05, 0.001] then, "
+         "[1e-05, 0.01] now"),
+        (SPACE, {**BASE, "rollout": {"max_tokens": 48, "group_size": 4}},
+         "another base GRPO config (file and overrides): rollout.max_tokens: 64 then, 48 now"),
+    ],
+)  # fmt: skip
+def test_a_resumed_sweep_with_another_space_or_base_is_refused(tmp_path, space, base, message):
+    sweep, storage = str(tmp_path / "sweep"), Storage()
+    check_or_record_sweep(storage, sweep, sweep_identity(SPACE, BASE), resuming=False)
+    with pytest.raises(ConfigError) as refused:
+        check_or_record_sweep(storage, sweep, sweep_identity(space, base), resuming=True)
+    assert message in str(refused.value)
+    assert "choose a new run.name" in str(refused.value)
+    assert json.loads((tmp_path / "sweep" / SWEEP_FILE).read_text())["base"] == BASE  # kept
