@@ -285,13 +285,14 @@ def run() -> None:
     from mmrad.annotate.job import AnnotateError
     from mmrad.data.builders.base import DataBuildError
     from mmrad.data.schema import ManifestError
+    from mmrad.eval.budget import EvalFailed
     from mmrad.eval.endpoint import EndpointConfigError
     from mmrad.model.export import ExportError
     from mmrad.placement import PlacementError
     from mmrad.storage import StorageError
 
     user_errors = (DataBuildError, ManifestError, StorageError, EndpointConfigError, ExportError,
-                   PlacementError)  # fmt: skip
+                   PlacementError, EvalFailed)  # fmt: skip
     try:
         app()
     except (*user_errors, AnnotateError) as err:

@@ -117,3 +117,18 @@ def sft_trained(ray_cluster, tiny_model, synthetic_local, tmp_path_factory):
         "schedule.checkpoint_every=40", "validation.every=20", "schedule.log_every=10",
     )  # fmt: skip
     return run_sft(job)
+
+
+@pytest.fixture(scope="session")
+def grpo_uninterrupted(sft_trained, synthetic_local, tmp_path_factory):
+    """The final checkpoint of a GRPO run of ``EXACT_RUN`` without faults: what a
+    resumed or healed run must equal."""
+    from mmrad.rl.job import run_grpo
+    from mmrad.storage import Storage
+    from tests.helpers.checkpoints import latest_checkpoint, read_checkpoint
+    from tests.helpers.grpo import EXACT_RUN, grpo_config
+
+    storage = str(tmp_path_factory.mktemp("grpo-clean"))
+    result = run_grpo(grpo_config(sft_trained.export_uri, synthetic_local, storage, "clean",
+                                  *EXACT_RUN))  # fmt: skip
+    return read_checkpoint(Storage(), latest_checkpoint(Storage(), result.run_uri))

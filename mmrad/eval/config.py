@@ -189,3 +189,12 @@ class EvalJobConfig(Section):
     predictors: PredictorsConfig = Field(default_factory=PredictorsConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     run: EvalRunSection = Field(default_factory=EvalRunSection)
+    max_error_fraction: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description=(
+            "Share of samples whose prediction may fail (engine or endpoint errors); above "
+            "it the run fails and writes FAILED with the counts instead of metrics.json."
+        ),
+    )

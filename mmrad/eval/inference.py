@@ -57,8 +57,10 @@ OUTPUT_SCHEMA = {
     "finish_reasons": pa.list_(pa.string()),
     "latency_ms": pa.float64(),
     "error": pa.string(),
+    "bad_image": pa.bool_(),
 }
-"""Columns :func:`predict` adds (``error`` replaces the decode step's)."""
+"""Columns :func:`predict` adds (``error`` replaces the decode step's; ``bad_image``: the
+error is the image's, not the prediction's)."""
 
 
 # -- what is sent -------------------------------------------------------------------------
@@ -285,11 +287,13 @@ class Outputs:
     finish_reasons: list[list[str | None]]
     latency_ms: list[float]
     error: list[str | None]
+    bad_image: list[bool]
 
     @classmethod
     def empty(cls, size: int) -> Outputs:
         return cls([[] for _ in range(size)], [[] for _ in range(size)],
-                   [[] for _ in range(size)], [0.0] * size, [None] * size)  # fmt: skip
+                   [[] for _ in range(size)], [0.0] * size, [None] * size,
+                   [False] * size)  # fmt: skip
 
     def append_to(self, batch: pa.Table) -> pa.Table:
         for name in (*IMAGE_COLUMNS, "error"):
@@ -314,6 +318,7 @@ class _Predictor:
         for index, row in enumerate(rows):
             if row.get("error"):
                 outputs.error[index] = str(row["error"])
+                outputs.bad_image[index] = True
                 continue
             try:
                 todo.append((index, self.to_input(row)))

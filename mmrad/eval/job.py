@@ -40,6 +40,7 @@ from mmrad.data.manifest import (
     read_manifest,
 )
 from mmrad.data.schema import ManifestError
+from mmrad.eval.budget import enforce_error_budget
 from mmrad.eval.config import EndpointTarget, EvalJobConfig, ModelTarget
 from mmrad.eval.inference import (
     InferenceSpec,
@@ -79,6 +80,7 @@ PREDICTION_SCHEMA = pa.schema(
         ("finish_reason", pa.string()),
         ("latency_ms", pa.float64()),
         ("error", pa.string()),
+        ("bad_image", pa.bool_()),
     ]
 )
 
@@ -186,6 +188,7 @@ def run_eval(job: EvalJobConfig) -> EvalResult:
     verdicts = [first_verdict(row, spec.variant.reasoning) for row in rows]
     table = predictions_table(rows, verdicts)
     storage.write_bytes(join(run_uri, PREDICTIONS), parquet_bytes(table))
+    enforce_error_budget(storage, run_uri, rows, job.max_error_fraction)
     errors = sum(1 for row in rows if row.get("error"))
     result = EvalResult(run_uri, len(rows), errors, len(rows) / wall_s if wall_s else 0.0,
                         labelled)  # fmt: skip
@@ -256,6 +259,7 @@ def predictions_table(rows: Sequence[Mapping[str, Any]], verdicts: Sequence[Verd
             "finish_reason": reasons[0] if reasons else None,
             "latency_ms": float(row.get("latency_ms") or 0.0),
             "error": row.get("error") or None,
+            "bad_image": bool(row.get("bad_image")),
         }
         for name, value in values.items():
             columns[name].append(value)

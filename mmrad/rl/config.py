@@ -199,7 +199,22 @@ class GRPOScheduleConfig(ScheduleConfig):
     sample_table_every: int = Field(5, ge=1, description="Steps between sample tables.")
     sample_table_rows: int = Field(8, ge=1, description="Completions per sample table.")
     sync_check_every: int = Field(
-        0, ge=0, description="Compare engine and learner log-probs after a sync (0 = never)."
+        0,
+        ge=0,
+        description=(
+            "Every N steps compare the engines' log-probs of a probe completion with the "
+            "learners' right after the sync (0 = never); a difference above "
+            "sync_check_tolerance stops the run."
+        ),
+    )
+    sync_check_tolerance: float = Field(
+        0.5,
+        gt=0,
+        description=(
+            "Largest learner-vs-engine log-prob difference (nats, any token of the probe) a "
+            "sync check accepts. float32 on CPUs agrees to ~1e-5; bf16 kernels differ by "
+            "tenths on long completions."
+        ),
     )
 
 

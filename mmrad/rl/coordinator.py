@@ -158,6 +158,7 @@ class Coordinator:
         self._answers: dict[tuple[int, int], ResendWeights | None] = {}  # (step, attempt)
         self._error: str | None = None
         self._producing = "idle"  # what the producer does now (status)
+        self._fatal: str | None = None  # why the run must end (fail)
         self._in_shard: Counter[int] = Counter()  # learner rank → its calls waiting in shard
         self._stop = threading.Event()
         self._producer: threading.Thread | None = None
@@ -175,7 +176,10 @@ class Coordinator:
         ``step`` (``update``, or the engines' starting weights at step 0) and the data
         continues at ``position``. With ``channel`` the learners send those weights over
         the weight channel right after (:meth:`push_weights`); no batch is made before.
-        Batches made ahead for a previous learner group are dropped."""
+        Batches made ahead for a previous learner group are dropped. A run that
+        :meth:`fail` ended refuses to start again (a learner restart cannot fix it)."""
+        if self._fatal is not None:
+            raise RuntimeError(self._fatal)
         self._stop_producer()
         with self._pool_lock:
             if self.pool.version > step:  # learners restarted from an older checkpoint
@@ -272,6 +276,13 @@ class Coordinator:
         Takes no coordinator lock: it answers while a batch is being made."""
         return self.pool.channel_failure(name)
 
+    def fail(self, reason: str) -> None:
+        """End the run: the learners found a fault that restarting them cannot fix (the
+        engines do not hold their weights); a restarted learner group's :meth:`start`
+        raises ``reason``."""
+        log.error("%s", reason)
+        self._fatal = reason
+
     def _want_resend(self) -> None:
         """The pool's ``on_behind``: ask the learners waiting in :meth:`shard` to send."""
         with self._cond:
@@ -360,6 +371,9 @@ class Coordinator:
                     self._cond.notify_all()
             self._producing = "done"
         except BaseException:
+            if self._stop.is_set():  # interrupted on purpose (_stop_producer)
+                self._producing = "stopped"
+                return
             self._producing = "failed"
             with self._cond:
                 self._error = traceback.format_exc()
@@ -367,11 +381,14 @@ class Coordinator:
             log.exception("the GRPO producer failed")
 
     def _stop_producer(self) -> None:
+        """Stop the producer, also while its batch waits for weights that the stopping
+        learners will never send."""
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
         if self._producer is not None:
-            self._producer.join()
+            with self.pool.interrupting_waits():
+                self._producer.join()
             self._producer = None
 
     def _hold_version(self, version: int) -> None:

@@ -123,6 +123,15 @@ def split_evenly(items: list, parts: int) -> list[list]:
     return [items[i * size : (i + 1) * size] for i in range(parts)]
 
 
+class SyncCheckFailed(RuntimeError):
+    """The engines' log-probs disagree with the learners' after a sync."""
+
+
+def max_abs_difference(a: list[float], b: list[float]) -> float:
+    """The largest per-token gap between two log-prob sequences of one completion."""
+    return max(abs(x - y) for x, y in zip(a, b, strict=True))
+
+
 def sync_failure_metrics(failed: Counter[str]) -> dict[str, float]:
     """Sends over the weight channel that did not reach every engine since the last step
     (``sync/failed_sends``), and of those the ones that waited out the timeout."""
@@ -443,13 +452,20 @@ class GRPOLearner:
         if self.rank != 0:
             return {}
         engine = ray.get(self.coordinator.engine_logprobs.remote(version, probe))
+        diff = max_abs_difference(engine, after)
+        tolerance = self.job.schedule.sync_check_tolerance
+        if diff > tolerance:
+            reason = (
+                f"sync check of weights v{version}: the engines' log-probs of the probe "
+                f"differ from the learners' by up to {diff:.3g} nats "
+                f"(schedule.sync_check_tolerance={tolerance:g}): the engines do not sample "
+                "from the weights being trained"
+            )
+            ray.get(self.coordinator.fail.remote(reason))
+            raise SyncCheckFailed(reason)
         return {
-            "sync/logprob_max_abs_diff": max(
-                abs(a - b) for a, b in zip(engine, after, strict=True)
-            ),
-            "sync/logprob_max_abs_change": max(
-                abs(a - b) for a, b in zip(engine, before, strict=True)
-            ),
+            "sync/logprob_max_abs_diff": diff,
+            "sync/logprob_max_abs_change": max_abs_difference(engine, before),
         }
 
     # -- the loop -------------------------------------------------------------------------

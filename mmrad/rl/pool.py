@@ -34,12 +34,13 @@ killed and replaced either way.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -170,6 +171,7 @@ class RolloutPool:
         self._channel_timeout_s = channel_timeout_s
         self._missed: Counter[int] = Counter()  # slot → channel receives failed in a row
         self._behind: set[int] = set()  # slots that lack the current weights
+        self._interrupted = threading.Event()  # stop waiting for weights (interrupt_waits)
         self.on_behind = on_behind
         self._workers = [self._start(slot, 0) for slot in range(num_workers)]
         try:
@@ -270,10 +272,18 @@ class RolloutPool:
         """Wait for the workers' receives in flight; returns the seconds since they were
         issued (0 with none). A worker that died receiving is replaced, one whose channel
         failed kept; both are behind until the weights are sent again."""
+        import ray
+
         with self._lock:
             receiving, self._receiving = self._receiving, {}
         if not receiving:
             return 0.0
+        refs = [ref for _, _, ref in receiving.values()]
+        while len(ray.wait(refs, num_returns=len(refs), timeout=BEHIND_POLL_S)[0]) < len(refs):
+            if self._interrupted.is_set():
+                with self._lock:  # settled later, or by the next receive
+                    self._receiving = {**receiving, **self._receiving}
+                raise RolloutError("stopped while the engines waited for weights")
         for slot, (generation, _, ref) in receiving.items():
             try:
                 self._settle(slot, generation, ref)
@@ -369,6 +379,21 @@ class RolloutPool:
                 return False
             del self._receiving[slot]
         return self._settle(slot, entry[0], entry[2])
+
+    @contextlib.contextmanager
+    def interrupting_waits(self) -> Iterator[None]:
+        """While inside: a batch whose chunks wait for weights raises :class:`RolloutError`
+        instead of waiting (the learners that would send them are gone)."""
+        self._interrupted.set()
+        try:
+            yield
+        finally:
+            self._interrupted.clear()
+
+    def _check_not_interrupted(self, parked: list[_Chunk]) -> None:
+        if self._interrupted.is_set():
+            ids = [p.prompt_id for chunk in parked for p in chunk.prompts]
+            raise RolloutError(f"stopped while prompts {ids} waited for weights")
 
     @property
     def version(self) -> int:
@@ -582,6 +607,7 @@ class PendingRollouts:
             if parked:
                 parked = self._send_caught_up(parked, pending)
                 self._check_waited(parked, parked_since)
+                self._pool._check_not_interrupted(parked)
             if not pending:
                 time.sleep(BEHIND_POLL_S)
                 continue

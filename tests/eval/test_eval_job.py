@@ -158,3 +158,35 @@ def test_unlabelled_manifest_gives_predictions_only(sft_trained, synthetic_local
     assert all(r["error"] is None and r["completion"] for r in out if r is not broken)
     run_dir = Path(result.run_uri)
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "report.md").exists()
+
+
+def test_an_unreachable_endpoint_fails_the_run_with_a_marker_instead_of_metrics(
+    ray_cluster, synthetic_local, tmp_path
+):
+    """Every prediction fails (nothing listens on the endpoint's port): no metrics, a
+    FAILED marker with the counts, and an earlier run's metrics and report removed (they
+    describe other predictions). A run within its budget clears the marker."""
+    from mmrad.engine.channel import free_port
+    from mmrad.eval.budget import EvalFailed
+
+    target = {"kind": "endpoint", "url": f"http://127.0.0.1:{free_port('127.0.0.1')}/v1",
+              "model": "nobody", "retries": 0, "api_key_env": None}  # fmt: skip
+    run_dir = tmp_path / "down"
+    run_dir.mkdir()
+    for stale in ("metrics.json", "report.md"):
+        (run_dir / stale).write_text("an earlier run's")
+    job = eval_config("unused", synthetic_local, str(tmp_path), "down",
+                      f"target={json.dumps(target)}", "data.limit=4")  # fmt: skip
+    with pytest.raises(EvalFailed, match=r"4 of 4 predictions failed \(100.0% > "
+                       r"max_error_fraction 2.0%\); no metrics written"):  # fmt: skip
+        run_eval(job)
+    failed = json.loads((run_dir / "FAILED").read_text())
+    assert failed["samples"] == failed["errors"] == 4 and failed["error_fraction"] == 1.0
+    assert failed["commonest_errors"][0]["count"] == 4
+    assert not (run_dir / "metrics.json").exists() and not (run_dir / "report.md").exists()
+    assert all(row["error"] for row in read_predictions(str(run_dir)))
+
+    tolerant = job.model_copy(update={"max_error_fraction": 1.0})
+    result = run_eval(tolerant)
+    assert result.errors == 4 and (run_dir / "metrics.json").exists()
+    assert not (run_dir / "FAILED").exists()

@@ -27,6 +27,7 @@ COMMON = (
     "rollout.group_size=4",
     "schedule.log_every=1",
     "schedule.sync_check_every=1",
+    "schedule.sync_check_tolerance=0.001",  # vLLM and transformers agree to ~1e-5 in float32
 )
 
 
@@ -63,3 +64,13 @@ def assert_sync_is_real(rows: list[dict]) -> None:
         diff, change = row["sync/logprob_max_abs_diff"], row["sync/logprob_max_abs_change"]
         assert diff < SYNC_TOLERANCE, row["step"]
         assert change > max(20 * diff, SYNC_TOLERANCE), row["step"]
+
+
+EXACT_STEPS = 5
+EXACT_RUN = ("sync.weights=lora", "algorithm.max_staleness=0", "rollout.prompts_per_step=2",
+             "rollout.max_tokens=64", "optimizer.lr=0.001", f"schedule.max_steps={EXACT_STEPS}",
+             "schedule.checkpoint_every=1", "schedule.sync_check_every=0",
+             "schedule.sample_table_every=1", "schedule.sample_table_rows=2")  # fmt: skip
+"""On-policy (``max_staleness: 0``) with rollouts seeded per (run seed, batch, prompt):
+a run resumed, or healed after a fault, samples, scores and trains exactly what the
+uninterrupted one did (the ``grpo_uninterrupted`` fixture)."""

@@ -45,6 +45,8 @@ from tests.helpers.checkpoints import (
     read_checkpoint,
 )
 from tests.helpers.grpo import (
+    EXACT_RUN,
+    EXACT_STEPS,
     assert_sync_is_real,
     data_order,
     grpo_config,
@@ -224,23 +226,6 @@ def test_lora_sync_learns_the_format_and_survives_a_killed_engine(
     first, last = sum(rewards[:2]) / 2, sum(rewards[-4:]) / 4
     assert last > first + 0.15, rewards
     assert read_export_info(result.export_uri, Storage())["lora"] == "merged"
-
-
-EXACT_STEPS = 5
-EXACT_RUN = ("sync.weights=lora", "algorithm.max_staleness=0", "rollout.prompts_per_step=2",
-             "rollout.max_tokens=64", "optimizer.lr=0.001", f"schedule.max_steps={EXACT_STEPS}",
-             "schedule.checkpoint_every=1", "schedule.sync_check_every=0",
-             "schedule.sample_table_every=1", "schedule.sample_table_rows=2")  # fmt: skip
-"""On-policy (``max_staleness: 0``) with rollouts seeded per (run seed, batch, prompt):
-a resumed run samples, scores and trains exactly what the uninterrupted one did."""
-
-
-@pytest.fixture(scope="module")
-def grpo_uninterrupted(sft_trained, synthetic_local, tmp_path_factory):
-    storage = str(tmp_path_factory.mktemp("grpo-clean"))
-    result = run_grpo(grpo_config(sft_trained.export_uri, synthetic_local, storage, "clean",
-                                  *EXACT_RUN))  # fmt: skip
-    return read_checkpoint(Storage(), latest_checkpoint(Storage(), result.run_uri))
 
 
 def kill_a_computing_learner_after(run_uri: str, step: int):

@@ -1,0 +1,159 @@
+"""Injecting faults at their critical moment, by watching what a GRPO run's coordinator
+reports (:meth:`~mmrad.rl.coordinator.Coordinator.status`), and recording each fault
+test's figures in ``runs/faults.json``; ``python -m tests.helpers.fault_table --write
+README.md`` keeps them in ``docs/faults.json`` and writes the README's table."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psutil
+import ray
+
+from mmrad.rl.coordinator import coordinator_name
+from tests.helpers.processes import ray_processes
+
+ROOT = Path(__file__).resolve().parents[2]
+LAST_RUN = ROOT / "runs" / "faults.json"  # what the fault tests of the last run measured
+T = TypeVar("T")
+
+
+def coordinator_status(run_name: str) -> dict[str, Any] | None:
+    """The run's coordinator's status (``None`` while it is not up)."""
+    try:
+        actor = ray.get_actor(coordinator_name(run_name))
+        return ray.get(actor.status.remote(), timeout=30)
+    except (ValueError, ray.exceptions.RayError):
+        return None
+
+
+def wait_for(condition: Callable[[], T], what: str, timeout_s: float = 600.0) -> T:
+    """``condition()``'s first truthy value; fails naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout_s:.0f} s for {what}")
+        time.sleep(0.1)
+    return value
+
+
+@dataclass
+class Kill:
+    """One injected death: which worker, at which weight version, and how long the run
+    took until a replacement held the weights (``seconds_to_recover``)."""
+
+    worker: str
+    version: int
+    pid: int
+    seconds_to_recover: float = 0.0
+
+
+def idle_before_a_sync(run_name: str) -> dict[str, Any] | None:
+    """The status when the engines idle until the learners' next weights: the producer
+    waits for them, no receive is in flight and no engine is behind."""
+    status = coordinator_status(run_name)
+    if status is None or not status["producing"].startswith("waiting for weights"):
+        return None
+    pool = status["pool"]
+    return status if not pool["receiving"] and not pool["behind"] else None
+
+
+def the_rollout_process() -> int | None:
+    """The pid of the only live rollout actor (one-worker pools: its engine core runs in
+    it, the in-process layout)."""
+    live = []
+    for process in ray_processes("ray::RolloutWorker"):
+        with contextlib.suppress(psutil.Error):
+            if process.status() != psutil.STATUS_ZOMBIE:
+                live.append(process.pid)
+    return live[0] if len(live) == 1 else None
+
+
+def kill_rollout_engines_while_they_receive(
+    run_name: str, count: int
+) -> tuple[threading.Thread, list[Kill]]:
+    """Start a thread that, ``count`` times in a row, freezes the rollout worker's
+    process (SIGSTOP) while it idles before a sync, waits until the coordinator shows
+    its receive of the new weights in flight, SIGKILLs it, and waits until its
+    replacement holds the weights. The second kill hits the first's replacement."""
+    kills: list[Kill] = []
+
+    def sabotage() -> None:
+        for _ in range(count):
+            status = wait_for(lambda: idle_before_a_sync(run_name), "the engines idle")
+            worker = status["pool"]["workers"][0]
+            pid = wait_for(the_rollout_process, f"the process of {worker}")
+            os.kill(pid, signal.SIGSTOP)
+            receiving = wait_for(
+                lambda w=worker: (
+                    (coordinator_status(run_name) or {}).get("pool", {}).get("receiving", {}).get(w)
+                ),
+                f"{worker} receiving weights",
+            )
+            os.kill(pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            wait_for(lambda w=worker: recovered(run_name, w), f"a replacement of {worker}")
+            kills.append(Kill(worker, receiving, pid, time.monotonic() - killed_at))
+
+    thread = threading.Thread(target=sabotage, name="fault-saboteur", daemon=True)
+    thread.start()
+    return thread, kills
+
+
+def recovered(run_name: str, dead_worker: str) -> bool:
+    """Whether ``dead_worker`` is replaced and every worker holds the current weights."""
+    status = coordinator_status(run_name)
+    if status is None:
+        return False
+    pool = status["pool"]
+    return dead_worker not in pool["workers"] and not pool["behind"] and not pool["receiving"]
+
+
+def record_fault(row: str, figures: dict[str, Any]) -> None:
+    """Store one fault test's ``figures`` under ``row`` in ``runs/faults.json``, the
+    other rows kept."""
+    rows = json.loads(LAST_RUN.read_text()) if LAST_RUN.exists() else {}
+    rows[row] = figures
+    LAST_RUN.parent.mkdir(parents=True, exist_ok=True)
+    LAST_RUN.write_text(json.dumps(rows, indent=2, sort_keys=True) + "\n")
+
+
+def rollout_actor(slot_name: str) -> Any:
+    """The handle of the live rollout actor named ``mmrad-<pool>-<slot_name>``."""
+    names = [n for n in ray.util.list_named_actors() if n.endswith(f"-{slot_name}")]
+    assert len(names) == 1, f"rollout actors named *-{slot_name}: {names}"
+    return ray.get_actor(names[0])
+
+
+def corrupt_engine_after(
+    run_name: str, version: int, tensors: dict[str, Any]
+) -> tuple[threading.Thread, list[int]]:
+    """Start a thread that, once the engines hold weights ``version`` and idle, loads
+    ``tensors`` into the only engine behind the learners' back (as its current version:
+    the pool does not know); returns the thread and the list it appends that version to."""
+    from mmrad.rl.rollout import WeightUpdate
+
+    done: list[int] = []
+
+    def corrupt() -> None:
+        wait_for(
+            lambda: (s := idle_before_a_sync(run_name)) and s["pool"]["version"] >= version,
+            f"the engines idle with weights v{version}",
+        )
+        actor = rollout_actor("rollout-0")
+        current = ray.get(actor.version.remote())
+        ray.get(actor.apply.remote(WeightUpdate(current, "full", tensors)))
+        done.append(current)
+
+    thread = threading.Thread(target=corrupt, name="fault-corrupter", daemon=True)
+    thread.start()
+    return thread, done
