@@ -177,6 +177,20 @@ class SyncSection(Section):
         return "collective" if fsdp_version == 2 else "object_store"
 
 
+class CoordinatorSection(Section):
+    """The actor between rollout engines and learners."""
+
+    wait_timeout_s: float = Field(
+        1800.0,
+        gt=0,
+        description=(
+            "Longest wait of any coordinator call: learners for a batch, the producer for "
+            "the learners' weights; the error names what it waited for. Cover a batch's "
+            "generation plus a replacement engine's start."
+        ),
+    )
+
+
 class GRPOLearnersConfig(LearnersConfig):
     cpus_per_worker: float = Field(0.4, gt=0)
 
@@ -282,6 +296,7 @@ class GRPOJobConfig(Section):
     schedule: GRPOScheduleConfig = Field(default_factory=GRPOScheduleConfig)
     validation: ValidationSection = Field(default_factory=ValidationSection)
     run: GRPORunSection = Field(default_factory=GRPORunSection)
+    coordinator: CoordinatorSection = Field(default_factory=CoordinatorSection)
     export: GRPOExportSection = Field(default_factory=GRPOExportSection)
 
     @field_validator("sync", mode="before")

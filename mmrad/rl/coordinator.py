@@ -41,7 +41,7 @@ import threading
 import time
 import traceback
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -79,6 +79,15 @@ from mmrad.task.answer import GENERIC_REASONING
 from mmrad.task.prompt import PromptVariant
 
 log = logging.getLogger(__name__)
+
+
+class StaleLearners(RuntimeError):
+    """A call of a learner group that a restarted one replaced."""
+
+
+class CoordinatorTimeout(TimeoutError):
+    """A coordinator call waited longer than ``coordinator.wait_timeout_s``."""
+
 
 END_OF_TURN_TOKEN = "<|im_end|>"
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
@@ -159,6 +168,7 @@ class Coordinator:
         self._error: str | None = None
         self._producing = "idle"  # what the producer does now (status)
         self._fatal: str | None = None  # why the run must end (fail)
+        self._generation = 0  # of the learner group; each start makes a new one
         self._in_shard: Counter[int] = Counter()  # learner rank → its calls waiting in shard
         self._stop = threading.Event()
         self._producer: threading.Thread | None = None
@@ -171,12 +181,14 @@ class Coordinator:
         position: dict[str, int] | None,
         update: WeightUpdate | None,
         channel: bool = False,
-    ) -> None:
+    ) -> int:
         """(Re)start producing at batch ``step``: the learners hold weights of version
         ``step`` (``update``, or the engines' starting weights at step 0) and the data
         continues at ``position``. With ``channel`` the learners send those weights over
         the weight channel right after (:meth:`push_weights`); no batch is made before.
-        Batches made ahead for a previous learner group are dropped. A run that
+        Batches made ahead for a previous learner group are dropped, and its calls
+        still waiting in :meth:`shard` leave with :class:`StaleLearners`. Returns the new
+        group's generation, which its calls to :meth:`shard` carry. A run that
         :meth:`fail` ended refuses to start again (a learner restart cannot fix it)."""
         if self._fatal is not None:
             raise RuntimeError(self._fatal)
@@ -198,33 +210,49 @@ class Coordinator:
             self._batches, self._fetched = {}, {}
             self._received, self._pending, self._error = held, None, None
             self._answers, self._resend_answered = {}, self._resend_wanted
+            self._generation += 1
+            self._cond.notify_all()  # the calls of the replaced group leave (StaleLearners)
         self._stop.clear()
         self._producer = threading.Thread(
             target=self._produce, args=(step,), name="grpo-producer", daemon=True
         )
         self._producer.start()
+        return self._generation
+
+    def generation(self) -> int:
+        """The current learner group's generation (what :meth:`start` returned)."""
+        return self._generation
 
     def shard(
-        self, step: int, rank: int, world: int, attempt: int = 0
+        self, step: int, rank: int, world: int, generation: int, attempt: int = 0
     ) -> LearnerShard | ResendWeights:
         """Learner ``rank``'s part of batch ``step`` (waits until it is made), or
         :class:`ResendWeights` when replacement engines need the learners' weights
         first; then the learners ask again with ``attempt + 1``. Every rank gets the
-        same answer for the same ``(step, attempt)``, whenever it asks."""
+        same answer for the same ``(step, attempt)``, whenever it asks. A call of an
+        older learner group ``generation`` raises :class:`StaleLearners` and takes
+        nothing."""
         with self._cond:
             key = (step, attempt)
             self._in_shard[rank] += 1
             try:
-                self._cond.wait_for(
+                self._wait(
                     lambda: (
-                        key in self._answers
+                        generation != self._generation
+                        or key in self._answers
                         or step in self._batches
                         or self._error is not None
                         or self._resend_wanted > self._resend_answered
-                    )
+                    ),
+                    f"batch {step} (learner rank {rank})",
                 )
             finally:
                 self._in_shard[rank] -= 1
+            if generation != self._generation:
+                raise StaleLearners(
+                    f"learner rank {rank} of group {generation} asked for batch {step}; "
+                    f"group {self._generation} replaced it"
+                )
             if key not in self._answers:  # the first rank to ask decides for all
                 if self._resend_wanted > self._resend_answered:
                     self._resend_answered = self._resend_wanted
@@ -356,8 +384,9 @@ class Coordinator:
             for step in range(first, self.job.schedule.max_steps):
                 with self._cond:
                     self._producing = f"waiting for weights v{step - staleness}"
-                    self._cond.wait_for(
-                        lambda s=step: self._stop.is_set() or self._received >= s - staleness
+                    self._wait(
+                        lambda s=step: self._stop.is_set() or self._received >= s - staleness,
+                        f"the learners' weights v{step - staleness} (to make batch {step})",
                     )
                 if self._stop.is_set():
                     self._producing = "stopped"
@@ -391,11 +420,24 @@ class Coordinator:
                 self._producer.join()
             self._producer = None
 
+    def _wait(self, done: Callable[[], bool], what: str) -> None:
+        """``self._cond.wait_for(done)`` (caller holds the condition), at most
+        ``coordinator.wait_timeout_s``; then a :class:`CoordinatorTimeout` naming ``what``."""
+        limit = self.job.coordinator.wait_timeout_s
+        if not self._cond.wait_for(done, timeout=limit):
+            raise CoordinatorTimeout(
+                f"the GRPO coordinator waited {limit:.0f} s for {what} "
+                f"(coordinator.wait_timeout_s); its producer is {self._producing}"
+            )
+
     def _hold_version(self, version: int) -> None:
         """Wait for weights ``version`` and apply them (caller holds the pool lock; the
         learners push nothing newer while they wait on this call)."""
         with self._cond:
-            self._cond.wait_for(lambda: self._received >= version or self._error is not None)
+            self._wait(
+                lambda: self._received >= version or self._error is not None,
+                f"the learners' weights v{version}",
+            )
         self._apply_pending()
         if self.pool.version != version:
             raise RuntimeError(f"engines hold v{self.pool.version}, asked about v{version}")

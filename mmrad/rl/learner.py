@@ -164,6 +164,7 @@ class GRPOLearner:
             self.table = SampleTable(self.core.metrics.local_dir, self.core.metrics)
         self._last_state: dict[str, torch.Tensor] | None = None
         self.sender = self._weight_sender()
+        self.generation = 0  # the coordinator's for this learner group (start_coordinator)
         self.failed_sends: Counter[str] = Counter()  # rank 0's, since the last step's metrics
         self._step_end = time.perf_counter()
 
@@ -230,7 +231,9 @@ class GRPOLearner:
         after sending the current weights again as often as the coordinator asks."""
         attempt = 0
         while True:
-            answer = ray.get(self.coordinator.shard.remote(step, self.rank, self.world, attempt))
+            answer = ray.get(
+                self.coordinator.shard.remote(step, self.rank, self.world, self.generation, attempt)
+            )
             if not isinstance(answer, ResendWeights):
                 return answer
             log.warning("rollout engines were replaced: sending weights v%d again", step)
@@ -483,6 +486,7 @@ class GRPOLearner:
             position = (self.state.coordinator or {}).get("position")
             ray.get(self.coordinator.start.remote(step, position, update, channel))
         dist.barrier()
+        self.generation = ray.get(self.coordinator.generation.remote())
         if step > 0 and channel:
             self.send_over_channel(step)
 

@@ -274,21 +274,22 @@ class RolloutPool:
         failed kept; both are behind until the weights are sent again."""
         import ray
 
-        with self._lock:
-            receiving, self._receiving = self._receiving, {}
+        with self._lock:  # in flight until settled: channel_failure and status see them
+            receiving = dict(self._receiving)
         if not receiving:
             return 0.0
         refs = [ref for _, _, ref in receiving.values()]
         while len(ray.wait(refs, num_returns=len(refs), timeout=BEHIND_POLL_S)[0]) < len(refs):
             if self._interrupted.is_set():
-                with self._lock:  # settled later, or by the next receive
-                    self._receiving = {**receiving, **self._receiving}
                 raise RolloutError("stopped while the engines waited for weights")
-        for slot, (generation, _, ref) in receiving.items():
+        for slot, entry in receiving.items():
+            with self._lock:
+                if self._receiving.get(slot) is entry:
+                    del self._receiving[slot]
             try:
-                self._settle(slot, generation, ref)
+                self._settle(slot, entry[0], entry[2])
             except dead_worker_errors():
-                self._replace(slot, generation)
+                self._replace(slot, entry[0])
         return time.perf_counter() - self._receive_started
 
     def channel_failure(self, name: str) -> str | None:

@@ -93,12 +93,8 @@ def kill_rollout_engines_while_they_receive(
             worker = status["pool"]["workers"][0]
             pid = wait_for(the_rollout_process, f"the process of {worker}")
             os.kill(pid, signal.SIGSTOP)
-            receiving = wait_for(
-                lambda w=worker: (
-                    (coordinator_status(run_name) or {}).get("pool", {}).get("receiving", {}).get(w)
-                ),
-                f"{worker} receiving weights",
-            )
+            (receiving,) = wait_for(lambda w=worker: receive_in_flight(run_name, w),
+                                    f"{worker} receiving weights")  # fmt: skip
             os.kill(pid, signal.SIGKILL)
             killed_at = time.monotonic()
             wait_for(lambda w=worker: recovered(run_name, w), f"a replacement of {worker}")
@@ -107,6 +103,12 @@ def kill_rollout_engines_while_they_receive(
     thread = threading.Thread(target=sabotage, name="fault-saboteur", daemon=True)
     thread.start()
     return thread, kills
+
+
+def receive_in_flight(run_name: str, worker: str) -> tuple[int] | None:
+    """``(version,)`` of ``worker``'s weight receive in flight, if any."""
+    receiving = ((coordinator_status(run_name) or {}).get("pool") or {}).get("receiving", {})
+    return (receiving[worker],) if worker in receiving else None
 
 
 def recovered(run_name: str, dead_worker: str) -> bool:
@@ -157,3 +159,34 @@ def corrupt_engine_after(
     thread = threading.Thread(target=corrupt, name="fault-corrupter", daemon=True)
     thread.start()
     return thread, done
+
+
+def kill_a_learner_waiting_in_shard(
+    run_name: str, after_step: int, after: threading.Thread | None = None
+) -> tuple[threading.Thread, list[int]]:
+    """Start a thread that (once ``after`` ended) SIGKILLs one learner when both ranks
+    wait in ``Coordinator.shard`` for a batch after ``after_step`` that is being made
+    (their calls stay behind in the coordinator: the restarted group must not lose its
+    batch to them); returns the thread and the list it appends the killed pid to."""
+    killed: list[int] = []
+
+    def waiting_for_a_batch() -> bool:
+        status = coordinator_status(run_name)
+        return bool(
+            status
+            and status["learners_in_shard"] == [0, 1]
+            and status["producing"].startswith("making batch")
+            and int(status["producing"].rsplit(" ", 1)[1]) > after_step
+        )
+
+    def sabotage() -> None:
+        if after is not None:
+            after.join()
+        wait_for(waiting_for_a_batch, "both learners waiting in shard")
+        pid = ray_processes("ray::RayTrainWorker")[0].pid
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    thread = threading.Thread(target=sabotage, name="fault-learner-killer", daemon=True)
+    thread.start()
+    return thread, killed
