@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 BEHIND_TIMEOUT_S = 900.0
 """How long a replacement worker's chunk waits for the learners' next send."""
 BEHIND_POLL_S = 0.2
+KEPT_CHANNEL_FAILURES = 8
 
 
 def dead_worker_errors() -> tuple[type[BaseException], ...]:
@@ -100,6 +101,19 @@ class _Worker:
     generation: int
     name: str
     actor: Any
+
+
+@dataclass(frozen=True)
+class _Receive:
+    """A worker's channel receive in flight: of ``version``, on channel ``channel``."""
+
+    generation: int
+    version: int
+    ref: Any  # ObjectRef of RolloutWorker.receive
+    channel: str
+
+    def failure(self, slot: int, error: Exception) -> str:
+        return f"{worker_name(slot, self.generation)} failed to receive v{self.version}: {error}"
 
 
 @dataclass
@@ -166,7 +180,8 @@ class RolloutPool:
         self._channel: dict[str, Any] | None = None  # the current channel's spec
         self._channel_members: list = []  # its sender's id, then (slot, generation) of each
         self._channel_version: int | None = None  # newest version sent over the channel
-        self._receiving: dict[int, tuple[int, int, Any]] = {}  # slot → (gen, version, ref)
+        self._receiving: dict[int, _Receive] = {}  # slot → its receive in flight
+        self._failed_channels: dict[str, str] = {}  # channel name → why (the newest few)
         self._receive_started = 0.0
         self._channel_timeout_s = channel_timeout_s
         self._missed: Counter[int] = Counter()  # slot → channel receives failed in a row
@@ -264,7 +279,9 @@ class RolloutPool:
                 ref = worker.actor.receive.remote(
                     self._channel if fresh else None, 1 + index * ranks, update.plan
                 )
-                self._receiving[worker.slot] = (worker.generation, update.version, ref)
+                self._receiving[worker.slot] = _Receive(
+                    worker.generation, update.version, ref, self._channel["name"]
+                )
             self._version = self._channel_version = update.version
             return dict(self._channel)
 
@@ -278,37 +295,40 @@ class RolloutPool:
             receiving = dict(self._receiving)
         if not receiving:
             return 0.0
-        refs = [ref for _, _, ref in receiving.values()]
+        refs = [receive.ref for receive in receiving.values()]
         while len(ray.wait(refs, num_returns=len(refs), timeout=BEHIND_POLL_S)[0]) < len(refs):
             if self._interrupted.is_set():
                 raise RolloutError("stopped while the engines waited for weights")
-        for slot, entry in receiving.items():
+        for slot, receive in receiving.items():
             with self._lock:
-                if self._receiving.get(slot) is entry:
+                if self._receiving.get(slot) is receive:
                     del self._receiving[slot]
             try:
-                self._settle(slot, entry[0], entry[2])
+                self._settle(slot, receive)
             except dead_worker_errors():
-                self._replace(slot, entry[0])
+                self._replace(slot, receive.generation)
         return time.perf_counter() - self._receive_started
 
     def channel_failure(self, name: str) -> str | None:
         """Why the sender should stop waiting for channel ``name``'s members: a receive of
-        it that ended in an error, or a newer channel (``None``: keep waiting)."""
+        it that failed (settled already, or finished with an error now), or a newer
+        channel (``None``: keep waiting)."""
         import ray
 
         with self._lock:
+            if name in self._failed_channels:
+                return self._failed_channels[name]
             if self._channel is None or self._channel["name"] != name:
                 return f"the rollout pool gave up on channel {name}"
             receiving = dict(self._receiving)
-        for slot, (generation, version, ref) in receiving.items():
-            ready, _ = ray.wait([ref], timeout=0)
+        for slot, receive in receiving.items():
+            ready, _ = ray.wait([receive.ref], timeout=0)
             if not ready:
                 continue
             try:
-                ray.get(ref)
+                ray.get(receive.ref)
             except Exception as error:
-                return f"{worker_name(slot, generation)} failed to receive v{version}: {error}"
+                return receive.failure(slot, error)
         return None
 
     def status(self) -> dict[str, Any]:
@@ -320,31 +340,43 @@ class RolloutPool:
         with self._lock:
             workers = {w.slot: w.name for w in self._workers}
             receiving = {
-                workers[slot]: version
-                for slot, (generation, version, ref) in self._receiving.items()
-                if self._workers[slot].generation == generation
-                and not ray.wait([ref], timeout=0)[0]
+                workers[slot]: receive.version
+                for slot, receive in self._receiving.items()
+                if self._workers[slot].generation == receive.generation
+                and not ray.wait([receive.ref], timeout=0)[0]
             }
             behind = [workers[slot] for slot in sorted(self._behind)]
             return {"workers": list(workers.values()), "receiving": receiving,
                     "behind": behind, "version": self._version}  # fmt: skip
 
-    def _settle(self, slot: int, generation: int, ref: Any) -> bool:
-        """The outcome of a finished receive: whether ``slot`` now holds its weights (a
-        failed channel is noted; a dead worker raises)."""
+    def _settle(self, slot: int, receive: _Receive) -> bool:
+        """The outcome of a finished receive: whether ``slot`` now holds its weights. A
+        failure marks its channel failed (the sender stops waiting for it); a worker
+        that lives on is behind, a dead one raises (the caller replaces it)."""
         import ray
 
         try:
-            ray.get(ref)
-        except ChannelFailed as error:
-            self._missed_weights(slot, generation, error)
+            ray.get(receive.ref)
+        except Exception as error:
+            self._channel_failed(receive, receive.failure(slot, error))
+            if not isinstance(error, ChannelFailed):
+                raise
+            self._missed_weights(slot, receive.generation, error)
             return False
         with self._lock:
-            if self._workers[slot].generation != generation:
+            if self._workers[slot].generation != receive.generation:
                 return False
             self._behind.discard(slot)
             self._missed.pop(slot, None)
             return True
+
+    def _channel_failed(self, receive: _Receive, reason: str) -> None:
+        with self._lock:
+            self._failed_channels[receive.channel] = reason
+            while len(self._failed_channels) > KEPT_CHANNEL_FAILURES:
+                del self._failed_channels[next(iter(self._failed_channels))]
+            if self._channel is not None and self._channel["name"] == receive.channel:
+                self._channel = None
 
     def _missed_weights(self, slot: int, generation: int, error: Exception) -> None:
         """``slot``'s worker lives but lacks the current weights: behind until they are
@@ -372,14 +404,14 @@ class RolloutPool:
         with self._lock:
             if slot not in self._behind:
                 return True
-            entry = self._receiving.get(slot)
-            if entry is None or entry[0] != self._workers[slot].generation:
+            receive = self._receiving.get(slot)
+            if receive is None or receive.generation != self._workers[slot].generation:
                 return False
-            ready, _ = ray.wait([entry[2]], timeout=0)
+            ready, _ = ray.wait([receive.ref], timeout=0)
             if not ready:
                 return False
             del self._receiving[slot]
-        return self._settle(slot, entry[0], entry[2])
+        return self._settle(slot, receive)
 
     @contextlib.contextmanager
     def interrupting_waits(self) -> Iterator[None]:
