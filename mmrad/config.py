@@ -112,6 +112,14 @@ class StorageConfig(Section):
     )
     region: str | None = Field(None, description="S3 region (else the AWS chain's default).")
     max_attempts: int = Field(5, ge=1, le=20, description="Tries per S3 call on transient errors.")
+    outage_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description=(
+            "How long reads and writes keep retrying transient S3 faults (resets, 5xx, "
+            "SlowDown, a body cut off) with backoff before the job fails."
+        ),
+    )
 
 
 class RayConfig(Section):

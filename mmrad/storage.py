@@ -4,17 +4,23 @@ Credentials come from the standard AWS chain (environment, shared files, instanc
 profile) and are never read, printed or logged here. The endpoint comes from
 ``storage.endpoint_url`` or ``AWS_ENDPOINT_URL``; Arrow's own environment support is
 patchy, so Arrow filesystems are always built here and passed explicitly.
-Transient S3 errors are retried with backoff by botocore's and Arrow's standard retry
-strategies; a missing bucket or key, or denied access, raises :class:`StorageError`
-naming the URI.
+Transient S3 errors (connection resets, timeouts, a body cut off mid-read, 5xx and
+SlowDown answers) are retried with backoff: each call by botocore's standard strategy,
+and reads, writes and existence checks again around it, body included, for up to
+``outage_timeout_s``; then :class:`StorageUnavailable`. Permanent errors raise at once:
+:class:`ObjectMissing` (no such bucket or key), :class:`AccessDenied`; each names the URI.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
+import random
 import tempfile
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -23,10 +29,50 @@ import pyarrow.fs as pafs
 
 S3_SCHEME = "s3://"
 FILE_SCHEME = "file://"
+TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout",
+                   "Throttling", "500", "502", "503", "504"}  # fmt: skip
+FIRST_DELAY_S, MAX_DELAY_S = 0.5, 10.0
+
+log = logging.getLogger(__name__)
 
 
 class StorageError(OSError):
     """An object could not be read or written; the message names the URI."""
+
+
+class ObjectMissing(StorageError):
+    """No such bucket or object (permanent)."""
+
+
+class AccessDenied(StorageError):
+    """The credentials may not do this (permanent)."""
+
+
+class StorageUnavailable(StorageError):
+    """Object storage stayed unreachable for the whole outage budget."""
+
+
+def is_transient(err: Exception) -> bool:
+    """A fault that retrying can outlast: a connection reset or timeout, a body cut off,
+    a 5xx or SlowDown answer."""
+    from botocore.exceptions import ClientError, HTTPClientError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+
+    if isinstance(err, HTTPClientError | BotoConnectionError):
+        return True
+    if isinstance(err, ClientError):
+        error = err.response.get("Error", {})
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return str(error.get("Code", "")) in TRANSIENT_CODES or int(status) >= 500
+    return False
+
+
+def backoff_delays() -> Iterator[float]:
+    """Exponential backoff with full jitter: ``0.5 s, 1 s, 2 s ...`` at most 10 s."""
+    ceiling = FIRST_DELAY_S
+    while True:
+        yield random.uniform(ceiling / 2, ceiling)
+        ceiling = min(2 * ceiling, MAX_DELAY_S)
 
 
 def is_s3(uri: str) -> bool:
@@ -80,13 +126,13 @@ def _error_for(uri: str, err: Exception) -> StorageError:
         code = str(response.get("Error", {}).get("Code", ""))
     text = f"{code} {err}"
     if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
-        return StorageError(f"{uri}: bucket does not exist")
+        return ObjectMissing(f"{uri}: bucket does not exist")
     if code in {"NoSuchKey", "404"} or "NoSuchKey" in text or "Path does not exist" in text:
-        return StorageError(f"{uri}: no such object")
+        return ObjectMissing(f"{uri}: no such object")
     if any(c in text for c in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch")):
-        return StorageError(f"{uri}: access denied (check the AWS credentials and permissions)")
+        return AccessDenied(f"{uri}: access denied (check the AWS credentials and permissions)")
     if code in {"403"}:
-        return StorageError(f"{uri}: access denied (check the AWS credentials and permissions)")
+        return AccessDenied(f"{uri}: access denied (check the AWS credentials and permissions)")
     return StorageError(f"{uri}: {type(err).__name__}: {err}")
 
 
@@ -116,10 +162,12 @@ class Storage:
     endpoint_url: str | None = None
     region: str | None = None
     max_attempts: int = 5
+    outage_timeout_s: float = 300.0
 
     @classmethod
     def from_config(cls, config) -> Storage:
-        return cls(config.endpoint_url, config.region, config.max_attempts)
+        return cls(config.endpoint_url, config.region, config.max_attempts,
+                   config.outage_timeout_s)  # fmt: skip
 
     @property
     def endpoint(self) -> str | None:
@@ -131,13 +179,32 @@ class Storage:
 
     # -- bytes ---------------------------------------------------------------------------
 
+    def _s3_call(self, uri: str, call: Callable[[], object]) -> object:
+        """``call()`` until it succeeds, retrying transient faults with backoff for up to
+        ``outage_timeout_s``; a permanent error raises at once (named for ``uri``)."""
+        deadline = time.monotonic() + self.outage_timeout_s
+        for attempt, delay in enumerate(backoff_delays(), start=1):
+            try:
+                return call()
+            except Exception as err:
+                if not is_transient(err):
+                    raise _error_for(uri, err) from None
+                if time.monotonic() + delay > deadline:
+                    raise StorageUnavailable(
+                        f"{uri}: object storage unreachable for {self.outage_timeout_s:.0f} s "
+                        f"({attempt} tries; storage.outage_timeout_s); last error: "
+                        f"{type(err).__name__}: {err}"
+                    ) from None
+                log.warning("%s: %s; retrying in %.1f s", uri, type(err).__name__, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
     def read_bytes(self, uri: str) -> bytes:
         if is_s3(uri):
             bucket, key = split_s3(uri)
-            try:
-                return self.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-            except Exception as err:
-                raise _error_for(uri, err) from None
+            return self._s3_call(
+                uri, lambda: self.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+            )
         try:
             return local_path(uri).read_bytes()
         except FileNotFoundError:
@@ -149,10 +216,7 @@ class Storage:
         """Atomic: readers see the old object or the whole new one, never a part."""
         if is_s3(uri):
             bucket, key = split_s3(uri)
-            try:
-                self.s3.put_object(Bucket=bucket, Key=key, Body=data)
-            except Exception as err:
-                raise _error_for(uri, err) from None
+            self._s3_call(uri, lambda: self.s3.put_object(Bucket=bucket, Key=key, Body=data))
             return
         atomic_write_local(local_path(uri), data)
 
@@ -166,13 +230,12 @@ class Storage:
         if is_s3(uri):
             bucket, key = split_s3(uri)
             try:
-                self.s3.head_object(Bucket=bucket, Key=key)
+                self._s3_call(uri, lambda: self.s3.head_object(Bucket=bucket, Key=key))
                 return True
-            except Exception as err:
-                error = _error_for(uri, err)
+            except ObjectMissing as error:
                 if "no such object" in str(error):
                     return False
-                raise error from None
+                raise
         return local_path(uri).exists()
 
     def list(self, prefix: str) -> list[str]:

@@ -28,7 +28,7 @@ import pyarrow as pa
 from PIL import Image
 
 from mmrad.config import DataLoadConfig, PixelBudget
-from mmrad.storage import Storage
+from mmrad.storage import Storage, StorageUnavailable
 from mmrad.task.geometry import model_grid
 
 log = logging.getLogger(__name__)
@@ -106,10 +106,15 @@ def decode_to_grid(data: bytes, pixels: PixelBudget) -> np.ndarray:
 
 
 def _fetch_and_decode(spec: DecodeSpec, uri: str | None) -> tuple[np.ndarray, str]:
+    """The image on the model grid, or why it is bad: missing, denied or undecodable (a
+    permanent fault of the data). An outage that outlasted the retries is no bad image:
+    it raises :class:`~mmrad.storage.StorageUnavailable` and fails the job."""
     if not uri:
         return EMPTY_IMAGE, ""
     try:
         return decode_to_grid(spec.storage.read_bytes(uri), spec.pixels), ""
+    except StorageUnavailable:
+        raise
     except Exception as err:
         return EMPTY_IMAGE, f"{uri}: {err}"
 
