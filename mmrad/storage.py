@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import logging
 import os
 import random
@@ -55,10 +56,16 @@ class StorageUnavailable(StorageError):
 def is_transient(err: Exception) -> bool:
     """A fault that retrying can outlast: a connection reset or timeout, a body cut off,
     a 5xx or SlowDown answer."""
-    from botocore.exceptions import ClientError, HTTPClientError
+    from botocore.exceptions import (
+        ClientError,
+        FlexibleChecksumError,
+        HTTPClientError,
+        IncompleteReadError,
+    )
     from botocore.exceptions import ConnectionError as BotoConnectionError
 
-    if isinstance(err, HTTPClientError | BotoConnectionError):
+    cut_off = (IncompleteReadError, FlexibleChecksumError)  # a body shorter or garbled
+    if isinstance(err, HTTPClientError | BotoConnectionError | cut_off):
         return True
     if isinstance(err, ClientError):
         error = err.response.get("Error", {})
@@ -68,10 +75,13 @@ def is_transient(err: Exception) -> bool:
 
 
 def backoff_delays() -> Iterator[float]:
-    """Exponential backoff with full jitter: ``0.5 s, 1 s, 2 s ...`` at most 10 s."""
+    """Exponential backoff with jitter: ``0.5 s, 1 s, 2 s ...`` at most 10 s. The jitter
+    has its own generator: a retry must not move the global ``random`` state, which
+    checkpoints keep and resumed runs compare."""
+    jitter = random.Random()
     ceiling = FIRST_DELAY_S
     while True:
-        yield random.uniform(ceiling / 2, ceiling)
+        yield jitter.uniform(ceiling / 2, ceiling)
         ceiling = min(2 * ceiling, MAX_DELAY_S)
 
 
@@ -183,12 +193,14 @@ class Storage:
         """``call()`` until it succeeds, retrying transient faults with backoff for up to
         ``outage_timeout_s``; a permanent error raises at once (named for ``uri``)."""
         deadline = time.monotonic() + self.outage_timeout_s
-        for attempt, delay in enumerate(backoff_delays(), start=1):
+        delays = backoff_delays()
+        for attempt in itertools.count(1):
             try:
                 return call()
             except Exception as err:
                 if not is_transient(err):
                     raise _error_for(uri, err) from None
+                delay = next(delays)
                 if time.monotonic() + delay > deadline:
                     raise StorageUnavailable(
                         f"{uri}: object storage unreachable for {self.outage_timeout_s:.0f} s "

@@ -5,6 +5,7 @@ clear message. Each test checks that its faults were injected."""
 
 from __future__ import annotations
 
+import random
 from urllib.parse import urlparse
 
 import numpy as np
@@ -39,7 +40,9 @@ def test_bodies_cut_off_and_slow_downs_are_retried_until_they_pass(proxy):
     storage.write_bytes(uri, PAYLOAD)
     proxy.reset_next(2)
     proxy.unavailable_next(2)
+    state = random.getstate()
     assert storage.read_bytes(uri) == PAYLOAD
+    assert random.getstate() == state  # retries never move the RNG that checkpoints keep
     injected = proxy.injected - before
     assert injected["reset"] == 2 and injected["unavailable"] == 2
     proxy.unavailable_next(1)

@@ -240,7 +240,10 @@ class Channel:
             _await_receivers(self._store, spec, members_alive)
         else:
             _await_verdict(self._store, spec)
-        self._group = _process_group(spec, self._store, rank, timedelta(seconds=spec.timeout_s))
+        try:  # a member that died after "go" fails the group's own rendezvous
+            self._group = _process_group(spec, self._store, rank, timedelta(seconds=spec.timeout_s))
+        except RuntimeError as error:
+            raise ChannelFailed(f"weight channel {spec.name} did not form: {error}") from error
 
     def broadcast(self, buffer: torch.Tensor) -> None:
         """Rank 0's ``buffer`` into every member's ``buffer`` (same size on all)."""
@@ -291,7 +294,7 @@ def _await_receivers(store: Any, spec: ChannelSpec, members_alive: MembersCheck 
     receivers = spec.world_size - 1
     deadline = time.monotonic() + spec.timeout_s
     next_check = time.monotonic() + LIVENESS_CHECK_S
-    while (joined := store.add(JOINED_KEY, 0)) < receivers:
+    while (joined := _joined(store, spec)) < receivers:
         now = time.monotonic()
         if now >= deadline:
             _call_off(store)
@@ -306,6 +309,15 @@ def _await_receivers(store: Any, spec: ChannelSpec, members_alive: MembersCheck 
                 raise ChannelFailed(f"weight channel {spec.name} called off: {reason}")
         time.sleep(JOIN_POLL_S)
     store.set(VERDICT_KEY, GO)
+
+
+def _joined(store: Any, spec: ChannelSpec) -> int:
+    import torch.distributed as dist
+
+    try:
+        return store.add(JOINED_KEY, 0)
+    except dist.DistError as error:
+        raise ChannelFailed(f"weight channel {spec.name}: its store failed: {error}") from error
 
 
 def _call_off(store: Any) -> None:

@@ -186,7 +186,8 @@ class CoordinatorSection(Section):
         description=(
             "Longest wait of any coordinator call: learners for a batch, the producer for "
             "the learners' weights; the error names what it waited for. Cover a batch's "
-            "generation plus a replacement engine's start."
+            "generation plus a replacement engine's start, and a learner step with its "
+            "validation and checkpoint."
         ),
     )
 

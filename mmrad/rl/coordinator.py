@@ -192,8 +192,8 @@ class Coordinator:
         :meth:`fail` ended refuses to start again (a learner restart cannot fix it)."""
         if self._fatal is not None:
             raise RuntimeError(self._fatal)
-        self._stop_producer()
-        with self._pool_lock:
+        self._stop_producing()
+        try:
             if self.pool.version > step:  # learners restarted from an older checkpoint
                 log.warning("engines hold v%d, learners restart at v%d", self.pool.version, step)
                 self.pool.shutdown()
@@ -205,6 +205,8 @@ class Coordinator:
             elif step > 0 and self.pool.version != step and not channel:
                 raise ValueError(f"restarting at step {step} needs the learners' weights")
             held = self.pool.version if channel else step
+        finally:
+            self._pool_lock.release()
         self.stream.seek(DataPosition.from_dict(position) if position else DataPosition())
         with self._cond:
             self._batches, self._fetched = {}, {}
@@ -239,6 +241,7 @@ class Coordinator:
                 self._wait(
                     lambda: (
                         generation != self._generation
+                        or self._fatal is not None
                         or key in self._answers
                         or step in self._batches
                         or self._error is not None
@@ -248,6 +251,8 @@ class Coordinator:
                 )
             finally:
                 self._in_shard[rank] -= 1
+            if self._fatal is not None:
+                raise RuntimeError(self._fatal)
             if generation != self._generation:
                 raise StaleLearners(
                     f"learner rank {rank} of group {generation} asked for batch {step}; "
@@ -309,7 +314,9 @@ class Coordinator:
         engines do not hold their weights); a restarted learner group's :meth:`start`
         raises ``reason``."""
         log.error("%s", reason)
-        self._fatal = reason
+        with self._cond:
+            self._fatal = reason
+            self._cond.notify_all()  # the other learners' calls leave too
 
     def _want_resend(self) -> None:
         """The pool's ``on_behind``: ask the learners waiting in :meth:`shard` to send."""
@@ -317,11 +324,14 @@ class Coordinator:
             self._resend_wanted += 1
             self._cond.notify_all()
 
-    def engine_logprobs(self, version: int, probe: Probe) -> list[float]:
+    def engine_logprobs(self, version: int, probe: Probe) -> list[float] | None:
         """The engines' log-probs of ``probe`` once weights ``version`` are applied (the
-        production sync path: what rollouts of that version sample with)."""
+        production sync path: what rollouts of that version sample with); ``None`` when
+        no engine holds them (replacements waiting for a resend)."""
         with self._pool_lock:
             self._hold_version(version)
+            if not self.pool.holds_current_weights():
+                return None
             prompt = RolloutPrompt("sync-probe", probe.item.inputs())
             return self.pool.prompt_logprobs([prompt], [list(probe.token_ids)])[0]
 
@@ -372,9 +382,11 @@ class Coordinator:
 
     def stop(self) -> None:
         """Stop producing and shut the engines down."""
-        self._stop_producer()
-        with self._pool_lock:
+        self._stop_producing()
+        try:
             self.pool.shutdown()
+        finally:
+            self._pool_lock.release()
 
     # -- producing batches ----------------------------------------------------------------
 
@@ -410,15 +422,22 @@ class Coordinator:
             log.exception("the GRPO producer failed")
 
     def _stop_producer(self) -> None:
-        """Stop the producer, also while its batch waits for weights that the stopping
-        learners will never send."""
+        """Stop the producer (callers interrupt the pool's waits: its batch may wait for
+        weights that the stopping learners will never send)."""
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
         if self._producer is not None:
-            with self.pool.interrupting_waits():
-                self._producer.join()
+            self._producer.join()
             self._producer = None
+
+    def _stop_producing(self) -> None:
+        """Stop the producer and take the pool lock (release it after), interrupting
+        whatever waits for weights meanwhile: the producer's batch, or an old learner
+        group's validation holding the lock."""
+        with self.pool.interrupting_waits():
+            self._stop_producer()
+            self._pool_lock.acquire()
 
     def _wait(self, done: Callable[[], bool], what: str) -> None:
         """``self._cond.wait_for(done)`` (caller holds the condition), at most

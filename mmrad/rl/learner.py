@@ -197,24 +197,27 @@ class GRPOLearner:
             return gather_trainable(self.model, keep=self.rank == 0 or not on_gpu)
         return full_model_state(self.model, on_gpu, only_trainable=self.lora)
 
-    def publish(self, version: int) -> None:
-        """Collective: the current weights to the engines as ``version``."""
+    def publish(self, version: int) -> bool:
+        """Collective: the current weights to the engines as ``version``; whether they
+        reached every engine (the same answer on every rank)."""
         if self.sender is not None:
-            self.send_over_channel(version)
-            return
+            return self.send_over_channel(version)
         state = self.gather_state()
         if self.rank == 0:
             ray.get(self.coordinator.push_weights.remote(self.weight_update(version, state)))
         self._last_state = state
+        return True
 
-    def send_over_channel(self, version: int) -> None:
+    def send_over_channel(self, version: int) -> bool:
         """Collective: rank 0 announces ``version`` (the coordinator has the engines
-        receive) and broadcasts it while every rank gathers the shards."""
+        receive) and broadcasts it while every rank gathers the shards; whether every
+        engine got it (agreed over the ranks)."""
         update = spec = members_alive = None
         if self.rank == 0:
             update = self.sender.announce(self.model, self.send_dtype, version)
             spec = ray.get(self.coordinator.push_weights.remote(update))
             members_alive = functools.partial(self.channel_failure, spec["name"])
+        failed = 0.0
         try:
             self.sender.send(self.model, self.send_dtype, update, spec, members_alive)
         except ChannelFailed as error:  # the engines that missed it ask again (shard)
@@ -222,6 +225,8 @@ class GRPOLearner:
             self.failed_sends["sync/failed_sends"] += 1
             if isinstance(error, ChannelTimedOut):
                 self.failed_sends["sync/timed_out_sends"] += 1
+            failed = 1.0
+        return all_max(failed) == 0.0
 
     def channel_failure(self, name: str) -> str | None:
         return ray.get(self.coordinator.channel_failure.remote(name))
@@ -414,13 +419,13 @@ class GRPOLearner:
         probe_before = self.probe_logprobs(shard.probe) if shard.probe else None
         trained = self.update(minis)
         learned = time.perf_counter()
-        self.publish(step + 1)
+        delivered = self.publish(step + 1)
         synced = time.perf_counter()
         self.core.step += 1
         averaged = all_mean({**scored, **trained})
         metrics.update(averaged)
         metrics["logprob_mismatch/max_abs"] = all_max(scored["logprob_mismatch/max_abs"])
-        if shard.probe is not None:
+        if shard.probe is not None and delivered:  # else: the check waits for the resend
             metrics.update(self.sync_check(shard.probe, probe_before, step + 1))
         metrics.update(shared_metrics(
             metrics.pop("loss/total"), metrics.pop("grad_norm"), self.core.lr,
@@ -450,12 +455,17 @@ class GRPOLearner:
 
     def sync_check(self, probe: Probe, before: list[float], version: int) -> dict[str, float]:
         """Collective: the engines' log-probs of the probe after the sync against the
-        learner's new (should agree) and previous (should differ) log-probs."""
+        learner's new (should agree) and previous (should differ) log-probs. A
+        difference above ``schedule.sync_check_tolerance`` ends the run on every rank
+        (the coordinator refuses a restart: new learners would not fix the engines)."""
         after = self.probe_logprobs(probe)
-        if self.rank != 0:
+        engine = diff = None
+        if self.rank == 0:
+            engine = ray.get(self.coordinator.engine_logprobs.remote(version, probe))
+            diff = max_abs_difference(engine, after) if engine is not None else -1.0
+        diff = all_max(diff if diff is not None else -1.0)
+        if diff < 0:  # no engine holds the weights yet (replaced ones wait for a resend)
             return {}
-        engine = ray.get(self.coordinator.engine_logprobs.remote(version, probe))
-        diff = max_abs_difference(engine, after)
         tolerance = self.job.schedule.sync_check_tolerance
         if diff > tolerance:
             reason = (
@@ -464,8 +474,11 @@ class GRPOLearner:
                 f"(schedule.sync_check_tolerance={tolerance:g}): the engines do not sample "
                 "from the weights being trained"
             )
-            ray.get(self.coordinator.fail.remote(reason))
+            if self.rank == 0:
+                ray.get(self.coordinator.fail.remote(reason))
             raise SyncCheckFailed(reason)
+        if self.rank != 0:
+            return {}
         return {
             "sync/logprob_max_abs_diff": diff,
             "sync/logprob_max_abs_change": max_abs_difference(engine, before),

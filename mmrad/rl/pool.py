@@ -384,7 +384,6 @@ class RolloutPool:
         with self._lock:
             if self._workers[slot].generation != generation:
                 return
-            self._channel = None
             self._missed[slot] += 1
             if self._missed[slot] > self.max_retries:
                 raise RolloutError(
@@ -395,6 +394,16 @@ class RolloutPool:
             self._behind.add(slot)
         if self.on_behind is not None:
             self.on_behind()
+
+    def _mark_behind(self, slot: int, generation: int) -> None:
+        with self._lock:
+            if self._workers[slot].generation == generation:
+                self._behind.add(slot)
+
+    def holds_current_weights(self) -> bool:
+        """Whether some worker holds the current weights (not all are behind)."""
+        with self._lock:
+            return any(w.slot not in self._behind for w in self._workers)
 
     def _caught_up(self, slot: int) -> bool:
         """Whether ``slot``'s worker holds the current weights (a behind one once its
@@ -660,8 +669,8 @@ class PendingRollouts:
                 else:
                     pending[again.rollouts] = again
                 continue
-            except ChannelFailed as error:  # its weights broke in a receive: wait for new ones
-                self._pool._missed_weights(chunk.slot, chunk.generation, error)
+            except ChannelFailed:  # its weights broke in a receive (settled and counted
+                self._pool._mark_behind(chunk.slot, chunk.generation)  # with it): wait
                 parked.append(self._pool._repark(chunk, self._sampling))
                 parked_since = time.monotonic()
                 continue

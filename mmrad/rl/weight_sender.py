@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 from mmrad.engine.channel import (
     SENDER_RANK,
     Channel,
-    ChannelFailed,
     ChannelSpec,
     MembersCheck,
     SendPlan,
@@ -191,9 +190,9 @@ class WeightSender:
                 metas = plan.bucket(index)
                 gathered = (_checked(next(tensors), meta) for meta in metas)
                 channel.broadcast(pack(gathered, metas, channel.device))
-        except ChannelFailed:
+        except BaseException:
             self.close()
-            for _ in tensors:  # the other ranks gather on
+            for _ in tensors:  # the other ranks gather on: keep the collectives in step
                 pass
             raise
 

@@ -19,15 +19,19 @@ def sweep_identity(search_space: dict[str, Any], base: dict[str, Any]) -> dict[s
     return {"search_space": search_space, "base": base}
 
 
-def changed_keys(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+def changed_keys(
+    old: Any, new: Any, prefix: str = "", one_sided: bool = True
+) -> list[tuple[str, Any, Any]]:
     """``(dotted key, old value, new value)`` for every leaf that differs between two
-    nested dicts (a key missing on one side has the value ``None`` there)."""
+    nested dicts (a key missing on one side has the value ``None`` there; with
+    ``one_sided=False`` such keys are left out)."""
     if isinstance(old, dict) and isinstance(new, dict):
+        names = old.keys() | new.keys() if one_sided else old.keys() & new.keys()
         return [
             change
-            for name in sorted(old.keys() | new.keys())
+            for name in sorted(names)
             for change in changed_keys(
-                old.get(name), new.get(name), f"{prefix}.{name}" if prefix else name
+                old.get(name), new.get(name), f"{prefix}.{name}" if prefix else name, one_sided
             )
         ]
     return [] if old == new else [(prefix, old, new)]
@@ -44,7 +48,9 @@ def check_or_record_sweep(
         return
     started = json.loads(storage.read_text(path))
     for part, label in PARTS.items():
-        changes = changed_keys(started[part], identity[part])
+        # the base is a whole config dump: a key on one side only is a field another
+        # mmrad version added or dropped, not the user's change
+        changes = changed_keys(started[part], identity[part], one_sided=part != "base")
         if changes:
             named = "; ".join(f"{key}: {old!r} then, {new!r} now" for key, old, new in changes[:10])
             more = f" (and {len(changes) - 10} more)" if len(changes) > 10 else ""

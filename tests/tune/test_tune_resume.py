@@ -25,7 +25,15 @@ def test_changed_keys_are_dotted_and_cover_added_and_removed_ones():
     assert changed_keys(BASE, new) == [
         ("rollout.group_size", 4, None), ("rollout.max_tokens", 64, 48), ("seed", None, 1),
     ]  # fmt: skip
+    assert changed_keys(BASE, new, one_sided=False) == [("rollout.max_tokens", 64, 48)]
     assert changed_keys(BASE, BASE) == []
+
+
+def test_a_base_field_that_another_mmrad_version_added_does_not_refuse_a_resume(tmp_path):
+    sweep, storage = str(tmp_path / "sweep"), Storage()
+    check_or_record_sweep(storage, sweep, sweep_identity(SPACE, BASE), resuming=False)
+    newer = {**BASE, "coordinator": {"wait_timeout_s": 1800.0}}
+    check_or_record_sweep(storage, sweep, sweep_identity(SPACE, newer), resuming=True)
 
 
 def test_a_new_sweep_is_recorded_and_the_same_one_resumes(tmp_path):
