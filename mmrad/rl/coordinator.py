@@ -1,15 +1,11 @@
-"""The GRPO coordinator: a Ray actor that turns prompts into training batches.
+"""The GRPO coordinator: the Ray actor that hands the learners their training batches.
 
-It owns the prompt stream (:mod:`mmrad.rl.prompts`, Ray Data), the vLLM rollout pool
-(:class:`~mmrad.rl.pool.RolloutPool`), the rewards and the weight versions. A producer
-thread makes batch ``t`` (0-based) as soon as the weights allow it:
-
-- draw ``prompts_per_step`` prompts, sample ``G`` completions each, score them
-  (:func:`mmrad.rl.batch.score`);
-- contrastive sampling (optional) gives zero-variance groups a ground-truth positive or
-  an adversarial negative; dynamic sampling (optional) drops the groups that still have
-  no variance and draws further prompts, at most ``max_sampling_tries`` draws per step;
-- group advantages, metrics, the sample table, and the learner shards.
+It is the plumbing: it owns the prompt stream (:mod:`mmrad.rl.prompts`, Ray Data), the
+vLLM rollout pool (:class:`~mmrad.rl.pool.RolloutPool`) and its lock, the weight
+versions, the learner groups' generations and the hand-out of learner shards. A producer
+thread makes batch ``t`` (0-based) as soon as the weights allow it, with
+:func:`mmrad.rl.making.make_batch` (drawing, sampling, scoring, contrastive and dynamic
+sampling: plain code, no Ray), and records the data position after it.
 
 Versions: the engines start at version 0 (the SFT model); learner step ``t`` trains on
 batch ``t`` with weights of version ``t`` and pushes version ``t + 1``. Batch ``t`` may be
@@ -38,44 +34,24 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import traceback
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from mmrad.data.loading import DecodeSpec
 from mmrad.engine.sampling import Sampling
 from mmrad.model.loading import ModelSource
 from mmrad.placement import ray_options, worker_resources
-from mmrad.rl.batch import (
-    Group,
-    LearnerShard,
-    Probe,
-    RewardSpec,
-    Sample,
-    TrainBatch,
-    adversarial_hint,
-    build_batch,
-    choose_probe,
-    fill_batch,
-    ground_truth_answer,
-    needs_more,
-    repair_group,
-    sample_rows,
-    scored_sample,
-    verdict_of,
-)
+from mmrad.rl.batch import LearnerShard, Probe, TrainBatch, verdict_of
 from mmrad.rl.config import GRPOJobConfig
-from mmrad.rl.metrics import advantage_metrics, rollout_metrics, validation_metrics
+from mmrad.rl.making import BatchRecipe, make_batch, reward_spec
+from mmrad.rl.metrics import validation_metrics
 from mmrad.rl.prompts import DataPosition, PromptItem, PromptStream
 from mmrad.rl.resources import engine_shape
-from mmrad.rl.rollout import Rollout, RolloutPrompt, WeightUpdate, rollout_seed
+from mmrad.rl.rollout import RolloutPrompt, WeightUpdate
 from mmrad.rl.weight_sender import ChannelUpdate, ResendWeights
-from mmrad.storage import Storage, is_s3, join
-from mmrad.task.answer import GENERIC_REASONING
+from mmrad.storage import Storage
 from mmrad.task.prompt import PromptVariant
 
 log = logging.getLogger(__name__)
@@ -89,26 +65,7 @@ class CoordinatorTimeout(TimeoutError):
     """A coordinator call waited longer than ``coordinator.wait_timeout_s``."""
 
 
-END_OF_TURN_TOKEN = "<|im_end|>"
-VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
-                 "<|video_pad|>")  # fmt: skip
 MAX_CONCURRENCY = 16  # learners' shard calls, weight pushes, probes, state queries
-
-
-def ids_tokenizer(model: ModelSource):
-    """The model's fast tokenizer through the ``tokenizers`` library alone: token ids are
-    all the coordinator needs, and importing transformers for them cost the first step
-    several seconds. From object storage only ``tokenizer.json`` is read: the coordinator's
-    node need not hold the weights."""
-    from tokenizers import Tokenizer
-
-    if is_s3(model.path):
-        storage = Storage.from_config(model.storage)
-        return Tokenizer.from_str(storage.read_text(join(model.path, "tokenizer.json")))
-    local = Path(model.path, "tokenizer.json")
-    if local.is_file():
-        return Tokenizer.from_file(str(local))
-    return Tokenizer.from_pretrained(model.path)
 
 
 def coordinator_name(run_name: str) -> str:
@@ -132,27 +89,16 @@ class Coordinator:
         model = self.job.model
         self.model = ModelSource(model.path, self.job.storage, model.cache_dir)
         self.variant = PromptVariant(**variant)
-        self.rewards = RewardSpec(
-            dict(self.job.rewards.weights), dict(self.job.rewards.params), self.variant.reasoning
-        )
-        rollout = self.job.rollout
-        self.sampling = Sampling(
-            n=rollout.group_size,
-            temperature=rollout.temperature,
-            top_p=rollout.top_p,
-            max_tokens=rollout.max_tokens,
-            logprobs=0,
-        )
+        self.rewards = reward_spec(self.job, self.variant)
         storage = Storage.from_config(self.job.storage)
         self.stream = self._stream(records, defect_types, storage)
         self.val_stream = self._stream(val_records, defect_types, storage) if val_records else None
         self._val_items: list[PromptItem] | None = None
         validation = self.job.validation
         self.val_sampling = Sampling(
-            n=1, temperature=0.0, max_tokens=validation.max_tokens or rollout.max_tokens
+            n=1, temperature=0.0, max_tokens=validation.max_tokens or self.job.rollout.max_tokens
         )
-        self._tokenizer = None
-        self._vision_tokens: frozenset[int] | None = None
+        self._recipe: BatchRecipe | None = None  # built on first use: it loads the tokenizer
         self.pool = self._new_pool()
         self._pool_lock = threading.RLock()
         self._cond = threading.Condition()
@@ -318,6 +264,11 @@ class Coordinator:
             self._fatal = reason
             self._cond.notify_all()  # the other learners' calls leave too
 
+    def fatal(self) -> str | None:
+        """Why the run must end (what :meth:`fail` recorded), or ``None``; asked by
+        :class:`~mmrad.rl.guard.StopUnrecoverable` after a learner failure."""
+        return self._fatal
+
     def _want_resend(self) -> None:
         """The pool's ``on_behind``: ask the learners waiting in :meth:`shard` to send."""
         with self._cond:
@@ -471,165 +422,26 @@ class Coordinator:
         self._sync_seconds += self.pool.finish_receive()
 
     def _make_batch(self, step: int) -> TrainBatch:
-        job = self.job
-        wanted, dynamic = job.rollout.prompts_per_step, job.algorithm.dynamic_sampling
-        timing = {"time/rollout": 0.0, "time/reward": 0.0}
-        counts = {"positive": 0, "negative": 0}
-        sampled: list[Group] = []  # as the policy sampled them (metrics)
-        candidates: list[Group] = []  # after contrastive repair
-        drawn: list[str] = []
-        draws = 0
-        while draws < job.algorithm.max_sampling_tries:
-            count = needs_more(candidates, wanted, dynamic)
-            if count == 0:
-                break
-            items = self.stream.take(count)
-            draws += 1
-            drawn.extend(item.prompt_id for item in items)
-            groups = self._rollouts(items, timing, step)
-            sampled.extend(groups)
-            if job.algorithm.contrastive_sampling:
-                groups = self._contrastive(groups, timing, counts, step)
-            candidates.extend(groups)
-            if not dynamic:
-                break
-        kept, _ = fill_batch(candidates, wanted, dynamic)
-        batch = build_batch(step, kept, job.rollout.group_size, job.algorithm.advantage_scale)
+        """Batch ``step`` (caller holds the pool lock); records the data position after
+        it and starts timing the next weight sync."""
+        batch = make_batch(
+            step, self._batch_recipe(), self.stream, self.pool.generate, self._own_metrics
+        )
         self._positions[step] = self.stream.position
-        tokens = sum(len(s.token_ids) for g in sampled for s in g.samples)
-        batch.metrics = {
-            **rollout_metrics(sampled, job.rollout.group_size),
-            **advantage_metrics(batch.advantages),
-            **timing,
-            "rollout/tokens_per_s": tokens / timing["time/rollout"]
-            if timing["time/rollout"]
-            else 0.0,
-            "rollout/workers_replaced": self.pool.stats().get("rollout/workers_replaced", 0.0),
-            "groups/draws": float(draws),
-            "groups/filled_zero_variance": float(sum(not g.has_variance for g in kept)),
-            "groups/contrastive_positive": float(counts["positive"]),
-            "groups/contrastive_negative": float(counts["negative"]),
-            "time/sync_apply": self._sync_seconds,
-            "data/epoch": float(self.stream.position.epoch),
-        }
         self._sync_seconds = 0.0
-        batch.drawn = drawn
-        schedule = job.schedule
-        if (step + 1) % schedule.sample_table_every == 0:
-            batch.table = sample_rows(step + 1, kept, batch.advantages, schedule.sample_table_rows)
-        if schedule.sync_check_every and (step + 1) % schedule.sync_check_every == 0:
-            batch.probe = choose_probe(kept)
         return batch
 
-    def _seed(self, step: int, prompt_id: str) -> int:
-        return rollout_seed(self.job.schedule.seed, step, prompt_id)
-
-    def _rollouts(
-        self, items: list[PromptItem], timing: dict[str, float], step: int
-    ) -> list[Group]:
-        """``G`` samples of each item for batch ``step``, seeded per (prompt, batch)."""
-        started = time.perf_counter()
-        prompts = [
-            RolloutPrompt(item.prompt_id, item.inputs(), seed=self._seed(step, item.prompt_id))
-            for item in items
-        ]
-        rollouts = self.pool.generate(prompts, self.sampling)
-        scored = time.perf_counter()
-        groups = [
-            Group(item, tuple(self._sample(item, r) for r in group))
-            for item, group in zip(items, rollouts, strict=True)
-        ]
-        timing["time/rollout"] += scored - started
-        timing["time/reward"] += time.perf_counter() - scored
-        return groups
-
-    def _sample(self, item: PromptItem, rollout: Rollout, replaced: str = "") -> Sample:
-        return scored_sample(
-            item,
-            self.rewards,
-            text=rollout.text,
-            token_ids=rollout.token_ids,
-            logprobs=None if replaced else rollout.logprobs,
-            version=rollout.version,
-            finish_reason=rollout.finish_reason,
-            replaced=replaced,  # type: ignore[arg-type]
-            forbidden=self.vision_tokens(),
-        )
-
-    # -- contrastive sampling -------------------------------------------------------------
-
-    def _contrastive(
-        self, groups: list[Group], timing: dict[str, float], counts: dict[str, int], step: int
-    ) -> list[Group]:
-        flat = [g for g in groups if not g.has_variance]
-        if not flat:
-            return groups
-        started = time.perf_counter()
-        positives = {id(g): self._written(g, ground_truth=True) for g in flat}
-        want_negative = [g for g in flat if positives[id(g)].reward <= g.samples[0].reward]
-        adversarial = self._adversarial(want_negative, timing, step)
-        repaired = {}
-        for group in flat:
-            negatives = [*adversarial.get(id(group), []), self._written(group, ground_truth=False)]
-            fixed, kind = repair_group(group, positives[id(group)], negatives)
-            if kind:
-                counts[kind] += 1
-            repaired[id(group)] = fixed
-        timing["time/reward"] += time.perf_counter() - started
-        return [repaired.get(id(g), g) for g in groups]
-
-    def _adversarial(
-        self, groups: list[Group], timing: dict[str, float], step: int
-    ) -> dict[int, list[Sample]]:
-        """One sample per group from a prompt that asks for the opposite verdict, scored
-        as an answer to the real prompt (it has no sampling log-probs of that prompt)."""
-        if not groups:
-            return {}
-        started = time.perf_counter()
-        prompts = []
-        for g in groups:
-            prompt_id = f"{g.item.prompt_id}#adversarial"
-            inputs = g.item.inputs(adversarial_hint(g.item))
-            prompts.append(RolloutPrompt(prompt_id, inputs, seed=self._seed(step, prompt_id)))
-        rollouts = self.pool.generate(prompts, replace(self.sampling, n=1))
-        timing["time/rollout"] += time.perf_counter() - started
+    def _own_metrics(self) -> dict[str, float]:
+        """The batch's metrics that only the coordinator knows."""
         return {
-            id(g): [self._sample(g.item, r[0], replaced="negative")]
-            for g, r in zip(groups, rollouts, strict=True)
+            "rollout/workers_replaced": self.pool.stats().get("rollout/workers_replaced", 0.0),
+            "time/sync_apply": self._sync_seconds,
         }
 
-    def _written(self, group: Group, ground_truth: bool) -> Sample:
-        """The record's answer (``ground_truth``) or its opposite, as a sample."""
-        item = group.item
-        anomalous = bool(item.record["is_anomalous"])
-        if ground_truth:
-            text = ground_truth_answer(item, self.variant.reasoning, GENERIC_REASONING[anomalous])
-        else:
-            flipped = {**item.record, "is_anomalous": not anomalous, "boxes": [], "labels": [],
-                       "reasoning": None}  # fmt: skip
-            text = ground_truth_answer(
-                replace(item, record=flipped), self.variant.reasoning,
-                GENERIC_REASONING[not anomalous],
-            )  # fmt: skip
-        tokenizer = self.tokenizer()
-        token_ids = [*tokenizer.encode(text).ids, tokenizer.token_to_id(END_OF_TURN_TOKEN)]
-        return scored_sample(
-            item, self.rewards, text=text, token_ids=token_ids, logprobs=None,
-            version=group.samples[0].version, finish_reason="stop",
-            replaced="positive" if ground_truth else "negative",
-        )  # fmt: skip
-
-    def vision_tokens(self) -> frozenset[int]:
-        """Ids of the special tokens that stand for images (never fed back as text)."""
-        if self._vision_tokens is None:
-            ids = (self.tokenizer().token_to_id(token) for token in VISION_TOKENS)
-            self._vision_tokens = frozenset(i for i in ids if i is not None)
-        return self._vision_tokens
-
-    def tokenizer(self):
-        if self._tokenizer is None:
-            self._tokenizer = ids_tokenizer(self.model)
-        return self._tokenizer
+    def _batch_recipe(self) -> BatchRecipe:
+        if self._recipe is None:
+            self._recipe = BatchRecipe.build(self.job, self.variant, self.model)
+        return self._recipe
 
     # -- engines and data -----------------------------------------------------------------
 

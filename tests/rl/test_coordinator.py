@@ -336,13 +336,13 @@ def test_validation_needs_known_rates_and_runs_when_due():
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_the_coordinators_tokenizer_gives_transformers_ids(tiny_model, where, request):
-    """The coordinator reads ``tokenizer.json`` without transformers (from object storage
+    """Batch making reads ``tokenizer.json`` without transformers (from object storage
     that file alone, not the weights); its ids must be the ones the model's transformers
     tokenizer gives (vision tokens found, answers equal)."""
     from transformers import AutoTokenizer
 
     from mmrad.model.loading import ModelSource
-    from mmrad.rl.coordinator import END_OF_TURN_TOKEN, VISION_TOKENS, ids_tokenizer
+    from mmrad.rl.making import END_OF_TURN_TOKEN, VISION_TOKENS, ids_tokenizer
 
     source = ModelSource(tiny_model)
     if where == "s3":
