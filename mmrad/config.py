@@ -229,12 +229,22 @@ class PixelBudget(Section):
         return self
 
 
+DEFAULT_MAX_BAD_FRACTION = 0.01
+
+
 class DataLoadConfig(Section):
     """How jobs read a manifest through Ray Data."""
 
     manifest: str = PathField("runs/data/synthetic/manifest.parquet", "Manifest URI.")
     on_bad_image: Literal["skip", "fail"] = Field(
         "skip", description="Corrupt or missing image: skip (count and log the id) or fail."
+    )
+    max_bad_fraction: float = Field(
+        DEFAULT_MAX_BAD_FRACTION,
+        ge=0,
+        le=1,
+        description="Share of a split's records whose image may be skipped as bad: more "
+        "than floor(share * records) distinct ids fails the job, naming the first ones.",
     )
     seed: int = Field(0, description="Seed of the per-epoch sample order.")
     batch_size: int = Field(16, ge=1, description="Rows per Ray Data decode batch.")

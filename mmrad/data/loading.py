@@ -8,15 +8,18 @@ asks first, so instead each rank gets its own dataset, built from its positions 
 ``preserve_order`` on.
 
 Corrupt or missing images follow a policy: ``fail`` stops with the id and URI; ``skip``
-keeps the row with ``error`` set (so positions stay exact) and :func:`usable_rows` drops,
-counts and logs it where the rows are consumed.
+keeps the row with ``error`` set (so positions stay exact) and :class:`SkipLog` drops,
+counts and logs it where the rows are consumed, up to the :class:`BadImageBudget` of
+``data.max_bad_fraction``.
 """
 
 from __future__ import annotations
 
 import functools
 import io
+import itertools
 import logging
+import math
 import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,13 +30,14 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from mmrad.config import DataLoadConfig, PixelBudget
+from mmrad.config import DEFAULT_MAX_BAD_FRACTION, DataLoadConfig, PixelBudget
 from mmrad.storage import Storage, StorageUnavailable
 from mmrad.task.geometry import model_grid
 
 log = logging.getLogger(__name__)
 
 REFERENCE_CACHE_SIZE = 64
+SHOWN_BAD_IMAGES = 5
 EMPTY_IMAGE = np.zeros((0, 0, 3), dtype=np.uint8)
 RECORD_COLUMNS = (
     "id", "source", "category", "split", "image_uri", "reference_uri", "width", "height",
@@ -45,18 +49,80 @@ class BadImageError(RuntimeError):
     """An image could not be read or decoded under the ``fail`` policy."""
 
 
+class TooManyBadImages(BadImageError):
+    """Under the ``skip`` policy, more images were bad than ``data.max_bad_fraction``
+    allows."""
+
+
+@dataclass(frozen=True)
+class BadImageBudget:
+    """How many distinct bad images a set of ``total`` records may skip:
+    ``floor(max_fraction * total)``; one more raises :class:`TooManyBadImages`.
+
+    ``total`` is the whole set's size, known before the first row is read (the manifest's
+    records of the split), so the first bad row is judged like the last and no minimum of
+    rows seen is needed. Small sets are held to it too: at 1% a set of 99 records
+    tolerates no bad image. Ids are counted once, so a stream that goes over its records
+    epoch after epoch meets the same bad images again without spending more of the
+    budget. A set whose every record is bad fails even at ``max_fraction`` 1: nothing is
+    left to use, and a stream would loop over it forever."""
+
+    max_fraction: float
+    total: int
+    manifest: str = ""
+    what: str = "records"
+
+    @property
+    def allowed(self) -> int:
+        # Rounded first: 0.29 * 100 is 28.999999999999996 in floating point.
+        return math.floor(round(self.max_fraction * self.total, 9))
+
+    def exceeded(self, skipped: int) -> bool:
+        return skipped > self.allowed or 0 < self.total <= skipped
+
+    def check(self, skipped: Mapping[str, str]) -> None:
+        """Raise :class:`TooManyBadImages` if the ``skipped`` ids (id -> error) are over
+        the budget."""
+        if self.exceeded(len(skipped)):
+            raise TooManyBadImages(self.message(skipped))
+
+    def message(self, skipped: Mapping[str, str]) -> str:
+        count = len(skipped)
+        source = f" of {self.manifest}" if self.manifest else ""
+        limit = f"data.max_bad_fraction={self.max_fraction:g} allows {self.allowed}"
+        if count >= self.total:
+            limit += " and none is left to use"
+        first = "; ".join(
+            f"{sample_id!r}: {error}"
+            for sample_id, error in itertools.islice(skipped.items(), SHOWN_BAD_IMAGES)
+        )
+        return (
+            f"{count} of {self.total} {self.what}{source} have a bad image "
+            f"({count / max(self.total, 1):.1%}); {limit}. First skipped: {first}"
+        )
+
+
 @dataclass(frozen=True)
 class DecodeSpec:
-    """What a decode task needs; small and picklable so Ray can ship it."""
+    """What a decode task needs, and the bad-image policy of the rows' consumers; small
+    and picklable so Ray can ship it."""
 
     storage: Storage
     pixels: PixelBudget
     on_bad_image: Literal["skip", "fail"] = "skip"
     fetch_threads: int = 8
+    max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION
+    manifest: str = ""
 
     @classmethod
     def from_config(cls, storage: Storage, config: DataLoadConfig) -> DecodeSpec:
-        return cls(storage, config.pixels, config.on_bad_image, config.fetch_threads)
+        return cls(
+            storage, config.pixels, config.on_bad_image, config.fetch_threads,
+            config.max_bad_fraction, config.manifest,
+        )  # fmt: skip
+
+    def bad_image_budget(self, total: int, what: str = "records") -> BadImageBudget:
+        return BadImageBudget(self.max_bad_fraction, total, self.manifest, what)
 
 
 def epoch_order(records: Sequence[Mapping[str, Any]], seed: int, epoch: int) -> list[int]:
@@ -219,14 +285,24 @@ def rank_datasets(
 
 @dataclass
 class SkipLog:
-    """Counts rows dropped for bad images; each one is logged with its id."""
+    """Drops rows with a bad image, logging each id, and keeps every distinct skipped id
+    with its first error; with a ``budget``, raises :class:`TooManyBadImages` as soon as
+    the skipped ids exceed it."""
 
+    budget: BadImageBudget | None = None
     skipped: dict[str, str] = field(default_factory=dict)
 
     def usable_rows(self, rows: Iterable[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:
         for row in rows:
             if row["error"]:
                 log.warning("skipping id %s: %s", row["id"], row["error"])
-                self.skipped[str(row["id"])] = str(row["error"])
+                self.add({str(row["id"]): str(row["error"])})
                 continue
             yield row
+
+    def add(self, skipped: Mapping[str, str]) -> None:
+        """Count skipped ids (id -> error), e.g. other ranks', then check the budget."""
+        for sample_id, error in skipped.items():
+            self.skipped.setdefault(sample_id, error)
+        if self.budget is not None:
+            self.budget.check(self.skipped)

@@ -6,7 +6,9 @@ fixes for ``(seed, epoch)``; the stream's :class:`DataPosition` is the next posi
 draw. Dynamic sampling draws a varying number of prompts per step, so the position (not
 the step) is what a checkpoint keeps: a resumed run starts its Ray Data pipeline there
 and draws exactly the prompts an uninterrupted run would have drawn next. Rows whose
-image cannot be read are skipped (counted and logged) but still consume their position.
+image cannot be read are skipped (counted and logged) but still consume their position;
+more distinct bad images than ``data.max_bad_fraction`` of the records allows stop the
+stream (:class:`~mmrad.data.loading.BadImageBudget`), so it never loops over bad ones.
 """
 
 from __future__ import annotations
@@ -128,7 +130,7 @@ class PromptStream:
         self.decode_cpus = decode_cpus
         self.batch_size = batch_size
         self.resources = dict(resources or {})  # custom ones of each decode task
-        self.skips = SkipLog()
+        self.skips = SkipLog(spec.bad_image_budget(len(self.records)))  # ids are unique
         self._position = position
         self._rows: Iterator[dict[str, Any]] | None = None
 

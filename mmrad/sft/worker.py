@@ -5,6 +5,9 @@ positions a restored checkpoint already covers, and runs the same number of opti
 steps as every other rank. A checkpoint records which sample ids each committed step
 trained on and the data order they follow, so a resumed run continues exactly where the
 interrupted one stopped, or refuses when the order changed.
+
+Bad images are judged on the whole split, not per rank: every step gathers the ids each
+rank skipped, so all ranks stop together once ``data.max_bad_fraction`` is exceeded.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from mmrad.config import SFTJobConfig
-from mmrad.data.loading import SkipLog
+from mmrad.data.loading import BadImageBudget, SkipLog
 from mmrad.sft.plan import DataOrder, SFTProgress, StepPlan, check_data_order
 from mmrad.task.prompt import PromptVariant
 from mmrad.train.core import TrainerCore, shared_metrics
@@ -35,10 +38,14 @@ def micro_batches(rows: Iterator[dict], size: int) -> Iterator[list[dict]]:
         yield chunk
 
 
-def gather_ids(ids: list[str]) -> list[str]:
-    gathered: list[list[str]] = [[] for _ in range(dist.get_world_size())]
-    dist.all_gather_object(gathered, ids)
-    return [sample_id for rank_ids in gathered for sample_id in rank_ids]
+def gather_step(ids: list[str], skipped: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """Every rank's trained ids (in rank order) and skipped bad images of one step, in one
+    collective."""
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (ids, skipped))
+    all_ids = [sample_id for rank_ids, _ in gathered for sample_id in rank_ids]
+    all_skipped = {k: v for _, rank_skipped in gathered for k, v in rank_skipped.items()}
+    return all_ids, all_skipped
 
 
 class SFTLoop:
@@ -56,16 +63,23 @@ class SFTLoop:
         processor = load_processor(self.core.model_path, self.job.model.pixels)
         variant = PromptVariant(**self.job.prompt.model_dump())
         self.collate = SFTCollator(processor, variant, defect_types=spec["defect_types"])
-        self.skips = SkipLog()
-        self.val_batches = self.load_val_batches()
+        self.skips = SkipLog(self.bad_image_budget(self.plan.samples, "train records"))
+        # Every rank reads the whole val set, so every rank judges its bad images alike.
+        val_rows = list(ray.train.get_dataset_shard("val").iter_rows())
+        self.val_skips = SkipLog(self.bad_image_budget(len(val_rows), "val records"))
+        self.val_batches = self.collate_val(val_rows)
 
     # -- data ----------------------------------------------------------------------------
 
-    def load_val_batches(self) -> list[dict[str, Any]]:
-        rows = list(self.skips.usable_rows(ray.train.get_dataset_shard("val").iter_rows()))
+    def bad_image_budget(self, total: int, what: str) -> BadImageBudget:
+        data = self.job.data
+        return BadImageBudget(data.max_bad_fraction, total, data.manifest, what)
+
+    def collate_val(self, rows: list[dict]) -> list[dict[str, Any]]:
+        usable = self.val_skips.usable_rows(rows)
         size = self.job.learners.micro_batch_size
         # Collating checks image tokens against image features for every sample.
-        return [self.collate(chunk) for chunk in micro_batches(iter(rows), size)]
+        return [self.collate(chunk) for chunk in micro_batches(usable, size)]
 
     def epoch_rows(self) -> Iterator[dict]:
         """This rank's rows of the current epoch that no committed step has used."""
@@ -89,9 +103,8 @@ class SFTLoop:
         )
         return -stats[:, LOGP].sum(), len(tokens)
 
-    def micro_batches_of(self, rows: list[dict]) -> list[dict[str, Any]]:
+    def micro_batches_of(self, usable: list[dict]) -> list[dict[str, Any]]:
         """This rank's usable rows of a step as micro-batches (by the token budget)."""
-        usable = list(self.skips.usable_rows(rows))
         samples = [self.collate.encode(row) for row in usable]
         learners = self.job.learners
         groups = by_token_budget(
@@ -106,7 +119,8 @@ class SFTLoop:
     def train_step(self, step_rows: list[dict]) -> dict[str, float]:
         """One optimizer step over this rank's rows: the mean negative log-likelihood
         over every label token of every rank."""
-        batches = self.micro_batches_of(step_rows)
+        step_skips = SkipLog()
+        batches = self.micro_batches_of(list(step_skips.usable_rows(step_rows)))
         label_tokens = [len(ScoredTokens.from_labels(b["labels"])) for b in batches]
         # A filler keeps the collectives in step with the other ranks; it learns nothing.
         weighted = same_count(batches, step_weights(label_tokens), self.val_batches[0])
@@ -121,7 +135,8 @@ class SFTLoop:
             return nll / max(count, 1)
 
         grad_norm = self.core.accumulate(weighted, loss_of)
-        committed = gather_ids(ids)
+        committed, skipped = gather_step(ids, step_skips.skipped)
+        self.skips.add(skipped)  # every rank sees the same skips, so all raise together
         self.progress.trained_ids.extend(committed)
         self.core.step += 1
         self.progress.step_in_epoch += 1
@@ -164,7 +179,8 @@ class SFTLoop:
             if self.progress.step_in_epoch >= self.plan.steps_per_epoch:
                 self.progress.epoch += 1
                 self.progress.step_in_epoch = 0
-        self.core.log(self.core.step, {"skipped_images": len(self.skips.skipped)})
+        skipped = self.skips.skipped.keys() | self.val_skips.skipped.keys()
+        self.core.log(self.core.step, {"skipped_images": len(skipped)})
         self.core.close()
 
     def log_window(self, step: int, window: dict, grad_norm: float) -> None:
