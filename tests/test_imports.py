@@ -55,8 +55,19 @@ LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "task": (("mmrad.task",), ()),
     # what a job's driver does once per run: start or join Ray, write the run's info
     "runtime": (("mmrad.ray_env", "mmrad.runinfo"), BASE),
-    # config sections, storage (and the local S3 server), placement rules, the version
-    "base": (("mmrad", "mmrad.config", "mmrad.storage", "mmrad.s3local", "mmrad.placement"), ()),
+    # config sections, storage (and the local S3 server), placement rules, the version,
+    # the named actors a rerun takes over
+    "base": (
+        (
+            "mmrad",
+            "mmrad.config",
+            "mmrad.storage",
+            "mmrad.s3local",
+            "mmrad.placement",
+            "mmrad.actor_names",
+        ),
+        (),
+    ),  # fmt: skip
 }
 
 Import = tuple[str, str, int]  # (imported module, name taken from it or "", line)

@@ -7,6 +7,10 @@ learners (:mod:`mmrad.rl.learner`) whose checkpoints land in the run directory (
 export the final policy (LoRA merged) as an HF directory with ``mmrad.json``.
 Rerunning with the same ``run.name`` resumes from the last checkpoint: the same weights,
 optimizer, RNG, weight version and data position, so no prompt is repeated or skipped.
+After a killed driver the rerun first waits for that driver's actors to end (Ray ends
+what a dead driver owned); a live run of the same name is refused. A dead coordinator, or
+a fault it recorded as fatal, ends the run at once instead of restarting the learners
+(:mod:`mmrad.rl.guard`); rerun to resume.
 
 The prompt variant and pixel budget come from the SFT export's ``mmrad.json``, so GRPO
 prompts exactly as SFT trained (a config that contradicts the export is an error).
@@ -14,18 +18,21 @@ prompts exactly as SFT trained (a config that contradicts the export is an error
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import ray
 
+from mmrad.actor_names import wait_until_free
 from mmrad.config import ConfigError, PixelBudget, PromptConfig, with_absolute_paths
 from mmrad.data.manifest import defect_types_by_category, read_manifest
 from mmrad.placement import check_or_log, ray_options
 from mmrad.ray_env import init_ray
 from mmrad.rl.config import GRPOJobConfig
 from mmrad.rl.coordinator import MAX_CONCURRENCY, Coordinator, coordinator_name
+from mmrad.rl.guard import why_unrecoverable
 from mmrad.rl.learner import grpo_learner
 from mmrad.rl.pool import OUTSIDE_PARENT_PLACEMENT_GROUP
 from mmrad.rl.resources import coordinator_shape, grpo_requests
@@ -33,6 +40,7 @@ from mmrad.runinfo import write_run_info
 from mmrad.storage import Storage, join
 from mmrad.task.prompt import PromptVariant
 from mmrad.train.core import checkpoint_uri, make_torch_trainer
+from mmrad.train.fail_fast import fit
 from mmrad.train.progress import run_with_progress
 
 log = logging.getLogger(__name__)
@@ -123,6 +131,8 @@ def run_grpo(job: GRPOJobConfig, train_callbacks: Sequence = ()) -> GRPOResult:
     job = with_absolute_paths(job)
     init_ray(job.ray)
     check_or_log(job.ray, grpo_requests(job))
+    # A rerun right after a killed driver: that driver's actors are still ending.
+    wait_until_free(coordinator_name(job.run.name), f"run.name {job.run.name}")
     storage = Storage.from_config(job.storage)
     job = starting_point(job, storage)
     run_uri = join(job.run.storage_path, job.run.name)
@@ -132,12 +142,16 @@ def run_grpo(job: GRPOJobConfig, train_callbacks: Sequence = ()) -> GRPOResult:
     spec = {
         "config": job.model_dump(mode="json"),
         "coordinator": coordinator,
+        "coordinator_name": coordinator_name(job.run.name),
         "run_uri": run_uri,
         "variant": job.prompt.model_dump(),
     }
+    ask = functools.partial(why_unrecoverable, coordinator, spec["coordinator_name"])
     try:
-        trainer = make_torch_trainer(grpo_learner, job, spec, callbacks=train_callbacks)
-        result = run_with_progress(f"GRPO {job.run.name}", job.run.name, trainer.fit)
+        trainer = make_torch_trainer(
+            grpo_learner, job, spec, callbacks=train_callbacks, unrecoverable=ask
+        )
+        result = run_with_progress(f"GRPO {job.run.name}", job.run.name, lambda: fit(trainer))
     finally:
         try:
             ray.get(coordinator.stop.remote(), timeout=120)

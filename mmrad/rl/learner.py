@@ -57,6 +57,7 @@ from mmrad.rl.grpo import (
     policy_loss,
     truncated_is_weights,
 )
+from mmrad.rl.guard import watch_coordinator
 from mmrad.rl.inputs import EncodedPrompt, RolloutCollator, completion_logprobs, padded
 from mmrad.rl.metrics import SampleTable, hidden_share, renamed
 from mmrad.rl.rollout import WeightUpdate
@@ -580,4 +581,8 @@ def tis_metrics(minis: list[list[MicroBatch]], cap: float) -> dict[str, float]:
 
 def grpo_learner(spec: dict[str, Any]) -> None:
     """Ray Train entry point."""
-    GRPOLearner(spec).run()
+    done = watch_coordinator(spec["coordinator"], spec["coordinator_name"])
+    try:
+        GRPOLearner(spec).run()
+    finally:
+        done.set()

@@ -41,6 +41,7 @@ from mmrad.sft.worker import sft_worker
 from mmrad.storage import Storage, join
 from mmrad.train.checkpoint import STATE_FILE, read_trainer_state
 from mmrad.train.core import checkpoint_uri, make_torch_trainer
+from mmrad.train.fail_fast import fit
 from mmrad.train.progress import run_with_progress
 
 log = logging.getLogger(__name__)
@@ -177,7 +178,7 @@ def run_sft(job: SFTJobConfig) -> SFTResult:
     }
     datasets = build_datasets(job, storage, train, val, plan, progress)
     trainer = make_torch_trainer(sft_worker, job, spec, datasets=datasets, best_by="val_loss")
-    result = run_with_progress(f"SFT {job.run.name}", job.run.name, trainer.fit)
+    result = run_with_progress(f"SFT {job.run.name}", job.run.name, lambda: fit(trainer))
     checkpoint = chosen_checkpoint(result, job.export.checkpoint)
     out_uri = job.export.out or join(run_uri, "export")
     exporting = export_task.options(**ray_options(actor_shape(job.ray, cpus=EXPORT_CPUS)))

@@ -222,15 +222,19 @@ def make_torch_trainer(
     datasets: dict | None = None,
     callbacks: Sequence = (),
     best_by: str | None = None,
+    unrecoverable: Callable[[], str | None] | None = None,
 ):
     """The ``TorchTrainer`` (Train V2) of a training job: ``learners`` workers with their
     resources, in one placement group (:mod:`mmrad.placement`); checkpoints under
     ``run.storage_path/run.name`` (local or object store), ``run.num_to_keep`` of them
-    (the lowest ``best_by`` metric first, else the newest), ``run.max_failures`` restarts."""
+    (the lowest ``best_by`` metric first, else the newest), ``run.max_failures`` restarts,
+    none for a failure that a restart cannot fix (:mod:`mmrad.train.fail_fast`; its
+    ``unrecoverable()`` names one); run it with :func:`mmrad.train.fail_fast.fit`."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from mmrad.placement import learner_shape, placement_strategy
+    from mmrad.train.fail_fast import StopUnrecoverable
 
     learners = job.learners
     filesystem, path = Storage.from_config(job.storage).arrow_filesystem(job.run.storage_path)
@@ -256,7 +260,7 @@ def make_torch_trainer(
             storage_filesystem=filesystem,
             checkpoint_config=keep,
             failure_config=FailureConfig(max_failures=job.run.max_failures),
-            callbacks=list(callbacks),
+            callbacks=[*callbacks, StopUnrecoverable(unrecoverable)],
         ),
         datasets=datasets or {},
         dataset_config=DataConfig(datasets_to_split=[]),

@@ -15,6 +15,8 @@ from typing import Any
 import ray
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from mmrad.actor_names import wait_until_free
+
 
 @ray.remote(num_cpus=0)
 class ProgressBoard:
@@ -33,7 +35,9 @@ def board_name(run_name: str) -> str:
 
 
 def open_board(run_name: str):
-    return ProgressBoard.options(name=board_name(run_name), get_if_exists=True).remote()
+    name = board_name(run_name)
+    wait_until_free(name, f"run.name {run_name}")  # a killed driver's board is ending
+    return ProgressBoard.options(name=name, get_if_exists=True).remote()
 
 
 def report_progress(run_name: str, step: int, total: int | None, summary: str = "") -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from mmrad.rl.job import run_grpo
+from mmrad.train.fail_fast import RunCannotRecover
 from tests.helpers.faults import corrupt_engine_after, record_fault
 from tests.helpers.grpo import grpo_config
 
@@ -38,7 +39,7 @@ def test_a_corrupted_engine_fails_the_sync_check_naming_version_and_size(
     name = "corrupted-engine"
     export = sft_trained.export_uri
     corrupter, corrupted = corrupt_engine_after(name, 1, corrupted_base(export))
-    with pytest.raises(Exception) as failure:  # noqa: PT011 (Ray Train's error wraps ours)
+    with pytest.raises(RunCannotRecover) as failure:  # not Ray Train's retries: ended at once
         run_grpo(grpo_config(export, synthetic_local, str(tmp_path), name, *RUN))
     corrupter.join(timeout=60)
 
@@ -56,7 +57,7 @@ def test_a_corrupted_engine_fails_the_sync_check_naming_version_and_size(
         "fault": "an engine's base weights corrupted after v1 (LoRA through the object store)",
         "stage": "GRPO",
         "outcome": f"the sync check of v{version} stops the run: mismatch {size:.2f} nats; "
-                   "the learners' restart refused",
+                   "no learner restart (it cannot fix the engines)",
         "prompts_lost": "n/a (run stopped)",
         "samples_repeated_or_skipped": "n/a",
         "seconds_to_recover": "n/a",
