@@ -25,19 +25,52 @@ TEST_BUCKET = "mmrad-test"
 WARM_WORKERS = 6
 
 
+BACKGROUND_RESET_EVERY = 25  # of mmrad's own GETs with a body
+BACKGROUND_RESET_LIMIT = 200
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
-    """A real S3 server; ``AWS_ENDPOINT_URL`` points at it for the whole session."""
+    """A real S3 server behind a chaos proxy that cuts every 25th answer to mmrad's own
+    GETs (200 at most): ``AWS_ENDPOINT_URL`` points at the proxy for the whole session,
+    so every S3 test is also a test of the storage layer's retries. What the proxy did
+    goes to ``runs/s3_background_faults.json``."""
+    from urllib.parse import urlparse
+
     from mmrad.s3local import LocalS3
     from mmrad.storage import Storage
+    from tests.helpers.chaos import ChaosProxy
 
     server = LocalS3(tmp_path_factory.mktemp("s3"))
     server.start()
-    os.environ["AWS_ENDPOINT_URL"] = server.endpoint_url
+    address = urlparse(server.endpoint_url)
+    proxy = ChaosProxy(address.hostname, address.port, user_agent=b"Botocore")
+    proxy.fault_every("reset", BACKGROUND_RESET_EVERY, BACKGROUND_RESET_LIMIT)
+    os.environ["AWS_ENDPOINT_URL"] = proxy.url
     Storage().ensure_bucket(f"s3://{TEST_BUCKET}")
+    server.chaos = proxy
     yield server
+    write_background_faults(proxy)
+    proxy.close()
     server.stop()
     os.environ.pop("AWS_ENDPOINT_URL", None)
+
+
+def write_background_faults(proxy) -> None:
+    import json
+
+    record = {"every": BACKGROUND_RESET_EVERY, "limit": BACKGROUND_RESET_LIMIT,
+              "requests": proxy.requests, "injected": dict(proxy.injected)}  # fmt: skip
+    out = Path(__file__).resolve().parents[1] / "runs" / "s3_background_faults.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+
+
+@pytest.fixture(scope="session")
+def s3_chaos(s3_server):
+    """The chaos proxy in front of the session's S3 server, to inject bursts of faults
+    into mmrad's own S3 calls (:class:`tests.helpers.chaos.ChaosProxy`)."""
+    return s3_server.chaos
 
 
 @pytest.fixture(scope="session")
@@ -100,6 +133,19 @@ def synthetic_local(tmp_path_factory) -> str:
         split={"test_categories": ["coins", "cell"], "val_fraction": 0.1},
     )  # fmt: skip
     return build_dataset(config, Storage(), progress=False).manifest_uri
+
+
+@pytest.fixture(scope="session")
+def synthetic_local_on_s3(s3_server, synthetic_local) -> str:
+    """``synthetic_local`` copied to S3, the same records and image bytes (its manifest
+    names images relative to itself): the manifest's URI. Runs on it must equal runs on
+    the local copy."""
+    from mmrad.storage import Storage
+
+    local = Path(synthetic_local)
+    uri = f"s3://{TEST_BUCKET}/datasets/synthetic-copy"
+    Storage().upload_dir(local.parent, uri)
+    return f"{uri}/{local.name}"
 
 
 @pytest.fixture(scope="session")

@@ -10,17 +10,23 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from mmrad.config import RayConfig
 from mmrad.placement import local_resources
 from mmrad.ray_env import PREEMPTION_WATCHER, auth_token_path, local_system_config
+from mmrad.storage import Storage
+from mmrad.train.metrics_log import read_metrics
 from tests.conftest import WARM_WORKERS
+from tests.helpers.checkpoints import committed_step
+from tests.helpers.faults import record_fault, wait_for
 
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARD_PORT = 8275
+JOBS_ADDRESS = f"http://127.0.0.1:{DASHBOARD_PORT}"
 # the same warm worker pool as the session's Ray
 WARM_POOL = json.dumps(local_system_config(RayConfig(warm_workers=WARM_WORKERS)))
 # a head that works too, as cluster.yaml's worker nodes do (mmrad.placement)
@@ -78,34 +84,53 @@ def stop_processes_of(temp_dir: Path) -> None:
             process.kill()
 
 
-def submit_and_wait(env: dict[str, str], *entrypoint: str) -> tuple[str, str]:
-    """Submit ``python -m <entrypoint>`` with the repo as working dir; wait for the end.
-    Returns the final status line and the job's logs."""
-    address = f"http://127.0.0.1:{DASHBOARD_PORT}"
+def submit(env: dict[str, str], *entrypoint: str) -> str:
+    """Submit ``python -m <entrypoint>`` with the repo as working dir; returns the job id."""
     submitted = ray_cli(
-        env, "job", "submit", f"--address={address}", "--working-dir", str(REPO),
+        env, "job", "submit", f"--address={JOBS_ADDRESS}", "--working-dir", str(REPO),
         "--runtime-env-json", EXCLUDES, "--no-wait", "--", "python", "-m", *entrypoint,
     )  # fmt: skip
     assert submitted.returncode == 0, submitted.stderr[-2000:]
     output = submitted.stdout + submitted.stderr
-    job_id = next(line.split("'")[1] for line in output.splitlines() if "submitted" in line)
+    return next(line.split("'")[1] for line in output.splitlines() if "submitted" in line)
+
+
+def wait_for_job(env: dict[str, str], job_id: str) -> tuple[str, str]:
+    """Wait for the job's end; returns its final status line and its logs."""
     deadline = time.monotonic() + 1500
     status = ""
     while time.monotonic() < deadline:
-        answer = ray_cli(env, "job", "status", f"--address={address}", job_id)
+        answer = ray_cli(env, "job", "status", f"--address={JOBS_ADDRESS}", job_id)
         status = (answer.stdout + answer.stderr).lower()  # logged to stderr, in lower case
         if any(word in status for word in ("succeeded", "failed", "stopped")):
             break
         time.sleep(5)
-    answer = ray_cli(env, "job", "logs", f"--address={address}", job_id)
+    answer = ray_cli(env, "job", "logs", f"--address={JOBS_ADDRESS}", job_id)
     return status, answer.stdout + answer.stderr
+
+
+def submit_and_wait(env: dict[str, str], *entrypoint: str) -> tuple[str, str]:
+    return wait_for_job(env, submit(env, *entrypoint))
+
+
+def kill_driver_after_sft_checkpoint(run: Path, step: int) -> tuple[Path, list[dict]]:
+    """SIGKILL the pipeline job's driver once its SFT stage committed checkpoint ``step``;
+    returns the SFT run's folder and its metrics rows up to that step."""
+    sft = wait_for(lambda: next(iter(run.glob("sft-*/*/checkpoint_*")), None), "SFT", 900).parent
+    wait_for(lambda: committed_step(Storage(), str(sft)) >= step, f"SFT checkpoint {step}", 900)
+    (driver,) = [p for p in psutil.process_iter(["cmdline"])
+                 if "ray_jobs.pipeline" in (p.info["cmdline"] or [])
+                 and f"run.storage_path={run.parent}" in p.info["cmdline"]]  # fmt: skip
+    driver.kill()
+    done = committed_step(Storage(), str(sft))
+    return sft, [row for row in read_metrics(Storage(), str(sft)) if row["step"] <= done]
 
 
 SMALL_PIPELINE = [
     "data.overrides=['data.synthetic.categories=[brick, grass, coins]', "
     "data.synthetic.images_per_category=8, data.synthetic.image_size=112, "
     "'data.split.test_categories=[coins]']",
-    "sft.overrides=[schedule.max_steps=4, schedule.checkpoint_every=4, validation.every=2]",
+    "sft.overrides=[schedule.max_steps=4, schedule.checkpoint_every=2, validation.every=2]",
     "grpo.overrides=[schedule.max_steps=2, schedule.checkpoint_every=2, "
     "schedule.sample_table_every=1, rollout.prompts_per_step=2, rollout.max_tokens=64, "
     "sync.weights=full, algorithm.max_staleness=0]",
@@ -116,16 +141,34 @@ SMALL_PIPELINE = [
 
 def test_pipeline_job_runs_through_ray_job_submit(head_cluster, tmp_path):
     """SFT (full weights) → GRPO (full-weight sync, on-policy: ``make demo`` runs LoRA one
-    step off) → evaluation → Serve smoke test, all as one submitted job; the report and
-    the served answers are written."""
-    status, logs = submit_and_wait(
-        head_cluster, "ray_jobs.pipeline", "--config", "configs/local/pipeline.yaml",
-        f"run.storage_path={tmp_path}", "run.name=submitted", *SMALL_PIPELINE,
-    )  # fmt: skip
-    assert "succeeded" in status, logs[-4000:]
-    for stage in ("tiny_model", "data", "sft", "grpo", "eval", "serve"):
-        assert f"{stage}: ran" in logs, logs[-4000:]
+    step off) → evaluation → Serve smoke test, as a submitted job whose driver is
+    SIGKILLed after SFT's step-2 checkpoint and which is then submitted again: the rerun
+    skips the finished stages, resumes SFT (its first steps' rows kept as they were),
+    and writes the report and the served answers."""
     run = tmp_path / "submitted"
+    command = ("ray_jobs.pipeline", "--config", "configs/local/pipeline.yaml",
+               f"run.storage_path={tmp_path}", "run.name=submitted", *SMALL_PIPELINE)  # fmt: skip
+    first = submit(head_cluster, *command)
+    sft, committed = kill_driver_after_sft_checkpoint(run, step=2)
+    status, _ = wait_for_job(head_cluster, first)
+    assert "failed" in status, status
+
+    status, logs = submit_and_wait(head_cluster, *command)
+    assert "succeeded" in status, logs[-4000:]
+    for stage in ("tiny_model", "data"):
+        assert f"{stage}: skipped" in logs, logs[-4000:]
+    for stage in ("sft", "grpo", "eval", "serve"):
+        assert f"{stage}: ran" in logs, logs[-4000:]
+    rows = read_metrics(Storage(), str(sft))
+    assert committed and rows[: len(committed)] == committed  # resumed, not started over
+    assert max(row["step"] for row in rows) == 4
+    record_fault("pipeline/1 driver killed during SFT, then resubmitted", {
+        "stage": "pipeline (SFT)", "prompts_lost": 0, "samples_repeated_or_skipped": 0,
+        "fault": "the submitted pipeline job's driver SIGKILLed after SFT's checkpoint 2",
+        "outcome": "the job fails; resubmitted, it skips finished stages and resumes SFT at "
+                   "step 3",
+        "seconds_to_recover": "n/a (a resubmission)",
+    })  # fmt: skip
     (metrics,) = run.glob("eval-*/eval/metrics.json")
     assert {"det_accuracy", "loc_accuracy", "auroc"} <= set(json.loads(metrics.read_text()))
     (responses,) = run.glob("serve-*/responses.json")

@@ -21,6 +21,7 @@ from mmrad.eval.job import rerender_report, run_eval
 from mmrad.storage import Storage, join
 from mmrad.task.metrics import RATE_KEYS
 from tests.conftest import TEST_BUCKET
+from tests.helpers.faults import record_s3_faults, s3_faults
 
 pytestmark = pytest.mark.integration
 
@@ -54,11 +55,18 @@ def split_records(manifest: str, split: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def test_run(sft_trained, synthetic_local, s3_server):
-    """The full test split (unseen categories coins and cell), written to S3."""
-    job = eval_config(sft_trained.export_uri, synthetic_local, f"s3://{TEST_BUCKET}/eval",
+def test_run(sft_trained, synthetic_local_on_s3, s3_chaos):
+    """The full test split (unseen categories coins and cell), images read from and
+    results written to S3, with S3 answers cut mid-body and 503 SlowDowns injected into
+    mmrad's reads (every prediction must still be there, none an error)."""
+    job = eval_config(sft_trained.export_uri, synthetic_local_on_s3, f"s3://{TEST_BUCKET}/eval",
                       "test-split", "predictors.num_actors=2")  # fmt: skip
-    return run_eval(job)
+    with s3_faults(s3_chaos) as fired:
+        result = run_eval(job)
+    record_s3_faults("eval/1 S3 resets and 503 bursts", "evaluation", fired,
+                     "images and results on S3",
+                     "retried with backoff; every prediction made, no error row")  # fmt: skip
+    return result
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,10 @@ point where a fault can be injected. Faults are asked for by count, never at ran
   (the connection aborted with a TCP reset);
 - :meth:`unavailable_next` ``n`` requests get ``503 SlowDown`` without reaching the server;
 - :meth:`pause` for ``seconds`` every connection is closed at once, as by a storage
-  outage.
+  outage;
+- :meth:`fault_every` cuts every ``n``-th GET answer, or answers it 503, up to a limit:
+  the test session's S3 fixture runs through the proxy at a low rate of cuts into
+  mmrad's own calls, so every S3 test is also a fault test.
 
 :attr:`injected` counts what was done. The proxy runs its own event loop in a thread.
 """
@@ -22,6 +25,7 @@ import struct
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 SLOW_DOWN = (
     b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nContent-Length: 96\r\n"
@@ -32,13 +36,37 @@ SLOW_DOWN = (
 HEAD_END = b"\r\n\r\n"
 
 
+@dataclass
+class Periodic:
+    """Inject into every ``every``-th request seen, ``left`` more times."""
+
+    every: int
+    left: int
+    seen: int = 0
+
+    def due(self) -> bool:
+        if self.left <= 0:
+            return False
+        self.seen += 1
+        if self.seen % self.every:
+            return False
+        self.left -= 1
+        return True
+
+
 class ChaosProxy:
-    def __init__(self, upstream_host: str, upstream_port: int):
+    def __init__(self, upstream_host: str, upstream_port: int, user_agent: bytes = b""):
+        """Faults go to requests whose ``User-Agent`` holds ``user_agent`` (all: ``b""``;
+        ``b"Botocore"``: mmrad's own storage layer, not pyarrow's or Ray's clients, whose
+        retries are theirs); a pause stops every request."""
         self.upstream = (upstream_host, upstream_port)
+        self.user_agent = user_agent.lower()
         self.injected: Counter[str] = Counter()
+        self.requests = 0  # forwarded or refused
         self._resets = 0
         self._unavailable = 0
         self._paused_until = 0.0
+        self._periodic: dict[str, Periodic] = {}
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -57,6 +85,23 @@ class ChaosProxy:
     def unavailable_next(self, count: int) -> None:
         with self._lock:
             self._unavailable += count
+
+    def fault_every(self, kind: str, every: int, limit: int) -> Periodic | None:
+        """From now on inject ``kind`` (``reset``: the answer cut mid-body; ``unavailable``:
+        503 SlowDown) into every ``every``-th GET, ``limit`` times at most: a low
+        background fault rate for a whole test session, or a denser one for a while.
+        Returns the setting it replaced."""
+        with self._lock:
+            replaced = self._periodic.get(kind)
+            self._periodic[kind] = Periodic(every, limit)
+            return replaced
+
+    def restore_every(self, kind: str, setting: Periodic | None) -> None:
+        with self._lock:
+            if setting is None:
+                self._periodic.pop(kind, None)
+            else:
+                self._periodic[kind] = setting
 
     def pause(self, seconds: float) -> None:
         with self._lock:
@@ -92,14 +137,34 @@ class ChaosProxy:
                 return True
         return False
 
+    def _targeted(self, request: bytes) -> bool:
+        head = request[: request.find(HEAD_END)]
+        return self.user_agent in (_header(head, b"user-agent") or b"").lower()
+
+    def _take_periodic(self, kind: str, request: bytes) -> bool:
+        """Whether this GET is the ``every``-th of :meth:`fault_every` ``kind`` (counted as
+        ``every_<kind>``)."""
+        if not request.startswith(b"GET "):
+            return False
+        with self._lock:
+            periodic = self._periodic.get(kind)
+            if periodic is None or not periodic.due():
+                return False
+            self.injected[f"every_{kind}"] += 1
+            return True
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             if self._take("pause"):
                 return
-            request = await _read_request(reader)
+            request = await _read_request(reader, writer)
             if request is None:
                 return
-            if self._take("unavailable"):
+            self.requests += 1
+            targeted = self._targeted(request)
+            if targeted and (
+                self._take("unavailable") or self._take_periodic("unavailable", request)
+            ):
                 writer.write(SLOW_DOWN)
                 await writer.drain()
                 return
@@ -108,7 +173,10 @@ class ChaosProxy:
             await upstream_writer.drain()
             answer = await upstream_reader.read()
             upstream_writer.close()
-            if self._take("reset"):
+            if targeted and (
+                self._take("reset")
+                or (answer.startswith(b"HTTP/1.1 200") and self._take_periodic("reset", request))
+            ):
                 head_end = answer.find(HEAD_END) + len(HEAD_END)
                 writer.write(answer[: head_end + max(1, (len(answer) - head_end) // 2)])
                 await writer.drain()
@@ -123,26 +191,59 @@ class ChaosProxy:
                 writer.close()
 
 
-async def _read_request(reader: asyncio.StreamReader) -> bytes | None:
-    """One HTTP request: its head and a ``Content-Length`` body (``None`` at EOF)."""
+def _header(head: bytes, wanted: bytes) -> bytes | None:
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == wanted:
+            return value.strip()
+    return None
+
+
+async def _read_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes | None:
+    """One HTTP request: its head and its body, by ``Content-Length`` or chunked (``None``
+    at EOF). A client that expects ``100 Continue`` gets it here; the request goes on
+    whole, without the expectation."""
     try:
         head = await reader.readuntil(HEAD_END)
     except asyncio.IncompleteReadError:
         return None
-    length = 0
-    for line in head.split(b"\r\n"):
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value.strip())
-    body = await reader.readexactly(length) if length else b""
-    return head + body
+    if (_header(head, b"expect") or b"").lower() == b"100-continue":
+        head = _without_header(head, b"expect")
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        await writer.drain()
+    if (_header(head, b"transfer-encoding") or b"").lower() == b"chunked":
+        return head + await _read_chunks(reader)
+    length = int(_header(head, b"content-length") or 0)
+    return head + (await reader.readexactly(length) if length else b"")
+
+
+async def _read_chunks(reader: asyncio.StreamReader) -> bytes:
+    """A chunked body as it came, up to and including its trailers."""
+    parts = []
+    while True:
+        size_line = await reader.readuntil(b"\r\n")
+        parts.append(size_line)
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        parts.append(await reader.readexactly(size + 2))
+    while (line := await reader.readuntil(b"\r\n")) != b"\r\n":  # trailers
+        parts.append(line)
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def _without_header(head: bytes, unwanted: bytes) -> bytes:
+    lines = head[: -len(HEAD_END)].split(b"\r\n")
+    kept = [line for line in lines if line.partition(b":")[0].strip().lower() != unwanted]
+    return b"\r\n".join(kept) + HEAD_END
 
 
 def _closing(message: bytes) -> bytes:
     """``message`` (a request or an answer) with ``Connection: close`` in its head."""
     head, _, body = message.partition(HEAD_END)
-    lines = [line for line in head.split(b"\r\n") if not line.lower().startswith(b"connection:")]
-    return b"\r\n".join([*lines, b"Connection: close"]) + HEAD_END + body
+    kept = _without_header(head + HEAD_END, b"connection")[: -len(HEAD_END)]
+    return kept + b"\r\nConnection: close" + HEAD_END + body
 
 
 def _abort(writer: asyncio.StreamWriter) -> None:

@@ -11,8 +11,9 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -55,6 +56,7 @@ class Kill:
     version: int
     pid: int
     seconds_to_recover: float = 0.0
+    at: float = field(default_factory=time.monotonic)
 
 
 def idle_before_a_sync(run_name: str) -> dict[str, Any] | None:
@@ -120,6 +122,35 @@ def recovered(run_name: str, dead_worker: str) -> bool:
     return dead_worker not in pool["workers"] and not pool["behind"] and not pool["receiving"]
 
 
+@contextlib.contextmanager
+def s3_faults(chaos, every: int = 8, limit: int = 6) -> Iterator[Counter[str]]:
+    """For the block, every ``every``-th GET of mmrad's own S3 calls cut mid-body and
+    every ``every``-th answered 503 SlowDown, ``limit`` of each (the session's background
+    rate after); yields the counts injected, filled in at the end, and fails the test
+    when none of either kind fired."""
+    before = Counter(chaos.injected)
+    replaced = {kind: chaos.fault_every(kind, every, limit) for kind in ("reset", "unavailable")}
+    fired: Counter[str] = Counter()
+    try:
+        yield fired
+    finally:
+        for kind, setting in replaced.items():
+            chaos.restore_every(kind, setting)
+        fired.update(chaos.injected - before)
+    assert fired["every_reset"] and fired["every_unavailable"], f"no S3 fault fired: {fired}"
+
+
+def record_s3_faults(row: str, stage: str, fired: Counter[str], setting: str, outcome: str):
+    """:func:`record_fault` for a run under :func:`s3_faults` (``setting``: what was on S3
+    and what else happened)."""
+    record_fault(row, {
+        "stage": stage, "prompts_lost": 0, "samples_repeated_or_skipped": 0,
+        "fault": f"{fired['every_reset']} S3 answers cut mid-body and "
+                 f"{fired['every_unavailable']} 503 SlowDowns ({setting})",
+        "outcome": outcome, "seconds_to_recover": "n/a (retries)",
+    })  # fmt: skip
+
+
 def record_fault(row: str, figures: dict[str, Any]) -> None:
     """Store one fault test's ``figures`` under ``row`` in ``runs/faults.json``, the
     other rows kept."""
@@ -161,32 +192,38 @@ def corrupt_engine_after(
     return thread, done
 
 
-def kill_a_learner_waiting_in_shard(
-    run_name: str, after_step: int, after: threading.Thread | None = None
-) -> tuple[threading.Thread, list[int]]:
-    """Start a thread that (once ``after`` ended) SIGKILLs one learner when both ranks
-    wait in ``Coordinator.shard`` for a batch after ``after_step`` that is being made
-    (their calls stay behind in the coordinator: the restarted group must not lose its
-    batch to them); returns the thread and the list it appends the killed pid to."""
-    killed: list[int] = []
+def learners_wait_for_a_batch_after(run_name: str, step: int) -> bool:
+    """Whether both learner ranks wait in ``Coordinator.shard`` for a batch after
+    ``step`` that is being made."""
+    status = coordinator_status(run_name)
+    return bool(
+        status
+        and status["learners_in_shard"] == [0, 1]
+        and status["producing"].startswith("making batch")
+        and int(status["producing"].rsplit(" ", 1)[1]) > step
+    )
 
-    def waiting_for_a_batch() -> bool:
-        status = coordinator_status(run_name)
-        return bool(
-            status
-            and status["learners_in_shard"] == [0, 1]
-            and status["producing"].startswith("making batch")
-            and int(status["producing"].rsplit(" ", 1)[1]) > after_step
-        )
+
+def kill_while_learners_wait_in_shard(
+    run_name: str, after_step: int, victim: str, after: threading.Thread | None = None
+) -> tuple[threading.Thread, list[Kill]]:
+    """Start a thread that (once ``after`` ended) SIGKILLs the first process titled
+    ``victim`` (``ray::RayTrainWorker``, ``ray::Coordinator``) while both learner ranks
+    wait in ``Coordinator.shard`` for a batch after ``after_step`` (a learner's calls
+    stay behind in the coordinator: the restarted group must not lose its batch to
+    them); returns the thread and the list it appends the :class:`Kill` to (its
+    ``version`` is the step waited after)."""
+    killed: list[Kill] = []
 
     def sabotage() -> None:
         if after is not None:
             after.join()
-        wait_for(waiting_for_a_batch, "both learners waiting in shard")
-        pid = ray_processes("ray::RayTrainWorker")[0].pid
+        wait_for(lambda: learners_wait_for_a_batch_after(run_name, after_step),
+                 "both learners waiting in shard")  # fmt: skip
+        pid = ray_processes(victim)[0].pid
         os.kill(pid, signal.SIGKILL)
-        killed.append(pid)
+        killed.append(Kill(victim, after_step, pid))
 
-    thread = threading.Thread(target=sabotage, name="fault-learner-killer", daemon=True)
+    thread = threading.Thread(target=sabotage, name="fault-shard-killer", daemon=True)
     thread.start()
     return thread, killed

@@ -31,10 +31,19 @@ COMMON = (
 )
 
 
+CONFIG = "configs/local/grpo.yaml"
+
+
+def grpo_overrides(export: str, manifest: str, storage: str, name: str, *overrides: str):
+    """The command-line overrides of a test run (on top of :data:`CONFIG`)."""
+    return [f"model.path={export}", f"data.manifest={manifest}", f"run.storage_path={storage}",
+            f"run.name={name}", *COMMON, *overrides]  # fmt: skip
+
+
 def grpo_config(export: str, manifest: str, storage: str, name: str, *overrides: str):
-    base = [f"model.path={export}", f"data.manifest={manifest}", f"run.storage_path={storage}",
-            f"run.name={name}", *COMMON]  # fmt: skip
-    return load_config(GRPOJobConfig, "configs/local/grpo.yaml", [*base, *overrides])
+    return load_config(
+        GRPOJobConfig, CONFIG, grpo_overrides(export, manifest, storage, name, *overrides)
+    )
 
 
 def steps_of(run_uri: str) -> list[dict]:

@@ -31,6 +31,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from ray.train import WorkerGroupError
 
 from mmrad.model.export import read_export_info
 from mmrad.rl.job import run_grpo
@@ -43,6 +44,12 @@ from tests.helpers.checkpoints import (
     differences,
     latest_checkpoint,
     read_checkpoint,
+)
+from tests.helpers.faults import (
+    kill_while_learners_wait_in_shard,
+    record_fault,
+    record_s3_faults,
+    s3_faults,
 )
 from tests.helpers.grpo import (
     EXACT_RUN,
@@ -85,10 +92,14 @@ def short_run(sft_trained, synthetic_local, tmp_path_factory):
                                  "schedule.max_steps=2"))  # fmt: skip
     after_first = steps_of(first.run_uri)
     killer, killed = kill_one_when(lambda: True, engine_cores_generating)
+    learner_killer, killed_learners = kill_while_learners_wait_in_shard(
+        "full", after_step=1, victim="ray::RayTrainWorker", after=killer
+    )
     second = run_grpo(grpo_config(export, synthetic_local, storage, "full", *SHORT_RUN,
-                                  "schedule.max_steps=3"))  # fmt: skip
-    killer.join(timeout=1)
-    return first, after_first, SimpleNamespace(**vars(second), killed=killed)
+                                  "schedule.max_steps=3", "run.max_failures=1"))  # fmt: skip
+    learner_killer.join(timeout=1)
+    return first, after_first, SimpleNamespace(**vars(second), killed=killed,
+                                               killed_learners=killed_learners)  # fmt: skip
 
 
 def test_full_sync_overlap_and_logging(short_run):
@@ -150,6 +161,26 @@ def test_rerun_continues_with_the_next_prompts(short_run, synthetic_local):
         assert set(entry["used"]) <= set(entry["drawn"]) and len(entry["used"]) == 2
     assert state["coordinator"]["position"] == {"epoch": 0, "index": len(drawn)}
     assert state["step"] == 3
+
+
+def test_a_learner_killed_in_shard_with_max_staleness_1_costs_nothing(short_run, synthetic_local):
+    """The continuation's learner SIGKILLed while both ranks wait for its batch (after
+    its engine core was killed): Ray Train restarts the learners, whose restored weights
+    reach the engines again; the batch is made once more from the same prompts."""
+    _, _, second = short_run
+    assert second.killed_learners, "no learner was killed"
+    state = grpo_state(second.run_uri)
+    drawn = [pid for entry in state["ledger"] for pid in entry["drawn"]]
+    assert drawn == data_order(synthetic_local)[: len(drawn)]  # nothing lost or repeated
+    assert [row["step"] for row in steps_of(second.run_uri)] == [1, 2, 3]
+    record_fault("grpo/3b learner killed in shard, max_staleness 1", {
+        "stage": "GRPO", "prompts_lost": 0, "samples_repeated_or_skipped": 0,
+        "fault": "a learner SIGKILLed while both ranks wait for a batch (max_staleness 1, "
+                 "full weights over the channel, engine core in a child process)",
+        "outcome": "learners restart from the last checkpoint and send their weights again; "
+                   "the batch is remade from the same prompts",
+        "seconds_to_recover": "n/a (a learner restart)",
+    })  # fmt: skip
 
 
 def rollout_engines_generating() -> list[int]:
@@ -236,24 +267,24 @@ def kill_a_computing_learner_after(run_uri: str, step: int):
     return kill_one_when(ready, busy_train_workers)
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
-def test_killed_learners_a_rerun_and_a_restart_continue_exactly(
-    where, grpo_uninterrupted, sft_trained, synthetic_local, tmp_path
+def test_killed_learners_a_rerun_and_a_restart_on_s3_under_s3_faults_continue_exactly(
+    grpo_uninterrupted, sft_trained, synthetic_local_on_s3, s3_chaos
 ):
-    """On local disk and on S3: a learner is SIGKILLed after the step-2 checkpoint and,
-    with no restarts allowed, the run fails; the same command again continues it, and
-    during that rerun another learner is SIGKILLed after the next step (Ray Train restarts the
-    learners, the coordinator lives on). The final checkpoint equals the uninterrupted
-    run's: the LoRA weights, AdamW's moments, the scheduler, every rank's RNG, the
-    coordinator's data position and version, and the prompt ledger; the metrics and the
-    sample table hold each step once."""
-    storage = f"s3://{TEST_BUCKET}/grpo-runs" if where == "s3" else str(tmp_path)
-    export = sft_trained.export_uri
+    """Images and checkpoints on S3, with S3 answers cut mid-body and 503 SlowDowns
+    injected into mmrad's reads throughout: a learner is SIGKILLed after the step-2
+    checkpoint and, with no restarts allowed, the run fails; the same command again
+    continues it, and during that rerun another learner is SIGKILLed after the next step
+    (Ray Train restarts the learners, the coordinator lives on). The final checkpoint
+    equals the uninterrupted run's on local images: the LoRA weights, AdamW's moments,
+    the scheduler, every rank's RNG, the coordinator's data position and version, and
+    the prompt ledger (no image skipped); the metrics and the sample table hold each
+    step once. (A rerun on local disk: tests/faults/test_fault_driver_and_coordinator.)"""
+    storage = f"s3://{TEST_BUCKET}/grpo-runs"
+    export, data = sft_trained.export_uri, synthetic_local_on_s3
     run_uri = f"{storage}/resumed"
     killer, killed = kill_a_computing_learner_after(run_uri, 2)
-    with pytest.raises(Exception):  # noqa: B017 (Ray Train's error for a dead worker group)
-        run_grpo(grpo_config(export, synthetic_local, storage, "resumed", *EXACT_RUN,
-                             "run.max_failures=0"))  # fmt: skip
+    with s3_faults(s3_chaos) as first_faults, pytest.raises(WorkerGroupError):
+        run_grpo(grpo_config(export, data, storage, "resumed", *EXACT_RUN, "run.max_failures=0"))
     killer.join()
     assert killed, "no learner was killed"
     # Step 3's checkpoint may already be reported when the kill lands (the commit of
@@ -263,8 +294,9 @@ def test_killed_learners_a_rerun_and_a_restart_continue_exactly(
     before = [row for row in read_metrics(Storage(), run_uri) if row["step"] <= stopped]
 
     killer, killed = kill_a_computing_learner_after(run_uri, stopped + 1)
-    result = run_grpo(grpo_config(export, synthetic_local, storage, "resumed", *EXACT_RUN,
-                                  "run.max_failures=1"))  # fmt: skip
+    with s3_faults(s3_chaos) as faults:
+        result = run_grpo(grpo_config(export, data, storage, "resumed", *EXACT_RUN,
+                                      "run.max_failures=1"))  # fmt: skip
     killer.join()
     assert killed, "no learner was killed during the rerun"
     assert read_metrics(Storage(), run_uri)[: len(before)] == before  # resumed, not restarted
@@ -279,3 +311,6 @@ def test_killed_learners_a_rerun_and_a_restart_continue_exactly(
     assert [row["step"] for row in samples] == sorted(row["step"] for row in samples)
     assert {row["step"] for row in samples} == set(range(1, EXACT_STEPS + 1))
     assert len(samples) == 2 * EXACT_STEPS  # schedule.sample_table_rows per step, once
+    record_s3_faults("grpo/7 S3 resets and 503 bursts", "GRPO", first_faults + faults,
+                     "images and checkpoints on S3; two learner kills",
+                     "retried with backoff; equals a clean run on local images")  # fmt: skip

@@ -19,8 +19,12 @@ import yaml
 from mmrad.config import ConfigError, load_config, read_yaml
 from mmrad.rl.config import GRPOJobConfig
 from mmrad.rl.job import run_grpo
+from mmrad.storage import Storage
+from mmrad.train.metrics_log import read_metrics
 from mmrad.tune.config import TuneJobConfig, trial_base
 from mmrad.tune.job import TRIAL_RUNS, run_tune
+from tests.helpers.checkpoints import committed_step
+from tests.helpers.faults import record_fault
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs/local/tune.yaml"
@@ -65,6 +69,7 @@ def sweep_file(tmp_path: Path, export: str, manifest: str, address: str) -> Path
     data["grpo"]["overrides"] += [
         f"model.path={export}", f"data.manifest={manifest}",
         f"run.storage_path={tmp_path / 'grpo'}", *SESSION_GRPO,
+        "schedule.checkpoint_every=1",  # a trial killed after step 1 resumes at step 2
     ]  # fmt: skip
     data["run"] = {"storage_path": str(tmp_path / "sweeps"), "name": "sweep"}
     data["val_samples"] = 4
@@ -88,22 +93,29 @@ def started(trial: Path) -> float:
 
 def kill_driver_mid_trial(
     driver: subprocess.Popen, sweep: Path, log: Path, timeout: float = 1200
-) -> None:
+) -> tuple[Path, list[dict]]:
     """SIGKILL the sweep's driver once a trial has finished (its GRPO export is written)
-    and a later one has started its GRPO run (one trial runs at a time)."""
+    and a later one has committed its step-1 GRPO checkpoint (one trial runs at a time);
+    returns that trial's run folder and its metrics rows of the committed step."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         trials = [t for t in trial_dirs(sweep) if (t / "run_info.json").exists()]
         done = [t for t in trials if finished(t)]
         newest = max(trials, key=started, default=None)
-        if done and not finished(newest) and started(newest) > max(map(started, done)):
-            time.sleep(5)  # inside the trial; Tune has saved its state (every 1 s)
+        if (
+            done
+            and not finished(newest)
+            and started(newest) > max(map(started, done))
+            and committed_step(Storage(), str(newest)) == 1
+        ):
+            time.sleep(1.5)  # Tune saves its state every second
             driver.send_signal(signal.SIGKILL)
             driver.wait(timeout=60)
-            return
+            step = committed_step(Storage(), str(newest))
+            return newest, [r for r in read_metrics(Storage(), str(newest)) if r["step"] <= step]
         if driver.poll() is not None:
             pytest.fail(f"the sweep ended before it could be killed:\n{log.read_text()[-4000:]}")
-        time.sleep(1)
+        time.sleep(0.2)
     driver.kill()
     pytest.fail(f"no trial finished in time:\n{log.read_text()[-4000:]}")
 
@@ -123,10 +135,25 @@ def test_sweep_survives_a_killed_driver_and_its_best_config_runs(
             [sys.executable, "-m", "ray_jobs.tune", "--config", str(config)],
             cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT,
         )  # fmt: skip
-        kill_driver_mid_trial(driver, sweep, log)
+        killed_trial, committed = kill_driver_mid_trial(driver, sweep, log)
     done_before = {t.name: started(t) for t in trial_dirs(sweep) if finished(t)}
 
     result = run_tune(load_config(TuneJobConfig, config))  # resumes: Tuner.restore
+
+    # The interrupted trial resumed from its GRPO checkpoint: its committed steps' rows
+    # are kept as they were (a trial started over would log them anew), each step once.
+    rows = read_metrics(Storage(), str(killed_trial))
+    assert committed and rows[: len(committed)] == committed
+    steps = [row["step"] for row in rows if "reward/total/mean" in row]
+    assert steps == sorted(set(steps)) and steps[0] == 1, steps
+    record_fault("tune/1 sweep driver killed mid-trial", {
+        "stage": "sweep", "prompts_lost": 0, "samples_repeated_or_skipped": 0,
+        "fault": "the sweep's driver SIGKILLed after a trial's GRPO checkpoint 1",
+        "outcome": f"Tuner.restore: {len(done_before)} finished trial(s) kept; the "
+                   "interrupted one " + ("resumed at step 2, step 1 not rerun" if steps == [1, 2]
+                                         else f"kept its step 1 (ASHA stopped it: {steps})"),
+        "seconds_to_recover": "n/a (a rerun)",
+    })  # fmt: skip
 
     assert result.trials == 4
     trials = {t.name: t for t in trial_dirs(sweep)}
