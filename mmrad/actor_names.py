@@ -8,9 +8,12 @@ taken after that belongs to a run that is alive, and the rerun must not touch it
 
 from __future__ import annotations
 
+import logging
 import time
 
 import ray
+
+log = logging.getLogger(__name__)
 
 FREE_WAIT_S = 60.0
 
@@ -20,23 +23,23 @@ class RunStillAlive(RuntimeError):
 
 
 def name_taken(name: str) -> bool:
+    """Whether an actor of this job's namespace holds ``name``; a dead one may hold it
+    for a moment, until Ray has ended it."""
     try:
-        actor = ray.get_actor(name)
+        ray.get_actor(name)
     except ValueError:
         return False
-    try:  # a dead owner's actor can linger as a name until Ray has ended it
-        ray.get(actor.__ray_ready__.remote(), timeout=10)
-    except ray.exceptions.ActorDiedError:
-        return False
-    except ray.exceptions.RayError:
-        pass
     return True
 
 
 def wait_until_free(name: str, what: str, timeout_s: float = FREE_WAIT_S) -> None:
     """Return once no live actor is named ``name``; raise :class:`RunStillAlive` naming
     ``what`` (e.g. ``run.name my-run``) when one still is after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
+    started = time.monotonic()
+    deadline = started + timeout_s
+    if not name_taken(name):
+        return
+    log.info("%s: waiting for the actor %s of an earlier driver to end", what, name)
     while name_taken(name):
         if time.monotonic() > deadline:
             raise RunStillAlive(
@@ -45,3 +48,4 @@ def wait_until_free(name: str, what: str, timeout_s: float = FREE_WAIT_S) -> Non
                 "another run.name"
             )
         time.sleep(0.5)
+    log.info("%s: %s ended after %.1f s", what, name, time.monotonic() - started)

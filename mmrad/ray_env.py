@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 # Ray puts Unix sockets under its temp dir (the dashboard's the deepest); their paths
 # must stay under 107 bytes.
 MAX_TEMP_DIR_CHARS = 36  # Ray adds about 70 characters below it
+# Every mmrad driver joins one namespace, so a rerun finds the named actors (coordinator,
+# progress board) of a killed driver's run: Ray gives each driver a random one otherwise.
+NAMESPACE = "mmrad"
 PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
@@ -83,7 +86,7 @@ def init_ray(config: RayConfig) -> None:
     if ray.is_initialized():
         return
     if joining_existing_cluster(config):
-        ray.init(address=config.address, log_to_driver=True)
+        ray.init(address=config.address, log_to_driver=True, namespace=NAMESPACE)
         return
     env = ray_environment(Path(config.state_dir))
     os.environ.update(env)
@@ -96,5 +99,6 @@ def init_ray(config: RayConfig) -> None:
         dashboard_host="127.0.0.1",
         _temp_dir=env["RAY_TMPDIR"],
         _system_config=local_system_config(config),
+        namespace=NAMESPACE,
     )
     log.info("started a local Ray with state in %s", env["RAY_TMPDIR"])

@@ -60,7 +60,7 @@ def write_background_faults(proxy) -> None:
     import json
 
     record = {"every": BACKGROUND_RESET_EVERY, "limit": BACKGROUND_RESET_LIMIT,
-              "requests": proxy.requests, "injected": dict(proxy.injected)}  # fmt: skip
+              "requests": proxy.requests, "injected": dict(proxy.counts())}  # fmt: skip
     out = Path(__file__).resolve().parents[1] / "runs" / "s3_background_faults.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")

@@ -236,6 +236,18 @@ def decode_batch(batch: pa.Table, spec: DecodeSpec) -> pa.Table:
     return batch
 
 
+def ordered_data_context():
+    """Ray Data's context for mmrad's datasets: rows keep their order, and a decode error
+    reaches the consumer as itself (a :class:`BadImageError` that ends the job at once,
+    :mod:`mmrad.train.fail_fast`), not wrapped as Ray Data's ``UserCodeException``."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    context.raise_original_map_exception = True
+    return context
+
+
 def build_dataset(
     rows: list[dict[str, Any]],
     spec: DecodeSpec,
@@ -246,8 +258,7 @@ def build_dataset(
     its decode tasks ask for custom ``resources`` too (:mod:`mmrad.placement`)."""
     import ray.data
 
-    context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True
+    ordered_data_context()
     dataset = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // batch_size))
     # Tasks, not an actor pool: worker processes (and their cached clients and
     # references) are reused across datasets, while actors would start cold each time.

@@ -33,6 +33,7 @@ are training instead, their next push brings the replacement up.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import traceback
 from collections import Counter
@@ -53,6 +54,7 @@ from mmrad.rl.rollout import RolloutPrompt, WeightUpdate
 from mmrad.rl.weight_sender import ChannelUpdate, ResendWeights
 from mmrad.storage import Storage
 from mmrad.task.prompt import PromptVariant
+from mmrad.train.fail_fast import NOT_RETRIED
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +318,7 @@ class Coordinator:
     def status(self) -> dict[str, Any]:
         """What the coordinator does now (for operators and fault tests; takes no pool
         lock): ``producing``, the newest weights ``received``, ``batches_ready``,
-        ``learners_in_shard`` (ranks with calls waiting), and the pool's
+        ``learners_in_shard`` (ranks with calls waiting), its ``pid``, and the pool's
         :meth:`~mmrad.rl.pool.RolloutPool.status`."""
         with self._cond:
             state = {
@@ -324,6 +326,7 @@ class Coordinator:
                 "received": self._received,
                 "batches_ready": sorted(self._batches),
                 "learners_in_shard": sorted(r for r, n in self._in_shard.items() if n > 0),
+                "pid": os.getpid(),
             }
         return {**state, "pool": self.pool.status()}
 
@@ -362,11 +365,13 @@ class Coordinator:
                     self._batches[step] = batch
                     self._cond.notify_all()
             self._producing = "done"
-        except BaseException:
+        except BaseException as err:
             if self._stop.is_set():  # interrupted on purpose (_stop_producer)
                 self._producing = "stopped"
                 return
             self._producing = "failed"
+            if isinstance(err, NOT_RETRIED):  # bad data or config: a restart fails alike
+                self.fail(f"{type(err).__name__}: {err}")
             with self._cond:
                 self._error = traceback.format_exc()
                 self._cond.notify_all()

@@ -27,7 +27,7 @@ import ray
 log = logging.getLogger(__name__)
 
 WATCH_EVERY_S = 5.0
-ASK_TIMEOUT_S = 30.0
+ASK_TIMEOUT_S = 10.0  # the controller's event loop waits for the answer
 
 
 def why_unrecoverable(coordinator: Any, name: str) -> str | None:
@@ -41,7 +41,9 @@ def why_unrecoverable(coordinator: Any, name: str) -> str | None:
             "the learners cannot help, so the run ends. Rerun the same command to resume "
             "from the last checkpoint"
         )
-    except (ray.exceptions.GetTimeoutError, ray.exceptions.ActorUnavailableError):
+    except Exception as err:  # slow or unreachable: a restart may still help
+        log.warning("could not ask the GRPO coordinator %s whether the run can go on: %s",
+                    name, err)  # fmt: skip
         return None
     return reason
 
@@ -60,7 +62,7 @@ def watch_coordinator(coordinator: Any, name: str) -> threading.Event:
                 if not done.is_set():
                     log.error("the GRPO coordinator actor %s died; this learner stops", name)
                     os._exit(1)
-            except (ray.exceptions.GetTimeoutError, ray.exceptions.ActorUnavailableError):
+            except Exception:  # slow or unreachable: ask again
                 continue
 
     threading.Thread(target=watch, name="coordinator-watch", daemon=True).start()

@@ -475,8 +475,8 @@ class GRPOLearner:
                 f"(schedule.sync_check_tolerance={tolerance:g}): the engines do not sample "
                 "from the weights being trained"
             )
-            if self.rank == 0:
-                ray.get(self.coordinator.fail.remote(reason))
+            # Every rank, before it raises: the controller may see any rank fail first.
+            ray.get(self.coordinator.fail.remote(reason))
             raise SyncCheckFailed(reason)
         if self.rank != 0:
             return {}

@@ -20,7 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from mmrad.data.loading import RECORD_COLUMNS, DecodeSpec, SkipLog, decode_batch, ordered_rows
+from mmrad.data.loading import (
+    RECORD_COLUMNS,
+    DecodeSpec,
+    SkipLog,
+    decode_batch,
+    ordered_data_context,
+    ordered_rows,
+)
 from mmrad.engine.requests import InspectionInput
 
 log = logging.getLogger(__name__)
@@ -171,9 +178,7 @@ class PromptStream:
     def _dataset(self, rows: list[dict[str, Any]]):
         import ray.data
 
-        context = ray.data.DataContext.get_current()
-        context.execution_options.preserve_order = True
-        context.enable_progress_bars = False
+        ordered_data_context().enable_progress_bars = False
         blocks = max(1, len(rows) // self.batch_size)
         return ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
             decode_batch,

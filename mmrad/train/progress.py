@@ -37,7 +37,7 @@ def board_name(run_name: str) -> str:
 def open_board(run_name: str):
     name = board_name(run_name)
     wait_until_free(name, f"run.name {run_name}")  # a killed driver's board is ending
-    return ProgressBoard.options(name=name, get_if_exists=True).remote()
+    return ProgressBoard.options(name=name).remote()
 
 
 def report_progress(run_name: str, step: int, total: int | None, summary: str = "") -> None:

@@ -24,6 +24,7 @@ from mmrad.rl.job import run_grpo
 from mmrad.storage import Storage
 from tests.helpers.checkpoints import differences, latest_checkpoint, read_checkpoint
 from tests.helpers.faults import (
+    a_learner,
     kill_rollout_engines_while_they_receive,
     kill_while_learners_wait_in_shard,
     record_fault,
@@ -39,7 +40,7 @@ def test_engines_killed_in_syncs_and_a_learner_killed_in_shard_change_nothing(
     name = "faults"
     engines, kills = kill_rollout_engines_while_they_receive(name, count=2)
     learner, killed_learners = kill_while_learners_wait_in_shard(
-        name, after_step=2, victim="ray::RayTrainWorker", after=engines
+        name, after_step=2, victim=a_learner, after=engines
     )
     result = run_grpo(grpo_config(sft_trained.export_uri, synthetic_local, str(tmp_path), name,
                                   *EXACT_RUN, "run.max_failures=1"))  # fmt: skip

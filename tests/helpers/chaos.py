@@ -38,10 +38,12 @@ HEAD_END = b"\r\n\r\n"
 
 @dataclass
 class Periodic:
-    """Inject into every ``every``-th request seen, ``left`` more times."""
+    """Inject into every ``every``-th request seen whose request line holds ``path``,
+    ``left`` more times."""
 
     every: int
     left: int
+    path: bytes = b""
     seen: int = 0
 
     def due(self) -> bool:
@@ -86,14 +88,14 @@ class ChaosProxy:
         with self._lock:
             self._unavailable += count
 
-    def fault_every(self, kind: str, every: int, limit: int) -> Periodic | None:
+    def fault_every(self, kind: str, every: int, limit: int, path: bytes = b"") -> Periodic | None:
         """From now on inject ``kind`` (``reset``: the answer cut mid-body; ``unavailable``:
-        503 SlowDown) into every ``every``-th GET, ``limit`` times at most: a low
-        background fault rate for a whole test session, or a denser one for a while.
-        Returns the setting it replaced."""
+        503 SlowDown) into every ``every``-th GET of a key whose path holds ``path``,
+        ``limit`` times at most: a low background fault rate for a whole test session,
+        or a denser one for a while. Returns the setting it replaced."""
         with self._lock:
             replaced = self._periodic.get(kind)
-            self._periodic[kind] = Periodic(every, limit)
+            self._periodic[kind] = Periodic(every, limit, path)
             return replaced
 
     def restore_every(self, kind: str, setting: Periodic | None) -> None:
@@ -106,6 +108,11 @@ class ChaosProxy:
     def pause(self, seconds: float) -> None:
         with self._lock:
             self._paused_until = time.monotonic() + seconds
+
+    def counts(self) -> Counter[str]:
+        """A copy of :attr:`injected`, taken under the lock."""
+        with self._lock:
+            return Counter(self.injected)
 
     def close(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -146,9 +153,10 @@ class ChaosProxy:
         ``every_<kind>``)."""
         if not request.startswith(b"GET "):
             return False
+        request_line = request[: request.find(b"\r\n")]
         with self._lock:
             periodic = self._periodic.get(kind)
-            if periodic is None or not periodic.due():
+            if periodic is None or periodic.path not in request_line or not periodic.due():
                 return False
             self.injected[f"every_{kind}"] += 1
             return True

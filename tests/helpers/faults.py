@@ -123,20 +123,24 @@ def recovered(run_name: str, dead_worker: str) -> bool:
 
 
 @contextlib.contextmanager
-def s3_faults(chaos, every: int = 8, limit: int = 6) -> Iterator[Counter[str]]:
-    """For the block, every ``every``-th GET of mmrad's own S3 calls cut mid-body and
-    every ``every``-th answered 503 SlowDown, ``limit`` of each (the session's background
-    rate after); yields the counts injected, filled in at the end, and fails the test
-    when none of either kind fired."""
-    before = Counter(chaos.injected)
-    replaced = {kind: chaos.fault_every(kind, every, limit) for kind in ("reset", "unavailable")}
+def s3_faults(
+    chaos, every: int = 8, limit: int = 6, path: bytes = b"/datasets/"
+) -> Iterator[Counter[str]]:
+    """For the block, every ``every``-th GET of mmrad's own S3 reads under ``path`` (the
+    data sets: images and manifests, not the test's own polling of checkpoints) cut
+    mid-body and every ``every``-th answered 503 SlowDown, ``limit`` of each (the
+    session's background rate after); yields the counts injected, filled in at the end,
+    and fails the test when none of either kind fired."""
+    before = chaos.counts()
+    replaced = {kind: chaos.fault_every(kind, every, limit, path)
+                for kind in ("reset", "unavailable")}  # fmt: skip
     fired: Counter[str] = Counter()
     try:
         yield fired
     finally:
         for kind, setting in replaced.items():
             chaos.restore_every(kind, setting)
-        fired.update(chaos.injected - before)
+        fired.update(chaos.counts() - before)
     assert fired["every_reset"] and fired["every_unavailable"], f"no S3 fault fired: {fired}"
 
 
@@ -194,25 +198,41 @@ def corrupt_engine_after(
 
 def learners_wait_for_a_batch_after(run_name: str, step: int) -> bool:
     """Whether both learner ranks wait in ``Coordinator.shard`` for a batch after
-    ``step`` that is being made."""
+    ``step`` that is being made, by engines that all hold the current weights (one fault
+    at a time: a replacement after an earlier kill has finished)."""
     status = coordinator_status(run_name)
     return bool(
         status
         and status["learners_in_shard"] == [0, 1]
         and status["producing"].startswith("making batch")
         and int(status["producing"].rsplit(" ", 1)[1]) > step
+        and not status["pool"]["behind"]
+        and not status["pool"]["receiving"]
     )
 
 
+def a_learner(status: dict[str, Any]) -> int:
+    """The pid of a learner (for :func:`kill_while_learners_wait_in_shard`)."""
+    return ray_processes("ray::RayTrainWorker")[0].pid
+
+
+def the_coordinator(status: dict[str, Any]) -> int:
+    """The pid of the coordinator that reported ``status``."""
+    return status["pid"]
+
+
 def kill_while_learners_wait_in_shard(
-    run_name: str, after_step: int, victim: str, after: threading.Thread | None = None
+    run_name: str,
+    after_step: int,
+    victim: Callable[[dict[str, Any]], int],
+    after: threading.Thread | None = None,
 ) -> tuple[threading.Thread, list[Kill]]:
-    """Start a thread that (once ``after`` ended) SIGKILLs the first process titled
-    ``victim`` (``ray::RayTrainWorker``, ``ray::Coordinator``) while both learner ranks
-    wait in ``Coordinator.shard`` for a batch after ``after_step`` (a learner's calls
-    stay behind in the coordinator: the restarted group must not lose its batch to
-    them); returns the thread and the list it appends the :class:`Kill` to (its
-    ``version`` is the step waited after)."""
+    """Start a thread that (once ``after`` ended) SIGKILLs the process ``victim(status)``
+    names (:func:`a_learner`, :func:`the_coordinator`) while both learner ranks wait in
+    ``Coordinator.shard`` for a batch after ``after_step`` (a learner's calls stay behind
+    in the coordinator: the restarted group must not lose its batch to them); returns the
+    thread and the list it appends the :class:`Kill` to (its ``version`` is the step
+    waited after)."""
     killed: list[Kill] = []
 
     def sabotage() -> None:
@@ -220,9 +240,9 @@ def kill_while_learners_wait_in_shard(
             after.join()
         wait_for(lambda: learners_wait_for_a_batch_after(run_name, after_step),
                  "both learners waiting in shard")  # fmt: skip
-        pid = ray_processes(victim)[0].pid
+        pid = victim(coordinator_status(run_name) or {})
         os.kill(pid, signal.SIGKILL)
-        killed.append(Kill(victim, after_step, pid))
+        killed.append(Kill(getattr(victim, "__name__", "victim"), after_step, pid))
 
     thread = threading.Thread(target=sabotage, name="fault-shard-killer", daemon=True)
     thread.start()

@@ -46,6 +46,7 @@ from tests.helpers.checkpoints import (
     read_checkpoint,
 )
 from tests.helpers.faults import (
+    a_learner,
     kill_while_learners_wait_in_shard,
     record_fault,
     record_s3_faults,
@@ -93,7 +94,7 @@ def short_run(sft_trained, synthetic_local, tmp_path_factory):
     after_first = steps_of(first.run_uri)
     killer, killed = kill_one_when(lambda: True, engine_cores_generating)
     learner_killer, killed_learners = kill_while_learners_wait_in_shard(
-        "full", after_step=1, victim="ray::RayTrainWorker", after=killer
+        "full", after_step=1, victim=a_learner, after=killer
     )
     second = run_grpo(grpo_config(export, synthetic_local, storage, "full", *SHORT_RUN,
                                   "schedule.max_steps=3", "run.max_failures=1"))  # fmt: skip
