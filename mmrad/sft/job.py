@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +81,8 @@ def start_position(progress: SFTProgress | None, plan: StepPlan) -> tuple[int, i
     positions by their own restored state, so a stale hint costs time, never samples."""
     if progress is None:
         return 0, 0
-    if progress.step_in_epoch >= plan.steps_per_epoch:
-        return progress.epoch + 1, 0
+    progress = replace(progress)
+    progress.next_epoch_if_done(plan.steps_per_epoch)
     return progress.epoch, plan.start_position(progress.step_in_epoch)
 
 

@@ -115,3 +115,10 @@ class SFTProgress:
     best_step: int | None = None
     trained_ids: list[str] = field(default_factory=list)
     data_order: dict[str, Any] | None = None
+
+    def next_epoch_if_done(self, steps_per_epoch: int) -> None:
+        """Move to the next epoch once this one's steps are done. A checkpoint taken after
+        an epoch's last step still names that epoch: a resume starts with the next."""
+        if self.step_in_epoch >= steps_per_epoch:
+            self.epoch += 1
+            self.step_in_epoch = 0

@@ -60,6 +60,7 @@ class SFTLoop:
         self.order = DataOrder(**spec["data_order"])
         check_data_order(self.progress.data_order, self.order, f"run {spec['run_uri']}")
         self.progress.data_order = asdict(self.order)
+        self.progress.next_epoch_if_done(self.plan.steps_per_epoch)  # restored at its end
         processor = load_processor(self.core.model_path, self.job.model.pixels)
         variant = PromptVariant(**self.job.prompt.model_dump())
         self.collate = SFTCollator(processor, variant, defect_types=spec["defect_types"])
@@ -176,9 +177,7 @@ class SFTLoop:
                     self.log_validation(step)
                 if step >= total:
                     break
-            if self.progress.step_in_epoch >= self.plan.steps_per_epoch:
-                self.progress.epoch += 1
-                self.progress.step_in_epoch = 0
+            self.progress.next_epoch_if_done(self.plan.steps_per_epoch)
         skipped = self.skips.skipped.keys() | self.val_skips.skipped.keys()
         self.core.log(self.core.step, {"skipped_images": len(skipped)})
         self.core.close()

@@ -1,6 +1,7 @@
 import pytest
 
-from mmrad.sft.plan import StepPlan
+from mmrad.sft.job import start_position
+from mmrad.sft.plan import SFTProgress, StepPlan
 from mmrad.train.schedule import warmup_cosine_factor
 
 
@@ -11,6 +12,21 @@ def test_steps_and_positions_are_the_same_on_every_rank():
     assert plan.total_steps == 9
     assert plan.start_position(2) == 32
     assert plan.rank_rows_per_epoch() == 24
+
+
+def test_a_checkpoint_at_an_epochs_end_resumes_with_the_next_epoch_in_driver_and_worker():
+    """The driver builds data sets from the epoch a resumed worker asks for first (a
+    checkpoint after an epoch's last step once made the worker ask for a data set the
+    driver had skipped)."""
+    plan = StepPlan(samples=50, world_size=2, batch_size=4, grad_accum=2, epochs=3)
+    at_end = SFTProgress(epoch=1, step_in_epoch=3)
+    assert start_position(at_end, plan) == (2, 0)
+    at_end.next_epoch_if_done(plan.steps_per_epoch)  # what the restored worker does
+    assert (at_end.epoch, at_end.step_in_epoch) == (2, 0)
+    mid_epoch = SFTProgress(epoch=1, step_in_epoch=2)
+    assert start_position(mid_epoch, plan) == (1, 32)
+    mid_epoch.next_epoch_if_done(plan.steps_per_epoch)
+    assert (mid_epoch.epoch, mid_epoch.step_in_epoch) == (1, 2)
 
 
 def test_max_steps_caps_the_total():
