@@ -6,8 +6,9 @@ command rerun after each):
    the dead driver owned (coordinator, engines, learners), the rerun waits until their
    names are free and resumes from the last checkpoint, and none of them lives on;
 2. during that rerun the coordinator SIGKILLed while both learners wait in
-   ``Coordinator.shard``: the run ends within seconds naming the dead actor, with no
-   learner restart (each would reload the model and call a dead actor again);
+   ``Coordinator.shard``: the run ends naming the dead actor, with no learner restart
+   (each would reload the model and call a dead actor again; the seconds it took are
+   recorded, not asserted);
 3. the same command again resumes and finishes, through a 60 s S3 outage from the
    moment its coordinator is up: its prompt stream's reads wait with backoff.
 
@@ -73,6 +74,31 @@ def alive(pids: list[int]) -> list[int]:
     return living
 
 
+class LearnerCensus:
+    """The pids of every learner process seen while the block runs: two for a run that
+    never restarted its learners (each restart starts new ones)."""
+
+    def __init__(self):
+        self.seen: set[int] = set()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._count, daemon=True)
+
+    def _count(self) -> None:
+        while not self._done.wait(0.1):
+            self.seen.update(p.pid for p in ray_processes("ray::RayTrainWorker"))
+
+    def __enter__(self) -> LearnerCensus:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def __repr__(self) -> str:
+        return f"learner pids {sorted(self.seen)}"
+
+
 def kill_driver_after_checkpoint(driver: subprocess.Popen, run_uri: str, log: Path, step: int):
     """SIGKILL the driver once the checkpoint of ``step`` is committed; returns the pids
     of the run's actors just before, by title."""
@@ -135,7 +161,8 @@ def test_a_killed_driver_and_coordinator_and_an_s3_outage_cost_nothing_but_rerun
     before = [row for row in read_metrics(Storage(), run_uri) if row["step"] <= stopped]
 
     saboteur, kills = kill_while_learners_wait_in_shard(name, stopped, the_coordinator)
-    with pytest.raises(RunCannotRecover, match=coordinator_name(name)):
+    learners = LearnerCensus()
+    with learners, pytest.raises(RunCannotRecover, match=coordinator_name(name)):
         run_grpo(grpo_config(sft_trained.export_uri, data, storage, name, *EXACT_RUN,
                              "run.max_failures=3"))  # fmt: skip
     saboteur.join()
@@ -143,7 +170,8 @@ def test_a_killed_driver_and_coordinator_and_an_s3_outage_cost_nothing_but_rerun
     ended_s = time.monotonic() - kills[0].at
     watcher.join()
     assert orphans_ended and not alive(old_pids), "actors of the killed driver live on"
-    assert ended_s < 60, f"the run took {ended_s:.0f} s to end after its coordinator died"
+    started = learners.seen - set(old_pids)  # the killed driver's may still be ending
+    assert len(started) == 2, f"learners restarted after the coordinator died: {learners}"
     assert read_metrics(Storage(), run_uri)[: len(before)] == before  # resumed, not restarted
     resumed = committed_step(Storage(), run_uri)
     assert resumed == stopped + 1  # the rerun trained one step, then lost its coordinator
