@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from mmrad import config as cfg
 from mmrad.annotate.config import AnnotateJobConfig
+from mmrad.detect.config import DetectJobConfig
 from mmrad.eval.config import EvalJobConfig
 from mmrad.rl.config import GRPOJobConfig
 from mmrad.serve.config import ServeArgs
@@ -29,6 +30,7 @@ JOB_CONFIGS: dict[str, type[BaseModel]] = {
     "mmrad eval run": EvalJobConfig,
     "mmrad serve (application args)": ServeArgs,
     "mmrad annotate": AnnotateJobConfig,
+    "mmrad detect": DetectJobConfig,
     "mmrad pipeline": cfg.PipelineConfig,
 }
 

@@ -28,11 +28,11 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from mmrad.config import DEFAULT_MAX_BAD_FRACTION, DataLoadConfig, PixelBudget
 from mmrad.storage import Storage, StorageUnavailable
-from mmrad.task.geometry import model_grid
+from mmrad.task.geometry import Size, model_grid
 
 log = logging.getLogger(__name__)
 
@@ -163,26 +163,41 @@ def ordered_rows(
 
 def decode_to_grid(data: bytes, pixels: PixelBudget) -> np.ndarray:
     """Decode every pixel (catching truncated files) and resize to the model grid."""
+    return decode_with_size(data, pixels)[0]
+
+
+def decode_with_size(data: bytes, pixels: PixelBudget) -> tuple[np.ndarray, Size]:
+    """:func:`decode_to_grid`, and the image's own ``(width, height)`` before resizing."""
     with Image.open(io.BytesIO(data)) as image:
         image = image.convert("RGB")
-        grid = model_grid(image.size, pixels.min_pixels, pixels.max_pixels, pixels.factor)
-        if grid != image.size:
+        size = image.size
+        grid = model_grid(size, pixels.min_pixels, pixels.max_pixels, pixels.factor)
+        if grid != size:
             image = image.resize(grid, Image.Resampling.BICUBIC)
-        return np.asarray(image, dtype=np.uint8)
+        return np.asarray(image, dtype=np.uint8), size
 
 
 def _fetch_and_decode(spec: DecodeSpec, uri: str | None) -> tuple[np.ndarray, str]:
     """The image on the model grid, or why it is bad: missing, denied or undecodable (a
     permanent fault of the data). An outage that outlasted the retries is no bad image:
     it raises :class:`~mmrad.storage.StorageUnavailable` and fails the job."""
+    image, _, error = _fetch_and_measure(spec, uri)
+    return image, error
+
+
+def _fetch_and_measure(spec: DecodeSpec, uri: str | None) -> tuple[np.ndarray, Size | None, str]:
+    """:func:`_fetch_and_decode` with the image's own size (``None`` when it is bad)."""
     if not uri:
-        return EMPTY_IMAGE, ""
+        return EMPTY_IMAGE, None, ""
     try:
-        return decode_to_grid(spec.storage.read_bytes(uri), spec.pixels), ""
+        image, size = decode_with_size(spec.storage.read_bytes(uri), spec.pixels)
+        return image, size, ""
     except StorageUnavailable:
         raise
+    except UnidentifiedImageError:  # PIL's own text names an anonymous in-memory buffer
+        return EMPTY_IMAGE, None, f"{uri}: not an image (no image format recognised)"
     except Exception as err:
-        return EMPTY_IMAGE, f"{uri}: {err}"
+        return EMPTY_IMAGE, None, f"{uri}: {err}"
 
 
 @functools.lru_cache(maxsize=REFERENCE_CACHE_SIZE)
@@ -208,31 +223,66 @@ def decode_batch(batch: pa.Table, spec: DecodeSpec) -> pa.Table:
     storage is latency-bound), decode them, resize them to the model grid and add the grid
     size. Batches are Arrow tables so the record's list columns (boxes, labels) keep their
     types; images travel as Ray's (ragged) tensor columns."""
-    from ray.data.extensions import ArrowTensorArray
-
     ids = batch.column("id").to_pylist()
     with ThreadPoolExecutor(spec.fetch_threads) as pool:
         images = list(
-            pool.map(lambda u: _fetch_and_decode(spec, u), batch["image_uri"].to_pylist())
+            pool.map(lambda u: _fetch_and_measure(spec, u), batch["image_uri"].to_pylist())
         )
         references = list(
             pool.map(lambda u: _fetch_reference(spec, u), batch["reference_uri"].to_pylist())
         )
     errors = []
-    for rid, (_, image_error), (_, reference_error) in zip(ids, images, references, strict=True):
+    for rid, (_, _, image_error), (_, reference_error) in zip(ids, images, references,
+                                                             strict=True):  # fmt: skip
         error = image_error or reference_error
         if error and spec.on_bad_image == "fail":
             raise BadImageError(f"id {rid!r}: {error}")
         errors.append(error)
     columns = {
-        "image": ArrowTensorArray.from_numpy([image for image, _ in images]),
-        "reference": ArrowTensorArray.from_numpy([image for image, _ in references]),
-        "grid_width": pa.array([image.shape[1] for image, _ in images], pa.int32()),
-        "grid_height": pa.array([image.shape[0] for image, _ in images], pa.int32()),
+        "image": tensor_column([image for image, _, _ in images]),
+        "reference": tensor_column([image for image, _ in references]),
+        "grid_width": pa.array([image.shape[1] for image, _, _ in images], pa.int32()),
+        "grid_height": pa.array([image.shape[0] for image, _, _ in images], pa.int32()),
         "error": pa.array(errors, pa.string()),
     }
     for name, column in columns.items():
         batch = batch.append_column(name, column)
+    return with_own_sizes(batch, [size for _, size, _ in images])
+
+
+def tensor_column(arrays: Sequence[np.ndarray]):
+    """Images as Ray's tensor column: fixed-shape when they share one, else variable-shaped.
+    Images of different sizes are handed over as an object array, which Ray takes as it is;
+    a list makes Ray try to stack it first and log the failure with a traceback."""
+    from ray.data.extensions import ArrowTensorArray
+
+    if len({array.shape for array in arrays}) <= 1:
+        return ArrowTensorArray.from_numpy(list(arrays))
+    ragged = np.empty(len(arrays), dtype=object)
+    for index, array in enumerate(arrays):
+        ragged[index] = array
+    return ArrowTensorArray.from_numpy(ragged)
+
+
+def with_own_sizes(batch: pa.Table, sizes: Sequence[Size | None]) -> pa.Table:
+    """Rows that do not know their image's size (``width``/``height`` missing or null:
+    images listed from a folder by ``mmrad detect``, not a manifest's records) get the
+    size decoding found, ``None`` where the image is bad. Known sizes stay as they are.
+
+    Measured while decoding, where the bytes are read anyway; reading every header in
+    the driver first was rejected: a second read of each object, one after another."""
+    for axis, name in enumerate(("width", "height")):
+        known = batch.column(name).to_pylist() if name in batch.column_names else None
+        if known is not None and None not in known:
+            continue
+        known = known or [None] * len(sizes)
+        values = [value if value is not None else (size[axis] if size else None)
+                  for value, size in zip(known, sizes, strict=True)]  # fmt: skip
+        column = pa.array(values, pa.int64())
+        if name in batch.column_names:
+            batch = batch.set_column(batch.column_names.index(name), name, column)
+        else:
+            batch = batch.append_column(name, column)
     return batch
 
 

@@ -32,11 +32,19 @@ def error_fraction(rows: Sequence[Mapping[str, Any]]) -> float:
 
 
 def enforce_error_budget(
-    storage: Storage, run_uri: str, rows: Sequence[Mapping[str, Any]], max_fraction: float
+    storage: Storage,
+    run_uri: str,
+    rows: Sequence[Mapping[str, Any]],
+    max_fraction: float,
+    *,
+    stale: Sequence[str] = STALE_ON_FAILURE,
+    withheld: str = "metrics",
 ) -> None:
     """Within budget: clear an earlier run's ``FAILED``. Above it: remove the earlier
-    run's metrics and report, write ``FAILED`` (counts, the commonest errors) and raise
-    :class:`EvalFailed` naming the counts."""
+    run's results (``stale``: metrics and report), write ``FAILED`` (counts, the
+    commonest errors) and raise :class:`EvalFailed` naming the counts. ``mmrad detect``
+    passes its own ``stale`` files and ``withheld`` (what the message says is not
+    written)."""
     marker = join(run_uri, FAILED)
     fraction = error_fraction(rows)
     if fraction <= max_fraction:
@@ -45,7 +53,7 @@ def enforce_error_budget(
         return
     errors = Counter(str(row["error"]) for row in rows if failed_prediction(row))
     failed = sum(errors.values())
-    for name in STALE_ON_FAILURE:
+    for name in stale:
         storage.delete(join(run_uri, name))
     storage.write_text(marker, json.dumps({
         "samples": len(rows), "errors": failed, "error_fraction": fraction,
@@ -55,6 +63,6 @@ def enforce_error_budget(
     commonest, count = errors.most_common(1)[0]
     raise EvalFailed(
         f"{run_uri}: {failed} of {len(rows)} predictions failed ({fraction:.1%} > "
-        f"max_error_fraction {max_fraction:.1%}); no metrics written, see {marker}. "
+        f"max_error_fraction {max_fraction:.1%}); no {withheld} written, see {marker}. "
         f"Commonest error ({count}x): {commonest[:300]}"
     )
