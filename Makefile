@@ -11,7 +11,14 @@ TORCH_SOURCE ?= $(if $(wildcard /opt/wheels/torch-2.13.0+cpu*),--find-links /opt
 NETNS := scripts/loopback-netns
 PYTEST_ARGS ?=
 
-.PHONY: venv test demo lint format bench clean
+# MLflow's UI over the demo's runs, from a venv of its own: the full mlflow package pins
+# pyarrow below what Ray Data needs; the version is the one of mlflow-skinny in pyproject.
+MLFLOW_VERSION := 3.17.2
+MLFLOW_UI_VENV := .venv-mlflow-ui
+MLFLOW_STORE ?= runs/mlflow.db
+MLFLOW_PORT ?= 5000
+
+.PHONY: venv test demo lint format bench clean mlflow-ui
 
 venv: $(INSTALLED)
 
@@ -27,6 +34,12 @@ test: venv
 
 demo: venv
 	$(NETNS) $(BIN)/mmrad pipeline --config configs/local/pipeline.yaml
+
+mlflow-ui:
+	test -x $(MLFLOW_UI_VENV)/bin/mlflow || $(PYTHON) -m venv $(MLFLOW_UI_VENV)
+	$(MLFLOW_UI_VENV)/bin/python -m pip install -q "mlflow==$(MLFLOW_VERSION)"
+	$(MLFLOW_UI_VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(MLFLOW_STORE) \
+		--host 127.0.0.1 --port $(MLFLOW_PORT)
 
 lint: venv
 	$(BIN)/ruff check .

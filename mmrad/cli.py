@@ -222,6 +222,48 @@ def annotate(config: ConfigOption = None, overrides: Overrides = None) -> None:
     print_result(run_annotate(_load(AnnotateJobConfig, config, overrides, {})))
 
 
+@app.command("detect")
+def detect(
+    path: Annotated[str, typer.Argument(help="Folder or s3:// prefix of images, or one image.")],
+    overrides: Overrides = None,
+    config: ConfigOption = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="Exported model (local or s3://).")
+    ] = None,
+    endpoint: Annotated[
+        str | None, typer.Option(help="OpenAI-compatible endpoint URL (up to /v1) instead.")
+    ] = None,
+    model_name: Annotated[
+        str | None, typer.Option("--model-name", help="The endpoint's model name (mmrad).")
+    ] = None,
+    out: Annotated[str | None, typer.Option("--out", help="Output folder or s3:// URI.")] = None,
+    category: Annotated[
+        str | None, typer.Option(help="Category of every image (else its folder's name).")
+    ] = None,
+    reference: Annotated[
+        str | None,
+        typer.Option(help="Normal image for all categories, or a folder of <category>.png."),
+    ] = None,
+    threshold: Annotated[
+        float | None, typer.Option(help="anomalous = P(Yes) >= this (else the answer's Yes/No).")
+    ] = None,
+) -> None:
+    """Inspect every image under PATH: writes detections.parquet, detections.csv, overlay
+    PNGs and index.html (a contact sheet, most suspicious first) to --out."""
+    from mmrad.detect.config import DetectJobConfig, target_overrides
+    from mmrad.detect.job import run_detect
+    from mmrad.jobs import print_result
+
+    try:
+        targets = target_overrides(model, endpoint, model_name)
+    except ConfigError as err:
+        console.print(f"[red]config error:[/red] {err}")
+        raise typer.Exit(2) from None
+    flags = {"input": path, "output": out, "category": category, "reference": reference,
+             "threshold": threshold}  # fmt: skip
+    print_result(run_detect(_load(DetectJobConfig, config, [*targets, *(overrides or [])], flags)))
+
+
 @app.command("grpo")
 def grpo(config: ConfigOption = None, overrides: Overrides = None) -> None:
     """GRPO on Ray: vLLM rollout engines, FSDP2 learners (LoRA or full weights); resumes a
@@ -285,17 +327,19 @@ def run() -> None:
     from mmrad.annotate.job import AnnotateError
     from mmrad.data.builders.base import DataBuildError
     from mmrad.data.schema import ManifestError
+    from mmrad.detect.inputs import DetectError
     from mmrad.eval.budget import EvalFailed
     from mmrad.eval.endpoint import EndpointConfigError
     from mmrad.model.export import ExportError
     from mmrad.placement import PlacementError
     from mmrad.storage import StorageError
+    from mmrad.tracking.run import TrackingError
 
     user_errors = (DataBuildError, ManifestError, StorageError, EndpointConfigError, ExportError,
-                   PlacementError, EvalFailed)  # fmt: skip
+                   PlacementError, EvalFailed, TrackingError)  # fmt: skip
     try:
         app()
-    except (*user_errors, AnnotateError) as err:
+    except (*user_errors, AnnotateError, DetectError) as err:
         console.print(f"[red]error:[/red] {err}")
         sys.exit(1)
 

@@ -369,7 +369,73 @@ class ScheduleConfig(Section):
     seed: int = Field(0, description="Seed of the weights' init (LoRA) and of every RNG.")
 
 
-class RunSection(Section):
+LOGGERS = ("tensorboard", "mlflow", "wandb")
+DRIVER_TRACKERS = ("mlflow", "wandb")
+
+
+class MlflowSection(Section):
+    """MLflow, the embedded experiment tracker: a SQLite file needs no server."""
+
+    tracking_uri: str | None = Field(
+        None,
+        description="A tracking server (http(s)://host:port, databricks, ...). null: "
+        "$MLFLOW_TRACKING_URI when set, else the embedded store `store`.",
+    )
+    store: str = PathField(
+        "runs/mlflow.db",
+        "The embedded store when no server is named: a SQLite file on the driver's machine "
+        "(artifacts in mlartifacts/ beside it). Open it with `make mlflow-ui`.",
+    )
+    experiment: str | None = Field(
+        None, description="Experiment name. null: mmrad-<job> (mmrad-sft, mmrad-grpo, ...)."
+    )
+
+    @model_validator(mode="after")
+    def _store_is_local(self) -> MlflowSection:
+        if "://" in self.store and not self.store.startswith("file://"):
+            raise ValueError(
+                f"store {self.store!r}: the embedded store is a local SQLite file; "
+                "name a server in tracking_uri instead"
+            )
+        return self
+
+
+class WandbSection(Section):
+    """Weights & Biases (``pip install 'mmrad[wandb]'``; the key from $WANDB_API_KEY)."""
+
+    project: str = Field("mmrad", description="W&B project.")
+    entity: str | None = Field(None, description="W&B team or user (else the key's default).")
+    mode: Literal["online", "offline"] = Field(
+        "online", description="offline: written under `dir` only; upload later with `wandb sync`."
+    )
+    dir: str = PathField("runs/wandb", "Where W&B keeps its local files (on the driver).")
+
+
+class TrackedRunSection(Section):
+    """What every run logs to besides its own JSONL tables. Trackers are written from the
+    job's driver only, so nothing local has to cross nodes."""
+
+    loggers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard", "mlflow"],
+        description=f"Of {list(LOGGERS)}; metrics.jsonl is always written.",
+    )
+    mlflow: MlflowSection = Field(default_factory=MlflowSection)
+    wandb: WandbSection = Field(default_factory=WandbSection)
+
+    @property
+    def driver_trackers(self) -> list[str]:
+        """The loggers the job's driver writes (TensorBoard is written by the workers)."""
+        return [name for name in self.loggers if name in DRIVER_TRACKERS]
+
+    @model_validator(mode="after")
+    def _loggers_once(self) -> TrackedRunSection:
+        repeated = sorted({name for name in self.loggers if self.loggers.count(name) > 1})
+        if repeated:
+            raise ValueError(f"loggers: {repeated} named more than once")
+        return self
+
+
+class RunSection(TrackedRunSection):
     """Where a run lives. Rerunning with the same name resumes it."""
 
     storage_path: str = PathField("runs/sft", "Local folder or s3:// prefix.")

@@ -4,6 +4,7 @@ Ray cluster, started once and reused by every test that needs them."""
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,12 @@ os.environ.pop("AWS_SESSION_TOKEN", None)
 # Every trainer process refuses collectives that NCCL would refuse (see
 # mmrad.train.collective_guard); Ray workers inherit this from the session.
 os.environ["MMRAD_CHECK_COLLECTIVES"] = "1"
+# Every job a test runs logs to one MLflow store of the session (never the repo's runs/).
+os.environ["MLFLOW_TRACKING_URI"] = (
+    f"sqlite:///{tempfile.mkdtemp(prefix='mmrad-test-mlflow-')}/mlflow.db"
+)
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ["WANDB_MODE"] = "offline"  # W&B never goes online from a test
 
 TEST_BUCKET = "mmrad-test"
 WARM_WORKERS = 6

@@ -25,7 +25,7 @@ PACKAGES = ("mmrad", "ray_jobs")
 BASE = ("base",)  # config, storage: every layer may use them
 INPUTS = ("data", "task")
 CORE = ("train", "engine", "model")
-JOBS = ("rl", "eval", "annotate", "serve", "sft")
+JOBS = ("rl", "eval", "annotate", "detect", "serve", "sft")
 DRIVERS = ("cli", "pipeline", "tune")
 
 # The layer table. layer: (its modules: dotted prefixes, the longest match wins,
@@ -45,6 +45,11 @@ LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "sft": (("mmrad.sft",), ("runtime", *CORE, *INPUTS, *BASE)),
     "eval": (("mmrad.eval",), ("runtime", *CORE, *INPUTS, *BASE)),
     "annotate": (("mmrad.annotate",), ("eval", "runtime", *CORE, *INPUTS, *BASE)),
+    # detect: evaluation's inference on a folder, with Serve's pure decision and overlay
+    "detect": (
+        ("mmrad.detect",),
+        ("eval", "mmrad.serve.detect", "mmrad.serve.overlay", "runtime", *CORE, *INPUTS, *BASE),
+    ),
     "serve": (("mmrad.serve",), ("runtime", "engine", "model", *INPUTS, *BASE)),
     # the building blocks: the trainer core builds and exports models with model/
     "train": (("mmrad.train",), ("model", *INPUTS, *BASE)),
@@ -53,8 +58,9 @@ LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # data knows no model, and of the task only its geometry; the task is pure
     "data": (("mmrad.data",), ("mmrad.task.geometry", *BASE)),
     "task": (("mmrad.task",), ()),
-    # what a job's driver does once per run: start or join Ray, write the run's info
-    "runtime": (("mmrad.ray_env", "mmrad.runinfo"), BASE),
+    # what a job's driver does once per run: start or join Ray, write the run's info,
+    # log to the run's experiment trackers
+    "runtime": (("mmrad.ray_env", "mmrad.runinfo", "mmrad.tracking"), BASE),
     # config sections, storage (and the local S3 server), placement rules, the version,
     # the named actors a rerun takes over
     "base": (

@@ -21,6 +21,7 @@ from mmrad.train.metrics_log import read_metrics
 from tests.conftest import WARM_WORKERS
 from tests.helpers.checkpoints import committed_step
 from tests.helpers.faults import record_fault, wait_for
+from tests.helpers.tracking import assert_tracked_as_its_table, the_run_of
 
 pytestmark = pytest.mark.e2e
 
@@ -178,3 +179,10 @@ def test_pipeline_job_runs_through_ray_job_submit(head_cluster, tmp_path):
     steps = [json.loads(line) for line in grpo_metrics.read_text().splitlines()]
     steps = [step for step in steps if "reward/total/mean" in step]
     assert [step["version_lag"] for step in steps] == [0, 0]
+
+    # What `make demo` logs: every training and evaluation stage in MLflow (the job
+    # inherits the session's MLFLOW_TRACKING_URI from the head), the resumed SFT as one run.
+    assert_tracked_as_its_table(str(sft), "mmrad-sft")
+    assert_tracked_as_its_table(str(grpo_metrics.parent), "mmrad-grpo")
+    evaluated = the_run_of(str(metrics.parent), "mmrad-eval")
+    assert evaluated.data.metrics["det_accuracy"] == json.loads(metrics.read_text())["det_accuracy"]

@@ -21,6 +21,7 @@ from mmrad.config import (
     RayConfig,
     Section,
     StorageConfig,
+    TrackedRunSection,
 )
 
 
@@ -171,7 +172,7 @@ class ReportConfig(Section):
     max_examples: int = Field(12, ge=0, description="Images in the examples figure.")
 
 
-class EvalRunSection(Section):
+class EvalRunSection(TrackedRunSection):
     storage_path: str = PathField("runs/eval", "Local folder or s3:// prefix.")
     name: str = Field("eval-tiny", description="Run directory name under storage_path.")
 

@@ -53,6 +53,8 @@ from mmrad.eval.inference import (
 from mmrad.storage import Storage, join, parent
 from mmrad.task.answer import Verdict
 from mmrad.task.metrics import best_f1_threshold
+from mmrad.tracking.run import check_tracking, tracked
+from mmrad.tracking.values import flat_metrics
 
 log = logging.getLogger(__name__)
 
@@ -174,9 +176,28 @@ def run_eval(job: EvalJobConfig) -> EvalResult:
         records = [{**r, "defect_types": known.get(str(r["category"]), [])} for r in records]
 
     run_uri = join(job.run.storage_path, job.run.name)
+    check_tracking(job.run)
     init_ray(job.ray)
     check_or_log(job.ray, [predictors_request(job.ray, job.predictors)])
     write_run_info(storage, run_uri, job, job.sampling.seed or 0)
+    with tracked(job.run, "eval", run_uri, job, storage, resume=False) as tracking:
+        result, metrics = evaluate(job, spec, storage, run_uri, records, manifest, labelled)
+        if metrics is not None:
+            tracking.log_rows([{"step": 0, **flat_metrics(metrics)}])
+    return result
+
+
+def evaluate(
+    job: EvalJobConfig,
+    spec: InferenceSpec,
+    storage: Storage,
+    run_uri: str,
+    records: list[dict[str, Any]],
+    manifest: list[dict[str, Any]],
+    labelled: bool,
+) -> tuple[EvalResult, dict | None]:
+    """Predict, write the predictions and (with labels) the report; returns the result
+    and the metrics (None without labels)."""
     dataset = record_dataset(records, storage, spec.pixels, batch_size=job.predictors.batch_size,
                              placement=job.ray,
                              on_bad_image=job.data.on_bad_image,
@@ -193,7 +214,7 @@ def run_eval(job: EvalJobConfig) -> EvalResult:
     result = EvalResult(run_uri, len(rows), errors, len(rows) / wall_s if wall_s else 0.0,
                         labelled)  # fmt: skip
     if not labelled:
-        return result
+        return result, None
     extra = run_extra(job, spec, rows, wall_s)
     metrics = render_report(storage, run_uri, verdicts, records, manifest=manifest,
                             split=job.data.split, extra=extra,
@@ -202,7 +223,7 @@ def run_eval(job: EvalJobConfig) -> EvalResult:
     result.det_f1, result.loc_f1, result.auroc = (metrics["det_f1"], metrics["loc_f1"],
                                                   metrics["auroc"])  # fmt: skip
     result.threshold = (metrics.get("threshold") or {}).get("score")
-    return result
+    return result, metrics
 
 
 def first_verdict(row: Mapping[str, Any], require_think: bool) -> Verdict:

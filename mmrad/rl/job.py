@@ -39,8 +39,10 @@ from mmrad.rl.resources import coordinator_shape, grpo_requests
 from mmrad.runinfo import write_run_info
 from mmrad.storage import Storage, join
 from mmrad.task.prompt import PromptVariant
+from mmrad.tracking.run import check_tracking, tracked
 from mmrad.train.core import checkpoint_uri, make_torch_trainer
 from mmrad.train.fail_fast import fit
+from mmrad.train.metrics_log import read_metrics
 from mmrad.train.progress import run_with_progress
 
 log = logging.getLogger(__name__)
@@ -129,6 +131,7 @@ def run_grpo(job: GRPOJobConfig, train_callbacks: Sequence = ()) -> GRPOResult:
     """Run (or resume) a GRPO job; ``train_callbacks`` go to the learners' Ray Train run
     (a sweep passes Tune's report callback)."""
     job = with_absolute_paths(job)
+    check_tracking(job.run)
     init_ray(job.ray)
     check_or_log(job.ray, grpo_requests(job))
     # A rerun right after a killed driver: that driver's actors are still ending.
@@ -147,11 +150,15 @@ def run_grpo(job: GRPOJobConfig, train_callbacks: Sequence = ()) -> GRPOResult:
         "variant": job.prompt.model_dump(),
     }
     ask = functools.partial(why_unrecoverable, coordinator, spec["coordinator_name"])
+    final_rows = functools.partial(read_metrics, storage, run_uri)
     try:
         trainer = make_torch_trainer(
             grpo_learner, job, spec, callbacks=train_callbacks, unrecoverable=ask
         )
-        result = run_with_progress(f"GRPO {job.run.name}", job.run.name, lambda: fit(trainer))
+        with tracked(job.run, "grpo", run_uri, job, storage, final_rows) as tracking:
+            result = run_with_progress(
+                f"GRPO {job.run.name}", job.run.name, lambda: fit(trainer), tracking.log_rows
+            )
     finally:
         try:
             ray.get(coordinator.stop.remote(), timeout=120)

@@ -8,6 +8,7 @@ Rerunning with the same ``run.name`` resumes from the last checkpoint.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import tempfile
@@ -39,9 +40,11 @@ from mmrad.sft.plan import (
 )
 from mmrad.sft.worker import sft_worker
 from mmrad.storage import Storage, join
+from mmrad.tracking.run import check_tracking, tracked
 from mmrad.train.checkpoint import STATE_FILE, read_trainer_state
 from mmrad.train.core import checkpoint_uri, make_torch_trainer
 from mmrad.train.fail_fast import fit
+from mmrad.train.metrics_log import read_metrics
 from mmrad.train.progress import run_with_progress
 
 log = logging.getLogger(__name__)
@@ -154,6 +157,7 @@ def data_order(job: SFTJobConfig, train: list[dict[str, Any]]) -> DataOrder:
 
 def run_sft(job: SFTJobConfig) -> SFTResult:
     job = with_absolute_paths(job)
+    check_tracking(job.run)
     init_ray(job.ray)
     check_or_log(job.ray, [learners_request(job.ray, job.learners)])
     storage = Storage.from_config(job.storage)
@@ -178,11 +182,15 @@ def run_sft(job: SFTJobConfig) -> SFTResult:
     }
     datasets = build_datasets(job, storage, train, val, plan, progress)
     trainer = make_torch_trainer(sft_worker, job, spec, datasets=datasets, best_by="val_loss")
-    result = run_with_progress(f"SFT {job.run.name}", job.run.name, lambda: fit(trainer))
-    checkpoint = chosen_checkpoint(result, job.export.checkpoint)
-    out_uri = job.export.out or join(run_uri, "export")
-    exporting = export_task.options(**ray_options(actor_shape(job.ray, cpus=EXPORT_CPUS)))
-    export_uri = ray.get(exporting.remote(job.model_dump(mode="json"), checkpoint, out_uri))
+    final_rows = functools.partial(read_metrics, storage, run_uri)
+    with tracked(job.run, "sft", run_uri, job, storage, final_rows) as tracking:
+        result = run_with_progress(
+            f"SFT {job.run.name}", job.run.name, lambda: fit(trainer), tracking.log_rows
+        )
+        checkpoint = chosen_checkpoint(result, job.export.checkpoint)
+        out_uri = job.export.out or join(run_uri, "export")
+        exporting = export_task.options(**ray_options(actor_shape(job.ray, cpus=EXPORT_CPUS)))
+        export_uri = ray.get(exporting.remote(job.model_dump(mode="json"), checkpoint, out_uri))
     best = min((m["val_loss"] for _, m in result.best_checkpoints), default=None)
     return SFTResult(run_uri, export_uri, checkpoint_uri(run_uri, checkpoint), plan.total_steps,
                      best)  # fmt: skip

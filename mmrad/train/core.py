@@ -47,6 +47,7 @@ from mmrad.train.checkpoint import load_checkpoint, save_checkpoint
 from mmrad.train.distributed import all_max, checkpoint_dir_name, clip_gradients, peak_memory_mb
 from mmrad.train.metrics_log import MetricsLog, metrics_dir
 from mmrad.train.micro_batches import accumulate_gradients
+from mmrad.train.progress import row_poster
 from mmrad.train.restore import checkpoint_folder
 from mmrad.train.schedule import warmup_cosine
 
@@ -123,8 +124,9 @@ class TrainerCore:
         if self.rank == 0:
             scratch = Path(tempfile.mkdtemp(prefix="mmrad-metrics-"))
             self.metrics = MetricsLog(
-                metrics_dir(run_uri, scratch), run_uri, self.storage, resume_step=self.step
-            )
+                metrics_dir(run_uri, scratch), run_uri, self.storage, resume_step=self.step,
+                tensorboard="tensorboard" in job.run.loggers, on_row=row_poster(job.run),
+            )  # fmt: skip
 
     # -- the accumulated step -------------------------------------------------------------
 

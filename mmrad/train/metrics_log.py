@@ -1,5 +1,9 @@
 """Training metrics to JSONL and TensorBoard in the run directory.
 
+Each row also goes to ``on_row`` (rank 0 posts it to the driver, which logs it to the
+run's trackers: :mod:`mmrad.tracking`). TensorBoard is written when ``run.loggers``
+names it.
+
 Files are written locally (on the reporting worker): in the run directory itself when it
 is local, else in a scratch folder that is uploaded whole to the ``s3://`` run directory at
 every checkpoint (:meth:`MetricsLog.sync`) and at the end (S3 objects cannot be appended
@@ -26,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +47,16 @@ class MetricsLog:
     :func:`metrics_dir`); ``resume_step`` is the step the run restored (0 for a fresh run:
     the tables of an earlier attempt without a checkpoint are emptied)."""
 
-    def __init__(self, local_dir: Path, run_uri: str, storage: Storage, resume_step: int = 0):
-        from tensorboardX import SummaryWriter
-
+    def __init__(
+        self,
+        local_dir: Path,
+        run_uri: str,
+        storage: Storage,
+        resume_step: int = 0,
+        *,
+        tensorboard: bool = True,
+        on_row: Callable[[dict[str, Any]], None] | None = None,
+    ):
         self.local_dir = Path(local_dir)
         self.local_dir.mkdir(parents=True, exist_ok=True)
         self.run_uri = run_uri
@@ -52,7 +64,12 @@ class MetricsLog:
         self.resume_step = resume_step
         self.tables: dict[str, Path] = {}
         self.metrics_path = self.table(METRICS_FILE)
-        self.writer = SummaryWriter(str(self.local_dir / TENSORBOARD_DIR))
+        self.on_row = on_row
+        self.writer = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.local_dir / TENSORBOARD_DIR))
 
     def table(self, name: str) -> Path:
         """The local path of the JSONL table ``name`` in this log's folder (rows with an
@@ -84,14 +101,19 @@ class MetricsLog:
         row = {"step": step, "time": time.time(), **metrics}
         with open(self.metrics_path, "a") as handle:
             handle.write(json.dumps(row) + "\n")
+        if self.on_row is not None:
+            self.on_row(row)
+        if self.writer is None:
+            return
         for key, value in metrics.items():
             if isinstance(value, int | float):
                 self.writer.add_scalar(key, value, step)
         self.writer.flush()
 
     def text(self, step: int, tag: str, text: str) -> None:
-        self.writer.add_text(tag, text, step)
-        self.writer.flush()
+        if self.writer is not None:
+            self.writer.add_text(tag, text, step)
+            self.writer.flush()
 
     def sync(self) -> None:
         """Copy the metrics files into the run directory (a no-op when it is local)."""
@@ -99,7 +121,8 @@ class MetricsLog:
             self.storage.upload_dir(self.local_dir, self.run_uri)
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
         self.sync()
 
 

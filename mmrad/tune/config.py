@@ -18,6 +18,7 @@ from mmrad.config import (
     Section,
     StageConfig,
     StorageConfig,
+    TrackedRunSection,
     apply_overrides,
     read_yaml,
     validate_config,
@@ -46,7 +47,7 @@ class TrialSection(Section):
     max_failures: int = Field(0, ge=0, description="Retries of a failed trial.")
 
 
-class TuneRunSection(Section):
+class TuneRunSection(TrackedRunSection):
     storage_path: str = PathField("runs/tune", "Local folder or s3:// prefix.")
     name: str = Field("sweep-tiny", description="Sweep name: rerunning it resumes the sweep.")
 

@@ -17,6 +17,7 @@ rerun with another search space or base config is refused (:mod:`mmrad.tune.resu
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,8 @@ from mmrad.ray_env import init_ray
 from mmrad.rl.config import GRPOJobConfig
 from mmrad.rl.resources import grpo_requests
 from mmrad.storage import Storage, join
+from mmrad.tracking.run import check_tracking, tracked
+from mmrad.tracking.tune import trial_loggers, tune_callbacks
 from mmrad.tune.config import OBJECTIVE_METRIC, TuneJobConfig, trial_base
 from mmrad.tune.report import write_sweep_outputs
 from mmrad.tune.resume import check_or_record_sweep, sweep_identity
@@ -56,7 +59,13 @@ def grpo_trial(params: dict[str, Any], *, base: dict[str, Any], runs_uri: str) -
 
     trial_id = tune.get_context().get_trial_id()
     config = apply_params(base, params)
-    config["run"] = {**config["run"], "storage_path": runs_uri, "name": trial_id}
+    loggers = trial_loggers(config["run"]["loggers"])
+    config["run"] = {
+        **config["run"],
+        "storage_path": runs_uri,
+        "name": trial_id,
+        "loggers": loggers,
+    }
     job = validate_config(GRPOJobConfig, config, f"trial {trial_id} with {params}")
     run_grpo(job, train_callbacks=[TuneReportCallback()])
 
@@ -75,12 +84,18 @@ def make_scheduler(job: TuneJobConfig, max_steps: int):
     )
 
 
-def make_tuner(job: TuneJobConfig, base: dict[str, Any], sweep_uri: str, storage: Storage):
+def make_tuner(
+    job: TuneJobConfig,
+    base: dict[str, Any],
+    sweep_uri: str,
+    storage: Storage,
+    callbacks: Sequence = (),
+):
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     trainable = tune.with_resources(
-        tune.with_parameters(grpo_trial, base=base, runs_uri=join(sweep_uri, TRIAL_RUNS)),
+        tune.with_parameters(grpo_trial, base=base, runs_uri=trial_runs_uri(sweep_uri)),
         tune.PlacementGroupFactory([trial_shape(job)]),
     )
     filesystem, path = storage.arrow_filesystem(job.run.storage_path)
@@ -112,8 +127,13 @@ def make_tuner(job: TuneJobConfig, base: dict[str, Any], sweep_uri: str, storage
             storage_path=path,
             storage_filesystem=filesystem,
             failure_config=tune.FailureConfig(max_failures=job.trial.max_failures),
+            callbacks=list(callbacks),
         ),
     )
+
+
+def trial_runs_uri(sweep_uri: str) -> str:
+    return join(sweep_uri, TRIAL_RUNS)
 
 
 def trial_shape(job: TuneJobConfig) -> Shape:
@@ -131,12 +151,18 @@ def run_tune(job: TuneJobConfig) -> TuneResult:
     base_job = with_absolute_paths(validate_config(GRPOJobConfig, trial_base(job)))
     base = base_job.model_dump(mode="json")
     job = with_absolute_paths(job)  # trials run in their own working directories
+    check_tracking(job.run)
     init_ray(job.ray)
     check_or_log(job.ray, sweep_requests(job, base_job))
     storage = Storage.from_config(job.storage)
     sweep_uri = join(job.run.storage_path, job.run.name)
-    results = make_tuner(job, base, sweep_uri, storage).fit()
-    outputs = write_sweep_outputs(results, job, base, sweep_uri, storage)
+    with tracked(job.run, "tune", sweep_uri, job, storage) as tracking:
+        callbacks = tune_callbacks(job.run, tracking, trial_runs_uri(sweep_uri), job.storage)
+        results = make_tuner(job, base, sweep_uri, storage, callbacks).fit()
+        outputs = write_sweep_outputs(results, job, base, sweep_uri, storage)
+        tracking.log_rows(
+            [{"step": 0, "trials": len(results), "best/objective": outputs.best_objective}]
+        )
     return TuneResult(
         sweep_uri=sweep_uri,
         trials=len(results),

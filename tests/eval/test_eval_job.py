@@ -22,6 +22,7 @@ from mmrad.storage import Storage, join
 from mmrad.task.metrics import RATE_KEYS
 from tests.conftest import TEST_BUCKET
 from tests.helpers.faults import record_s3_faults, s3_faults
+from tests.helpers.tracking import artifact_names, the_run_of
 
 pytestmark = pytest.mark.integration
 
@@ -111,6 +112,17 @@ def test_test_split_predictions_metrics_and_report_on_s3(test_run, synthetic_loc
     assert "| samples_per_s |" in report and "Accuracy det/loc" in report
     for name in ("per_category.png", "examples.png", "config.yaml", "run_info.json"):
         assert Storage().exists(join(test_run.run_uri, name)), name
+
+    tracked = the_run_of(test_run.run_uri, "mmrad-eval")
+    assert tracked.info.status == "FINISHED"
+    logged = tracked.data.metrics
+    assert logged["det_accuracy"] == metrics["det_accuracy"]
+    source = metrics["per_source"]["synthetic"]
+    assert logged["per_source/synthetic/loc_accuracy"] == source["loc_accuracy"]
+    assert tracked.data.params["data.split"] == "test"
+    assert {"report.md", "per_category.png", "predictions.parquet"} <= artifact_names(
+        tracked.info.run_id
+    )
 
 
 def test_val_split_finds_threshold_and_runs_compare(val_run, test_run, synthetic_local):

@@ -62,6 +62,7 @@ from tests.helpers.grpo import (
     steps_of,
 )
 from tests.helpers.processes import busy_train_workers, kill_one_when, ray_processes
+from tests.helpers.tracking import artifact_names, assert_tracked_as_its_table
 
 pytestmark = pytest.mark.e2e
 
@@ -134,6 +135,8 @@ def test_full_sync_overlap_and_logging(short_run):
     assert {row["step"] for row in samples} == {1, 2, 3}
     assert all("reward/format" in row and "completion" in row for row in samples)
     assert (Path(result.run_uri) / "tensorboard").is_dir()
+    tracked = assert_tracked_as_its_table(result.run_uri, "mmrad-grpo")  # rerun: one run
+    assert {"samples.jsonl", "metrics.jsonl"} <= artifact_names(tracked.info.run_id)
     info = read_export_info(result.export_uri, Storage())
     assert info["lora"] == "none" and info["extra"]["stage"] == "grpo"
     assert info["extra"]["step"] == 3

@@ -24,6 +24,7 @@ from tests.helpers.checkpoints import (
 )
 from tests.helpers.faults import record_s3_faults, s3_faults
 from tests.helpers.processes import kill_one_when, train_workers
+from tests.helpers.tracking import artifact_names, assert_tracked_as_its_table
 from tests.sft.helpers import sft_config
 
 pytestmark = pytest.mark.e2e
@@ -119,6 +120,9 @@ def test_rerun_and_a_killed_worker_continue_exactly(uninterrupted, tiny_model, s
     assert_resumed_from(before, result.run_uri)
     assert_same_as_uninterrupted(final_checkpoint(result.run_uri), uninterrupted)
     assert loss_steps(result.run_uri) == list(range(1, STEPS + 1))
+    tracked = assert_tracked_as_its_table(result.run_uri, "mmrad-sft")  # one run, resumed
+    assert tracked.data.params["schedule.max_steps"] == str(STEPS)
+    assert {"metrics.jsonl", "config.yaml", "run_info.json"} <= artifact_names(tracked.info.run_id)
 
     other_order = sft_config(tiny_model, synthetic_local, str(tmp_path), "again", *RESUME,
                              "learners.micro_batch_size=2")  # fmt: skip
@@ -147,6 +151,7 @@ def test_a_resume_on_s3_under_s3_faults_continues_exactly_and_keeps_every_row(
     assert loss_steps(result.run_uri) == list(range(1, STEPS + 1))  # none lost, none twice
     curve = losses(result.run_uri)
     assert curve[-1] < curve[0]
+    assert_tracked_as_its_table(result.run_uri, "mmrad-sft")  # rows from the driver, live
 
     names = {uri.split("/on-s3/", 1)[1] for uri in Storage().list(f"{storage_path}/on-s3")}
     assert {"checkpoint_000008/trainer_state.json", "config.yaml", "run_info.json",

@@ -5,6 +5,7 @@ as a GRPO job. Config errors fail early."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import re
@@ -26,6 +27,8 @@ from mmrad.tune.config import TuneJobConfig, trial_base
 from mmrad.tune.job import TRIAL_RUNS, run_tune
 from tests.helpers.checkpoints import committed_step
 from tests.helpers.faults import record_fault
+from tests.helpers.processes import train_workers
+from tests.helpers.tracking import artifact_names, client, history, the_run_of
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs/local/tune.yaml"
@@ -72,7 +75,11 @@ def sweep_file(tmp_path: Path, export: str, manifest: str, address: str) -> Path
         f"run.storage_path={tmp_path / 'grpo'}", *SESSION_GRPO,
         "schedule.checkpoint_every=1",  # a trial killed after step 1 resumes at step 2
     ]  # fmt: skip
-    data["run"] = {"storage_path": str(tmp_path / "sweeps"), "name": "sweep"}
+    data["run"] = {
+        "storage_path": str(tmp_path / "sweeps"),
+        "name": "sweep",
+        "loggers": ["tensorboard", "mlflow"],
+    }
     data["val_samples"] = 4
     # ASHA may not stop a trial at its first validation here: the trial whose driver is
     # killed after step 1 must go on to step 2 whatever its objective.
@@ -95,14 +102,32 @@ def started(trial: Path) -> float:
     return (trial / "run_info.json").stat().st_mtime
 
 
+TUNE_SNAPSHOT_S = 3.0
+"""Time for Tune's driver to save its experiment state after it handled a result
+(``TUNE_GLOBAL_CHECKPOINT_S`` is 1 s here, plus a turn of its loop)."""
+
+
+def tune_has_step_1(trial_id: str) -> bool:
+    """Tune's driver has handled the trial's step-1 validation: its MLflow logger
+    callback logged it."""
+    found = client().get_experiment_by_name("mmrad-tune")
+    runs = client().search_runs([found.experiment_id]) if found else []
+    for run in runs:
+        if run.data.tags.get("trial_name", "").endswith(trial_id):
+            points = client().get_metric_history(run.info.run_id, "val/objective")
+            return any(point.step == 1 for point in points)
+    return False
+
+
 def kill_driver_mid_trial(
     driver: subprocess.Popen, sweep: Path, log: Path, timeout: float = 1200
 ) -> tuple[Path, list[dict], dict[str, float]]:
-    """SIGKILL the sweep's driver as soon as a trial has finished (its GRPO export is
-    written) and a later one has committed its step-1 GRPO checkpoint, before its step 2
-    ends (one trial runs at a time; Tune has saved the later one as running long
-    before). Returns that trial's run folder, its metrics rows of the committed step, and
-    the start times of the trials finished before."""
+    """SIGKILL the sweep's driver once a trial has finished (its GRPO export is written)
+    and a later one has committed its step-1 GRPO checkpoint and Tune has saved its
+    step-1 result. A GRPO step here can take a second, so the later trial's learners
+    are stopped (SIGSTOP) at its step-1 checkpoint until the driver is dead: it cannot
+    finish step 2 in between. Returns that trial's run folder, its metrics rows of the
+    committed step, and the start times of the trials finished before."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         trials = [t for t in trial_dirs(sweep) if (t / "run_info.json").exists()]
@@ -114,9 +139,15 @@ def kill_driver_mid_trial(
             and started(newest) > max(map(started, done))
             and committed_step(Storage(), str(newest)) == 1
         ):
+            learners = train_workers()
+            signal_each(learners, signal.SIGSTOP)
+            while not tune_has_step_1(newest.name) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            time.sleep(TUNE_SNAPSHOT_S)
             done_before = {t.name: started(t) for t in done}
             driver.send_signal(signal.SIGKILL)
             driver.wait(timeout=60)
+            signal_each(learners, signal.SIGKILL)  # Ray ends the rest of the trial
             assert not finished(newest), "the trial finished before its driver was killed"
             step = committed_step(Storage(), str(newest))
             rows = [r for r in read_metrics(Storage(), str(newest)) if r["step"] <= step]
@@ -126,6 +157,35 @@ def kill_driver_mid_trial(
         time.sleep(0.2)
     driver.kill()
     pytest.fail(f"no trial finished in time:\n{log.read_text()[-4000:]}")
+
+
+def signal_each(pids: list[int], signum: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
+def assert_sweep_tracked(sweep: Path, result, trial_ids: list[str]) -> None:
+    """The sweep is one MLflow run with its outputs; under it one run per trial (the
+    interrupted trial's continued, not doubled), each validation at its GRPO step."""
+    parent = the_run_of(str(sweep), "mmrad-tune")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["best/objective"] == pytest.approx(result.best_objective)
+    assert {"results.csv", "results.md", "objective.png", "best_grpo.yaml"} <= artifact_names(
+        parent.info.run_id
+    )
+    trial_runs = client().search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+    )
+    names = [run.data.tags["trial_name"] for run in trial_runs]
+    assert sorted(next(t for t in trial_ids if n.endswith(t)) for n in names) == trial_ids
+    for run in trial_runs:
+        assert run.info.status == "FINISHED"
+        steps = [step for step, _ in history(run.info.run_id)["val/objective"]]
+        assert steps == [1, 2], (run.data.tags["trial_name"], steps)
+        assert "metrics.jsonl" in artifact_names(run.info.run_id)
+        assert set(read_yaml(CONFIG)["search_space"]) <= set(run.data.params)
 
 
 @pytest.mark.e2e
@@ -177,6 +237,8 @@ def test_sweep_survives_a_killed_driver_and_its_best_config_runs(
     header = (sweep / "results.md").read_text().split("| trial | status |", 1)[1].split("\n")[0]
     assert all(f" {key} |" in header for key in read_yaml(config)["search_space"])
     assert (sweep / "objective.png").read_bytes()[:4] == b"\x89PNG"
+
+    assert_sweep_tracked(sweep, result, sorted(trials))
 
     best = load_config(GRPOJobConfig, result.best_config_uri)  # runs as is
     best_row = rows[0]
