@@ -82,9 +82,18 @@ class PipelineResult:
     report: str | None = None
 
 
+NOT_HASHED = ("loggers", "mlflow", "wandb")
+"""Keys of a job's ``run`` section that say where a run is tracked, not what it computes:
+adding W&B to a pipeline does not train its stages again."""
+
+
 def stage_hash(name: str, job: BaseModel, upstream: Mapping[str, str]) -> str:
-    """sha256 of the stage name, its resolved config and its upstream stages' hashes."""
-    payload = {"stage": name, "config": job.model_dump(mode="json"), "upstream": dict(upstream)}
+    """sha256 of the stage name, its resolved config (less :data:`NOT_HASHED`) and its
+    upstream stages' hashes."""
+    config = job.model_dump(mode="json")
+    if isinstance(config.get("run"), dict):
+        config["run"] = {k: v for k, v in config["run"].items() if k not in NOT_HASHED}
+    payload = {"stage": name, "config": config, "upstream": dict(upstream)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

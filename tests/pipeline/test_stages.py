@@ -49,6 +49,20 @@ def test_plan_wires_outputs_and_names_folders_by_hash(tmp_path):
     assert sft.job.export.out.startswith(sft.folder)
 
 
+def test_where_a_stage_is_tracked_is_not_part_of_its_hash(tmp_path):
+    """Adding W&B (or another MLflow server) to a pipeline reruns no stage; a setting
+    that changes what a stage computes does."""
+
+    def hashes(*overrides: str) -> dict[str, str]:
+        config = pipeline_config(tmp_path, "sft.enabled=true", *overrides)
+        return {stage.name: stage.hash for stage in plan(config, str(tmp_path))}
+
+    base = hashes()
+    tracked = "sft.overrides=['run.loggers=[mlflow, wandb]', run.mlflow.tracking_uri=http://m:80]"
+    assert hashes(tracked) == base
+    assert hashes("sft.overrides=[schedule.seed=3]")["sft"] != base["sft"]
+
+
 def test_bad_stage_config_fails_before_anything_runs(tmp_path):
     config = pipeline_config(tmp_path, "data.overrides=[data.synthetic.image_sise=64]")
     with pytest.raises(ValueError, match=r"configs/local/data.yaml(.|\n)*image_sise"):
