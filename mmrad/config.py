@@ -371,6 +371,9 @@ class ScheduleConfig(Section):
 
 LOGGERS = ("tensorboard", "mlflow", "wandb")
 DRIVER_TRACKERS = ("mlflow", "wandb")
+RESTART_ROW = "restarted_from_step"
+"""The key of the row a training run's metrics log hands its driver when it (re)starts:
+the steps after it run again, so trackers take their rows again."""
 
 
 class MlflowSection(Section):

@@ -115,10 +115,13 @@ def parent(uri: str) -> str:
 
 def absolute(uri: str) -> str:
     """A local path made absolute (Ray workers do not share the driver's working
-    directory); ``s3://`` URIs are returned as they are."""
-    if is_s3(uri) or os.path.isabs(uri):
+    directory) and normalized (``a/./b//c/`` -> ``<cwd>/a/b/c``, ``..`` resolved by name):
+    :meth:`Storage.list` spells the files below it the same way, so prefixes and
+    membership compare as they should. ``s3://`` URIs are returned as they are (``//``
+    and ``.`` are part of an S3 key)."""
+    if is_s3(uri):
         return uri
-    return str(local_path(uri).absolute())
+    return os.path.normpath(local_path(uri).absolute())
 
 
 def resolve(base_dir: str, uri: str) -> str:

@@ -1,7 +1,9 @@
 """Inspect a folder (or s3:// prefix) of new images as a Ray job:
 
 ray job submit --working-dir . -- python -m ray_jobs.detect --config configs/local/detect.yaml \
-    input=s3://bucket/new-images output=s3://bucket/detections
+    input=s3://bucket/new-images output=s3://bucket/detections reference=s3://bucket/refs
+
+(name the reference: the config file's is the demo's coins/reference_0.png)
 """
 
 from mmrad.detect.config import DetectJobConfig

@@ -2,7 +2,7 @@ import logging
 
 import pytest
 
-from mmrad.storage import Storage, StorageError, resolve
+from mmrad.storage import Storage, StorageError, absolute, resolve
 from tests.conftest import TEST_BUCKET, TEST_SECRET_KEY
 
 
@@ -34,6 +34,19 @@ def test_relative_uris_resolve_against_the_manifest_folder():
     assert resolve("s3://b/data", "images/a.png") == "s3://b/data/images/a.png"
     assert resolve("s3://b/data", "s3://other/x.png") == "s3://other/x.png"
     assert resolve("/data", "file:///x.png") == "file:///x.png"
+
+
+def test_local_paths_come_out_absolute_and_normalized_as_the_listing_spells_them(
+    tmp_path, monkeypatch
+):
+    """``.``, ``//`` and a trailing ``/`` would make a prefix miss the listed files."""
+    monkeypatch.chdir(tmp_path)
+    assert absolute("a/./b//c/") == str(tmp_path / "a" / "b" / "c")
+    assert absolute(f"{tmp_path}/./x//y/") == str(tmp_path / "x" / "y")
+    assert absolute(f"file://{tmp_path}/x/../z") == str(tmp_path / "z")
+    assert absolute("s3://bucket/a/./b//c/") == "s3://bucket/a/./b//c/"  # part of the key
+    Storage().write_text(str(tmp_path / "d" / "e.txt"), "e")
+    assert Storage().list(absolute("d/.//")) == [absolute("d//e.txt")]
 
 
 @pytest.mark.integration

@@ -7,7 +7,9 @@ fails in a second, naming the path, instead of after the engines have loaded.
 - Files are listed recursively (:meth:`~mmrad.storage.Storage.list`) and sorted by path,
   so the order of the results never depends on the filesystem. Hidden files and folders
   (a name below the input starting with ``.``: ``.DS_Store``, ``.git/``) are skipped, and
-  so are the output folder and the references when they lie inside the input.
+  so are the output folder and the references when they lie inside the input. Local
+  paths are compared normalized (:func:`~mmrad.storage.absolute`: ``in/./a`` is
+  ``in/a``), as the listing spells them.
 - Every other file is inspected, whatever its name: one that is no image becomes a row
   with an error (decoding says why). Keeping only known image extensions was rejected:
   a wrongly named image would vanish from the results without a word.
@@ -28,7 +30,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from mmrad.storage import Storage, StorageError, is_s3, local_path
+from mmrad.storage import Storage, StorageError, absolute, is_s3, local_path
 
 
 class DetectError(ValueError):
@@ -89,10 +91,12 @@ def list_input_files(
     exclude: Iterable[str | None] = (),
 ) -> list[InputFile]:
     """The files to inspect under ``root`` (a folder, an ``s3://`` prefix, or one file),
-    sorted by URI, hidden ones and those under ``exclude`` left out."""
-    root = root.rstrip("/") or root
+    sorted by URI, hidden ones and those under ``exclude`` left out. Local paths are
+    normalized first: the listed files are, and a file's path below ``root`` is cut by
+    the length of ``root``'s spelling."""
+    root = absolute(root).rstrip("/") or root
     uris, base = _listing(storage, root)
-    excluded = [e for e in exclude if e]
+    excluded = [absolute(e) for e in exclude if e]
     files = []
     hidden = 0
     for uri in uris:
@@ -166,7 +170,8 @@ def find_references(
     storage: Storage, reference: str | None, categories: Sequence[str]
 ) -> dict[str, str]:
     """Each category's reference URI. ``reference`` is one image (for all of them) or a
-    folder of ``<category>.<image extension>`` files."""
+    folder of ``<category>.<image extension>`` files; a local one is normalized, as the
+    listing of its folder is."""
     if not categories:
         return {}
     if reference is None:
@@ -176,6 +181,7 @@ def find_references(
             "--reference FILE (one normal image for every category) or --reference DIR "
             "(DIR/<category>.png for each), or prompt.use_reference=false"
         )
+    reference = absolute(reference)
     children = _folder_images(storage, reference)
     if children is None:
         return dict.fromkeys(categories, reference)

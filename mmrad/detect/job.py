@@ -12,11 +12,12 @@
    each overlay as it arrives, so only the PNGs still being written are held.
 3. The output folder gets ``overlays/``, ``index.html`` (:mod:`~mmrad.detect.sheet`),
    ``detections.csv`` and, last, ``detections.parquet`` (:mod:`~mmrad.detect.tables`),
-   each written whole, plus ``config.yaml`` and ``run_info.json``. Overlays an earlier run
-   left for files that are gone are removed. When more predictions failed than
-   ``max_error_fraction`` allows, evaluation's budget applies
-   (:func:`~mmrad.eval.budget.enforce_error_budget`): ``FAILED`` instead of the tables and
-   the sheet, and the job fails.
+   each written whole, plus ``config.yaml`` and ``run_info.json``. An overlay that cannot
+   be written is its row's error, counted against the budget below (a full disk fails
+   the job, one odd file does not). Overlays an earlier run left for files that are gone
+   are removed. When more predictions failed than ``max_error_fraction`` allows,
+   evaluation's budget applies (:func:`~mmrad.eval.budget.enforce_error_budget`):
+   ``FAILED`` instead of the tables and the sheet, and the job fails.
 
 Rejected: Ray Data's ``write_parquet`` / ``write_csv`` (one file per block, named by Ray,
 written by tasks on whichever node: a local output folder would be split over the
@@ -47,7 +48,7 @@ from mmrad.detect.results import FinishSpec, error_fields, finish_batch
 from mmrad.detect.sheet import SHEET_NAME, contact_sheet
 from mmrad.detect.tables import CSV_NAME, PARQUET_NAME, csv_text, detections_table, parquet_bytes
 from mmrad.eval.config import EndpointTarget, ModelTarget
-from mmrad.storage import Storage, join
+from mmrad.storage import Storage, StorageUnavailable, absolute, join
 
 log = logging.getLogger(__name__)
 
@@ -225,22 +226,37 @@ def write_overlays(
     storage: Storage, output: str, rows: Iterator[dict[str, Any]]
 ) -> list[dict[str, Any]]:
     """Write each row's overlay PNG (a few at a time: S3 puts are latency-bound) and keep
-    the row without the bytes, its ``overlay`` set to the PNG's path in ``output``."""
+    the row without the bytes, its ``overlay`` set to the PNG's path in ``output`` (or
+    the row made an error row when the write failed: :func:`settle_overlay`)."""
     kept = []
     with ThreadPoolExecutor(WRITE_THREADS) as pool:
-        pending: list[Future] = []
+        pending: list[tuple[Future, dict[str, Any]]] = []
         for row in rows:
             picture = row.pop("overlay_png")
             if picture is not None:
                 row["overlay"] = overlay_name(row["relative"])
-                pending.append(pool.submit(storage.write_bytes, join(output, row["overlay"]),
-                                           picture))  # fmt: skip
+                write = pool.submit(storage.write_bytes, join(output, row["overlay"]), picture)
+                pending.append((write, row))
             kept.append(row)
-            while pending and (pending[0].done() or len(pending) > 4 * WRITE_THREADS):
-                pending.pop(0).result()  # a failed write fails the job now
-        for future in pending:
-            future.result()
+            while pending and (pending[0][0].done() or len(pending) > 4 * WRITE_THREADS):
+                settle_overlay(*pending.pop(0))
+        for write, row in pending:
+            settle_overlay(write, row)
     return kept
+
+
+def settle_overlay(write: Future, row: dict[str, Any]) -> None:
+    """Wait for one overlay write. A failed one (a name the disk refuses, a full disk)
+    makes ``row`` an error row that says so: after inference, one file's overlay is no
+    reason to lose every result, and the error budget still stops a run whose writes
+    all fail. An object-storage outage fails the job, as it does while decoding."""
+    try:
+        write.result()
+    except StorageUnavailable:
+        raise
+    except Exception as err:
+        why = f"{row['path']}: overlay not written: {type(err).__name__}: {err}"
+        row.update(error_fields(row["path"], row["category"], why))
 
 
 def write_results(storage: Storage, job: DetectJobConfig, spec, rows: Sequence[Mapping]) -> str:
@@ -264,7 +280,10 @@ def target_name(target: ModelTarget | EndpointTarget) -> str:
 
 
 def remove_stale_overlays(storage: Storage, output: str, current: set[str | None]) -> None:
-    """Delete overlays of an earlier run in this folder whose files this run had not."""
+    """Delete overlays of an earlier run in this folder whose files this run had not.
+    ``output`` is normalized first: the listing is, and a spelling such as ``out/./x``
+    would otherwise match no overlay and delete them all."""
+    output = absolute(output)
     prefix = join(output, OVERLAY_FOLDER)
     keep = {join(output, name) for name in current if name}
     for uri in storage.list(prefix):

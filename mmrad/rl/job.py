@@ -42,7 +42,7 @@ from mmrad.task.prompt import PromptVariant
 from mmrad.tracking.run import check_tracking, tracked
 from mmrad.train.core import checkpoint_uri, make_torch_trainer
 from mmrad.train.fail_fast import fit
-from mmrad.train.metrics_log import read_metrics
+from mmrad.train.metrics_log import readable_metrics
 from mmrad.train.progress import run_with_progress
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ def run_grpo(job: GRPOJobConfig, train_callbacks: Sequence = ()) -> GRPOResult:
         "variant": job.prompt.model_dump(),
     }
     ask = functools.partial(why_unrecoverable, coordinator, spec["coordinator_name"])
-    final_rows = functools.partial(read_metrics, storage, run_uri)
+    final_rows = functools.partial(readable_metrics, storage, run_uri)
     try:
         trainer = make_torch_trainer(
             grpo_learner, job, spec, callbacks=train_callbacks, unrecoverable=ask

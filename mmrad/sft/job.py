@@ -44,7 +44,7 @@ from mmrad.tracking.run import check_tracking, tracked
 from mmrad.train.checkpoint import STATE_FILE, read_trainer_state
 from mmrad.train.core import checkpoint_uri, make_torch_trainer
 from mmrad.train.fail_fast import fit
-from mmrad.train.metrics_log import read_metrics
+from mmrad.train.metrics_log import readable_metrics
 from mmrad.train.progress import run_with_progress
 
 log = logging.getLogger(__name__)
@@ -182,7 +182,7 @@ def run_sft(job: SFTJobConfig) -> SFTResult:
     }
     datasets = build_datasets(job, storage, train, val, plan, progress)
     trainer = make_torch_trainer(sft_worker, job, spec, datasets=datasets, best_by="val_loss")
-    final_rows = functools.partial(read_metrics, storage, run_uri)
+    final_rows = functools.partial(readable_metrics, storage, run_uri)
     with tracked(job.run, "sft", run_uri, job, storage, final_rows) as tracking:
         result = run_with_progress(
             f"SFT {job.run.name}", job.run.name, lambda: fit(trainer), tracking.log_rows

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from mmrad.config import TrackedRunSection
 from mmrad.storage import Storage, is_s3, local_path
-from mmrad.tracking.values import flat_params
+from mmrad.tracking.values import flat_params, shown
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +39,25 @@ def experiment_name(run: TrackedRunSection, job: str) -> str:
 
 
 class RunTracking:
-    """One run's trackers: every call goes to each of them."""
+    """One run's trackers: every call goes to each of them. A tracker that fails while
+    the run goes on is left alone for the rest of it (a server that is down would hold
+    the driver's progress loop at every row); the last pass tries it again."""
 
     def __init__(self, trackers: Mapping[str, Any], storage: Storage, run_uri: str):
         self.trackers = dict(trackers)
         self.storage = storage
         self.run_uri = run_uri
+        self.failing: set[str] = set()
 
     def log_rows(self, rows: Iterable[Mapping[str, Any]]) -> None:
         rows = list(rows)
         if rows:
             self._each("log metrics", lambda tracker: tracker.log_rows(rows))
+
+    def last_pass(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """The run's whole table, for what a tracker has not had (every tracker again)."""
+        self.failing.clear()
+        self.log_rows(rows)
 
     def log_run_files(self) -> None:
         """The run directory's own files (config, run info, tables, reports, figures),
@@ -64,10 +72,14 @@ class RunTracking:
 
     def _each(self, what: str, call: Callable[[Any], None]) -> None:
         for name, tracker in self.trackers.items():
+            if name in self.failing:
+                continue
             try:
                 call(tracker)
             except Exception as err:  # the run matters more than its tracking
-                log.warning("%s: %s failed (%s: %s)", name, what, type(err).__name__, err)
+                self.failing.add(name)
+                log.warning("%s: %s failed (%s: %s); the run goes on", name, what,
+                            type(err).__name__, shown(str(err)))  # fmt: skip
 
 
 def check_tracking(run: TrackedRunSection) -> None:
@@ -76,7 +88,19 @@ def check_tracking(run: TrackedRunSection) -> None:
     if "mlflow" in run.loggers:
         _opened("mlflow", lambda: _mlflow_answers(run))
     if "wandb" in run.loggers:
-        _opened("wandb", lambda: importlib.import_module("wandb"), extra="wandb")
+        _opened("wandb", lambda: importlib.import_module("wandb"), extra=EXTRAS["wandb"])
+        if run.wandb.mode == "online" and not wandb_key_known():
+            raise TrackingError(
+                "run.loggers names wandb online, but no W&B key is set: export "
+                "WANDB_API_KEY (or run `wandb login`), or set run.wandb.mode=offline"
+            )
+
+
+def wandb_key_known() -> bool:
+    """A key in the environment or in ``~/.netrc`` (where ``wandb login`` puts it)."""
+    netrc = Path.home() / ".netrc"
+    in_netrc = netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="replace")
+    return bool(os.environ.get("WANDB_API_KEY")) or in_netrc
 
 
 CHECK_RETRIES = "1"
@@ -115,21 +139,29 @@ def open_tracking(
     writes its results afresh). Raises :class:`TrackingError`."""
     params = flat_params(config.model_dump(mode="json"))
     name = "/".join(run_uri.rstrip("/").split("/")[-2:])  # e.g. sft-4cace6d610/sft
+    openers = {
+        "mlflow": lambda: _mlflow(run, job, name, run_uri, resume, params),
+        "wandb": lambda: _wandb(run, job, name, run_uri, params, resume),
+    }
     trackers: dict[str, Any] = {}
-    if "mlflow" in run.loggers:
-        trackers["mlflow"] = _opened("mlflow", lambda: _mlflow(run, job, name, run_uri, resume))
-        trackers["mlflow"].log_params(params)
-    if "wandb" in run.loggers:
-        trackers["wandb"] = _opened(
-            "wandb", lambda: _wandb(run, job, name, run_uri, params, resume), extra="wandb"
-        )
+    try:
+        for logger in [logger for logger in run.loggers if logger in openers]:
+            trackers[logger] = _opened(logger, openers[logger], extra=EXTRAS.get(logger))
+    except TrackingError:
+        RunTracking(trackers, storage, run_uri).finish(failed=True)  # none left RUNNING
+        raise
     return RunTracking(trackers, storage, run_uri)
 
 
-def _mlflow(run: TrackedRunSection, job: str, name: str, run_uri: str, resume: bool):
+EXTRAS = {"wandb": "wandb"}  # the pip extra that installs a tracker mmrad does not require
+
+
+def _mlflow(run: TrackedRunSection, job: str, name: str, run_uri: str, resume: bool, params):
     from mmrad.tracking.mlflow_run import MlflowRun
 
-    return MlflowRun.open(run.mlflow, experiment_name(run, job), name, run_uri, job, resume)
+    opened = MlflowRun.open(run.mlflow, experiment_name(run, job), name, run_uri, job, resume)
+    opened.log_params(params)
+    return opened
 
 
 def _wandb(run: TrackedRunSection, job: str, name: str, run_uri: str, params, resume: bool):
@@ -148,8 +180,6 @@ def _opened(logger: str, opener: Callable[[], Any], extra: str | None = None):
             f"or leave {logger} out of run.loggers"
         ) from None
     except Exception as err:
-        from mmrad.tracking.mlflow_run import shown
-
         raise TrackingError(
             f"run.loggers names {logger}, which cannot be opened: "
             f"{type(err).__name__}: {shown(str(err))}"
@@ -178,7 +208,7 @@ def tracked(
         if tracking.trackers:
             if final_rows is not None:
                 with contextlib.suppress(Exception):  # no table yet: a run that never started
-                    tracking.log_rows(final_rows())
+                    tracking.last_pass(final_rows())
             tracking.log_run_files()
             tracking.finish(failed)
 

@@ -6,6 +6,9 @@ through Ray's integrations: one MLflow run per trial, nested under the sweep's r
 the trial's point of the search space as parameters, each validation it reports as a
 metric at the GRPO step it was made, and its GRPO run's files when it ends.
 
+A resumed sweep keeps the callbacks it started with (``Tuner.restore`` reads them back
+from the sweep folder): loggers added to a rerun apply to new sweeps only.
+
 Ray's MLflow callback opens a new MLflow run whenever a trial starts, so a resumed sweep
 would hold two runs for a trial that started again; :class:`TrialRuns` finds the trial's
 run first (tagged with the sweep and the trial). Ray's W&B callback logs each trial from
@@ -25,16 +28,15 @@ from ray.air.integrations.mlflow import MLflowLoggerCallback
 from mmrad.config import StorageConfig, TrackedRunSection
 from mmrad.storage import Storage, join
 from mmrad.tracking.mlflow_run import (
-    METRICS_PER_CALL,
     artifact_location,
-    chunks,
     experiment_id,
+    log_metrics,
     mlflow_client,
     run_key,
     tracking_uri,
 )
 from mmrad.tracking.run import RunTracking, experiment_name, run_files
-from mmrad.tracking.values import flat_metrics
+from mmrad.tracking.values import flat_metrics, shown
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,12 @@ def trial_loggers(loggers: list[str]) -> list[str]:
 
 class TrialRuns(MLflowLoggerCallback):
     """:class:`MLflowLoggerCallback` that resumes a trial's run, logs at the GRPO step
-    and adds the trial's GRPO run files (``runs_uri/<trial id>``) at its end."""
+    and adds the trial's GRPO run files (``runs_uri/<trial id>``) at its end.
+
+    The tracking URI is resolved when Tune starts the callback (``setup``), not when it
+    is made: Tune pickles its callbacks into the sweep folder (``tuner.pkl``), and a
+    URI from ``$MLFLOW_TRACKING_URI`` may hold a password. A tracking failure is a
+    warning, never the sweep's end (Tune does not catch its callbacks' errors)."""
 
     def __init__(
         self,
@@ -59,23 +66,32 @@ class TrialRuns(MLflowLoggerCallback):
         storage: StorageConfig,
         parent_run_id: str,
     ):
-        uri = tracking_uri(run.mlflow)
-        name = experiment_name(run, "tune")
-        experiment_id(mlflow_client(uri), name, artifact_location(uri))  # artifacts beside it
         super().__init__(
-            tracking_uri=uri,
-            experiment_name=name,
+            experiment_name=experiment_name(run, "tune"),
             tags={SWEEP_TAG: run_key(sweep_uri), PARENT_TAG: parent_run_id},
         )
+        self.section = run.mlflow
         self.runs_uri = runs_uri
         self.storage = storage
 
+    def setup(self, *args, **kwargs) -> None:
+        self.tracking_uri = tracking_uri(self.section)
+        client = cached_client(self.tracking_uri)
+        experiment_id(client, self.experiment_name, artifact_location(self.tracking_uri))
+        super().setup(*args, **kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "tracking_uri": None}
+
     def log_trial_start(self, trial) -> None:
-        if trial not in self._trial_runs:
-            found = self._earlier_run(str(trial))
-            if found is not None:
-                self._trial_runs[trial] = found
-        super().log_trial_start(trial)
+        def start() -> None:
+            if trial not in self._trial_runs:
+                found = self._earlier_run(str(trial))
+                if found is not None:
+                    self._trial_runs[trial] = found
+            super(TrialRuns, self).log_trial_start(trial)
+
+        self._safely(f"start of trial {trial}", start)
 
     def log_trial_result(self, iteration: int, trial, result: dict[str, Any]) -> None:
         """The result's numbers at its GRPO step, in one call (Ray's logs one call per
@@ -86,19 +102,23 @@ class TrialRuns(MLflowLoggerCallback):
         stamp = int(1000 * time.time())
         values = flat_metrics({k: v for k, v in result.items() if k != "config"})
         metrics = [Metric(key, value, stamp, step) for key, value in values.items()]
-        for chunk in chunks(metrics, METRICS_PER_CALL):
-            cached_client(self.tracking_uri).log_batch(self._trial_runs[trial], metrics=chunk)
+        self._safely(
+            f"result of trial {trial}",
+            lambda: log_metrics(
+                cached_client(self.tracking_uri), self._trial_runs[trial], metrics
+            ),  # fmt: skip
+        )
 
     def log_trial_end(self, trial, failed: bool = False) -> None:
-        run_id = self._trial_runs[trial]
-        storage = Storage.from_config(self.storage)
-        try:
-            with run_files(storage, join(self.runs_uri, trial.trial_id)) as paths:
+        def end() -> None:
+            run_id = self._trial_runs[trial]
+            with run_files(Storage.from_config(self.storage),
+                           join(self.runs_uri, trial.trial_id)) as paths:  # fmt: skip
                 for path in paths:
                     cached_client(self.tracking_uri).log_artifact(run_id, str(path))
-        except Exception as err:  # the sweep matters more than its tracking
-            log.warning("MLflow: files of trial %s: %s", trial.trial_id, err)
-        super().log_trial_end(trial, failed)
+            super(TrialRuns, self).log_trial_end(trial, failed)
+
+        self._safely(f"end of trial {trial}", end)
 
     def _earlier_run(self, trial_name: str) -> str | None:
         client = cached_client(self.tracking_uri)
@@ -112,6 +132,14 @@ class TrialRuns(MLflowLoggerCallback):
             return None
         client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
+
+    @staticmethod
+    def _safely(what: str, call) -> None:
+        try:
+            call()
+        except Exception as err:  # the sweep matters more than its tracking
+            log.warning("MLflow: %s not logged (%s: %s)", what, type(err).__name__,
+                        shown(str(err)))  # fmt: skip
 
 
 @functools.cache

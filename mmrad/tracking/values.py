@@ -8,11 +8,21 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-ROW_FIELDS = ("step", "time")
+from mmrad.config import RESTART_ROW
+
+ROW_FIELDS = ("step", "time", RESTART_ROW)
 """Columns of a metrics row that are not metrics."""
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a parameter's value
+MAX_KEY_CHARS = 250  # MLflow's limit on a metric's key
 _NOT_IN_KEYS = re.compile(r"[^0-9A-Za-z_\-. /:]")
+_PASSWORD_IN_URL = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]+):[^\s/]*@")
+
+
+def shown(text: str) -> str:
+    """``text`` safe for logs, errors and trackers: the password of any URL in it is
+    masked (up to the last ``@`` before the host, as browsers read it)."""
+    return _PASSWORD_IN_URL.sub(r"\g<head>:***@", text)
 
 
 def flat_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -25,13 +35,19 @@ def flat_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
             out.update(flat_params(value, f"{name}."))
             continue
         text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-        out[name] = text[:MAX_PARAM_CHARS]
+        out[name] = shown(text)[:MAX_PARAM_CHARS]
     return out
 
 
 def metric_key(name: str) -> str:
-    """``name`` with the characters trackers refuse in keys replaced by ``_``."""
-    return _NOT_IN_KEYS.sub("_", name)
+    """``name`` as a key MLflow takes: refused characters become ``_``, and the path is
+    normal (MLflow refuses a key that normalising would change: empty parts from ``//``
+    or an edge ``/``, ``.`` and ``..`` parts), at most 250 characters. An evaluation's
+    ``per_category/<source>/<category>`` with an empty category would otherwise cost
+    the whole batch of metrics."""
+    parts = [part for part in _NOT_IN_KEYS.sub("_", name).split("/") if part]
+    parts = ["_" if part in (".", "..") else part for part in parts]
+    return "/".join(parts)[:MAX_KEY_CHARS].rstrip("/") or "_"
 
 
 def metric_values(row: Mapping[str, Any]) -> dict[str, float]:

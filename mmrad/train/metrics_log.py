@@ -34,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mmrad.config import RESTART_ROW
 from mmrad.storage import Storage, atomic_write_local, is_s3, join
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ class MetricsLog:
         self.tables: dict[str, Path] = {}
         self.metrics_path = self.table(METRICS_FILE)
         self.on_row = on_row
+        if on_row is not None:  # the steps after resume_step run (again) from here
+            on_row({"step": resume_step, RESTART_ROW: resume_step})
         self.writer = None
         if tensorboard:
             from tensorboardX import SummaryWriter
@@ -171,3 +174,11 @@ def read_table(storage: Storage, run_uri: str | Path, name: str) -> list[dict[st
 
 def read_metrics(storage: Storage, run_uri: str) -> list[dict]:
     return read_table(storage, run_uri, METRICS_FILE)
+
+
+def readable_metrics(storage: Storage, run_uri: str) -> list[dict]:
+    """Every row of the run's ``metrics.jsonl`` that can be read, a line torn by a crash
+    left out with a warning (for the trackers' last pass, which must not lose a whole
+    table to one line)."""
+    uri = join(str(run_uri), METRICS_FILE)
+    return [row for _, row in _lines(storage.read_text(uri), uri)]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import functools
 import threading
 import time
 from collections.abc import Callable
@@ -74,11 +73,21 @@ def row_poster(run) -> Callable[[dict], None] | None:
     board, when its driver logs to trackers."""
     if not run.driver_trackers:
         return None
-    return functools.partial(_post_row, run.name)
+    return RowPoster(run.name)
 
 
-def _post_row(run_name: str, row: dict) -> None:
-    post_rows(run_name, [row])
+class RowPoster:
+    """Posts rows to the board of ``run_name``, looked up once (not at every row); never
+    fails the caller."""
+
+    def __init__(self, run_name: str):
+        self.run_name = run_name
+        self.board = None
+
+    def __call__(self, row: dict) -> None:
+        with contextlib.suppress(Exception):
+            self.board = self.board or ray.get_actor(board_name(self.run_name))
+            self.board.post_rows.remote([row])
 
 
 def run_with_progress(

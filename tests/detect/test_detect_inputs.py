@@ -66,6 +66,24 @@ def test_listing_is_recursive_sorted_and_skips_hidden_output_and_references(fold
     assert [f.category for f in files] == ["bottle", "bottle", "bottle", "screw", "new"]
 
 
+def test_odd_spellings_of_the_input_output_and_references_list_the_same(
+    folder, tmp_path, monkeypatch
+):
+    """``x/./in``, ``//`` and relative paths: the relative names stay right and the output
+    and references stay excluded (the listing is normalized, so they must be too)."""
+    plain = list_input_files(STORAGE, str(folder),
+                             exclude=[str(folder / "out"), str(folder / "refs")])  # fmt: skip
+    odd = list_input_files(STORAGE, f"{tmp_path}/./new//",
+                           exclude=[f"{folder}/./out/", f"{folder}//refs"])  # fmt: skip
+    assert odd == plain and relatives(odd)[0] == "bottle/a.jpg"
+    monkeypatch.chdir(tmp_path)
+    relative = list_input_files(STORAGE, "new/./bottle/", exclude=["new/bottle//b.png"])
+    assert [f.uri for f in relative] == [str(folder / "bottle" / n) for n in ("a.jpg", "scan.tif")]
+    assert find_references(STORAGE, "new/./refs//", ["bottle"]) == {
+        "bottle": str(folder / "refs" / "bottle.png")
+    }
+
+
 def test_one_category_for_every_file_and_a_single_file(folder):
     files = list_input_files(STORAGE, str(folder / "bottle"), category="vial")
     assert relatives(files) == ["a.jpg", "b.png", "scan.tif"]

@@ -110,7 +110,41 @@ def test_overlay_is_scaled_down_with_its_boxes():
     assert overlay_name("bottle/a b.jpg") == "overlays/bottle/a b.jpg.png"
 
 
+def test_long_names_get_overlay_names_the_disk_takes_unique_and_stable(tmp_path):
+    """80 CJK characters are 240 bytes: with ``.png`` and the atomic write's temp name
+    the file name would pass NAME_MAX (255) and the write fail."""
+    long = "検" * 80 + ".png"
+    name = overlay_name(f"{'線' * 90}/{long}")
+    folder, file = name.split("/")[1:]
+    assert folder.startswith("線" * 50 + "~") and file.startswith("検" * 50 + "~")
+    assert file.endswith(".png") and all(len(part.encode()) <= 171 for part in (folder, file))
+    assert overlay_name(f"{'線' * 90}/{long}") == name  # a rerun names the same overlay
+    assert overlay_name("検" * 80 + "x.png") != overlay_name(long)  # same prefix, other file
+    assert overlay_name("b/" + "a" * 150) == f"overlays/b/{'a' * 150}.png"  # short: as it is
+    Storage().write_bytes(str(tmp_path / name), b"png")
+    assert (tmp_path / name).read_bytes() == b"png"
+
+
 # -- tables -----------------------------------------------------------------------------
+
+
+def test_csv_text_that_a_spreadsheet_would_run_gets_a_quote_and_parquet_keeps_it():
+    """Folder names (categories) and model answers are not to be trusted."""
+    formula = '=HYPERLINK("http://x")'
+    row = detection("/in/=cmd/a.png", 0.9, labels=("=1+1",))
+    row.update(category=formula, reasoning="+1", completion="-2", overlay="@SUM(A1)")
+    other = detection("/in/b.png", None, error="\tb.png: bad")
+    other.update(category="\rx", reasoning="one\rtwo")  # a CR inside a cell splits no row
+    table = detections_table([row, other])
+    parsed = list(csv.DictReader(io.StringIO(csv_text(table))))
+    cells = [parsed[0][k] for k in ("category", "reasoning", "completion", "overlay")]
+    assert cells == ["'" + formula, "'+1", "'-2", "'@SUM(A1)"]
+    assert (parsed[1]["error"], parsed[1]["category"]) == ("'\tb.png: bad", "'\rx")
+    assert parsed[1]["reasoning"] == "one\rtwo" and len(parsed) == 2
+    assert parsed[0]["path"] == "/in/=cmd/a.png" and parsed[0]["labels"] == '["=1+1"]'
+    assert parsed[0]["score"] == "0.9"
+    again = pq.read_table(io.BytesIO(parquet_bytes(table))).to_pylist()
+    assert (again[0]["category"], again[1]["error"]) == (formula, "\tb.png: bad")
 
 
 def test_parquet_and_csv_hold_the_same_rows():
@@ -241,6 +275,52 @@ def test_a_rerun_removes_overlays_of_files_that_are_gone(tmp_path):
         (tmp_path / "overlays" / name).write_bytes(b"png")
     remove_stale_overlays(Storage(), str(tmp_path), {"overlays/a.png.png", None})
     assert [p.name for p in (tmp_path / "overlays").rglob("*.png")] == ["a.png.png"]
+
+
+@pytest.mark.parametrize("spelling", ["{}/./out", "{}//out/", "{}/x/../out"])
+def test_an_odd_spelling_of_the_output_keeps_the_overlays_just_written(tmp_path, spelling):
+    from mmrad.detect.job import remove_stale_overlays
+
+    for name in ("a.png.png", "sub/b.png.png", "gone.png.png"):
+        (tmp_path / "out" / "overlays" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "out" / "overlays" / name).write_bytes(b"png")
+    current = {"overlays/a.png.png", "overlays/sub/b.png.png"}
+    remove_stale_overlays(Storage(), spelling.format(tmp_path), current)
+    found = (tmp_path / "out" / "overlays").rglob("*.png")
+    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in found) == sorted(current)
+
+
+def finished(path: str) -> dict:
+    """A row as :func:`~mmrad.detect.results.finish_batch` hands it to the driver."""
+    return {**detection(path, 0.9), "overlay": None, "bad_image": False, "overlay_png": b"png"}
+
+
+def test_an_overlay_that_cannot_be_written_is_its_rows_error(tmp_path):
+    from mmrad.detect.job import write_overlays
+
+    (tmp_path / "overlays").mkdir()
+    (tmp_path / "overlays" / "blocked").write_text("a file where a folder is needed")
+    rows = [finished("/in/a.png"), {**finished("/in/x.png"), "relative": "blocked/x.png"}]
+    kept = write_overlays(Storage(), str(tmp_path), iter(rows))
+    assert [row["path"] for row in kept] == ["/in/a.png", "/in/x.png"]
+    assert kept[0]["overlay"] == "overlays/a.png.png" and not kept[0]["error"]
+    assert (tmp_path / "overlays" / "a.png.png").read_bytes() == b"png"
+    failed = kept[1]
+    assert failed["error"].startswith("/in/x.png: overlay not written: ")
+    assert failed["anomalous"] is None and failed["overlay"] is None
+    assert not failed["bad_image"] and "overlay_png" not in failed  # counts in the budget
+
+
+def test_an_outage_while_writing_overlays_fails_the_job(tmp_path):
+    from mmrad.detect.job import write_overlays
+    from mmrad.storage import StorageUnavailable
+
+    class Outage(Storage):
+        def write_bytes(self, uri: str, data: bytes) -> None:
+            raise StorageUnavailable(f"{uri}: object storage unreachable")
+
+    with pytest.raises(StorageUnavailable):
+        write_overlays(Outage(), str(tmp_path), iter([finished("/in/a.png")]))
 
 
 def test_too_many_failed_predictions_withhold_the_detections(tmp_path):

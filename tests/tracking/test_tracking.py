@@ -13,13 +13,14 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from mmrad.config import SFTJobConfig, TrackedRunSection, load_config
+from mmrad.config import RESTART_ROW, SFTJobConfig, TrackedRunSection, load_config
 from mmrad.storage import Storage
-from mmrad.tracking.mlflow_run import MlflowRun, shown
+from mmrad.tracking.mlflow_run import MlflowRun
 from mmrad.tracking.run import TrackingError, check_tracking, open_tracking, tracked
-from mmrad.tracking.values import flat_metrics, flat_params, metric_values
+from mmrad.tracking.values import flat_metrics, flat_params, metric_key, metric_values, shown
 from mmrad.train.metrics_log import MetricsLog
 from tests.conftest import TEST_BUCKET
+from tests.helpers.tracking import latest_by_step
 from tests.helpers.wandb_offline import offline_history
 
 
@@ -66,21 +67,28 @@ def test_a_report_flattens_to_slash_joined_metrics():
 # -- MLflow -------------------------------------------------------------------------------
 
 
-def test_mlflow_logs_each_metric_once_per_step_and_a_rerun_resumes_the_run(tmp_path):
+def test_mlflow_logs_each_step_once_and_a_resume_logs_the_steps_it_runs_again(tmp_path):
     run = section(tmp_path)
     first = MlflowRun.open(run.mlflow, "mmrad-sft", "r1", "/runs/sft/r1", "sft")
     first.log_params({"optimizer.lr": "0.1", "seed": "0"})
-    first.log_rows(rows(1, 2, 3))
+    first.log_rows([{"step": 0, RESTART_ROW: 0}, *rows(1, 2, 3)])
     first.log_rows(rows(2, 3))  # the board and the final pass over the table overlap
     again = MlflowRun.open(run.mlflow, "mmrad-sft", "r1", "/runs/sft/r1", "sft")
     again.log_params({"optimizer.lr": "0.2", "new": "1"})  # a resume may change the config
-    again.log_rows(rows(2, 3, 4, loss=100.0))  # steps 2-3 ran again after a crash
+    again.log_rows(rows(3))  # a late row of the crashed attempt's last step: had already
+    # restored from the checkpoint of step 1: steps 2-3 run again, with other values
+    again.log_rows([{"step": 1, RESTART_ROW: 1}, *rows(2, 3, 4, loss=100.0)])
+    again.log_rows(rows(1, 2, 3, 4, loss=100.0))  # the last pass: nothing new
     again.finish(failed=False)
 
     client = mlflow_of(run)
     assert again.run_id == first.run_id
-    assert points(client, first.run_id, "loss") == [(1, 1.0), (2, 0.5), (3, 1 / 3), (4, 100.25)]
-    assert [s for s, _ in points(client, first.run_id, "lr")] == [1, 2, 3, 4]
+    both = [(1, 1.0), (2, 0.5), (2, 100.5), (3, 1 / 3), (3, 100 + 1 / 3), (4, 100.25)]
+    assert points(client, first.run_id, "loss") == both
+    latest = latest_by_step(client.get_metric_history(first.run_id, "loss"))
+    assert latest == {1: 1.0, 2: 100.5, 3: 100 + 1 / 3, 4: 100.25}  # what the table holds
+    assert client.get_run(first.run_id).data.metrics["loss"] == 100.25
+    assert "restarted_from_step" not in client.get_run(first.run_id).data.metrics
     finished = client.get_run(first.run_id)
     assert finished.info.status == "FINISHED"
     assert finished.data.params == {"optimizer.lr": "0.1", "seed": "0", "new": "1"}
@@ -184,6 +192,8 @@ def test_wandb_offline_run_holds_the_rows_and_a_rerun_resumes_it(tmp_path):
     with tracked(run, "sft", "/runs/sft/w", config, Storage()) as tracking:
         tracking.log_rows(rows(1, 2))
         run_id = tracking.trackers["wandb"].run.id
+    time.sleep(1.1)  # W&B names an offline run's folder by the second: a rerun in the same
+    # second would write into the first one's folder and hide it
     with tracked(run, "sft", "/runs/sft/w", config, Storage()) as tracking:
         tracking.log_rows(rows(2, 3))
         assert tracking.trackers["wandb"].run.id == run_id
@@ -204,7 +214,8 @@ def test_metrics_log_hands_each_row_on_and_writes_tensorboard_only_when_asked(tm
     metrics.log(1, {"loss": 0.5})
     metrics.text(1, "samples", "a table")
     metrics.close()
-    assert [(r["step"], r["loss"]) for r in handed] == [(1, 0.5)]
+    restart, row = handed  # a (re)started log first says where it starts: step 0
+    assert restart == {"step": 0, RESTART_ROW: 0} and (row["step"], row["loss"]) == (1, 0.5)
     assert not (tmp_path / "tensorboard").exists()
     assert json.loads((tmp_path / "metrics.jsonl").read_text())["loss"] == 0.5
 
@@ -215,3 +226,68 @@ def test_the_ui_of_make_mlflow_ui_is_the_version_that_writes_the_store():
     makefile = (Path(__file__).parents[2] / "Makefile").read_text()
     version = re.search(r"^MLFLOW_VERSION := (\S+)$", makefile, re.M).group(1)
     assert version == metadata.version("mlflow-skinny")
+
+
+# -- what the review found ------------------------------------------------------------------
+
+
+def test_keys_mlflow_would_refuse_are_made_normal():
+    assert metric_key("per_category/synthetic//det_f1") == "per_category/synthetic/det_f1"
+    assert metric_key("/a/./b/../c/") == "a/_/b/_/c"
+    assert len(metric_key("k" * 400)) == 250
+
+
+def test_passwords_in_urls_are_masked_in_parameters_and_messages():
+    params = flat_params({"target": {"url": "https://bob:p@ss@api.example.com/v1"}})
+    assert params == {"target.url": "https://bob:***@api.example.com/v1"}
+    assert shown("no URL here: user@host") == "no URL here: user@host"
+
+
+def test_a_submitted_jobs_relative_store_moves_out_of_rays_copy_of_the_working_dir(
+    tmp_path, monkeypatch
+):
+    from mmrad.tracking.mlflow_run import embedded_store
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    copy = tmp_path / "ray/session_1/runtime_resources/working_dir_files/_ray_pkg_ab12"
+    run = load_config(SFTJobConfig, None, [f"run.mlflow.store={copy}/runs/mlflow.db"]).run
+    assert embedded_store(run.mlflow) == tmp_path / "home/mmrad/runs/mlflow.db"
+    run.mlflow.store = str(tmp_path / "elsewhere/./mlflow.db")
+    assert embedded_store(run.mlflow) == tmp_path / "elsewhere/mlflow.db"
+
+
+def test_a_batch_that_failed_is_sent_again_and_a_failing_tracker_waits_for_the_last_pass(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    run = section(tmp_path)
+    tracking = open_tracking(run, "sft", "/runs/sft/flaky", load_config(SFTJobConfig, None, []),
+                             Storage())  # fmt: skip
+    mlflow_run = tracking.trackers["mlflow"]
+    store = mlflow_run.client
+    mlflow_run.client = MlflowClient(tracking_uri="http://127.0.0.1:9")  # nothing listens
+    tracking.log_rows(rows(1))  # fails: a warning, and the tracker waits
+    mlflow_run.client = store
+    tracking.log_rows(rows(2))  # skipped while the run goes on
+    assert points(store, mlflow_run.run_id, "loss") == []
+    tracking.last_pass(rows(1, 2, 3))
+    assert points(store, mlflow_run.run_id, "loss") == [(1, 1.0), (2, 0.5), (3, 1 / 3)]
+
+
+def test_wandb_online_without_a_key_fails_before_ray_starts(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    run = section(tmp_path, "run.loggers=[wandb]", "run.wandb.mode=online")
+    with pytest.raises(TrackingError, match="WANDB_API_KEY"):
+        check_tracking(run)
+
+
+def test_a_tracker_that_cannot_open_leaves_no_run_of_another_running(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    run = section(tmp_path, "run.loggers=[mlflow,wandb]")
+    with pytest.raises(TrackingError, match="wandb"):
+        open_tracking(run, "sft", "/runs/sft/half", load_config(SFTJobConfig, None, []),
+                      Storage())  # fmt: skip
+    client = mlflow_of(run)
+    (half,) = client.search_runs([client.get_experiment_by_name("mmrad-sft").experiment_id])
+    assert half.info.status == "FAILED"
