@@ -36,11 +36,12 @@ def latest_by_step(points) -> dict[int, float]:
     return {p.step: p.value for p in sorted(points, key=lambda p: (p.step, p.timestamp))}
 
 
-def history(run_id: str) -> dict[str, list[tuple[int, float]]]:
+def history(run_id: str, store: MlflowClient | None = None) -> dict[str, list[tuple[int, float]]]:
     """Every metric of the run: key -> [(step, latest value at that step)] by step."""
-    run = client().get_run(run_id)
+    store = store or client()
+    run = store.get_run(run_id)
     return {
-        key: sorted(latest_by_step(client().get_metric_history(run_id, key)).items())
+        key: sorted(latest_by_step(store.get_metric_history(run_id, key)).items())
         for key in run.data.metrics
     }
 
@@ -54,8 +55,8 @@ def table_history(rows) -> dict[str, list[tuple[int, float]]]:
     return {key: sorted(points) for key, points in out.items()}
 
 
-def artifact_names(run_id: str) -> set[str]:
-    return {item.path for item in client().list_artifacts(run_id)}
+def artifact_names(run_id: str, store: MlflowClient | None = None) -> set[str]:
+    return {item.path for item in (store or client()).list_artifacts(run_id)}
 
 
 def assert_tracked_as_its_table(run_uri: str, experiment: str):
