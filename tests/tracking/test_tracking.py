@@ -292,3 +292,15 @@ def test_a_tracker_that_cannot_open_leaves_no_run_of_another_running(tmp_path, m
     client = mlflow_of(run)
     (half,) = client.search_runs([client.get_experiment_by_name("mmrad-sft").experiment_id])
     assert half.info.status == "FAILED"
+
+
+def test_mlflow_gets_bounded_retries_and_no_telemetry_unless_the_user_chose(tmp_path, monkeypatch):
+    from mmrad.tracking.mlflow_run import mlflow_client
+
+    for name in ("MLFLOW_DISABLE_TELEMETRY", "MLFLOW_HTTP_REQUEST_MAX_RETRIES"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "90")  # the user's own
+    mlflow_client(f"sqlite:///{tmp_path}/mlflow.db")
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "3"
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "90"
