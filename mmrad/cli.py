@@ -82,12 +82,13 @@ def data_stats(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Counts per source, category and split; anomaly ratio; boxes per image."""
-    from mmrad.data.manifest import read_manifest
+    from mmrad.data.manifest import read_manifest, read_split_info
     from mmrad.data.stats import manifest_stats
     from mmrad.storage import Storage
 
     job = _load(DataJobConfig, config, overrides, {})
-    stats = manifest_stats(read_manifest(Storage.from_config(job.storage), uri))
+    storage = Storage.from_config(job.storage)
+    stats = manifest_stats(read_manifest(storage, uri), read_split_info(storage, uri))
     if as_json:
         typer.echo(json.dumps(stats, indent=2))
         return
@@ -106,9 +107,18 @@ def print_stats(stats: dict) -> None:
             f"{row['boxes_per_anomalous_image']:.2f}",
         )
     Console().print(table)
+    Console().print(f"split: {split_summary(stats['split'])}")
     if stats["train_test_overlap"]:
         overlap = ", ".join(stats["train_test_overlap"])
         Console().print(f"[yellow]seen in both train and test (not unseen):[/yellow] {overlap}")
+
+
+def split_summary(split: dict | None) -> str:
+    if split is None:
+        return "not recorded (a manifest written before split modes)"
+    held = [*split.get("test_sources", []), *split.get("test_categories", [])]
+    held_out = ", ".join(held) if held else "nothing"
+    return f"mode {split['mode']}, held out: {held_out}"
 
 
 @s3_app.command("local")

@@ -180,18 +180,34 @@ class SyntheticConfig(Section):
     max_defects: int = Field(2, ge=1, le=8, description="Most defects on one anomalous image.")
 
 
+PUBLISHED_SPLIT_SOURCES = ("mvtec", "visa", "mmrad")
+"""Sources whose importers read each image's published split (train or test)."""
+
+
 class SplitConfig(Section):
     """General AD is judged on categories never seen in training."""
 
+    mode: Literal["published", "unseen"] | None = Field(
+        None,
+        description="published: each source's own train/test split, val carved from train; "
+        "unseen: only held-out categories or sources test. Default: published for mvtec, "
+        "visa and mmrad, unseen for synthetic.",
+    )
     test_categories: list[str] = Field(
-        default_factory=list, description="Categories sent whole to the test split."
+        default_factory=list,
+        description="Categories held out (`name` or `source/name`): their published test "
+        "images (all their images when the source has no published split) go to test, "
+        "none to training.",
     )
     test_sources: list[str] = Field(
-        default_factory=list, description="Sources sent whole to the test split."
+        default_factory=list, description="Sources held out the same way."
     )
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="Share of the rest for val.")
     test_fraction: float = Field(
-        0.0, ge=0.0, lt=1.0, description="Share of seen categories' images also held out to test."
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Share of seen categories' images also held out to test (unseen mode).",
     )
 
 
@@ -213,6 +229,27 @@ class DataBuildConfig(Section):
         if self.source != "synthetic" and not self.input:
             raise ValueError(f"source {self.source!r} needs `input` (the raw data set's folder)")
         return self
+
+    @model_validator(mode="after")
+    def _split_mode_fits(self) -> DataBuildConfig:
+        mode = self.split_mode
+        if mode == "published" and self.source not in PUBLISHED_SPLIT_SOURCES:
+            raise ValueError(
+                f"split.mode: source {self.source!r} has no published split; use split.mode=unseen"
+            )
+        if mode == "published" and self.split.test_fraction:
+            raise ValueError(
+                "split.test_fraction: refused in published mode (each source's published "
+                "test images are the test split); use split.mode=unseen to carve one"
+            )
+        return self
+
+    @property
+    def split_mode(self) -> str:
+        """``split.mode``, or the source's default when it is not set."""
+        if self.split.mode is not None:
+            return self.split.mode
+        return "published" if self.source in PUBLISHED_SPLIT_SOURCES else "unseen"
 
 
 class PixelBudget(Section):
@@ -498,6 +535,14 @@ TRAINING_RENAMES = {
 """Keys of the training jobs (SFT, GRPO) before they shared one set of names."""
 
 
+class SFTDataConfig(DataLoadConfig):
+    require_reasoning: bool = Field(
+        True,
+        description="With a reasoning prompt, refuse train/val records without reasoning; "
+        "false trains them on a generic think text and counts them in run_info.json.",
+    )
+
+
 class SFTJobConfig(Section):
     """`mmrad sft` / `python -m ray_jobs.sft`."""
 
@@ -505,7 +550,7 @@ class SFTJobConfig(Section):
 
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
-    data: DataLoadConfig = Field(default_factory=DataLoadConfig)
+    data: SFTDataConfig = Field(default_factory=SFTDataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     prompt: PromptConfig = Field(default_factory=PromptConfig)

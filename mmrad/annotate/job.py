@@ -31,7 +31,8 @@ import pyarrow.parquet as pq
 
 from mmrad.annotate.config import AnnotateJobConfig, manifest_file
 from mmrad.config import with_absolute_paths
-from mmrad.data.manifest import read_manifest, write_manifest
+from mmrad.data.manifest import read_manifest, read_split_info, write_manifest
+from mmrad.data.splits import category_key
 from mmrad.eval.consistency import (
     ACCEPTED,
     REASONS,
@@ -45,7 +46,7 @@ from mmrad.placement import check_or_log
 from mmrad.ray_env import init_ray
 from mmrad.runinfo import write_run_info
 from mmrad.storage import Storage, join, parent
-from mmrad.task.answer import Verdict
+from mmrad.task.answer import Verdict, has_reasoning
 from mmrad.task.geometry import as_boxes
 
 log = logging.getLogger(__name__)
@@ -94,11 +95,6 @@ class AnnotateResult:
     records_written: int
 
 
-def category_key(record: Mapping[str, Any]) -> str:
-    """``source/category``, as the evaluation metrics key categories."""
-    return f"{record['source']}/{record['category']}"
-
-
 # -- selection -------------------------------------------------------------------------
 
 
@@ -109,7 +105,7 @@ def is_selected(record: Mapping[str, Any], job: AnnotateJobConfig) -> bool:
         return False
     if select.categories and record["category"] not in select.categories:
         return False
-    return job.mode == "replace" or not (record.get("reasoning") or "").strip()
+    return job.mode == "replace" or not has_reasoning(record.get("reasoning"))
 
 
 def select_records(records: Sequence[Mapping[str, Any]], job: AnnotateJobConfig) -> list[dict]:
@@ -272,9 +268,11 @@ def write_annotation(
     *,
     on_rejected: str,
     extra: Mapping[str, Any] | None = None,
+    split: Mapping[str, Any] | None = None,
 ) -> tuple[str, dict[str, Any]]:
-    """Write the new manifest, ``rejected.parquet`` and ``acceptance.json`` (each
-    atomically) beside each other; returns the manifest URI and the acceptance dict."""
+    """Write the new manifest (with the input's ``split`` information), ``rejected.parquet``
+    and ``acceptance.json`` (each atomically) beside each other; returns the manifest URI
+    and the acceptance dict."""
     summary = acceptance_summary(images)
     plan = new_records(records, images, on_rejected)
     target = manifest_file(output)
@@ -292,7 +290,7 @@ def write_annotation(
     storage.write_bytes(join(folder, REJECTED_NAME), parquet_bytes(rejected_table(images)))
     storage.write_text(join(folder, ACCEPTANCE_NAME), json.dumps(summary, indent=2))
     # the manifest last: whoever finds it finds its side files too
-    return write_manifest(storage, plan.records, target), summary
+    return write_manifest(storage, plan.records, target, split), summary
 
 
 # -- the job ---------------------------------------------------------------------------
@@ -374,8 +372,9 @@ def run_annotate(job: AnnotateJobConfig) -> AnnotateResult:
     extra = {"n": job.sampling.n, "iou_threshold": job.filter.iou_threshold,
              "input": manifest_file(job.input), "mode": job.mode}  # fmt: skip
     manifest_uri, summary = write_annotation(
-        storage, job.output, records, images, on_rejected=job.on_rejected, extra=extra
-    )
+        storage, job.output, records, images, on_rejected=job.on_rejected, extra=extra,
+        split=read_split_info(storage, job.input),
+    )  # fmt: skip
     report_uri = write_annotate_report(
         storage, run_uri, images, summary, pixels=spec.pixels, max_examples=job.report.max_examples
     )

@@ -17,7 +17,7 @@ from mmrad.config import DataBuildConfig
 from mmrad.data.builders.base import BUILDERS, BuildLog, DataBuildError
 from mmrad.data.manifest import write_manifest
 from mmrad.data.schema import validate_records
-from mmrad.data.splits import assign_splits
+from mmrad.data.splits import assign_splits, category_key, is_unused, unmatched_held_out
 from mmrad.storage import Storage, is_s3, join
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,8 @@ class BuildResult:
     manifest_uri: str
     records: int
     skipped: dict[str, str] = field(default_factory=dict)
+    unused: int = 0
+    """Published training images of held-out categories, left out of every split."""
 
 
 def build_dataset(config: DataBuildConfig, storage: Storage, progress: bool = True) -> BuildResult:
@@ -37,7 +39,11 @@ def build_dataset(config: DataBuildConfig, storage: Storage, progress: bool = Tr
         storage.ensure_bucket(config.out)
     written: set[str] = set()
     ids: set[str] = set()
+    sources: set[str] = set()
+    categories: set[str] = set()
+    published: dict[str, str | None] = {}
     records = []
+    unused = 0
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task(f"building {config.source}", total=None)
         for draft in drafts:
@@ -47,17 +53,42 @@ def build_dataset(config: DataBuildConfig, storage: Storage, progress: bool = Tr
                 continue
             ids.add(record["id"])
             validate_records([record], f"{config.source} builder output")
+            sources.add(record["source"])
+            categories.add(category_key(record))
+            if is_unused(record, draft.published_split, config.split):
+                unused += 1
+                continue
             for relative, load in draft.files.items():
                 if relative not in written:
                     storage.write_bytes(join(config.out, relative), load())
                     written.add(relative)
+            published[record["id"]] = draft.published_split
             records.append(record)
             bar.advance(task)
+    check_held_out_names(config, sources, categories)
     if not records:
         raise DataBuildError(f"{config.source} builder found no usable images in {config.input}")
-    assign_splits(records, config.split, config.seed)
+    assign_splits(records, config.split, config.seed, mode=config.split_mode, published=published)
     records.sort(key=lambda r: r["id"])
-    uri = write_manifest(storage, records, config.out)
+    uri = write_manifest(storage, records, config.out, split_info(config))
     if build_log.skipped:
         log.warning("skipped %d bad images (see the log above)", len(build_log.skipped))
-    return BuildResult(uri, len(records), dict(build_log.skipped))
+    if unused:
+        log.info("left out %d training images of held-out categories", unused)
+    return BuildResult(uri, len(records), dict(build_log.skipped), unused)
+
+
+def check_held_out_names(config: DataBuildConfig, sources: set[str], categories: set[str]) -> None:
+    """A held-out name that matches nothing would leave its category in training."""
+    problems = unmatched_held_out(config.split, sources, categories)
+    if problems:
+        raise DataBuildError(
+            f"data.split.{'; '.join(problems)} names nothing in {config.input or config.source}"
+            f" (sources: {', '.join(sorted(sources)) or 'none'}; categories: "
+            f"{', '.join(sorted(categories)) or 'none'})"
+        )
+
+
+def split_info(config: DataBuildConfig) -> dict[str, object]:
+    """What the manifest records about how its splits were made."""
+    return {"mode": config.split_mode, **config.split.model_dump(exclude={"mode"})}

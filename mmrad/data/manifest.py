@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -14,6 +15,7 @@ from mmrad.data.schema import FIELDS, ManifestError, to_table, validate_records
 from mmrad.storage import Storage, StorageError, join, parent, resolve
 
 MANIFEST_NAME = "manifest.parquet"
+SPLIT_METADATA_KEY = b"mmrad.split"
 
 
 def manifest_uri(uri: str) -> str:
@@ -21,14 +23,37 @@ def manifest_uri(uri: str) -> str:
     return uri if uri.endswith(".parquet") else join(uri, MANIFEST_NAME)
 
 
-def write_manifest(storage: Storage, records: Sequence[Mapping[str, Any]], uri: str) -> str:
-    """Validate then write atomically; returns the manifest's URI."""
+def write_manifest(
+    storage: Storage,
+    records: Sequence[Mapping[str, Any]],
+    uri: str,
+    split: Mapping[str, Any] | None = None,
+) -> str:
+    """Validate then write atomically; returns the manifest's URI. ``split``: how the
+    splits were made (mode and held-out names), kept in the file's metadata."""
     target = manifest_uri(uri)
     validate_records(records, target)
+    table = to_table(list(records))
+    if split is not None:
+        table = table.replace_schema_metadata({SPLIT_METADATA_KEY: json.dumps(dict(split))})
     buffer = io.BytesIO()
-    pq.write_table(to_table(list(records)), buffer)
+    pq.write_table(table, buffer)
     storage.write_bytes(target, buffer.getvalue())
     return target
+
+
+def read_split_info(storage: Storage, uri: str) -> dict[str, Any] | None:
+    """How the manifest's splits were made, as :func:`write_manifest` kept it; None for a
+    manifest written without it."""
+    target = manifest_uri(uri)
+    try:
+        schema = pq.read_schema(io.BytesIO(storage.read_bytes(target)))
+    except StorageError:
+        raise
+    except Exception as err:
+        raise ManifestError(f"{target}: not a readable Parquet manifest ({err})") from None
+    found = (schema.metadata or {}).get(SPLIT_METADATA_KEY)
+    return json.loads(found) if found else None
 
 
 def read_manifest_table(storage: Storage, uri: str, *, validate: bool = True) -> pa.Table:
@@ -71,3 +96,20 @@ def defect_types_by_category(records: Sequence[Mapping[str, Any]]) -> dict[str, 
     for record in records:
         found[str(record.get("category"))].update(record.get("labels") or [])
     return {category: sorted(labels) for category, labels in found.items()}
+
+
+def in_split(record_split: str | None, split: str) -> bool:
+    """Whether a record of ``record_split`` belongs to ``split``: ``"all"`` holds every
+    record, and a record without a split (an unlabelled manifest) belongs to every one."""
+    return split == "all" or record_split in (split, None)
+
+
+def records_of_split(
+    records: Sequence[dict[str, Any]], split: str, manifest: str, setting: str
+) -> list[dict[str, Any]]:
+    """The records of ``split``; none is a :class:`ManifestError` naming the manifest and
+    ``setting``, what chose the split (a config key such as ``validation.split``)."""
+    chosen = [record for record in records if in_split(record.get("split"), split)]
+    if not chosen:
+        raise ManifestError(f"data.manifest {manifest}: no records in split {split!r} ({setting})")
+    return chosen

@@ -1,11 +1,21 @@
-"""Split assignment for general anomaly detection: whole categories or sources can be held
-out for testing, so the test split measures categories the model never saw."""
+"""Split assignment for general anomaly detection, in two modes (``data.split.mode``):
+
+- ``published``: every image keeps its data set's own split; ``val`` is carved from the
+  published training images.
+- ``unseen``: only held-out categories and sources test; the other categories' images,
+  published test images included, are cut into train and val (and ``test_fraction``).
+
+In both modes a held-out category or source sends its published test images to ``test``
+(every image when the source has no published split, as synthetic data) and its published
+training images to no split: nothing trains on them and the published test set stays
+exactly as published. They may still be another image's reference.
+"""
 
 from __future__ import annotations
 
 import random
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from mmrad.config import SplitConfig
@@ -15,26 +25,56 @@ def category_key(record: Mapping[str, Any]) -> str:
     return f"{record['source']}/{record['category']}"
 
 
+def is_held_out(record: Mapping[str, Any], config: SplitConfig) -> bool:
+    """Whether the record's category or source is held out for testing."""
+    return (
+        record["category"] in config.test_categories
+        or category_key(record) in config.test_categories
+        or record["source"] in config.test_sources
+    )
+
+
+def is_unused(record: Mapping[str, Any], published: str | None, config: SplitConfig) -> bool:
+    """A held-out category's published training image: it goes to no split."""
+    return published == "train" and is_held_out(record, config)
+
+
+def unmatched_held_out(
+    config: SplitConfig, sources: Collection[str], categories: Collection[str]
+) -> list[str]:
+    """``field: name`` for every held-out name that matches nothing in the data:
+    ``categories`` holds ``source/category`` keys."""
+    names = {key.split("/", 1)[1] for key in categories}
+    problems = [
+        f"test_categories: {name!r}"
+        for name in config.test_categories
+        if name not in names and name not in categories
+    ]
+    problems += [f"test_sources: {name!r}" for name in config.test_sources if name not in sources]
+    return problems
+
+
 def assign_splits(
-    records: list[dict[str, Any]], config: SplitConfig, seed: int
+    records: list[dict[str, Any]],
+    config: SplitConfig,
+    seed: int,
+    *,
+    mode: str = "unseen",
+    published: Mapping[str, str | None] | None = None,
 ) -> list[dict[str, Any]]:
     """Set ``split`` on every record, deterministically for ``seed``.
 
-    Records of a held-out category or source go to ``test``. In every other category the
-    images are shuffled (seeded by the category's name, so adding a category does not
+    ``published`` maps ids to the data set's own split. Held-out records, and in
+    ``published`` mode the published test images, go to ``test``. In every other category
+    the images are shuffled (seeded by the category's name, so adding a category does not
     reshuffle the others) and cut into ``test_fraction`` / ``val_fraction`` / the rest for
     ``train``, normal and anomalous images apart so each split keeps both kinds.
     """
-    held_out_categories = set(config.test_categories)
-    held_out_sources = set(config.test_sources)
+    published = published or {}
     groups: dict[tuple[str, bool], list[dict[str, Any]]] = defaultdict(list)
     for record in records:
-        unseen = (
-            record["category"] in held_out_categories
-            or category_key(record) in held_out_categories
-            or record["source"] in held_out_sources
-        )
-        if unseen:
+        own_test = mode == "published" and published.get(record["id"]) == "test"
+        if is_held_out(record, config) or own_test:
             record["split"] = "test"
         else:
             groups[(category_key(record), bool(record["is_anomalous"]))].append(record)
@@ -59,8 +99,3 @@ def leaked_categories(records: Iterable[Mapping[str, Any]]) -> list[str]:
     for record in records:
         splits[category_key(record)].add(record["split"])
     return sorted(key for key, found in splits.items() if {"train", "test"} <= found)
-
-
-def seen_categories(records: Iterable[Mapping[str, Any]]) -> set[str]:
-    """``source/category`` keys that have training images."""
-    return {category_key(r) for r in records if r["split"] == "train"}

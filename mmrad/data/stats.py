@@ -10,9 +10,12 @@ from mmrad.data.schema import SPLITS
 from mmrad.data.splits import category_key, leaked_categories
 
 
-def manifest_stats(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+def manifest_stats(
+    records: Iterable[Mapping[str, Any]], split: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Per ``source/category``: images per split, anomaly ratio, boxes per anomalous image;
-    plus totals and the categories present in both train and test."""
+    plus totals, the categories present in both train and test, and ``split``: how the
+    splits were made (the manifest's metadata; None when it does not say)."""
     records = list(records)
     groups: dict[str, dict[str, Any]] = defaultdict(
         lambda: {**{split: 0 for split in SPLITS}, "images": 0, "anomalous": 0, "boxes": 0}
@@ -45,4 +48,5 @@ def manifest_stats(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         else 0.0,
         "categories": categories,
         "train_test_overlap": leaked_categories(records),
+        "split": dict(split) if split is not None else None,
     }

@@ -59,6 +59,13 @@ GENERIC_REASONING = {
 """The think block of an answer made from a record without reasoning text (SFT targets,
 GRPO's ground-truth and flipped samples); the no-reasoning variant has no think block."""
 
+
+def has_reasoning(text: str | None) -> bool:
+    """Whether a record's reasoning says anything; missing or blank reasoning is what
+    :data:`GENERIC_REASONING` stands in for."""
+    return bool(text and text.strip())
+
+
 _DECISION_NOISE = " \t\r\n*\"'`([:"  # what may precede a decision word: markdown, quotes
 _TOKEN_NOISE = " \t\r\n\u0120\u010a\u2581>"  # whitespace, BPE markers Ġ Ċ ▁, tag remnant
 

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from pydantic import ValidationError
 
 import mmrad.data.builders.mmrad_layout as mmrad_layout
 import mmrad.data.builders.mvtec  # noqa: F401  (registers the builder)
 import mmrad.data.builders.visa  # noqa: F401  (registers the builder)
-from mmrad.config import DataBuildConfig
+from mmrad.config import DataBuildConfig, DataJobConfig, load_config
 from mmrad.data.build import BuildResult, build_dataset
 from mmrad.data.builders.base import DataBuildError
-from mmrad.data.manifest import read_manifest, read_manifest_table
+from mmrad.data.manifest import read_manifest, read_manifest_table, read_split_info
+from mmrad.data.stats import manifest_stats
 from mmrad.storage import Storage
 
 W, H = 64, 48
@@ -49,19 +52,26 @@ def truncate(path: Path) -> Path:
     return path
 
 
-def build(source: str, root: Path, out: Path, **extra) -> tuple[BuildResult, dict[str, dict]]:
-    """Build, then read the manifest back: records by id, URIs as stored (relative)."""
+def build(
+    source: str, root: Path, out: Path, split: dict | None = None, **extra
+) -> tuple[BuildResult, dict[str, dict]]:
+    """Build, then read the manifest back: records by id, URIs as stored (relative).
+    No val split unless ``split`` asks for one."""
     config = DataBuildConfig(
-        source=source, input=str(root), out=str(out), split={"val_fraction": 0}, **extra
-    )
+        source=source, input=str(root), out=str(out), split={"val_fraction": 0, **(split or {})},
+        **extra,
+    )  # fmt: skip
     result = build_dataset(config, Storage(), progress=False)
     records = {r["id"]: r for r in read_manifest_table(Storage(), str(out)).to_pylist()}
     for record in read_manifest(Storage(), str(out)):  # absolute URIs: the files exist
         assert Path(record["image_uri"]).is_file(), record["image_uri"]
         if record["reference_uri"]:
             assert Path(record["reference_uri"]).is_file(), record["reference_uri"]
-    assert all(r["split"] == "train" for r in records.values())
     return result, records
+
+
+def ids_in(records: dict[str, dict], split: str) -> set[str]:
+    return {rid for rid, record in records.items() if record["split"] == split}
 
 
 # -- MVTec AD --------------------------------------------------------------------------------
@@ -102,7 +112,7 @@ def test_mvtec_records(tmp_path):
         "id": "mvtec/bottle/test/broken_large/000",
         "source": "mvtec",
         "category": "bottle",
-        "split": "train",
+        "split": "test",
         "image_uri": "mvtec/bottle/test/broken_large/000.png",
         "reference_uri": "mvtec/bottle/train/good/000.png",
         "width": W,
@@ -273,6 +283,7 @@ def test_visa_bad_rows_are_skipped(tmp_path):
     lines += [
         "candle,test,broken,candle/Data/Images/Normal/0000.JPG,",
         "candle,test,anomaly,../x.JPG,",
+        "candle,valid,normal,candle/Data/Images/Normal/0000.JPG,",
     ]
     write_csv(csv_path, lines)
     truncate(root / "candle/Data/Images/Normal/0001.JPG")
@@ -281,8 +292,10 @@ def test_visa_bad_rows_are_skipped(tmp_path):
     assert set(result.skipped) == {
         f"{csv_path}:10",
         f"{csv_path}:11",
+        f"{csv_path}:12",
         str(root / "candle/Data/Images/Normal/0001.JPG"),
     }
+    assert "split 'valid' is not train or test" in result.skipped[f"{csv_path}:12"]
     ref = records["visa/candle/Data/Images/Anomaly/000"]["reference_uri"]
     assert ref == "visa/candle/Data/Images/Normal/0002.JPG"
 
@@ -369,6 +382,16 @@ def test_mmrad_records(tmp_path):
     assert spot["reasoning"] == "A spot."
     assert records["mmrad/VisA/candle/train_good/0000"]["reference_uri"] is None
     assert records["mmrad/VisA/candle/train_good/0000"]["reasoning"] is None
+
+
+def test_mmrad_published_splits_are_its_folders(tmp_path):
+    _, records = build("mmrad", make_mmrad(tmp_path / "MMR-AD"), tmp_path / "out")
+    assert ids_in(records, "train") == {
+        "mmrad/MVTec-AD/bottle/train_good/000",
+        "mmrad/MVTec-AD/bottle/train_good/001",
+        "mmrad/VisA/candle/train_good/0000",
+    }
+    assert ids_in(records, "test") == set(records) - ids_in(records, "train")
 
 
 def test_mmrad_list_shaped_bbox_file_with_prefixed_paths(tmp_path):
@@ -476,3 +499,131 @@ def test_boxes_from_annotation(entry, expected):
 def test_annotation_keys():
     assert mmrad_layout._annotation_key(".\\test\\crack\\000.PNG") == "test/crack/000"
     assert mmrad_layout._annotation_key("/abs/train_good/001.jpg") == "abs/train_good/001"
+
+
+# -- split modes: published test sets kept, held-out categories never trained on ------------
+
+MVTEC_TEST = {
+    "mvtec/bottle/test/broken_large/000",
+    "mvtec/bottle/test/broken_large/001",
+    "mvtec/bottle/test/good/000",
+    "mvtec/grid/test/crack/000",
+}
+VISA_TEST = {
+    "visa/candle/Data/Images/Anomaly/000",
+    "visa/candle/Data/Images/Anomaly/001",
+    "visa/candle/Data/Images/Normal/0000",
+    "visa/pcb1/Data/Images/Anomaly/000",
+}
+
+
+def test_mvtec_published_mode_is_the_archives_split(tmp_path):
+    """The default for MVTec: the archive's test images exactly, val carved from train."""
+    result, records = build("mvtec", make_mvtec(tmp_path / "in"), tmp_path / "out",
+                            split={"val_fraction": 0.34})  # fmt: skip
+    assert ids_in(records, "test") == MVTEC_TEST
+    assert ids_in(records, "val") == {"mvtec/bottle/train/good/001"}
+    assert not any(r["is_anomalous"] for r in records.values() if r["split"] != "test")
+    assert result.unused == 0
+    info = read_split_info(Storage(), str(tmp_path / "out"))
+    assert (info["mode"], info["val_fraction"]) == ("published", 0.34)
+
+
+def test_visa_published_mode_is_the_csv_split(tmp_path):
+    _, records = build("visa", make_visa(tmp_path / "visa"), tmp_path / "out")
+    assert ids_in(records, "test") == VISA_TEST
+    assert ids_in(records, "train") == set(records) - VISA_TEST
+
+
+@pytest.mark.parametrize("mode", ["published", "unseen"])
+def test_held_out_category_tests_its_published_test_images_only(tmp_path, mode):
+    """A held-out category sends exactly its published test images to test and its
+    training images nowhere (still written as references); in unseen mode the seen
+    categories' published test images train."""
+    out = tmp_path / "out"
+    result, records = build("mvtec", make_mvtec(tmp_path / "in"), out,
+                            split={"mode": mode, "test_categories": ["grid"]})  # fmt: skip
+    assert "mvtec/grid/train/good/000" not in records and result.unused == 1
+    assert records["mvtec/grid/test/crack/000"]["reference_uri"] == "mvtec/grid/train/good/000.png"
+    bottle_test = {rid for rid in MVTEC_TEST if "/bottle/" in rid}
+    if mode == "published":
+        assert ids_in(records, "test") == MVTEC_TEST
+    else:
+        assert ids_in(records, "test") == {"mvtec/grid/test/crack/000"}
+        assert bottle_test <= ids_in(records, "train")
+    assert manifest_stats(records.values())["train_test_overlap"] == (
+        ["mvtec/bottle"] if mode == "published" else []
+    )
+
+
+@pytest.mark.parametrize("mode", ["published", "unseen"])
+def test_held_out_visa_source_is_its_published_test_set(tmp_path, mode):
+    _, records = build("visa", make_visa(tmp_path / "visa"), tmp_path / "out",
+                       split={"mode": mode, "test_sources": ["visa"]})  # fmt: skip
+    assert set(records) == VISA_TEST and ids_in(records, "test") == VISA_TEST
+
+
+def test_unseen_mode_carves_test_fraction_from_seen_categories(tmp_path):
+    _, records = build("visa", make_visa(tmp_path / "visa"), tmp_path / "out",
+                       split={"mode": "unseen", "test_fraction": 0.5})  # fmt: skip
+    assert ids_in(records, "test") and ids_in(records, "test") != VISA_TEST
+    assert ids_in(records, "train") | ids_in(records, "test") == set(records)
+
+
+def test_split_settings_that_cannot_hold_are_refused(tmp_path):
+    with pytest.raises(ValidationError, match="split.test_fraction: refused in published mode"):
+        DataBuildConfig(source="mvtec", input="x", split={"test_fraction": 0.2})
+    with pytest.raises(ValidationError, match="'synthetic' has no published split"):
+        DataBuildConfig(source="synthetic", split={"mode": "published"})
+    assert DataBuildConfig(source="synthetic").split_mode == "unseen"
+    assert DataBuildConfig(source="visa", input="x").split_mode == "published"
+
+
+def test_held_out_names_that_match_nothing_fail_naming_them(tmp_path):
+    root = make_mvtec(tmp_path / "in")
+    with pytest.raises(
+        DataBuildError,
+        match=r"data\.split\.test_categories: 'bottel'.*names nothing.*categories: "
+        r"mvtec/bottle, mvtec/grid",
+    ):
+        build("mvtec", root, tmp_path / "out", split={"test_categories": ["bottel", "grid"]})
+    assert not (tmp_path / "out/manifest.parquet").exists()
+
+
+def test_cluster_data_config_tests_unseen_categories(tmp_path):
+    """configs/cluster/data.yaml on an MMR-AD-shaped tree: a test split, all of it from
+    categories with no training image."""
+    cluster = load_config(DataJobConfig, "configs/cluster/data.yaml").data
+    assert cluster.split_mode == "unseen"
+    _, records = build("mmrad", make_mmrad(tmp_path / "MMR-AD"), tmp_path / "out",
+                       split=cluster.split.model_dump())  # fmt: skip
+    assert ids_in(records, "test") == {"mmrad/VisA/candle/test/spot/000"}
+    assert manifest_stats(records.values())["train_test_overlap"] == []
+
+
+def test_readme_lists_what_the_mmrad_importer_reads():
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    names = (
+        mmrad_layout.BBOX_FILE, mmrad_layout.TEXT_FILE, mmrad_layout.REFERENCE_FILE,
+        *mmrad_layout.IMAGE_FIELDS, *mmrad_layout.BOX_FIELDS, *mmrad_layout.BOXES_FIELDS,
+        *mmrad_layout.LABEL_FIELDS, *mmrad_layout.TEXT_FIELDS, *mmrad_layout.REFERENCE_FIELDS,
+    )  # fmt: skip
+    assert "layout is inferred" in readme
+    missing = [name for name in names if not re.search(rf"[`/]{re.escape(name)}`", readme)]
+    assert missing == []
+
+
+def test_data_stats_shows_the_split_mode_and_flags_overlap(tmp_path):
+    from typer.testing import CliRunner
+
+    from mmrad.cli import app
+
+    out = tmp_path / "out"
+    build("mvtec", make_mvtec(tmp_path / "in"), out, split={"test_categories": ["grid"]})
+    shown = CliRunner().invoke(app, ["data", "stats", str(out)])
+    assert shown.exit_code == 0, shown.output
+    assert "split: mode published, held out: grid" in shown.output
+    assert "seen in both train and test (not unseen): mvtec/bottle" in shown.output
+    as_json = json.loads(CliRunner().invoke(app, ["data", "stats", str(out), "--json"]).output)
+    assert as_json["split"]["mode"] == "published"
+    assert as_json["train_test_overlap"] == ["mvtec/bottle"]

@@ -13,6 +13,8 @@ from PIL import Image
 
 log = logging.getLogger(__name__)
 
+PublishedSplit = Literal["train", "test"]
+
 
 class DataBuildError(ValueError):
     """The raw data set is not what its builder expects; the message names the file."""
@@ -29,6 +31,8 @@ class Draft:
 
     record: dict[str, Any]
     files: dict[str, Callable[[], bytes]] = field(default_factory=dict)
+    published_split: PublishedSplit | None = None
+    """The data set's own split of the image; None when the source has none (synthetic)."""
 
 
 @dataclass

@@ -10,10 +10,11 @@ Layout under ``config.input``::
     <source>/<category>/text_annos.json               reasoning text per image (optional)
     <source>/<category>/reference.json                reference image per image (optional)
 
-Records get ``source`` = the ``<source>`` folder name; ids and output paths are
-``mmrad/<source>/<category>/<path in the category folder>``. Boxes come from
-``bbox_annos.json`` (clipped to the image), else from the ground-truth mask (one box per
-8-connected component, labelled with the defect type). The reference is the one
+``train_good`` images are published training images, ``test_good`` and ``test`` images
+published test images. Records get ``source`` = the ``<source>`` folder name; ids and
+output paths are ``mmrad/<source>/<category>/<path in the category folder>``. Boxes come
+from ``bbox_annos.json`` (clipped to the image), else from the ground-truth mask (one box
+per 8-connected component, labelled with the defect type). The reference is the one
 ``reference.json`` names, else the category's first ``train_good`` image in sorted order
 (the next one for that image itself).
 
@@ -474,5 +475,6 @@ def _mmrad_category(
             labels=labels,
             defect_type=defect,
             reference=reference,
+            published_split="train" if train_normal else "test",
             reasoning=reasoning,
         )

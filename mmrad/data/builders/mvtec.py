@@ -7,8 +7,9 @@ Layout under ``config.input`` (the official archive, extracted)::
     <category>/test/<defect>/*.png              anomalous images of one defect type
     <category>/ground_truth/<defect>/<name>_mask.png
 
-Every image becomes one record (the builder's split settings decide train/val/test, not
-the archive's folders). Boxes are one per 8-connected mask component, labelled with the
+Every image becomes one record with its published split: ``train/`` images are
+training images, ``test/`` images test images (``data.split.mode`` decides what becomes of
+them). Boxes are one per 8-connected mask component, labelled with the
 defect type. The reference image of a category is its first training image in sorted
 order (the next one for that image itself).
 """
@@ -28,6 +29,7 @@ from mmrad.data.builders.base import (
     BuildLog,
     DataBuildError,
     Draft,
+    PublishedSplit,
     builder,
     checked_image,
     file_loader,
@@ -198,6 +200,7 @@ def make_draft(
     labels: list[str],
     defect_type: str,
     reference: Normal | None,
+    published_split: PublishedSplit | None,
     reasoning: str | None = None,
 ) -> Draft:
     files = {relative: file_loader(path)}
@@ -217,7 +220,7 @@ def make_draft(
         "defect_type": defect_type if boxes else NORMAL_DEFECT_TYPE,
         "reasoning": reasoning,
     }
-    return Draft(record, files)
+    return Draft(record, files, published_split)
 
 
 # -- MVTec AD -------------------------------------------------------------------------------
@@ -257,6 +260,7 @@ def _mvtec_category(root: Path, category_dir: Path, build_log: BuildLog) -> Iter
             labels=[],
             defect_type=NORMAL_DEFECT_TYPE,
             reference=default_reference(normals, normal.relative),
+            published_split="train",
         )
     for defect_dir in subfolders(category_dir / "test"):
         defect = defect_dir.name
@@ -283,4 +287,5 @@ def _mvtec_category(root: Path, category_dir: Path, build_log: BuildLog) -> Iter
                 labels=[defect] * len(boxes),
                 defect_type=defect,
                 reference=default_reference(normals, relative),
+                published_split="test",
             )

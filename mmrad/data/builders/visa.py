@@ -9,10 +9,11 @@ Layout under ``config.input`` (the official archive, extracted)::
                                 of each anomalous image (e.g. "chunk of wax missing")
     <object>/Data/Images/...    the images and masks the CSV files point at
 
-Every listed image becomes one record; the CSV's split only picks references: the
-reference of an object is its first (sorted) normal ``train`` image (the next one for that
-image itself). Every box of an image gets that image's label text as is, or ``defect``
-when ``image_anno.csv`` does not name one.
+Every listed image becomes one record with the CSV's split as its published split
+(``data.split.mode`` decides what becomes of it). The reference of an object is its first
+(sorted) normal ``train`` image (the next one for that image itself). Every box of an
+image gets that image's label text as is, or ``defect`` when ``image_anno.csv`` does not
+name one.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ ANNO_CSV = "image_anno.csv"
 ANNO_COLUMNS = ("image", "label")
 DEFAULT_LABEL = "defect"
 LABELS = {"normal": False, "anomaly": True}
+SPLITS = ("train", "test")
 
 
 def read_csv(path: Path, required: Sequence[str]) -> list[tuple[int, dict[str, str]]]:
@@ -108,6 +110,9 @@ def build_visa(config: Any, build_log: BuildLog) -> Iterator[Draft]:
         if row["label"].lower() not in LABELS:
             build_log.bad(where, f"label {row['label']!r} is not normal or anomaly")
             continue
+        if row["split"].lower() not in SPLITS:
+            build_log.bad(where, f"split {row['split']!r} is not train or test")
+            continue
         key = image.as_posix()
         if key in first_line:
             build_log.bad(where, f"{key} listed again (first on line {first_line[key]})")
@@ -135,7 +140,8 @@ def _visa_object(
         path = root / row["image"]
         relative = f"{SOURCE}/{row['image']}"
         anomalous = LABELS[row["label"].lower()]
-        normal_train = not anomalous and row["split"].lower() == "train"
+        split = row["split"].lower()
+        normal_train = not anomalous and split == "train"
         size = query_size(sizes, relative, path, build_log, checked_before=normal_train)
         if size is None:
             continue
@@ -159,4 +165,5 @@ def _visa_object(
             labels=[defect] * len(boxes),
             defect_type=defect,
             reference=default_reference(normals, relative),
+            published_split=split,
         )
