@@ -11,7 +11,9 @@ hashes of the stages it reads from. So:
 - an interrupted stage reruns in the same folder, where SFT and GRPO resume from their
   last checkpoint.
 
-Every stage's config is resolved and validated before the first one starts.
+Every stage's config is resolved and validated before the first one starts, and right
+after the data stage every later stage's splits are checked to have records, so an empty
+test split fails before any training.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -39,14 +42,21 @@ from mmrad.config import (
     read_yaml,
     validate_config,
 )
+from mmrad.data.manifest import in_split, read_manifest_table
+from mmrad.data.schema import ManifestError
 from mmrad.ray_env import init_ray
 from mmrad.runinfo import write_run_info
+from mmrad.serve.smoke import SPLIT_READ as SMOKE_SPLIT_READ
+from mmrad.sft.plan import SPLITS_READ as SFT_SPLITS_READ
 from mmrad.storage import Storage, absolute, is_s3, join
 from mmrad.tune.space import apply_params
 
 log = logging.getLogger(__name__)
 console = Console()
 LEDGER_FOLDER = "stages"
+
+SplitRead = tuple[str, str]
+"""A split a stage reads from the data stage's manifest, and the setting that chose it."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,9 @@ class PlannedStage:
     work: Callable[[BaseModel, Storage], Any]
     checked: tuple[str, ...] = ()
     """Outputs that must exist for a recorded stage to count as done."""
+    reads: tuple[SplitRead, ...] = ()
+    """Splits of the data stage's manifest that must have records (checked before the
+    first stage after the data stage runs)."""
 
 
 @dataclass
@@ -156,17 +169,20 @@ class Planner:
         work: Callable[[BaseModel, Storage], Any],
         checked: tuple[str, ...],
         origin: str = "",
+        reads: Callable[[Any], Sequence[SplitRead]] = lambda job: (),
     ) -> None:
         """Validate the stage's job config ``data`` (dotted keys allowed), hash it, then
         ``place(folder)`` gives the settings that put its outputs in the stage's folder
-        (not part of the hash) and the outputs' URIs."""
+        (not part of the hash) and the outputs' URIs; ``reads(job)`` the splits it reads."""
         origin = origin or f"pipeline stage {name}"
         digest = stage_hash(name, validate_config(model, apply_params(data, {}), origin),
                             self.hashes(*upstream))  # fmt: skip
         folder = join(self.run_uri, f"{name}-{digest[:10]}")
         settings, outputs = place(folder)
         job = validate_config(model, apply_params(data, settings), origin)
-        self.stages.append(PlannedStage(name, job, digest, folder, outputs, work, checked))
+        self.stages.append(
+            PlannedStage(name, job, digest, folder, outputs, work, checked, tuple(reads(job)))
+        )
 
 
 def plan(config: PipelineConfig, run_uri: str) -> list[PlannedStage]:
@@ -257,7 +273,8 @@ def add_sft(planner: Planner) -> None:
         run_sft(job)
 
     planner.add("sft", SFTJobConfig, _wired(planner, stage, wiring), ("tiny_model", "data"),
-                _training_place("sft"), work, ("export_info",), _origin(stage, "sft"))  # fmt: skip
+                _training_place("sft"), work, ("export_info",), _origin(stage, "sft"),
+                lambda job: tuple(SFT_SPLITS_READ.items()))  # fmt: skip
 
 
 def add_grpo(planner: Planner) -> None:
@@ -274,9 +291,13 @@ def add_grpo(planner: Planner) -> None:
 
         run_grpo(job)
 
+    def reads(job: GRPOJobConfig) -> list[SplitRead]:
+        validating = [(job.validation.split, "validation.split")] if job.validation.every else []
+        return [(job.data.split, "data.split"), *validating]
+
     data = _wired(planner, stage, wiring)
     planner.add("grpo", GRPOJobConfig, data, ("data", "sft"), _training_place("grpo"), work,
-                ("export_info",), _origin(stage, "grpo"))  # fmt: skip
+                ("export_info",), _origin(stage, "grpo"), reads)  # fmt: skip
 
 
 def final_model(planner: Planner) -> str:
@@ -306,7 +327,8 @@ def add_eval(planner: Planner) -> None:
         run_eval(job)
 
     planner.add("eval", EvalJobConfig, _wired(planner, stage, wiring), ("data", "sft", "grpo"),
-                place, work, ("metrics",), _origin(stage, "eval"))  # fmt: skip
+                place, work, ("metrics",), _origin(stage, "eval"),
+                lambda job: [(job.data.split, "data.split")])  # fmt: skip
 
 
 class ServeSmokeJob(BaseModel):
@@ -342,7 +364,8 @@ def add_serve(planner: Planner) -> None:
         storage.write_text(planner.outputs("serve")["responses"], json.dumps(responses, indent=2))
 
     planner.add("serve", ServeSmokeJob, data, ("data", "sft", "grpo"), place, work,
-                ("responses",), _origin(stage, "serve"))  # fmt: skip
+                ("responses",), _origin(stage, "serve"),
+                lambda job: [SMOKE_SPLIT_READ])  # fmt: skip
 
 
 def _single_mmrad_app(file: Any) -> str:
@@ -361,6 +384,32 @@ STAGE_BUILDERS: list[Callable[[Planner], None]] = [
 
 
 # -- running ------------------------------------------------------------------------------
+
+
+def split_sizes(storage: Storage, manifest: str) -> Counter[str]:
+    """Records per split of a manifest (its split column only)."""
+    table = read_manifest_table(storage, manifest, validate=False)
+    return Counter(table.column("split").to_pylist())
+
+
+def describe_sizes(sizes: Mapping[str, int]) -> str:
+    """``train 20, val 4`` (``no records`` when empty)."""
+    return ", ".join(f"{split} {n}" for split, n in sorted(sizes.items())) or "no records"
+
+
+def check_splits_read(stages: Sequence[PlannedStage], manifest: str, storage: Storage) -> None:
+    """Every stage finds records in the splits it reads from the data stage's
+    ``manifest``; an empty one fails now, before any training, not at the stage."""
+    sizes = split_sizes(storage, manifest)
+    for stage in stages:
+        for split, setting in stage.reads:
+            if not sum(n for name, n in sizes.items() if in_split(name, split)):
+                raise ManifestError(
+                    f"pipeline stage {stage.name} reads split {split!r} ({setting}), but the "
+                    f"data stage's manifest {manifest} has none ({describe_sizes(sizes)}); "
+                    "the data stage's data.split.test_categories, data.split.test_sources "
+                    "and data.split.val_fraction decide which records go to which split"
+                )
 
 
 def run_pipeline(config: PipelineConfig) -> PipelineResult:
@@ -383,6 +432,8 @@ def run_pipeline(config: PipelineConfig) -> PipelineResult:
             ledger.write(StageRecord(stage.name, stage.hash, stage.folder, stage.outputs, seconds))
             result.stages[stage.name] = "ran"
         result.outputs[stage.name] = stage.outputs
+        if stage.name == "data":
+            check_splits_read(stages, stage.outputs["manifest"], storage)
     return result
 
 

@@ -8,8 +8,10 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -40,7 +42,15 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def write_run_info(storage: Storage, run_uri: str, config: BaseModel, seed: int) -> None:
+def write_run_info(
+    storage: Storage,
+    run_uri: str,
+    config: BaseModel,
+    seed: int,
+    extra: Mapping[str, Any] | None = None,
+) -> None:
+    """``config.yaml`` and ``run_info.json``; ``extra`` adds a job's own facts about its
+    inputs (JSON-serialisable) to the latter."""
     info = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "git_commit": git_commit(),
@@ -48,6 +58,7 @@ def write_run_info(storage: Storage, run_uri: str, config: BaseModel, seed: int)
         "python": platform.python_version(),
         "seed": seed,
         "argv": sys.argv,
+        **(extra or {}),
     }
     storage.write_text(join(run_uri, "config.yaml"), dump_config(config))
     storage.write_text(join(run_uri, "run_info.json"), json.dumps(info, indent=2))

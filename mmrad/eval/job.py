@@ -38,10 +38,11 @@ from mmrad.data.manifest import (
     defect_types_by_category,
     manifest_uri,
     read_manifest,
+    records_of_split,
 )
 from mmrad.data.schema import ManifestError
 from mmrad.eval.budget import enforce_error_budget
-from mmrad.eval.config import EndpointTarget, EvalJobConfig, ModelTarget
+from mmrad.eval.config import EndpointTarget, EvalDataConfig, EvalJobConfig, ModelTarget
 from mmrad.eval.inference import (
     InferenceSpec,
     collect_rows,
@@ -131,11 +132,13 @@ def _read_parquet(storage: Storage, uri: str) -> pa.Table:
         raise ManifestError(f"{uri}: not a readable Parquet manifest ({err})") from None
 
 
-def select_split(records: Sequence[dict], split: str, limit: int | None) -> list[dict]:
-    """The split's records, sorted by id. Records without a split (unlabelled manifests)
-    belong to every split. ``limit`` keeps a fixed pseudo-random subset (the first by a
-    hash of the id), so a small limit still spans categories and both classes."""
-    chosen = [r for r in records if split == "all" or r.get("split") in (split, None)]
+def select_split(records: Sequence[dict], data: EvalDataConfig) -> list[dict]:
+    """The records of ``data.split``, sorted by id (see
+    :func:`~mmrad.data.manifest.records_of_split`; none is a :class:`ManifestError`).
+    ``data.limit`` keeps a fixed pseudo-random subset (the first by a hash of the id), so
+    a small limit still spans categories and both classes."""
+    chosen = records_of_split(records, data.split, data.manifest, "data.split")
+    limit = data.limit
     if limit:
         chosen = sorted(chosen, key=lambda r: hashlib.sha256(str(r["id"]).encode()).digest())
         chosen = chosen[:limit]
@@ -168,9 +171,7 @@ def run_eval(job: EvalJobConfig) -> EvalResult:
     spec = InferenceSpec.build(job.target, job.sampling, job.prompt, job.engine,
                                job.predictors, storage, job.ray)  # fmt: skip
     manifest, labelled = read_eval_records(storage, job.data.manifest)
-    records = select_split(manifest, job.data.split, job.data.limit)
-    if not records:
-        raise ManifestError(f"{job.data.manifest}: no records in split {job.data.split!r}")
+    records = select_split(manifest, job.data)
     if spec.variant.domain_knowledge:
         known = defect_types_by_category(manifest)
         records = [{**r, "defect_types": known.get(str(r["category"]), [])} for r in records]

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmrad.task.answer import GENERIC_REASONING, format_answer
+from mmrad.task.answer import GENERIC_REASONING, format_answer, has_reasoning
 from mmrad.task.geometry import as_boxes, to_model_grid
 from mmrad.task.prompt import IMAGE_PLACEHOLDER, PromptVariant, build_messages
 
@@ -112,7 +112,9 @@ class SFTCollator:
         anomalous = bool(row["is_anomalous"])
         reasoning = None
         if self.variant.reasoning:
-            reasoning = row.get("reasoning") or GENERIC_REASONING[anomalous]
+            reasoning = row.get("reasoning")
+            if not has_reasoning(reasoning):  # allowed by data.require_reasoning=false
+                reasoning = GENERIC_REASONING[anomalous]
         return format_answer(anomalous, boxes, labels, reasoning)
 
     def check_image_tokens(self, batch: Mapping[str, Any]) -> None:

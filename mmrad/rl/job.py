@@ -27,7 +27,7 @@ import ray
 
 from mmrad.actor_names import wait_until_free
 from mmrad.config import ConfigError, PixelBudget, PromptConfig, with_absolute_paths
-from mmrad.data.manifest import defect_types_by_category, read_manifest
+from mmrad.data.manifest import defect_types_by_category, read_manifest, records_of_split
 from mmrad.placement import check_or_log, ray_options
 from mmrad.ray_env import init_ray
 from mmrad.rl.config import GRPOJobConfig
@@ -90,13 +90,28 @@ def starting_point(job: GRPOJobConfig, storage: Storage) -> GRPOJobConfig:
     return job
 
 
-def start_coordinator(job: GRPOJobConfig, records: list[dict]):
+@dataclass(frozen=True)
+class GRPORecords:
+    """What the coordinator gets from the manifest."""
+
+    prompts: list[dict]
+    validation: list[dict]
+    defect_types: dict[str, list[str]]
+
+
+def grpo_records(job: GRPOJobConfig, storage: Storage) -> GRPORecords:
+    """The prompts (``data.split``) and validation records; an empty split is a
+    :class:`~mmrad.data.schema.ManifestError`."""
+    records = read_manifest(storage, job.data.manifest)
     train = [r for r in records if r["split"] == "train"]
-    prompts = [r for r in records if r["split"] == job.data.split]
-    if not prompts:
-        raise ConfigError(
-            f"data.manifest {job.data.manifest}: no records in split {job.data.split!r}"
-        )
+    return GRPORecords(
+        prompts=records_of_split(records, job.data.split, job.data.manifest, "data.split"),
+        validation=validation_records(job, records),
+        defect_types=defect_types_by_category(train),
+    )
+
+
+def start_coordinator(job: GRPOJobConfig, records: GRPORecords):
     actor = ray.remote(Coordinator).options(
         name=coordinator_name(job.run.name),
         **ray_options(coordinator_shape(job)),
@@ -105,10 +120,10 @@ def start_coordinator(job: GRPOJobConfig, records: list[dict]):
     )
     return actor.remote(
         job.model_dump(mode="json"),
-        prompts,
+        records.prompts,
         asdict(PromptVariant(**job.prompt.model_dump())),
-        defect_types_by_category(train),
-        validation_records(job, records),
+        records.defect_types,
+        records.validation,
     )
 
 
@@ -118,13 +133,8 @@ def validation_records(job: GRPOJobConfig, records: list[dict]) -> list[dict]:
     validation = job.validation
     if not validation.every:
         return []
-    chosen = sorted((r for r in records if r["split"] == validation.split), key=lambda r: r["id"])
-    if not chosen:
-        raise ConfigError(
-            f"data.manifest {job.data.manifest}: no records in split {validation.split!r} "
-            "to validate on (validation.split)"
-        )
-    return chosen[: validation.samples]
+    chosen = records_of_split(records, validation.split, job.data.manifest, "validation.split")
+    return sorted(chosen, key=lambda r: r["id"])[: validation.samples]
 
 
 def run_grpo(job: GRPOJobConfig, train_callbacks: Sequence = ()) -> GRPOResult:
@@ -134,13 +144,13 @@ def run_grpo(job: GRPOJobConfig, train_callbacks: Sequence = ()) -> GRPOResult:
     check_tracking(job.run)
     init_ray(job.ray)
     check_or_log(job.ray, grpo_requests(job))
+    storage = Storage.from_config(job.storage)
+    records = grpo_records(job, storage)  # an empty split fails before anything is written
     # A rerun right after a killed driver: that driver's actors are still ending.
     wait_until_free(coordinator_name(job.run.name), f"run.name {job.run.name}")
-    storage = Storage.from_config(job.storage)
     job = starting_point(job, storage)
     run_uri = join(job.run.storage_path, job.run.name)
     write_run_info(storage, run_uri, job, job.schedule.seed)
-    records = read_manifest(storage, job.data.manifest)
     coordinator = start_coordinator(job, records)
     spec = {
         "config": job.model_dump(mode="json"),

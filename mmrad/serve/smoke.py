@@ -18,6 +18,9 @@ from mmrad.storage import Storage
 log = logging.getLogger(__name__)
 REQUEST_TIMEOUT_S = 300.0
 DEPLOYMENT_OPTIONS = ("ray_actor_options", "autoscaling_config", "max_ongoing_requests")
+SPLIT_READ = ("test", "the smoke test sends its images")
+"""The split whose images the smoke test sends, and why; the pipeline checks it before
+any training."""
 
 
 class SmokeTestError(RuntimeError):
@@ -33,13 +36,13 @@ def smoke_test(
     import httpx
     from ray import serve
 
-    from mmrad.data.manifest import read_manifest
+    from mmrad.data.manifest import read_manifest, records_of_split
     from mmrad.serve.app import MMRADServer
     from mmrad.serve.config import IMPORT_PATH
 
-    records = [r for r in read_manifest(storage, manifest) if r["split"] == "test"][:images]
-    if not records:
-        raise SmokeTestError(f"{manifest}: no test records to send")
+    split, purpose = SPLIT_READ
+    records = records_of_split(read_manifest(storage, manifest), split, manifest, purpose)
+    records = records[:images]
     entry = next(a for a in serve_config["applications"] if a.get("import_path") == IMPORT_PATH)
     deployment = (entry.get("deployments") or [{}])[0]
     options = {key: deployment[key] for key in DEPLOYMENT_OPTIONS if key in deployment}

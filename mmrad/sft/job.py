@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,8 @@ import ray
 
 from mmrad.config import ConfigError, SFTJobConfig, with_absolute_paths
 from mmrad.data.loading import DecodeSpec, build_dataset, ordered_rows, rank_datasets
-from mmrad.data.manifest import defect_types_by_category, read_manifest
+from mmrad.data.manifest import defect_types_by_category, read_manifest, records_of_split
+from mmrad.data.schema import ManifestError
 from mmrad.placement import (
     actor_shape,
     check_or_log,
@@ -31,6 +33,7 @@ from mmrad.placement import (
 from mmrad.ray_env import init_ray
 from mmrad.runinfo import write_run_info
 from mmrad.sft.plan import (
+    SPLITS_READ,
     DataOrder,
     DataOrderError,
     SFTProgress,
@@ -40,6 +43,7 @@ from mmrad.sft.plan import (
 )
 from mmrad.sft.worker import sft_worker
 from mmrad.storage import Storage, join
+from mmrad.task.answer import has_reasoning
 from mmrad.tracking.run import check_tracking, tracked
 from mmrad.train.checkpoint import STATE_FILE, read_trainer_state
 from mmrad.train.core import checkpoint_uri, make_torch_trainer
@@ -155,16 +159,66 @@ def data_order(job: SFTJobConfig, train: list[dict[str, Any]]) -> DataOrder:
     )
 
 
+EXAMPLE_IDS = 5
+"""Ids named per split when records lack reasoning."""
+
+
+def sft_splits(job: SFTJobConfig, storage: Storage) -> dict[str, list[dict[str, Any]]]:
+    """The manifest's records of each split in :data:`SPLITS_READ`; an empty one is a
+    :class:`ManifestError`."""
+    records = read_manifest(storage, job.data.manifest)
+    return {split: records_of_split(records, split, job.data.manifest, purpose)
+            for split, purpose in SPLITS_READ.items()}  # fmt: skip
+
+
+def ids_without_reasoning(splits: Mapping[str, list[dict[str, Any]]]) -> dict[str, list[str]]:
+    return {split: [str(r["id"]) for r in records if not has_reasoning(r.get("reasoning"))]
+            for split, records in splits.items()}  # fmt: skip
+
+
+def describe_missing(missing: Mapping[str, list[str]]) -> str:
+    """``train 3 (a, b, c), val 1 (d)``: counts and the first ids of each split."""
+    parts = []
+    for split, ids in missing.items():
+        shown = ", ".join(ids[:EXAMPLE_IDS]) + (", ..." if len(ids) > EXAMPLE_IDS else "")
+        parts.append(f"{split} {len(ids)} ({shown})")
+    return ", ".join(parts)
+
+
+def check_reasoning(
+    job: SFTJobConfig, splits: Mapping[str, list[dict[str, Any]]]
+) -> dict[str, dict[str, int]]:
+    """Records without reasoning would train on a generic think text
+    (:data:`~mmrad.task.answer.GENERIC_REASONING`): refused unless
+    ``data.require_reasoning`` is false. Returns what ``run_info.json`` records: the
+    count per split, when the prompt has a think block."""
+    if not job.prompt.reasoning:
+        return {}
+    missing = ids_without_reasoning(splits)
+    found = {split: ids for split, ids in missing.items() if ids}
+    if found and job.data.require_reasoning:
+        raise ManifestError(
+            f"data.manifest {job.data.manifest}: records without reasoning, which the "
+            f"prompt's think block needs: {describe_missing(found)}; fill them in with "
+            "`mmrad annotate` (mode fill_missing), or set data.require_reasoning=false to "
+            "train them on a generic think text"
+        )
+    if found:
+        log.warning("records without reasoning train on a generic think text: %s",
+                    describe_missing(found))  # fmt: skip
+    return {"records_without_reasoning": {split: len(ids) for split, ids in missing.items()}}
+
+
 def run_sft(job: SFTJobConfig) -> SFTResult:
     job = with_absolute_paths(job)
+    storage = Storage.from_config(job.storage)
+    splits = sft_splits(job, storage)  # a bad manifest fails here, before Ray starts
+    reasoning_info = check_reasoning(job, splits)
     check_tracking(job.run)
     init_ray(job.ray)
     check_or_log(job.ray, [learners_request(job.ray, job.learners)])
-    storage = Storage.from_config(job.storage)
     run_uri = join(job.run.storage_path, job.run.name)
-    records = read_manifest(storage, job.data.manifest)
-    train = [r for r in records if r["split"] == "train"]
-    val = [r for r in records if r["split"] == "val"] or train
+    train, val = splits["train"], splits["val"]
     plan = step_plan(job, len(train))
     order = data_order(job, train)
     progress = committed_progress(storage, run_uri)
@@ -172,7 +226,7 @@ def run_sft(job: SFTJobConfig) -> SFTResult:
         check_data_order(progress and progress.data_order, order, f"run {run_uri}")
     except DataOrderError as err:
         raise ConfigError(str(err)) from None
-    write_run_info(storage, run_uri, job, job.schedule.seed)
+    write_run_info(storage, run_uri, job, job.schedule.seed, reasoning_info)
     spec = {
         "config": job.model_dump(mode="json"),
         "plan": asdict(plan),

@@ -15,6 +15,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+SPLITS_READ = {"train": "SFT trains on it", "val": "SFT's validation loss"}
+"""The splits SFT reads, each with what it is for (no setting chooses them); the pipeline
+checks them before any training."""
+
 
 @dataclass(frozen=True)
 class StepPlan:

@@ -267,7 +267,8 @@ def test_annotated_manifest_trains_with_sft_unchanged(
 ):
     """The job's writer on a small set, with one hand-made accepted teacher answer and the
     rest rejected (kept without reasoning), then the stock SFT job (its local config, one
-    worker to save time) on the new manifest: it trains every record, and the annotated
+    worker to save time) on the new manifest, allowed records without reasoning: it trains
+    every record and counts those without reasoning in run_info.json, and the annotated
     one's target is the teacher's reasoning, the others' the generic one."""
     from transformers import AutoProcessor
 
@@ -299,8 +300,11 @@ def test_annotated_manifest_trains_with_sft_unchanged(
     assert summary["manifest"]["annotated"] == 1
     assert summary["manifest"]["kept_without_reasoning"] == 9
 
-    steps = ("schedule.max_steps=2", "schedule.checkpoint_every=2", "learners.num_workers=1")
+    steps = ("schedule.max_steps=2", "schedule.checkpoint_every=2", "learners.num_workers=1",
+             "data.require_reasoning=false")  # fmt: skip
     result = run_sft(sft_config(tiny_model, uri, str(tmp_path / "sft"), "annotated", *steps))
+    run_info = json.loads((Path(result.run_uri) / "run_info.json").read_text())
+    assert run_info["records_without_reasoning"] == {"train": 7, "val": 2}
     losses = [m["train/loss"] for m in read_metrics(storage, result.run_uri) if "train/loss" in m]
     assert len(losses) == 2 and all(0 < loss < 100 for loss in losses)
     state = json.loads((Path(result.run_uri) / "checkpoint_000002/trainer_state.json").read_text())

@@ -1,6 +1,6 @@
 import pytest
 
-from mmrad.data.manifest import read_manifest, write_manifest
+from mmrad.data.manifest import read_manifest, records_of_split, write_manifest
 from mmrad.data.schema import ManifestError
 from mmrad.storage import Storage
 
@@ -46,3 +46,21 @@ def test_relative_uris_resolve_against_the_manifest_folder(tmp_path):
     assert loaded["image_uri"] == f"{tmp_path}/images/1.png"
     assert loaded["reference_uri"] == f"{tmp_path}/ref/0.png"
     assert loaded["boxes"] == [[10.0, 10.0, 20.0, 30.0]]
+
+
+def test_records_of_split_refuses_an_empty_split_naming_manifest_and_setting():
+    records = [record(id="a"), record(id="b", split="val")]
+    assert [r["id"] for r in records_of_split(records, "val", "m.parquet", "x")] == ["b"]
+    with pytest.raises(ManifestError) as err:
+        records_of_split(records, "test", "m.parquet", "validation.split")
+    assert str(err.value) == (
+        "data.manifest m.parquet: no records in split 'test' (validation.split)"
+    )
+
+
+def test_all_holds_every_record_and_one_without_a_split_belongs_to_every_split():
+    records = [record(id="a"), record(id="b", split="val"), record(id="c", split=None)]
+    assert len(records_of_split(records, "all", "m", "data.split")) == 3
+    assert [r["id"] for r in records_of_split(records, "test", "m", "data.split")] == ["c"]
+    with pytest.raises(ManifestError, match="no records in split 'all'"):
+        records_of_split([], "all", "m", "data.split")

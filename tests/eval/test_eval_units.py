@@ -10,7 +10,7 @@ import pytest
 from mmrad.config import ConfigError, PixelBudget, load_config
 from mmrad.data.schema import ManifestError
 from mmrad.eval.compare import compare_table
-from mmrad.eval.config import EvalJobConfig, ModelTarget, PromptOverrides
+from mmrad.eval.config import EvalDataConfig, EvalJobConfig, ModelTarget, PromptOverrides
 from mmrad.eval.inference import grid_scale_of, resolve_adapter, verdicts_of
 from mmrad.eval.job import predictions_table, read_eval_records, select_split
 from mmrad.storage import Storage
@@ -50,16 +50,22 @@ def test_adapter_resolution():
 
 
 def test_select_split_and_limit():
+    def select(records, split, limit):
+        return select_split(records, EvalDataConfig(manifest="m", split=split, limit=limit))
+
     records = [{"id": f"r{i:02d}", "split": "test" if i % 3 else "val"} for i in range(30)]
-    test = select_split(records, "test", None)
+    test = select(records, "test", None)
     assert [r["id"] for r in test] == sorted(r["id"] for r in records if r["split"] == "test")
-    some = select_split(records, "test", 5)
+    some = select(records, "test", 5)
     assert len(some) == 5 and [r["id"] for r in some] == sorted(r["id"] for r in some)
-    assert some == select_split(list(reversed(records)), "test", 5)  # fixed subset
+    assert some == select(list(reversed(records)), "test", 5)  # fixed subset
     assert some != test[:5]  # spread by hash, not the first ids
-    assert len(select_split(records, "all", None)) == 30
+    assert len(select(records, "all", None)) == 30
     unlabelled = [{"id": "a", "split": None}, {"id": "b", "split": None}]
-    assert len(select_split(unlabelled, "test", None)) == 2
+    assert len(select(unlabelled, "test", None)) == 2
+    with pytest.raises(ManifestError, match=r"data.manifest m: no records in split 'test' "
+                       r"\(data.split\)"):  # fmt: skip
+        select([r for r in records if r["split"] == "val"], "test", None)
 
 
 def test_unlabelled_manifest(tmp_path):

@@ -61,9 +61,9 @@ def make_rows() -> list[dict]:
             "image": pixels(112, 168, 3), "reference": NO_IMAGE,
             "grid_width": 112, "grid_height": 168,
         },
-        {  # 168 wide, 112 high, square reference; normal without reasoning
+        {  # 168 wide, 112 high, square reference; normal with blank reasoning
             **base, "id": "coins-2", "category": "coins", "width": 168, "height": 112,
-            "is_anomalous": False, "defect_type": "good", "reasoning": None,
+            "is_anomalous": False, "defect_type": "good", "reasoning": " \n",
             "boxes": [], "labels": [],
             "image": pixels(168, 112, 4), "reference": pixels(224, 224, 5),
             "grid_width": 168, "grid_height": 112,

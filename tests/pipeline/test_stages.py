@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from mmrad.config import PipelineConfig, load_config
-from mmrad.pipeline import Ledger, plan, run_pipeline
+from mmrad.data.build import build_dataset
+from mmrad.data.schema import ManifestError
+from mmrad.pipeline import Ledger, check_splits_read, plan, run_pipeline
 from mmrad.storage import Storage
 
 SMALL_DATA = [
@@ -17,6 +19,11 @@ SMALL_DATA = [
     "data.synthetic.image_size=64",
     "data.split.test_categories=[coins]",
 ]
+
+
+WITH_VAL = [*SMALL_DATA, "data.split.val_fraction=0.5"]  # 4 images at 0.15 give no val
+NO_TEST_SPLIT = f"data.overrides={[*WITH_VAL, 'data.split.test_categories=[]']}"
+EMPTY_TEST_SPLIT = r"pipeline stage eval reads split 'test' \(data.split\), but the data stage's"
 
 
 def pipeline_config(root: Path, *overrides: str) -> PipelineConfig:
@@ -70,6 +77,33 @@ def test_bad_stage_config_fails_before_anything_runs(tmp_path):
     assert not (tmp_path / "p").exists()
 
 
+def test_every_stage_lists_the_splits_it_reads_and_an_empty_one_is_refused(tmp_path):
+    """The check the pipeline makes right after the data stage, before any training."""
+
+    def stages_and_manifest(*overrides: str):
+        config = load_config(PipelineConfig, "configs/local/pipeline.yaml",
+                             [f"run.storage_path={tmp_path}", *overrides])  # fmt: skip
+        stages = plan(config, str(tmp_path / config.run.name))
+        data = next(s for s in stages if s.name == "data")
+        build_dataset(data.job.data, Storage(), progress=False)
+        return stages, data.outputs["manifest"]
+
+    validating = "grpo.overrides=[validation.every=3, validation.split=test]"
+    stages, manifest = stages_and_manifest(f"data.overrides={WITH_VAL}", validating)
+    assert {s.name: [split for split, _ in s.reads] for s in stages} == {
+        "tiny_model": [], "data": [], "sft": ["train", "val"], "grpo": ["train", "test"],
+        "eval": ["test"], "serve": ["test"],
+    }  # fmt: skip
+    assert stages[3].reads == (("train", "data.split"), ("test", "validation.split"))
+    check_splits_read(stages, manifest, Storage())  # every split has records
+
+    stages, manifest = stages_and_manifest(NO_TEST_SPLIT, "run.name=no-test")
+    with pytest.raises(ManifestError, match=EMPTY_TEST_SPLIT) as err:
+        check_splits_read(stages, manifest, Storage())
+    assert f"manifest {manifest} has none (train " in str(err.value)
+    assert "data.split.test_categories, data.split.test_sources" in str(err.value)
+
+
 @pytest.mark.integration
 def test_rerun_skips_done_stages_and_a_changed_config_reruns_in_a_new_folder(tmp_path, ray_cluster):
     first = run_pipeline(pipeline_config(tmp_path))
@@ -95,6 +129,14 @@ def test_rerun_skips_done_stages_and_a_changed_config_reruns_in_a_new_folder(tmp
     rerun = run_pipeline(pipeline_config(tmp_path, reseeded))
     assert rerun.stages == {"tiny_model": "skipped", "data": "ran"}
     assert Path(changed.outputs["data"]["manifest"]).exists()
+
+    # A split a later stage reads is empty: refused right after the data stage.
+    training = ("sft.enabled=true", "eval.enabled=true", NO_TEST_SPLIT)
+    with pytest.raises(ManifestError, match=EMPTY_TEST_SPLIT) as err:
+        run_pipeline(pipeline_config(tmp_path, *training))
+    ledger = Ledger(Storage(), first.run_uri)
+    assert ledger.read("data").outputs["manifest"] in str(err.value)  # built, then checked
+    assert ledger.read("sft") is None and not list(tmp_path.glob("p/sft-*"))
 
 
 def test_cluster_pipeline_plans_every_stage_from_the_cluster_configs():

@@ -1,0 +1,45 @@
+"""What a GRPO run reads from its manifest: prompts of ``data.split`` and the first
+validation records by id; an empty split is refused naming the setting. No Ray."""
+
+from __future__ import annotations
+
+import pytest
+
+from mmrad.config import load_config
+from mmrad.data.manifest import write_manifest
+from mmrad.data.schema import ManifestError
+from mmrad.rl.config import GRPOJobConfig
+from mmrad.rl.job import grpo_records
+from mmrad.storage import Storage
+from tests.helpers.manifests import normal_record
+
+SPLITS = {"t2": "train", "t1": "train", "v3": "val", "v1": "val", "v2": "val"}
+RECORDS = [normal_record(id, split) for id, split in SPLITS.items()]
+
+
+def job_on(tmp_path, *overrides: str) -> GRPOJobConfig:
+    manifest = write_manifest(Storage(), RECORDS, str(tmp_path / "data"))
+    return load_config(GRPOJobConfig, None, [f"data.manifest={manifest}", *overrides])
+
+
+def test_prompts_and_the_first_validation_records_by_id(tmp_path):
+    job = job_on(tmp_path, "validation.every=2", "validation.samples=2")
+    records = grpo_records(job, Storage())
+    assert [r["id"] for r in records.prompts] == ["t2", "t1"]
+    assert [r["id"] for r in records.validation] == ["v1", "v2"]
+    assert records.defect_types == {"c": []}
+    assert grpo_records(job_on(tmp_path), Storage()).validation == []  # validation off
+
+
+@pytest.mark.parametrize(
+    ("overrides", "refused"),
+    [
+        (["data.split=test"], "split 'test' (data.split)"),
+        (["validation.every=2", "validation.split=test"], "split 'test' (validation.split)"),
+    ],
+)
+def test_an_empty_split_is_refused_naming_the_setting(tmp_path, overrides, refused):
+    job = job_on(tmp_path, *overrides)
+    with pytest.raises(ManifestError) as err:
+        grpo_records(job, Storage())
+    assert str(err.value) == f"data.manifest {job.data.manifest}: no records in {refused}"
