@@ -25,6 +25,7 @@ from mmrad.config import validate_config, with_absolute_paths
 from mmrad.placement import Request, Shape, actor_shape, check_or_log
 from mmrad.ray_env import init_ray
 from mmrad.rl.config import GRPOJobConfig
+from mmrad.rl.job import grpo_records
 from mmrad.rl.resources import grpo_requests
 from mmrad.storage import Storage, join
 from mmrad.tracking.run import check_tracking, tracked
@@ -151,10 +152,11 @@ def run_tune(job: TuneJobConfig) -> TuneResult:
     base_job = with_absolute_paths(validate_config(GRPOJobConfig, trial_base(job)))
     base = base_job.model_dump(mode="json")
     job = with_absolute_paths(job)  # trials run in their own working directories
+    storage = Storage.from_config(job.storage)
+    grpo_records(base_job, storage)  # an empty split fails here, not in every trial
     check_tracking(job.run)
     init_ray(job.ray)
     check_or_log(job.ray, sweep_requests(job, base_job))
-    storage = Storage.from_config(job.storage)
     sweep_uri = join(job.run.storage_path, job.run.name)
     with tracked(job.run, "tune", sweep_uri, job, storage) as tracking:
         callbacks = tune_callbacks(job.run, tracking, trial_runs_uri(sweep_uri), job.storage)

@@ -43,3 +43,21 @@ def test_an_empty_split_is_refused_naming_the_setting(tmp_path, overrides, refus
     with pytest.raises(ManifestError) as err:
         grpo_records(job, Storage())
     assert str(err.value) == f"data.manifest {job.data.manifest}: no records in {refused}"
+
+
+def test_a_sweep_refuses_an_empty_validation_split_before_ray_starts(tmp_path, monkeypatch):
+    from mmrad.tune import job as tune_job
+    from mmrad.tune.config import TuneJobConfig
+
+    def started(*args, **kwargs):
+        raise AssertionError("Ray started before the manifest was checked")
+
+    monkeypatch.setattr(tune_job, "init_ray", started)
+    monkeypatch.setattr(tune_job, "check_tracking", started)
+    train_only = [r for r in RECORDS if r["split"] == "train"]
+    manifest = write_manifest(Storage(), train_only, str(tmp_path / "data"))
+    overrides = [f"grpo.overrides=[data.manifest={manifest}]", f"run.storage_path={tmp_path}"]
+    sweep = load_config(TuneJobConfig, "configs/local/tune.yaml", overrides)
+    with pytest.raises(ManifestError, match=r"no records in split 'val' \(validation.split\)"):
+        tune_job.run_tune(sweep)
+    assert not (tmp_path / sweep.run.name).exists()
