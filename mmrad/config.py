@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -740,9 +748,24 @@ class ServeSmokeStage(StageConfig):
     images: int = Field(4, ge=1, description="Test images sent through /v1/detect.")
 
 
+LATEST_FOLDER = "latest"
+"""``<run.storage_path>/latest/<stage>``: links to the newest pipeline run's stage folders."""
+
+
 class PipelineRunSection(Section):
-    storage_path: str = Field("runs/pipeline", description="Local folder or s3:// prefix.")
+    storage_path: str = Field(
+        "runs/pipeline",
+        description="Local folder or s3:// prefix. Locally, <storage_path>/latest/<stage> "
+        "links to the last run's stage folders (what configs/local/*.yaml read).",
+    )
     name: str = Field("local", description="Run name: stages already done are skipped.")
+
+    @field_validator("name")
+    @classmethod
+    def _not_the_links(cls, name: str) -> str:
+        if name == LATEST_FOLDER:
+            raise ValueError(f"{LATEST_FOLDER!r} names the folder of links to the last run")
+        return name
 
 
 class PipelineConfig(Section):

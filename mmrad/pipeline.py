@@ -21,16 +21,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 from rich.console import Console
 
 from mmrad.config import (
+    LATEST_FOLDER,
     ConfigError,
     DataJobConfig,
     ModelConfig,
@@ -412,6 +415,20 @@ def check_splits_read(stages: Sequence[PlannedStage], manifest: str, storage: St
                 )
 
 
+def point_latest(storage_path: str, stage: PlannedStage) -> None:
+    """Make ``<storage_path>/latest/<stage>`` a relative link to the stage's folder (local
+    runs only; object stores have no links), replaced atomically: stable names for the
+    newest outputs, which ``configs/local/*.yaml`` read."""
+    if "://" in storage_path or "://" in stage.folder:
+        return
+    links = Path(storage_path) / LATEST_FOLDER
+    links.mkdir(parents=True, exist_ok=True)
+    staged = links / f".{stage.name}.{os.getpid()}"
+    staged.unlink(missing_ok=True)
+    staged.symlink_to(os.path.relpath(stage.folder, links))
+    staged.replace(links / stage.name)
+
+
 def run_pipeline(config: PipelineConfig) -> PipelineResult:
     storage = Storage.from_config(config.storage)
     run_uri = absolute(join(config.run.storage_path, config.run.name))
@@ -432,6 +449,7 @@ def run_pipeline(config: PipelineConfig) -> PipelineResult:
             ledger.write(StageRecord(stage.name, stage.hash, stage.folder, stage.outputs, seconds))
             result.stages[stage.name] = "ran"
         result.outputs[stage.name] = stage.outputs
+        point_latest(absolute(config.run.storage_path), stage)
         if stage.name == "data":
             check_splits_read(stages, stage.outputs["manifest"], storage)
     return result

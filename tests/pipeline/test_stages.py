@@ -70,6 +70,11 @@ def test_where_a_stage_is_tracked_is_not_part_of_its_hash(tmp_path):
     assert hashes("sft.overrides=[schedule.seed=3]")["sft"] != base["sft"]
 
 
+def test_a_run_named_like_the_links_folder_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="'latest' names the folder of links"):
+        pipeline_config(tmp_path, "run.name=latest")
+
+
 def test_bad_stage_config_fails_before_anything_runs(tmp_path):
     config = pipeline_config(tmp_path, "data.overrides=[data.synthetic.image_sise=64]")
     with pytest.raises(ValueError, match=r"configs/local/data.yaml(.|\n)*image_sise"):
@@ -115,11 +120,18 @@ def test_rerun_skips_done_stages_and_a_changed_config_reruns_in_a_new_folder(tmp
     assert again.stages == {"tiny_model": "skipped", "data": "skipped"}
     assert manifest.stat().st_mtime_ns == written
 
+    latest = tmp_path / "latest"
+    assert (latest / "data/manifest.parquet").samefile(manifest)
+    assert (latest / "tiny_model/config.json").is_file()
+    assert not (latest / "data").readlink().is_absolute()  # runs/ can move
+
     reseeded = f"data.overrides={[*SMALL_DATA, 'data.seed=5']}"
     changed = run_pipeline(pipeline_config(tmp_path, reseeded))
     assert changed.stages == {"tiny_model": "skipped", "data": "ran"}
     assert changed.outputs["data"]["manifest"] != str(manifest)
     assert manifest.exists(), "the earlier output is kept"
+    assert (latest / "data/manifest.parquet").samefile(changed.outputs["data"]["manifest"])
+    assert sorted(p.name for p in latest.iterdir()) == ["data", "tiny_model"]
 
     # A recorded stage whose output is gone runs again.
     Path(changed.outputs["data"]["manifest"]).unlink()

@@ -73,7 +73,7 @@ def data_uri(data: bytes, kind: str = "image/png") -> str:
 
 def test_config_files_validate_and_overrides_enter_lists_by_name():
     local = load_serve_file("configs/local/serve.yaml")
-    assert local.apps["mmrad"].model_dir == "runs/sft/sft-tiny/export"
+    assert local.apps["mmrad"].model_dir == "runs/pipeline/latest/grpo/export"
     assert local.app_urls() == {"mmrad": "http://127.0.0.1:8000"}
     cluster = load_serve_file("configs/cluster/serve.yaml")
     assert cluster.apps["mmrad"].model_dir.startswith("s3://")
