@@ -7,7 +7,7 @@ batch-inference core's (:mod:`mmrad.eval.inference`); annotation embeds the same
 from __future__ import annotations
 
 import difflib
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BeforeValidator, Field
 
@@ -55,10 +55,20 @@ class EndpointTarget(Section):
         "is never read from config or logged); null = no key.",
     )
     max_concurrency: int = Field(8, ge=1, le=1024, description="Requests in flight per actor.")
-    retries: int = Field(5, ge=0, le=20, description="Retries after a 429, 5xx or network error.")
-    backoff_s: float = Field(0.5, gt=0, description="First retry's backoff ceiling (doubles).")
-    max_backoff_s: float = Field(30.0, gt=0, description="Largest backoff between tries.")
-    timeout_s: float = Field(120.0, gt=0, description="Per-request timeout.")
+    retries: int = Field(
+        5,
+        ge=0,
+        le=20,
+        description="Retries per sample (the openai SDK's max_retries) after a timeout, "
+        "connection error, 408, 409, 429 or 5xx; the SDK waits a server's Retry-After (up to "
+        "120 s) or backs off from 0.5 s, doubling up to 8 s.",
+    )
+    timeout_s: float = Field(120.0, gt=0, description="Timeout of each try.")
+
+    removed_keys: ClassVar[dict[str, str]] = dict.fromkeys(
+        ("backoff_s", "max_backoff_s"), "the openai SDK's backoff applies (see retries); drop it"
+    )
+    """Keys that no longer exist, with what to do instead (old configs get told)."""
 
 
 TARGET_KINDS: dict[str, type[Section]] = {"model": ModelTarget, "endpoint": EndpointTarget}
@@ -78,6 +88,9 @@ def _keys_fit_kind(value: Any) -> Any:
     unknown = sorted(set(value) - set(fields.model_fields))
     if not unknown:
         return value
+    removed = getattr(fields, "removed_keys", {})
+    if set(unknown) <= set(removed):
+        raise ValueError("; ".join(f"{key} was removed: {removed[key]}" for key in unknown))
     allowed = ", ".join(fields.model_fields)
     message = f"{', '.join(unknown)} not allowed for kind {value['kind']!r} (allowed: {allowed})"
     others = {name for kind in TARGET_KINDS.values() for name in kind.model_fields}

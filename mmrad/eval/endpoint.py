@@ -3,11 +3,14 @@
 How the paper's generalist baselines (GPT-4o, Qwen2.5-VL-72B behind vLLM, ...) and our
 own Serve deployment are evaluated. Images go out already resized to the model grid, as
 PNG data URIs, and the prompt states that grid's size, so boxes come back in it whatever
-the endpoint does internally. Calls are concurrent but bounded (``max_concurrency``);
-429, 5xx, timeouts and connection errors are retried with exponential backoff and full
-jitter (a ``Retry-After`` header is honoured), other 4xx are not; whatever still fails is
-recorded on that sample and the rest go on. P(Yes) comes from ``logprobs.top_logprobs``
-of the answer's first token when the endpoint returns them.
+the endpoint does internally. Calls are concurrent but bounded (``max_concurrency``).
+Retries are the ``openai`` SDK's own (``max_retries`` = the target's ``retries``): it
+retries timeouts, connection errors, 408, 409, 429 and 5xx, obeys an ``x-should-retry``
+header, and waits a server's ``retry-after-ms`` / ``Retry-After`` when that is between 0
+and 120 s (longer: no retry), else backs off from 0.5 s, doubling up to 8 s, with up to
+25% jitter. Other 4xx are not retried; whatever still fails is recorded on that sample
+and the rest go on. P(Yes) comes from ``logprobs.top_logprobs`` of the answer's first
+token when the endpoint returns them.
 
 The API key is read from the environment variable the config names (by the driver, which
 hands it to the actors as a ``SecretStr``: variables set in the driver after Ray started
@@ -20,7 +23,6 @@ import asyncio
 import base64
 import io
 import os
-import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +37,7 @@ from mmrad.eval.config import EndpointTarget
 
 NO_KEY = "EMPTY"  # what vLLM-style servers without auth accept; the SDK wants some key
 ERROR_BODY_CHARS = 300
+RETRY_COUNT_HEADER = "x-stainless-retry-count"  # the SDK's retries so far, on each request
 
 
 class EndpointConfigError(ValueError):
@@ -45,7 +48,7 @@ class EndpointConfigError(ValueError):
 class EndpointResult:
     """One sample's outcome: ``n`` completions (fewer if the endpoint returned fewer),
     their P(Yes) scores (``None`` without log-probs), or an ``error`` after the last
-    try. ``latency_ms`` spans every try and backoff."""
+    try. ``latency_ms`` spans every try and backoff; ``attempts`` counts the tries."""
 
     completions: tuple[str, ...] = ()
     scores: tuple[float | None, ...] = ()
@@ -53,41 +56,6 @@ class EndpointResult:
     latency_ms: float = 0.0
     error: str | None = None
     attempts: int = 0
-
-
-# -- retry policy (pure) ------------------------------------------------------------------
-
-
-def is_retryable(status: int | None) -> bool:
-    """429 (rate limited) and 5xx are worth another try; ``None`` = no response at all
-    (timeout, connection refused or reset)."""
-    return status is None or status == 429 or status >= 500
-
-
-def backoff_delay(
-    attempt: int,
-    base_s: float,
-    max_s: float,
-    retry_after_s: float | None = None,
-    rng: random.Random | None = None,
-) -> float:
-    """Seconds to wait before retry number ``attempt`` (0-based): "full jitter", uniform
-    in ``[0, min(max_s, base_s * 2**attempt)]``, so many clients rate-limited at once
-    spread out; a server's ``Retry-After`` is a floor (capped at ``max_s``)."""
-    ceiling = min(max_s, base_s * 2**attempt)
-    delay = (rng or random).uniform(0.0, ceiling)
-    if retry_after_s is not None:
-        delay = max(delay, min(max_s, retry_after_s))
-    return delay
-
-
-def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
-    """``Retry-After`` in seconds (the HTTP-date form is ignored)."""
-    value = (headers or {}).get("retry-after")
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None
 
 
 # -- request and response -----------------------------------------------------------------
@@ -177,21 +145,12 @@ def result_from_response(
 
 
 @dataclass
-class _Failure:
-    status: int | None
-    message: str
-    retry_after_s: float | None = None
-
-
-@dataclass
 class EndpointClient:
-    """Bounded, retrying chat completions against ``target`` (the ``openai`` SDK, with
-    its own retries off so the policy above is the only one)."""
+    """Bounded chat completions against ``target``, retried by the ``openai`` SDK."""
 
     target: EndpointTarget
     pixels: PixelBudget
     key: SecretStr | None = field(default=None, repr=False)
-    rng: random.Random = field(default_factory=random.Random)
 
     def __post_init__(self) -> None:
         if self.key is None:  # from this process's environment
@@ -201,19 +160,22 @@ class EndpointClient:
         """Every prompt's result, in order; at most ``max_concurrency`` in flight."""
         return asyncio.run(self._complete_all(prompts, sampling))
 
+    def sdk_client(self) -> Any:
+        """An ``AsyncOpenAI`` whose retries and per-try timeout are the target's."""
+        from openai import AsyncOpenAI
+
+        return AsyncOpenAI(
+            base_url=self.target.url,
+            api_key=self.key.get_secret_value(),
+            max_retries=self.target.retries,
+            timeout=self.target.timeout_s,
+        )
+
     async def _complete_all(
         self, prompts: Sequence[Any], sampling: Sampling
     ) -> list[EndpointResult]:
-        from openai import AsyncOpenAI
-
         limit = asyncio.Semaphore(self.target.max_concurrency)
-        client = AsyncOpenAI(
-            base_url=self.target.url,
-            api_key=self.key.get_secret_value(),
-            max_retries=0,
-            timeout=self.target.timeout_s,
-        )
-        async with client:
+        async with self.sdk_client() as client:
 
             async def one(prompt: Any) -> EndpointResult:
                 async with limit:
@@ -222,44 +184,42 @@ class EndpointClient:
             return list(await asyncio.gather(*(one(p) for p in prompts)))
 
     async def complete(self, client: Any, prompt: Any, sampling: Sampling) -> EndpointResult:
-        """One sample, with retries; never raises for what the endpoint does."""
+        """One sample, with the SDK's retries; never raises for what the endpoint does."""
         start = time.perf_counter()
         try:
             body = request_body(self.target.model, openai_messages(prompt, self.pixels), sampling)
         except Exception as err:
             return EndpointResult(error=f"building the request failed: {type(err).__name__}: {err}")
-        attempt = 0
-        while True:
-            attempt += 1
-            outcome = await self._try(client, body)
-            elapsed_ms = 1000 * (time.perf_counter() - start)
-            if not isinstance(outcome, _Failure):
-                return result_from_response(outcome, elapsed_ms, attempt)
-            retries_left = attempt <= self.target.retries
-            if not (retries_left and is_retryable(outcome.status)):
-                error = f"after {attempt} tries: {outcome.message}"
-                return EndpointResult(latency_ms=elapsed_ms, attempts=attempt, error=error)
-            delay = backoff_delay(attempt - 1, self.target.backoff_s, self.target.max_backoff_s,
-                                  outcome.retry_after_s, self.rng)  # fmt: skip
-            await asyncio.sleep(delay)
-
-    async def _try(self, client: Any, body: dict) -> dict | _Failure:
-        import openai
-
         try:
-            response = await client.chat.completions.create(**body)
-            return response.model_dump()
-        except openai.APIStatusError as err:
-            text = _short(getattr(err.response, "text", "") or str(err))
-            headers = {k.lower(): v for k, v in err.response.headers.items()}
-            return _Failure(err.status_code, f"HTTP {err.status_code}: {text}",
-                            retry_after_seconds(headers))  # fmt: skip
-        except openai.APITimeoutError:
-            return _Failure(None, f"timed out after {self.target.timeout_s:g} s")
-        except openai.APIConnectionError as err:
-            return _Failure(None, f"connection failed: {_short(str(err.__cause__ or err))}")
-        except Exception as err:  # a malformed response body, for instance
-            return _Failure(0, f"{type(err).__name__}: {_short(str(err))}")
+            raw = await client.chat.completions.with_raw_response.create(**body)
+            data, tries = raw.parse().model_dump(), raw.retries_taken + 1
+        except Exception as err:  # what is left after the SDK's last retry
+            tries = tries_before(err)
+            error = f"after {tries} tries: {failure_message(err, self.target.timeout_s)}"
+            return EndpointResult(latency_ms=_ms_since(start), attempts=tries, error=error)
+        return result_from_response(data, _ms_since(start), tries)
+
+
+def tries_before(err: Exception) -> int:
+    """How many tries the SDK made before raising ``err``: it numbers each request it
+    sends in a retry-count header (1 for errors that carry no request)."""
+    request = getattr(err, "request", None)
+    count = request.headers.get(RETRY_COUNT_HEADER) if request is not None else None
+    return int(count) + 1 if count and count.isdigit() else 1
+
+
+def failure_message(err: Exception, timeout_s: float) -> str:
+    """What went wrong, for the sample's ``error`` (never the key)."""
+    import openai
+
+    if isinstance(err, openai.APIStatusError):
+        text = _short(getattr(err.response, "text", "") or str(err))
+        return f"HTTP {err.status_code}: {text}"
+    if isinstance(err, openai.APITimeoutError):  # before its base class, APIConnectionError
+        return f"timed out after {timeout_s:g} s"
+    if isinstance(err, openai.APIConnectionError):
+        return f"connection failed: {_short(str(err.__cause__ or err))}"
+    return f"{type(err).__name__}: {_short(str(err))}"  # a malformed response body, say
 
 
 def api_key(target: EndpointTarget) -> str:
@@ -273,6 +233,10 @@ def api_key(target: EndpointTarget) -> str:
             "(set it, or api_key_env: null for an endpoint without a key)"
         )
     return value
+
+
+def _ms_since(start: float) -> float:
+    return 1000 * (time.perf_counter() - start)
 
 
 def _short(text: str) -> str:

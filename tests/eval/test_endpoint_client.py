@@ -1,14 +1,18 @@
 """The OpenAI-compatible client against a real HTTP server on 127.0.0.1 that answers
-429 and 500 before it succeeds: retries with backoff, failures recorded per sample,
-P(Yes) from the returned log-probs, images sent on the model grid, the key never shown."""
+429 and 500 before it succeeds: the openai SDK's retries (which statuses, Retry-After
+waited, as the server saw the tries), failures recorded per sample, the concurrency
+limit, P(Yes) from the returned log-probs, images sent on the model grid, the key never
+shown or logged."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
-import random
+import logging
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -19,13 +23,7 @@ from mmrad.config import PixelBudget
 from mmrad.engine.requests import InspectionInput
 from mmrad.engine.sampling import Sampling
 from mmrad.eval.config import EndpointTarget, EvalJobConfig
-from mmrad.eval.endpoint import (
-    EndpointClient,
-    EndpointConfigError,
-    backoff_delay,
-    is_retryable,
-    retry_after_seconds,
-)
+from mmrad.eval.endpoint import EndpointClient, EndpointConfigError
 from mmrad.eval.inference import chat_prompt
 from mmrad.task.prompt import PromptVariant
 
@@ -61,36 +59,64 @@ def completion_body(n: int = 1) -> dict:
 
 class ScriptedServer:
     """A real HTTP server: each POST gets the next scripted ``(status, headers, body)``
-    (the last one repeats); requests are recorded."""
+    (the last one repeats), ``delay_s`` after it arrived; requests are recorded with
+    their arrival time, and the most requests ever in progress at once."""
 
-    def __init__(self, script):
+    def __init__(self, script, delay_s: float = 0.0):
         self.script = list(script)
+        self.delay_s = delay_s
         self.requests: list[dict] = []
+        self.max_in_flight = 0
+        self._in_flight = 0
+        self._lock = threading.Lock()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802 (http.server's name)
-                length = int(self.headers.get("content-length", 0))
-                outer.requests.append(
-                    {"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
-                     "body": json.loads(self.rfile.read(length))}
-                )  # fmt: skip
-                index = min(len(outer.requests) - 1, len(outer.script) - 1)
-                status, headers, body = outer.script[index]
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                for key, value in headers.items():
-                    self.send_header(key, value)
-                self.end_headers()
-                self.wfile.write(data)
+                index = outer.record(self)
+                with outer.in_flight():
+                    time.sleep(outer.delay_s)
+                outer.reply(self, *outer.script[min(index, len(outer.script) - 1)])
 
             def log_message(self, *args):
                 pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+
+    def record(self, handler: BaseHTTPRequestHandler) -> int:
+        """Records the request with its arrival time; returns its index."""
+        arrived = time.monotonic()
+        body = json.loads(handler.rfile.read(int(handler.headers.get("content-length", 0))))
+        headers = {k.lower(): v for k, v in handler.headers.items()}
+        with self._lock:
+            self.requests.append({"path": handler.path, "time": arrived, "body": body,
+                                  "headers": headers})  # fmt: skip
+            return len(self.requests) - 1
+
+    @contextlib.contextmanager
+    def in_flight(self):
+        with self._lock:
+            self._in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self._in_flight)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    @staticmethod
+    def reply(handler: BaseHTTPRequestHandler, status: int, headers: dict, body: dict) -> None:
+        data = json.dumps(body).encode()
+        handler.send_response(status)
+        handler.send_header("content-type", "application/json")
+        handler.send_header("content-length", str(len(data)))
+        for key, value in headers.items():
+            handler.send_header(key, value)
+        handler.end_headers()
+        handler.wfile.write(data)
 
     @property
     def url(self) -> str:
@@ -106,8 +132,7 @@ class ScriptedServer:
 
 
 def target(url: str, **changes) -> EndpointTarget:
-    fields = dict(url=url, model="baseline", api_key_env=KEY_ENV, retries=3, backoff_s=0.01,
-                  max_backoff_s=0.05, timeout_s=10)  # fmt: skip
+    fields = dict(url=url, model="baseline", api_key_env=KEY_ENV, retries=3, timeout_s=10)
     return EndpointTarget(**(fields | changes))
 
 
@@ -128,7 +153,7 @@ def test_retries_429_and_500_then_succeeds_and_scores():
     error = {"error": {"message": "slow down"}}
     script = [(429, {"retry-after": "0"}, error), (500, {}, error), (200, {}, completion_body(2))]
     with ScriptedServer(script) as server:
-        client = EndpointClient(target(server.url), PIXELS, rng=random.Random(0))
+        client = EndpointClient(target(server.url), PIXELS)
         [result] = client.complete_many([prompt()], Sampling(n=2, max_tokens=64, logprobs=5))
     assert result.error is None and result.attempts == 3
     assert result.completions == (ANSWER, ANSWER)
@@ -180,19 +205,80 @@ def test_missing_key_is_a_clear_error(monkeypatch):
         EndpointClient(target("http://127.0.0.1:9/v1"), PIXELS)
 
 
-def test_backoff_policy():
-    rng = random.Random(0)
-    delays = [[backoff_delay(a, 0.5, 4.0, rng=rng) for _ in range(200)] for a in range(6)]
-    for attempt, values in enumerate(delays):
-        assert min(values) >= 0 and max(values) <= min(4.0, 0.5 * 2**attempt)
-    assert max(delays[2]) > max(delays[0])  # grows exponentially, then capped
-    assert backoff_delay(0, 0.5, 4.0, retry_after_s=3.0, rng=rng) >= 3.0
-    assert backoff_delay(0, 0.5, 4.0, retry_after_s=60.0, rng=rng) == 4.0
-    assert retry_after_seconds({"retry-after": "2"}) == 2.0
-    assert retry_after_seconds({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) is None
-    assert [is_retryable(s) for s in (None, 429, 500, 503, 400, 401, 404)] == [
-        True, True, True, True, False, False, False,
-    ]  # fmt: skip
+ERROR = {"error": {"message": "try again"}}
+FAST = {"retry-after-ms": "1"}  # the SDK waits 1 ms instead of its backoff
+
+
+def complete_one(server: ScriptedServer, **changes):
+    client = EndpointClient(target(server.url, **changes), PIXELS)
+    [result] = client.complete_many([prompt()], Sampling(max_tokens=8))
+    return result
+
+
+@pytest.mark.parametrize(
+    ("headers", "wait_s"), [({"retry-after": "1"}, 1.0), ({"retry-after-ms": "700"}, 0.7)]
+)
+def test_the_server_asked_delay_is_waited_before_the_retry(headers, wait_s):
+    # the SDK's own first backoff is at most 0.5 s: a longer gap is the server's delay
+    with ScriptedServer([(429, headers, ERROR), (200, {}, completion_body())]) as server:
+        result = complete_one(server)
+    assert result.error is None and result.attempts == 2
+    first, retry = server.requests
+    assert retry["time"] - first["time"] >= wait_s
+    assert retry["headers"]["x-stainless-retry-count"] == "1"
+
+
+@pytest.mark.parametrize("status", [408, 409, 429, 500, 502])
+def test_retried_statuses(status):
+    with ScriptedServer([(status, FAST, ERROR), (200, {}, completion_body())]) as server:
+        result = complete_one(server)
+    assert result.error is None and result.attempts == 2 and len(server.requests) == 2
+
+
+@pytest.mark.parametrize(
+    ("status", "headers"),
+    [(400, {}), (401, {}), (404, {}), (422, {}),
+     (503, {"x-should-retry": "false"}),  # the server's word wins
+     (429, {"retry-after": "600"})],  # longer than the SDK waits (120 s): no retry
+)  # fmt: skip
+def test_not_retried_statuses_become_the_samples_error(status, headers):
+    with ScriptedServer([(status, headers, ERROR), (200, {}, completion_body())]) as server:
+        result = complete_one(server)
+    assert len(server.requests) == 1 and result.attempts == 1
+    assert result.error.startswith(f"after 1 tries: HTTP {status}") and result.completions == ()
+
+
+def test_5xx_until_retries_run_out_then_the_rows_error():
+    with ScriptedServer([(502, FAST, ERROR)]) as server:
+        result = complete_one(server, retries=4)
+    assert len(server.requests) == 5 and result.attempts == 5
+    assert result.error.startswith("after 5 tries: HTTP 502") and "try again" in result.error
+    counts = [r["headers"]["x-stainless-retry-count"] for r in server.requests]
+    assert counts == ["0", "1", "2", "3", "4"]
+
+
+def test_a_timeout_is_retried_then_the_rows_error():
+    with ScriptedServer([(200, {}, completion_body())], delay_s=0.5) as server:
+        result = complete_one(server, retries=1, timeout_s=0.1)
+    assert len(server.requests) == 2 and result.attempts == 2
+    assert result.error == "after 2 tries: timed out after 0.1 s"
+
+
+def test_concurrency_is_bounded():
+    with ScriptedServer([(200, {}, completion_body())], delay_s=0.2) as server:
+        client = EndpointClient(target(server.url, max_concurrency=2), PIXELS)
+        results = client.complete_many([prompt() for _ in range(6)], Sampling(max_tokens=8))
+    assert all(r.error is None for r in results) and len(server.requests) == 6
+    assert server.max_in_flight == 2
+
+
+def test_the_key_is_not_logged_even_at_debug(caplog):
+    caplog.set_level(logging.DEBUG)
+    with ScriptedServer([(500, FAST, ERROR), (401, {}, ERROR)]) as server:
+        result = complete_one(server)
+    assert result.attempts == 2 and "HTTP 401" in result.error
+    assert "Retrying request" in caplog.text  # the SDK did log its retry
+    assert SECRET not in caplog.text and SECRET not in result.error
 
 
 def test_endpoint_target_in_job_config():
@@ -210,5 +296,7 @@ def test_endpoint_target_in_job_config():
                                                                 *endpoint[1:]])  # fmt: skip
     assert isinstance(job.target, EndpointTarget) and job.target.url == "http://h/v1"
     with pytest.raises(ConfigError, match="retries"):
-        load_config(EvalJobConfig, None, ["target.kind=endpoint", "target.url=u",
-                                          "target.model=m", "target.retries=-1"])  # fmt: skip
+        load_config(EvalJobConfig, None, [*endpoint, "target.retries=-1"])
+    # the backoff is the SDK's now: old configs are told so
+    with pytest.raises(ConfigError, match="backoff_s was removed: the openai SDK's backoff"):
+        load_config(EvalJobConfig, None, [*endpoint, "target.backoff_s=0.5"])
