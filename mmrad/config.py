@@ -58,13 +58,13 @@ NodeFolder = Annotated[str | None, AfterValidator(_node_folder)]
 
 
 def NodeCacheField() -> Any:  # noqa: N802
-    """The folder each node downloads ``s3://`` models into. It is never resolved on the
+    """The folder each node downloads object-store models into. It is never resolved on the
     driver: each node uses this absolute folder when set, else its own (see
     :func:`mmrad.model.loading.node_cache_dir`)."""
     return Field(
         None,
-        description="Where each node keeps s3:// model downloads (an absolute folder). null: "
-        "$MMRAD_NODE_CACHE where the node sets it, else its Ray temp dir's mmrad-models.",
+        description="Where each node keeps object-store model downloads (an absolute folder). "
+        "null: $MMRAD_NODE_CACHE where the node sets it, else its Ray temp dir's mmrad-models.",
     )
 
 
@@ -112,22 +112,61 @@ def check_same_grid(data_pixels: BaseModel, model_pixels: BaseModel) -> None:
         )
 
 
+class GcsStorageConfig(Section):
+    """``gs://`` (Google Cloud Storage). Credentials: Google's default chain, never here."""
+
+    endpoint_url: str | None = Field(
+        None,
+        description="GCS endpoint override, e.g. http://127.0.0.1:4443 for an emulator "
+        "(else $STORAGE_EMULATOR_HOST, without credentials; else Google's).",
+    )
+    anonymous: bool = Field(
+        False,
+        description="Send no credentials (emulators, public buckets); else Google's default "
+        "credentials (GOOGLE_APPLICATION_CREDENTIALS, the metadata server).",
+    )
+    project_id: str | None = Field(None, description="Project of buckets that mmrad creates.")
+
+
+class AzureStorageConfig(Section):
+    """``abfs://`` and ``abfss://`` (Azure Blob Storage, ADLS Gen2). The account key
+    ($AZURE_STORAGE_ACCOUNT_KEY) or SAS token ($AZURE_STORAGE_SAS_TOKEN) comes from the
+    environment, else Azure's default credential; never from here."""
+
+    account_name: str | None = Field(
+        None,
+        description="Storage account of abfs://container/key URIs (else "
+        "$AZURE_STORAGE_ACCOUNT_NAME); abfs://container@account.dfs.core.windows.net/key "
+        "names its own.",
+    )
+    endpoint_url: str | None = Field(
+        None,
+        description="Blob endpoint override, e.g. http://127.0.0.1:10000 for Azurite "
+        "(else <account>.blob.core.windows.net over https).",
+    )
+
+
 class StorageConfig(Section):
-    """Object storage. Credentials come from the standard AWS chain, never from here."""
+    """Object storage: ``s3://``, ``gs://``, ``abfs[s]://``, ``hdfs://`` URIs beside local
+    paths. Credentials come from each service's standard chain, never from here."""
 
     endpoint_url: str | None = Field(
         None, description="S3 endpoint override (else AWS_ENDPOINT_URL, else AWS's own)."
     )
     region: str | None = Field(None, description="S3 region (else the AWS chain's default).")
-    max_attempts: int = Field(5, ge=1, le=20, description="Tries per S3 call on transient errors.")
+    max_attempts: int = Field(
+        5, ge=1, le=20, description="Tries per S3 call on transient errors (botocore's own)."
+    )
     outage_timeout_s: float = Field(
         300.0,
         gt=0,
         description=(
-            "How long reads and writes keep retrying transient S3 faults (resets, 5xx, "
+            "How long reads and writes keep retrying transient faults of any store (resets, 5xx, "
             "SlowDown, a body cut off) with backoff before the job fails."
         ),
     )
+    gcs: GcsStorageConfig = Field(default_factory=GcsStorageConfig)
+    azure: AzureStorageConfig = Field(default_factory=AzureStorageConfig)
 
 
 class RayConfig(Section):

@@ -51,7 +51,7 @@ from mmrad.ray_env import init_ray
 from mmrad.runinfo import write_run_info
 from mmrad.serve.smoke import SPLIT_READ as SMOKE_SPLIT_READ
 from mmrad.sft.plan import SPLITS_READ as SFT_SPLITS_READ
-from mmrad.storage import Storage, absolute, is_s3, join
+from mmrad.storage import Storage, absolute, is_remote, join
 from mmrad.tune.space import apply_params
 
 log = logging.getLogger(__name__)
@@ -220,7 +220,9 @@ def add_tiny_model(planner: Planner) -> None:
 
     def place(folder: str) -> tuple[dict[str, Any], dict[str, str]]:
         # vLLM and transformers read the tiny model from a local directory.
-        local = absolute(join("runs/models", folder.rsplit("/", 1)[1]) if is_s3(folder) else folder)
+        local = absolute(
+            join("runs/models", folder.rsplit("/", 1)[1]) if is_remote(folder) else folder
+        )
         return {}, {"model": local, "config": join(local, "config.json")}
 
     def work(job: TinyModelStage, storage: Storage) -> None:
@@ -419,7 +421,7 @@ def point_latest(storage_path: str, stage: PlannedStage) -> None:
     """Make ``<storage_path>/latest/<stage>`` a relative link to the stage's folder (local
     runs only; object stores have no links), replaced atomically: stable names for the
     newest outputs, which ``configs/local/*.yaml`` read."""
-    if "://" in storage_path or "://" in stage.folder:
+    if is_remote(storage_path) or is_remote(stage.folder):
         return
     links = Path(storage_path) / LATEST_FOLDER
     links.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
-"""Shared, session-scoped real parts: one S3 server (SeaweedFS on 127.0.0.1) and one local
-Ray cluster, started once and reused by every test that needs them."""
+"""Shared, session-scoped real parts: one S3 server (SeaweedFS on 127.0.0.1), GCS and Azure
+emulators (fake-gcs-server, Azurite) and one local Ray cluster, started once and reused by
+every test that needs them."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
+from tests.helpers.cloud_emulators import AZURITE_KEY
 
 # Credentials for the local S3 server only; set before anything (Ray workers included)
 # reads the environment.
@@ -27,6 +30,9 @@ os.environ["MLFLOW_TRACKING_URI"] = (
 )
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["WANDB_MODE"] = "offline"  # W&B never goes online from a test
+# abfs:// tests sign in to Azurite with its published development key (no secret), from
+# the environment as every Azure key is read; set before Ray workers start.
+os.environ["AZURE_STORAGE_ACCOUNT_KEY"] = AZURITE_KEY
 
 TEST_BUCKET = "mmrad-test"
 WARM_WORKERS = 6
@@ -78,6 +84,35 @@ def s3_chaos(s3_server):
     """The chaos proxy in front of the session's S3 server, to inject bursts of faults
     into mmrad's own S3 calls (:class:`tests.helpers.chaos.ChaosProxy`)."""
     return s3_server.chaos
+
+
+def _started(emulator):
+    from tests.helpers.cloud_emulators import EmulatorMissing
+
+    try:
+        return emulator.start()
+    except EmulatorMissing as err:
+        pytest.skip(str(err))
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory):
+    """fake-gcs-server on 127.0.0.1 (:class:`tests.helpers.cloud_emulators.LocalGcs`)."""
+    from tests.helpers.cloud_emulators import LocalGcs
+
+    server = _started(LocalGcs(tmp_path_factory.mktemp("gcs")))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory):
+    """Azurite's blob service on 127.0.0.1 (:class:`tests.helpers.cloud_emulators.LocalAzurite`)."""
+    from tests.helpers.cloud_emulators import LocalAzurite
+
+    server = _started(LocalAzurite(tmp_path_factory.mktemp("azurite")))
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

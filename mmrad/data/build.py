@@ -18,7 +18,7 @@ from mmrad.data.builders.base import BUILDERS, BuildLog, DataBuildError
 from mmrad.data.manifest import write_manifest
 from mmrad.data.schema import validate_records
 from mmrad.data.splits import assign_splits, category_key, is_unused, unmatched_held_out
-from mmrad.storage import Storage, is_s3, join
+from mmrad.storage import Storage, join
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,7 @@ class BuildResult:
 def build_dataset(config: DataBuildConfig, storage: Storage, progress: bool = True) -> BuildResult:
     build_log = BuildLog(policy=config.on_bad_image)
     drafts = BUILDERS[config.source](config, build_log)
-    if is_s3(config.out):
-        storage.ensure_bucket(config.out)
+    storage.ensure_bucket(config.out)
     written: set[str] = set()
     ids: set[str] = set()
     sources: set[str] = set()

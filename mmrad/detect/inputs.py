@@ -1,4 +1,4 @@
-"""What ``mmrad detect`` inspects: the files under a folder or ``s3://`` prefix, each
+"""What ``mmrad detect`` inspects: the files under a folder or object-store prefix, each
 one's category, and each category's normal reference image.
 
 All of it runs in the driver before Ray starts, so an empty folder or a missing reference
@@ -30,7 +30,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from mmrad.storage import Storage, StorageError, absolute, is_s3, local_path
+from mmrad.storage import Storage, StorageError, absolute, is_remote, local_path
 
 
 class DetectError(ValueError):
@@ -40,7 +40,7 @@ class DetectError(ValueError):
 
 @dataclass(frozen=True)
 class InputFile:
-    """One listed file: its URI (an absolute local path or ``s3://`` URI), its path below
+    """One listed file: its URI (an absolute local path or object-store URI), its path below
     the input (``/``-separated; names its overlay) and its category."""
 
     uri: str
@@ -90,7 +90,7 @@ def list_input_files(
     category: str | None = None,
     exclude: Iterable[str | None] = (),
 ) -> list[InputFile]:
-    """The files to inspect under ``root`` (a folder, an ``s3://`` prefix, or one file),
+    """The files to inspect under ``root`` (a folder, an object-store prefix, or one file),
     sorted by URI, hidden ones and those under ``exclude`` left out. Local paths are
     normalized first: the listed files are, and a file's path below ``root`` is cut by
     the length of ``root``'s spelling."""
@@ -114,7 +114,7 @@ def list_input_files(
 def _listing(storage: Storage, root: str) -> tuple[list[str], str]:
     """``(file URIs, the base they are relative to)``: ``root`` itself when it is one
     file (relative to its folder), else every file below it."""
-    if is_s3(root):
+    if is_remote(root):
         found = storage.list(root)
         if found:
             return found, root
@@ -206,7 +206,7 @@ def find_references(
 def _folder_images(storage: Storage, reference: str) -> list[str] | None:
     """The images directly inside the reference folder, or ``None`` when ``reference``
     is one file."""
-    if is_s3(reference):
+    if is_remote(reference):
         if storage.exists(reference):
             return None
         listed = storage.list(reference)

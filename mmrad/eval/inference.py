@@ -44,7 +44,7 @@ from mmrad.eval.config import (
     SamplingConfig,
 )
 from mmrad.placement import Request, actor_shape, ray_options, worker_resources
-from mmrad.storage import Storage, is_s3, join
+from mmrad.storage import Storage, is_remote, join
 from mmrad.task.answer import Verdict, parse_answer
 from mmrad.task.prompt import PromptVariant
 
@@ -164,7 +164,7 @@ def model_info(path: str, storage: Storage) -> dict | None:
     from mmrad.model.export import EXPORT_INFO, ExportError, read_export_info
     from mmrad.model.loading import looks_like_hub_id
 
-    if not is_s3(path) and looks_like_hub_id(path):
+    if not is_remote(path) and looks_like_hub_id(path):
         return None
     if not storage.exists(join(path, EXPORT_INFO)):
         if not storage.exists(join(path, "config.json")):
@@ -442,7 +442,7 @@ def local_adapter_dir(target: ModelTarget, model_dir: str, storage: Storage) -> 
     adapter = str(target.adapter)
     if adapter.startswith(target.path.rstrip("/") + "/"):
         return str(Path(model_dir) / adapter[len(target.path.rstrip("/")) + 1 :])
-    if not is_s3(adapter):
+    if not is_remote(adapter):
         return adapter
     from mmrad.model.loading import download_to_node_cache
 

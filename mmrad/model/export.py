@@ -8,7 +8,7 @@ evaluation and serving need to prompt as training did: the prompt variant, the p
 budget (also written into the saved processor) and the model grid rule.
 
 Nobody sees half an export. A local export is built in a hidden directory beside the
-target and renamed into place. On ``s3://`` there is no rename: a marker
+target and renamed into place. On object stores there is no rename: a marker
 (:data:`~mmrad.model.loading.EXPORT_IN_PROGRESS`) goes up first and the old ``mmrad.json``
 is removed, then the files, then ``mmrad.json``, and the marker is removed last;
 :func:`read_export_info` needs ``mmrad.json`` and model downloads refuse the marker.
@@ -30,7 +30,7 @@ import torch
 from mmrad.config import LoraConfig, PixelBudget, PromptConfig
 from mmrad.model.loading import EXPORT_IN_PROGRESS, load_model, load_processor, pixel_size
 from mmrad.model.lora import ADAPTER_NAME, apply_lora, is_peft
-from mmrad.storage import Storage, StorageError, is_s3, join, local_path, split_s3
+from mmrad.storage import Storage, StorageError, is_remote, join, local_path
 
 EXPORT_INFO = "mmrad.json"
 ADAPTER_DIR = "adapter"
@@ -62,7 +62,8 @@ def export_model(
     The training model is not changed: merging and casting happen on a copy, unless
     ``in_place`` (for a model built only to be exported: no copy of its weights).
     ``base_model`` (recorded in ``mmrad.json``) defaults to the path the model was loaded
-    from; pass the configured one (hub id or ``s3://``) rather than a node's cache path.
+    from; pass the configured one (hub id or object-store URI) rather than a node's cache
+    path.
     ``dtype`` casts the exported weights (e.g. ``"bfloat16"`` for serving).
     """
     changes = is_peft(model) or (dtype is not None and _dtype_of(model) != dtype)
@@ -229,7 +230,7 @@ def _versions() -> dict[str, str]:
 
 def _staging_dir(out_uri: str) -> Path:
     """Beside a local target (same filesystem, so the final rename is atomic)."""
-    if is_s3(out_uri):
+    if is_remote(out_uri):
         return Path(tempfile.mkdtemp(prefix="mmrad-export-"))
     out = local_path(out_uri)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -238,8 +239,8 @@ def _staging_dir(out_uri: str) -> Path:
 
 def _publish(staging: Path, out_uri: str, storage: Storage) -> None:
     files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
-    if is_s3(out_uri):
-        _publish_s3(staging, files, out_uri, storage)
+    if is_remote(out_uri):
+        _publish_remote(staging, files, out_uri, storage)
     else:
         _publish_local(staging, local_path(out_uri))
 
@@ -256,7 +257,7 @@ def _publish_local(staging: Path, out: Path) -> None:
     os.replace(staging, out)
 
 
-def _publish_s3(staging: Path, files: list[str], out_uri: str, storage: Storage) -> None:
+def _publish_remote(staging: Path, files: list[str], out_uri: str, storage: Storage) -> None:
     existing = {item[len(out_uri) + 1 :] for item in storage.list(out_uri)}
     if existing and not existing & {EXPORT_INFO, EXPORT_IN_PROGRESS}:
         raise ExportError(f"{out_uri} holds objects but no mmrad export; not replacing them")
@@ -265,18 +266,8 @@ def _publish_s3(staging: Path, files: list[str], out_uri: str, storage: Storage)
     storage.delete(join(out_uri, EXPORT_INFO))
     for relative in files:
         if relative != EXPORT_INFO:
-            _upload(storage, staging / relative, join(out_uri, relative))
+            storage.upload_file(staging / relative, join(out_uri, relative))
     for stale in existing - set(files) - {EXPORT_INFO, EXPORT_IN_PROGRESS}:
         storage.delete(join(out_uri, stale))
-    _upload(storage, staging / EXPORT_INFO, join(out_uri, EXPORT_INFO))
+    storage.upload_file(staging / EXPORT_INFO, join(out_uri, EXPORT_INFO))
     storage.delete(marker)
-
-
-def _upload(storage: Storage, path: Path, uri: str) -> None:
-    """Streamed and multi-part: one ``put_object`` holds the file in memory and stops at
-    5 GB, and a 7B model's ``model.safetensors`` is 15 GB."""
-    bucket, key = split_s3(uri)
-    try:
-        storage.s3.upload_file(str(path), bucket, key)
-    except Exception as err:
-        raise StorageError(f"{uri}: upload failed: {err}") from None

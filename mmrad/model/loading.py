@@ -1,14 +1,17 @@
-"""Where a model comes from (hub id, local directory, ``s3://`` directory) and loading it.
+"""Where a model comes from (hub id, local directory, object-store directory: ``s3://``,
+``gs://``, ``abfs://``, ``hdfs://``) and loading it.
 
 Every actor resolves a model on its own node: a driver hands actors the URI (a
-:class:`ModelSource`), never a path of its own disk. An ``s3://`` model directory is
+:class:`ModelSource`), never a path of its own disk. An object-store model directory is
 downloaded once per node into that node's cache folder (:func:`node_cache_dir`), under
 ``<sha of URI>``:
 every worker of the node takes the same file lock, the first one downloads into a temporary
 directory and renames it into place with a completion marker, the others wait and reuse
 it. A download cut short (a killed worker) leaves no marker and is never used. The marker
-keeps a fingerprint of the objects (keys, sizes, ETags), so a directory re-exported to the
-same URI is downloaded again instead of silently serving stale weights.
+keeps a fingerprint of the objects (keys and each store's version of them:
+:meth:`~mmrad.storage.Storage.versions`, size and ETag on S3, size, modification time and
+the service's tag on GCS and Azure), so a directory re-exported to the same URI is
+downloaded again instead of silently serving stale weights.
 """
 
 from __future__ import annotations
@@ -26,11 +29,11 @@ from typing import Any
 
 from mmrad.config import PixelBudget, StorageConfig
 from mmrad.model.hf import ATTN_IMPLEMENTATION, load_model  # noqa: F401  (their home for callers)
-from mmrad.storage import Storage, StorageError, is_s3, local_path, split_s3
+from mmrad.storage import Storage, StorageError, is_remote, local_path
 
 COMPLETE_MARKER = ".mmrad-download.json"
 EXPORT_IN_PROGRESS = ".mmrad-export-in-progress"
-"""Present in an ``s3://`` export while it is being (re)written; downloads refuse it."""
+"""Present in an object-store export while it is being (re)written; downloads refuse it."""
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -42,7 +45,7 @@ downloads on a disk of its choosing."""
 @dataclass(frozen=True)
 class ModelSource:
     """A model as a driver hands it to actors: a hub id, a folder every node has, or an
-    ``s3://`` URI, resolved by :meth:`local` on the node that loads it."""
+    object-store URI, resolved by :meth:`local` on the node that loads it."""
 
     path: str
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -73,9 +76,9 @@ def node_temp_dir() -> Path:
 
 def resolve_model_path(path: str, storage: Storage, cache_dir: str | None = None) -> str:
     """A path ``from_pretrained`` can open: hub ids as they are, local directories as
-    absolute paths (they must exist), ``s3://`` directories downloaded to this node's
+    absolute paths (they must exist), object-store directories downloaded to this node's
     cache (:func:`node_cache_dir` of ``cache_dir``)."""
-    if is_s3(path):
+    if is_remote(path):
         return str(download_to_node_cache(path, storage, cache_dir))
     local = local_path(path).expanduser()
     if local.is_dir():
@@ -104,7 +107,7 @@ def _cache_key(uri: str) -> str:
 def download_to_node_cache(
     uri: str, storage: Storage, cache_dir: str | None = None, *, required: str = "config.json"
 ) -> Path:
-    """The ``s3://`` folder ``uri`` (which must hold ``required``: a model's
+    """The object-store folder ``uri`` (which must hold ``required``: a model's
     ``config.json``, an adapter's ``adapter_config.json``) in this node's cache,
     downloaded once per node under the file lock (see the module)."""
     return _download_cached(uri.rstrip("/"), storage, node_cache_dir(cache_dir), required)
@@ -139,19 +142,8 @@ def _download_cached(uri: str, storage: Storage, cache_dir: Path, required: str)
 
 
 def _list_objects(uri: str, storage: Storage, required: str) -> dict[str, list[Any]]:
-    """``{relative key: [size, etag]}`` of every object below ``uri``."""
-    bucket, prefix = split_s3(uri)
-    prefix = prefix.rstrip("/") + "/" if prefix else ""
-    found: dict[str, list[Any]] = {}
-    try:
-        pages = storage.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-        for page in pages:
-            for obj in page.get("Contents", []):
-                relative = obj["Key"][len(prefix) :]
-                if relative and not relative.endswith("/"):
-                    found[relative] = [obj["Size"], obj.get("ETag", "")]
-    except Exception as err:
-        raise StorageError(f"{uri}: cannot list the model directory: {err}") from None
+    """``{relative key: the store's version of it}`` of every object below ``uri``."""
+    found = {item[len(uri) + 1 :]: version for item, version in storage.versions(uri).items()}
     if EXPORT_IN_PROGRESS in found:
         raise StorageError(f"{uri}: an export is being written there; try again when it is done")
     if required not in found:
@@ -160,12 +152,8 @@ def _list_objects(uri: str, storage: Storage, required: str) -> dict[str, list[A
 
 
 def _download_file(storage: Storage, uri: str, destination: Path) -> None:
-    """Streamed and multi-part (``Storage.read_bytes`` would hold a 4 GB shard in memory)."""
-    bucket, key = split_s3(uri)
-    try:
-        storage.s3.download_file(bucket, key, str(destination))
-    except Exception as err:
-        raise StorageError(f"{uri}: download failed: {err}") from None
+    """One object into the download folder, streamed (a 4 GB shard is never held in memory)."""
+    storage.download_file(uri, destination)
 
 
 def _marker_fingerprint(directory: Path) -> str | None:

@@ -42,7 +42,7 @@ from mmrad.rl.config import GRPOJobConfig
 from mmrad.rl.metrics import advantage_metrics, rollout_metrics
 from mmrad.rl.prompts import PromptItem, PromptStream
 from mmrad.rl.rollout import Rollout, RolloutPrompt, rollout_seed
-from mmrad.storage import Storage, is_s3, join
+from mmrad.storage import Storage, is_remote, join
 from mmrad.task.answer import GENERIC_REASONING
 from mmrad.task.prompt import PromptVariant
 
@@ -64,7 +64,7 @@ def ids_tokenizer(model: ModelSource) -> Tokenizer:
     node need not hold the weights."""
     from tokenizers import Tokenizer
 
-    if is_s3(model.path):
+    if is_remote(model.path):
         storage = Storage.from_config(model.storage)
         return Tokenizer.from_str(storage.read_text(join(model.path, "tokenizer.json")))
     local = Path(model.path, "tokenizer.json")

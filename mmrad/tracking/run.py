@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from mmrad.config import TrackedRunSection
-from mmrad.storage import Storage, is_s3, local_path
+from mmrad.storage import Storage, is_remote, local_path
 from mmrad.tracking.values import flat_params, shown
 
 log = logging.getLogger(__name__)
@@ -221,7 +221,7 @@ def run_files(storage: Storage, run_uri: str) -> Iterator[list[Path]]:
     base = run_uri.rstrip("/")
     names = {uri: uri[len(base) + 1 :] for uri in storage.list(base)}
     uris = [uri for uri, name in names.items() if "/" not in name and not name.startswith(".")]
-    if not is_s3(base):
+    if not is_remote(base):
         yield [p for p in map(local_path, uris) if p.stat().st_size <= MAX_FILE_BYTES]
         return
     with tempfile.TemporaryDirectory(prefix="mmrad-run-files-") as scratch:

@@ -3,7 +3,7 @@ the GRPO learners supply only what their step does.
 
 The core owns, once for both jobs:
 
-- the model: load (hub id, local or ``s3://`` directory through the node cache) on rank 0
+- the model: load (hub id, local or object-store directory through the node cache) on rank 0
   only, seed, LoRA, float32 trained weights, activation checkpointing, FSDP sharding
   that broadcasts rank 0's weights (:mod:`mmrad.train.building`); a frozen copy for a
   reference policy;
@@ -271,5 +271,5 @@ def make_torch_trainer(
 
 def checkpoint_uri(run_uri: str, checkpoint) -> str:
     """A Ray Train checkpoint of the run at ``run_uri`` as a URI (Ray's own path drops the
-    ``s3://`` scheme)."""
+    URI's scheme: ``s3://``, ``gs://``, ...)."""
     return join(run_uri, PurePosixPath(checkpoint.path).name)

@@ -5,8 +5,8 @@ run's trackers: :mod:`mmrad.tracking`). TensorBoard is written when ``run.logger
 names it.
 
 Files are written locally (on the reporting worker): in the run directory itself when it
-is local, else in a scratch folder that is uploaded whole to the ``s3://`` run directory at
-every checkpoint (:meth:`MetricsLog.sync`) and at the end (S3 objects cannot be appended
+is local, else in a scratch folder that is uploaded whole to the object-store run directory
+at every checkpoint (:meth:`MetricsLog.sync`) and at the end (objects cannot be appended
 to).
 
 Resumes. A run that restarts (a rerun of the same run name, or Ray Train restarting the
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from mmrad.config import RESTART_ROW
-from mmrad.storage import Storage, atomic_write_local, is_s3, join
+from mmrad.storage import Storage, atomic_write_local, is_remote, join
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class MetricsLog:
             raise ValueError(f"{name!r}: a table is a file name in the run directory")
         path = self.local_dir / name
         self.tables[name] = path
-        remote = join(self.run_uri, name) if is_s3(self.run_uri) else None
+        remote = join(self.run_uri, name) if is_remote(self.run_uri) else None
         if remote is not None:
             text = self.storage.read_text(remote) if self.storage.exists(remote) else ""
         else:
@@ -120,7 +120,7 @@ class MetricsLog:
 
     def sync(self) -> None:
         """Copy the metrics files into the run directory (a no-op when it is local)."""
-        if is_s3(self.run_uri):
+        if is_remote(self.run_uri):
             self.storage.upload_dir(self.local_dir, self.run_uri)
 
     def close(self) -> None:
@@ -154,11 +154,11 @@ def _lines(text: str, uri: str) -> list[tuple[str, dict[str, Any]]]:
 
 def metrics_dir(run_uri: str, scratch: Path) -> Path:
     """Where a worker writes metrics: the run directory itself when local, else scratch."""
-    return scratch if is_s3(run_uri) else Path(run_uri)
+    return scratch if is_remote(run_uri) else Path(run_uri)
 
 
 def read_table(storage: Storage, run_uri: str | Path, name: str) -> list[dict[str, Any]]:
-    """The rows of the JSONL table ``name`` in the run directory (local or ``s3://``)."""
+    """The rows of the JSONL table ``name`` in the run directory (local or object store)."""
     text = storage.read_text(join(str(run_uri), name))
     lines = [line for line in text.splitlines() if line.strip()]
     rows = []
