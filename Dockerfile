@@ -5,7 +5,8 @@
 #   docker build -t <registry>/mmrad:0.1.0 .      # the tag is pyproject.toml's version
 #   docker push <registry>/mmrad:0.1.0
 #
-# Code changed after the build travels with each job (`ray job submit --working-dir .`).
+# Code changed after the build travels with each job (`ray job submit --working-dir .`);
+# configs/cluster/job_env.yaml runs every job on this venv's python (py_executable).
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-devel-ubuntu22.04
 FROM ${CUDA_IMAGE}
 

@@ -1,3 +1,8 @@
 """mmrad: Ray-native reasoning VLMs for general industrial anomaly detection."""
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("mmrad")  # pyproject.toml's, as installed
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"

@@ -1,5 +1,6 @@
 """The ``mmrad`` command line. Every command takes ``--config FILE`` and ``key.sub=value``
-overrides; explicit flags win over both."""
+overrides (explicit flags win over both) and ``--print-config``. A bad config exits 2 and
+another error you cause exits 1, each with one line (as ``python -m ray_jobs.<job>``)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,22 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
-from mmrad.config import ConfigError, DataJobConfig, SFTJobConfig, load_config
+from mmrad.config import DataJobConfig, SFTJobConfig, dump_config, load_config
+from mmrad.jobs import PRINT_CONFIG_HELP, exits_on_user_errors, print_result
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+
+class UserErrorsExit(TyperGroup):
+    """The ``mmrad`` group: every command's user errors end as :mod:`mmrad.jobs` says,
+    under ``mmrad`` and typer's ``CliRunner`` alike."""
+
+    def invoke(self, ctx):
+        with exits_on_user_errors():
+            return super().invoke(ctx)
+
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, cls=UserErrorsExit)
 data_app = typer.Typer(no_args_is_help=True, help="Build and inspect data sets.")
 s3_app = typer.Typer(no_args_is_help=True, help="A local S3 server for trying things out.")
 app.add_typer(data_app, name="data")
@@ -31,20 +44,40 @@ console = Console(stderr=True)
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
 Overrides = Annotated[list[str] | None, typer.Argument(help="key.sub=value overrides.")]
+PrintConfig = Annotated[bool, typer.Option("--print-config", help=PRINT_CONFIG_HELP)]
 
 
-def _load(model, config: Path | None, overrides: list[str] | None, flags: dict):
-    """Config file, then overrides, then explicit flags (those not None)."""
+def _load(model, config: Path | None, overrides: list[str] | None, flags: dict, print_config=False):
+    """Config file, then overrides, then explicit flags (those not None); with
+    ``print_config`` the resolved config is printed and the command ends here."""
     extra = [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
-    try:
-        return load_config(model, config, [*(overrides or []), *extra])
-    except ConfigError as err:
-        console.print(f"[red]config error:[/red] {err}")
-        raise typer.Exit(2) from None
+    job = load_config(model, config, [*(overrides or []), *extra])
+    if print_config:
+        _print_and_exit(dump_config(job))
+    return job
+
+
+def _print_and_exit(text: str) -> None:
+    typer.echo(text, nl=False)
+    raise typer.Exit(0)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        _print_and_exit(f"mmrad {version('mmrad')}\n")
 
 
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_show_version, is_eager=True,
+                     help="Print mmrad's version and exit."),
+    ] = False,
+) -> None:  # fmt: skip
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -57,14 +90,17 @@ def data_build(
     overrides: Overrides = None,
     source: Annotated[str | None, typer.Option(help="synthetic|mvtec|visa|mmrad")] = None,
     input: Annotated[str | None, typer.Option("--input", help="Raw data set folder.")] = None,
-    out: Annotated[str | None, typer.Option(help="Output folder or s3:// URI.")] = None,
+    out: Annotated[
+        str | None, typer.Option(help="Output folder or object-store URI (s3://, gs://, abfs://).")
+    ] = None,
+    print_config: PrintConfig = False,
 ) -> None:
     """Build a data set: images under OUT and OUT/manifest.parquet."""
     from mmrad.data.build import build_dataset
     from mmrad.storage import Storage
 
     flags = {"data.source": source, "data.input": input, "data.out": out}
-    job = _load(DataJobConfig, config, overrides, flags)
+    job = _load(DataJobConfig, config, overrides, flags, print_config)
     started = time.perf_counter()
     result = build_dataset(job.data, Storage.from_config(job.storage))
     elapsed = time.perf_counter() - started
@@ -80,13 +116,14 @@ def data_stats(
     config: ConfigOption = None,
     overrides: Overrides = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    print_config: PrintConfig = False,
 ) -> None:
     """Counts per source, category and split; anomaly ratio; boxes per image."""
     from mmrad.data.manifest import read_manifest, read_split_info
     from mmrad.data.stats import manifest_stats
     from mmrad.storage import Storage
 
-    job = _load(DataJobConfig, config, overrides, {})
+    job = _load(DataJobConfig, config, overrides, {}, print_config)
     storage = Storage.from_config(job.storage)
     stats = manifest_stats(read_manifest(storage, uri), read_split_info(storage, uri))
     if as_json:
@@ -167,38 +204,43 @@ def model_tiny(
 
 
 @app.command("sft")
-def sft(config: ConfigOption = None, overrides: Overrides = None) -> None:
+def sft(
+    config: ConfigOption = None, overrides: Overrides = None, print_config: PrintConfig = False
+) -> None:
     """Supervised fine-tuning on Ray Train (FSDP, LoRA); resumes a run of the same name."""
-    from mmrad.jobs import print_result
     from mmrad.sft.job import run_sft
 
-    print_result(run_sft(_load(SFTJobConfig, config, overrides, {})))
+    print_result(run_sft(_load(SFTJobConfig, config, overrides, {}, print_config)))
 
 
 @eval_app.command("run")
-def eval_run(config: ConfigOption = None, overrides: Overrides = None) -> None:
+def eval_run(
+    config: ConfigOption = None, overrides: Overrides = None, print_config: PrintConfig = False
+) -> None:
     """Batch evaluation on Ray Data (vLLM actors or an OpenAI-compatible endpoint): writes
     predictions.parquet and, with labels, metrics.json and report.md to the run directory."""
     from mmrad.eval.config import EvalJobConfig
     from mmrad.eval.job import run_eval
-    from mmrad.jobs import print_result
 
-    print_result(run_eval(_load(EvalJobConfig, config, overrides, {})))
+    print_result(run_eval(_load(EvalJobConfig, config, overrides, {}, print_config)))
 
 
 @eval_app.command("report")
 def eval_report(
-    run_uri: Annotated[str, typer.Argument(help="Evaluation run directory (local or s3://).")],
+    run_uri: Annotated[
+        str, typer.Argument(help="Evaluation run directory (local or object store).")
+    ],
     manifest: Annotated[str | None, typer.Option(help="Manifest (default: the run's).")] = None,
     config: ConfigOption = None,
     overrides: Overrides = None,
+    print_config: PrintConfig = False,
 ) -> None:
     """Render metrics.json and report.md again from predictions.parquet and the manifest."""
     from mmrad.eval.config import EvalJobConfig
     from mmrad.eval.job import rerender_report
     from mmrad.storage import Storage
 
-    job = _load(EvalJobConfig, config, overrides, {})
+    job = _load(EvalJobConfig, config, overrides, {}, print_config)
     metrics = rerender_report(run_uri, Storage.from_config(job.storage), manifest)
     console.print(f"report written to {run_uri} ({metrics['n_images']} images)")
 
@@ -208,13 +250,14 @@ def eval_compare(
     run_uris: Annotated[list[str], typer.Argument(help="Evaluation run directories.")],
     out: Annotated[Path | None, typer.Option(help="Also write the table to this file.")] = None,
     config: ConfigOption = None,
+    print_config: PrintConfig = False,
 ) -> None:
     """Several evaluation runs side by side in one markdown table."""
     from mmrad.eval.compare import compare_runs
     from mmrad.eval.config import EvalJobConfig
     from mmrad.storage import Storage
 
-    job = _load(EvalJobConfig, config, [], {})
+    job = _load(EvalJobConfig, config, [], {}, print_config)
     table = compare_runs(run_uris, Storage.from_config(job.storage))
     if out is not None:
         Storage().write_text(str(out), table)
@@ -222,23 +265,26 @@ def eval_compare(
 
 
 @app.command("annotate")
-def annotate(config: ConfigOption = None, overrides: Overrides = None) -> None:
+def annotate(
+    config: ConfigOption = None, overrides: Overrides = None, print_config: PrintConfig = False
+) -> None:
     """Chain-of-thought annotation by a teacher model shown the ground truth; writes a new
     manifest (the input is never modified), rejected.parquet, acceptance.json and a report."""
     from mmrad.annotate.config import AnnotateJobConfig
     from mmrad.annotate.job import run_annotate
-    from mmrad.jobs import print_result
 
-    print_result(run_annotate(_load(AnnotateJobConfig, config, overrides, {})))
+    print_result(run_annotate(_load(AnnotateJobConfig, config, overrides, {}, print_config)))
 
 
 @app.command("detect")
 def detect(
-    path: Annotated[str, typer.Argument(help="Folder or s3:// prefix of images, or one image.")],
+    path: Annotated[
+        str, typer.Argument(help="Folder or object-store prefix of images, or one image.")
+    ],
     overrides: Overrides = None,
     config: ConfigOption = None,
     model: Annotated[
-        str | None, typer.Option("--model", help="Exported model (local or s3://).")
+        str | None, typer.Option("--model", help="Exported model (local or object store).")
     ] = None,
     endpoint: Annotated[
         str | None, typer.Option(help="OpenAI-compatible endpoint URL (up to /v1) instead.")
@@ -246,7 +292,10 @@ def detect(
     model_name: Annotated[
         str | None, typer.Option("--model-name", help="The endpoint's model name (mmrad).")
     ] = None,
-    out: Annotated[str | None, typer.Option("--out", help="Output folder or s3:// URI.")] = None,
+    out: Annotated[
+        str | None,
+        typer.Option("--out", help="Output folder or object-store URI (s3://, gs://, abfs://)."),
+    ] = None,
     category: Annotated[
         str | None, typer.Option(help="Category of every image (else its folder's name).")
     ] = None,
@@ -257,43 +306,42 @@ def detect(
     threshold: Annotated[
         float | None, typer.Option(help="anomalous = P(Yes) >= this (else the answer's Yes/No).")
     ] = None,
+    print_config: PrintConfig = False,
 ) -> None:
     """Inspect every image under PATH: writes detections.parquet, detections.csv, overlay
     PNGs and index.html (a contact sheet, most suspicious first) to --out."""
     from mmrad.detect.config import DetectJobConfig, target_overrides
     from mmrad.detect.job import run_detect
-    from mmrad.jobs import print_result
 
-    try:
-        targets = target_overrides(model, endpoint, model_name)
-    except ConfigError as err:
-        console.print(f"[red]config error:[/red] {err}")
-        raise typer.Exit(2) from None
+    targets = target_overrides(model, endpoint, model_name)
     flags = {"input": path, "output": out, "category": category, "reference": reference,
              "threshold": threshold}  # fmt: skip
-    print_result(run_detect(_load(DetectJobConfig, config, [*targets, *(overrides or [])], flags)))
+    job = _load(DetectJobConfig, config, [*targets, *(overrides or [])], flags, print_config)
+    print_result(run_detect(job))
 
 
 @app.command("grpo")
-def grpo(config: ConfigOption = None, overrides: Overrides = None) -> None:
+def grpo(
+    config: ConfigOption = None, overrides: Overrides = None, print_config: PrintConfig = False
+) -> None:
     """GRPO on Ray: vLLM rollout engines, FSDP2 learners (LoRA or full weights); resumes a
     run of the same name."""
-    from mmrad.jobs import print_result
     from mmrad.rl.config import GRPOJobConfig
     from mmrad.rl.job import run_grpo
 
-    print_result(run_grpo(_load(GRPOJobConfig, config, overrides, {})))
+    print_result(run_grpo(_load(GRPOJobConfig, config, overrides, {}, print_config)))
 
 
 @app.command("tune")
-def tune(config: ConfigOption = None, overrides: Overrides = None) -> None:
+def tune(
+    config: ConfigOption = None, overrides: Overrides = None, print_config: PrintConfig = False
+) -> None:
     """Sweep GRPO reward weights (and more) on Ray Tune with ASHA; writes results.csv/.md,
     objective.png and best_grpo.yaml; rerunning the same sweep resumes it."""
-    from mmrad.jobs import print_result
     from mmrad.tune.config import TuneJobConfig
     from mmrad.tune.job import run_tune
 
-    print_result(run_tune(_load(TuneJobConfig, config, overrides, {})))
+    print_result(run_tune(_load(TuneJobConfig, config, overrides, {}, print_config)))
 
 
 @app.command("serve")
@@ -301,57 +349,37 @@ def serve_cmd(
     config: Annotated[Path, typer.Option("--config", "-c", help="Serve config (Ray's schema).")],
     overrides: Overrides = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster (default: start one).")] = None,
+    print_config: Annotated[
+        bool, typer.Option("--print-config", help="Print the resolved Serve file and exit.")
+    ] = False,
 ) -> None:
     """Deploy a Serve config file (as `serve run FILE`) and block until Ctrl-C. Overrides
     enter lists by index or name: applications.mmrad.args.model_dir=DIR."""
     from mmrad.config import RayConfig
-    from mmrad.ray_env import init_ray
     from mmrad.serve.config import load_serve_file
-    from mmrad.serve.deploy import DeployError, serve_until_stopped
+    from mmrad.serve.deploy import dump_serve_file, run_serve
 
-    try:
-        serve_file = load_serve_file(config, overrides or [])
-    except ConfigError as err:
-        console.print(f"[red]config error:[/red] {err}")
-        raise typer.Exit(2) from None
-    init_ray(RayConfig(address=address))
-    try:
-        serve_until_stopped(serve_file, announce=console.print)
-    except DeployError as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(1) from None
+    serve_file = load_serve_file(config, overrides or [])
+    if print_config:
+        _print_and_exit(dump_serve_file(serve_file))
+    run_serve(serve_file, RayConfig(address=address), announce=console.print)
 
 
 @app.command("pipeline")
-def pipeline(config: ConfigOption = None, overrides: Overrides = None) -> None:
+def pipeline(
+    config: ConfigOption = None, overrides: Overrides = None, print_config: PrintConfig = False
+) -> None:
     """The whole method: tiny model → data → SFT → GRPO → evaluation → serving smoke test;
     stages whose config and inputs are unchanged are skipped."""
     from mmrad.config import PipelineConfig
     from mmrad.pipeline import print_summary, run_pipeline
 
-    print_summary(run_pipeline(_load(PipelineConfig, config, overrides, {})))
+    print_summary(run_pipeline(_load(PipelineConfig, config, overrides, {}, print_config)))
 
 
 def run() -> None:
-    """Console entry point with clean errors for the failures users cause."""
-    from mmrad.annotate.job import AnnotateError
-    from mmrad.data.builders.base import DataBuildError
-    from mmrad.data.schema import ManifestError
-    from mmrad.detect.inputs import DetectError
-    from mmrad.eval.budget import EvalFailed
-    from mmrad.eval.endpoint import EndpointConfigError
-    from mmrad.model.export import ExportError
-    from mmrad.placement import PlacementError
-    from mmrad.storage import StorageError
-    from mmrad.tracking.run import TrackingError
-
-    user_errors = (DataBuildError, ManifestError, StorageError, EndpointConfigError, ExportError,
-                   PlacementError, EvalFailed, TrackingError)  # fmt: skip
-    try:
-        app()
-    except (*user_errors, AnnotateError, DetectError) as err:
-        console.print(f"[red]error:[/red] {err}")
-        sys.exit(1)
+    """Console entry point (``mmrad``)."""
+    app()
 
 
 if __name__ == "__main__":

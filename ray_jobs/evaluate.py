@@ -1,8 +1,9 @@
-"""ray job submit --working-dir . -- python -m ray_jobs.evaluate --config configs/local/eval.yaml"""
+"""Batch evaluation as a Ray job (the submit command: :mod:`ray_jobs`):
+``python -m ray_jobs.evaluate --config configs/cluster/eval.yaml``."""
 
 from mmrad.eval.config import EvalJobConfig
 from mmrad.eval.job import run_eval
-from mmrad.jobs import parse_job_args, print_result
+from mmrad.jobs import run_job
 
 if __name__ == "__main__":
-    print_result(run_eval(parse_job_args(EvalJobConfig)))
+    run_job(EvalJobConfig, run_eval)

@@ -1,8 +1,9 @@
-"""`ray job submit --working-dir . -- python -m ray_jobs.pipeline --config FILE`."""
+"""The whole pipeline as a Ray job (the submit command: :mod:`ray_jobs`):
+``python -m ray_jobs.pipeline --config configs/cluster/pipeline.yaml``."""
 
 from mmrad.config import PipelineConfig
-from mmrad.jobs import parse_job_args
+from mmrad.jobs import run_job
 from mmrad.pipeline import print_summary, run_pipeline
 
 if __name__ == "__main__":
-    print_summary(run_pipeline(parse_job_args(PipelineConfig)))
+    run_job(PipelineConfig, run_pipeline, show=print_summary)

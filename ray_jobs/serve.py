@@ -1,13 +1,19 @@
-"""ray job submit --working-dir . -- python -m ray_jobs.serve --config configs/cluster/serve.yaml
+"""Deploy a Serve config file's applications as a Ray job (the submit command:
+:mod:`ray_jobs`) and block until the job is stopped, which deletes them::
 
-Deploys the file's applications (as ``serve run FILE`` does) and blocks until the job is
-stopped, which deletes them."""
+    python -m ray_jobs.serve --config configs/cluster/serve.yaml
+
+``--print-config`` prints the resolved file (Ray Serve's schema)."""
 
 from mmrad.config import RayConfig
-from mmrad.ray_env import init_ray
-from mmrad.serve.deploy import parse_serve_args, serve_until_stopped
+from mmrad.jobs import run_entry
+from mmrad.serve.config import load_serve_file
+from mmrad.serve.deploy import dump_serve_file, run_serve
 
 if __name__ == "__main__":
-    serve_file = parse_serve_args()
-    init_ray(RayConfig())
-    serve_until_stopped(serve_file)
+    run_entry(
+        load_serve_file,
+        lambda file: run_serve(file, RayConfig()),
+        dump=dump_serve_file,
+        description="Deploy a Serve config file and block.",
+    )

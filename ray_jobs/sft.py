@@ -1,8 +1,9 @@
-"""ray job submit --working-dir . -- python -m ray_jobs.sft --config configs/local/sft.yaml"""
+"""Supervised fine-tuning as a Ray job (the submit command: :mod:`ray_jobs`):
+``python -m ray_jobs.sft --config configs/cluster/sft.yaml``."""
 
 from mmrad.config import SFTJobConfig
-from mmrad.jobs import parse_job_args, print_result
+from mmrad.jobs import run_job
 from mmrad.sft.job import run_sft
 
 if __name__ == "__main__":
-    print_result(run_sft(parse_job_args(SFTJobConfig)))
+    run_job(SFTJobConfig, run_sft)

@@ -1,8 +1,9 @@
-"""ray job submit --working-dir . -- python -m ray_jobs.tune --config configs/local/tune.yaml"""
+"""A reward-weight sweep on Ray Tune as a Ray job (the submit command: :mod:`ray_jobs`):
+``python -m ray_jobs.tune --config configs/cluster/tune.yaml``."""
 
-from mmrad.jobs import parse_job_args, print_result
+from mmrad.jobs import run_job
 from mmrad.tune.config import TuneJobConfig
 from mmrad.tune.job import run_tune
 
 if __name__ == "__main__":
-    print_result(run_tune(parse_job_args(TuneJobConfig)))
+    run_job(TuneJobConfig, run_tune)

@@ -136,3 +136,16 @@ def test_the_dockerfile_bakes_the_gpu_extra_on_a_cuda_image_and_lints_clean():
     linted = subprocess.run([str(hadolint), "--failure-threshold", "warning", "Dockerfile"],
                             cwd=REPO, capture_output=True, text=True)  # fmt: skip
     assert linted.returncode == 0, linted.stdout + linted.stderr
+
+
+def test_jobs_run_on_the_images_python():
+    """``configs/cluster/job_env.yaml`` (every ``ray job submit`` to the cluster) names the
+    image's venv, and every submit command shown in a cluster file's header names it too."""
+    venv = re.search(r"^\s*VIRTUAL_ENV=(\S+)", (REPO / "Dockerfile").read_text(), re.M).group(1)
+    job_env = yaml.safe_load((REPO / "configs/cluster/job_env.yaml").read_text())
+    assert job_env["py_executable"] == f"{venv}/bin/python"
+    for path in [REPO / "cluster.yaml", *sorted((REPO / "configs/cluster").glob("*.yaml"))]:
+        text = path.read_text()
+        if "ray job submit" in text:
+            assert "--runtime-env configs/cluster/job_env.yaml" in text, path
+            assert f"-- {venv}/bin/python -m ray_jobs." in text, path

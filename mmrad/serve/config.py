@@ -154,8 +154,10 @@ class ServeFile:
         return urls
 
 
-def load_serve_file(path: str | Path, overrides: Sequence[str] = ()) -> ServeFile:
+def load_serve_file(path: str | Path | None, overrides: Sequence[str] = ()) -> ServeFile:
     """Read a Serve config file, apply ``overrides`` and validate it (see the module)."""
+    if path is None:
+        raise ConfigError("--config FILE: a Serve config file (Ray Serve's schema) is required")
     data = read_yaml(path)
     origin = str(path) + (f" with overrides {' '.join(overrides)}" if overrides else "")
     try:

@@ -3,7 +3,8 @@ images through ``/v1/detect`` as an inspection system would (multipart uploads o
 HTTP), and delete it again.
 
 The pipeline's last stage; it fails loudly when the app does not come up or a request
-does not return a well-formed detection. The app is added under its own name and route
+does not return a well-formed detection. The app is built as ``mmrad serve`` builds it
+(:func:`mmrad.serve.deploy.app_target`) and added under its own name and route
 (``serve.run``), so applications already running on the cluster are left alone.
 """
 
@@ -17,7 +18,6 @@ from mmrad.storage import Storage
 
 log = logging.getLogger(__name__)
 REQUEST_TIMEOUT_S = 300.0
-DEPLOYMENT_OPTIONS = ("ray_actor_options", "autoscaling_config", "max_ongoing_requests")
 SPLIT_READ = ("test", "the smoke test sends its images")
 """The split whose images the smoke test sends, and why; the pipeline checks it before
 any training."""
@@ -37,20 +37,18 @@ def smoke_test(
     from ray import serve
 
     from mmrad.data.manifest import read_manifest, records_of_split
-    from mmrad.serve.app import MMRADServer
     from mmrad.serve.config import IMPORT_PATH
+    from mmrad.serve.deploy import app_target
 
     split, purpose = SPLIT_READ
     records = records_of_split(read_manifest(storage, manifest), split, manifest, purpose)
     records = records[:images]
     entry = next(a for a in serve_config["applications"] if a.get("import_path") == IMPORT_PATH)
-    deployment = (entry.get("deployments") or [{}])[0]
-    options = {key: deployment[key] for key in DEPLOYMENT_OPTIONS if key in deployment}
+    target = app_target(entry, "the serve stage's config")
     http = serve_config.get("http_options") or {}
     serve.start(http_options=http)
     name = f"{entry['name']}-smoke"
-    serve.run(MMRADServer.options(**options).bind(entry["args"]), name=name,
-              route_prefix=f"/{name}")  # fmt: skip
+    serve.run(target.app, name=name, **{**target.run_options, "route_prefix": f"/{name}"})
     url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}/{name}"
     try:
         with httpx.Client(timeout=REQUEST_TIMEOUT_S) as client:

@@ -7,7 +7,7 @@ in Ray Train's controller after every worker failure and ends the run with
 :class:`RunCannotRecover` (an error Ray Train does not retry) when:
 
 - a worker raised one of :data:`NOT_RETRIED` (a bad-image policy or budget, a config
-  error), or
+  error, a missing file such as a model path that does not exist), or
 - ``ask()`` names a reason (the GRPO coordinator died, or recorded a fatal fault:
   :func:`mmrad.rl.guard.why_unrecoverable`).
 
@@ -23,7 +23,7 @@ from ray.train import TrainingFailedError, UserCallback
 from mmrad.config import ConfigError
 from mmrad.data.loading import BadImageError
 
-NOT_RETRIED: tuple[type[BaseException], ...] = (BadImageError, ConfigError)
+NOT_RETRIED: tuple[type[BaseException], ...] = (BadImageError, ConfigError, FileNotFoundError)
 
 
 class RunCannotRecover(RuntimeError):

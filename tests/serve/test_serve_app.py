@@ -593,11 +593,73 @@ def test_cli_and_job_refuse_a_bad_file_before_starting_ray(capsys):
     from typer.testing import CliRunner
 
     from mmrad.cli import app
-    from mmrad.serve.deploy import parse_serve_args
+    from tests.helpers.entrypoints import run_job_module
 
     bad = ["applications.mmrad.args.max_pixels=1"]
     result = CliRunner().invoke(app, ["serve", "--config", "configs/local/serve.yaml", *bad])
     assert result.exit_code == 2 and "max_pixels" in result.output
-    with pytest.raises(SystemExit) as exit_info:
-        parse_serve_args(["--config", "configs/local/serve.yaml", *bad])
-    assert exit_info.value.code == 2 and "max_pixels" in capsys.readouterr().err
+    assert run_job_module("serve", "--config", "configs/local/serve.yaml", *bad) == 2
+    assert "max_pixels" in capsys.readouterr().err
+
+
+# -- deploying through Serve's public API (fast: no Ray) ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("target_capacity=50", "'target_capacity'"),
+        (
+            f"applications.mmrad.deployments.{DEPLOYMENT_NAME}.rolling_update_percentage=0.5",
+            f"'applications.mmrad.deployments.{DEPLOYMENT_NAME}.rolling_update_percentage'",
+        ),
+        ("applications.mmrad.import_path=other.module:app", "'applications.mmrad.import_path'"),
+    ],
+)
+def test_what_the_public_api_cannot_deploy_fails_before_ray_naming_the_key(override, key):
+    from typer.testing import CliRunner
+
+    from mmrad.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "-c", "configs/local/serve.yaml", override])
+    assert result.exit_code == 2 and key in result.output and "serve deploy" in result.output
+
+
+def test_an_application_deploys_with_its_deployment_entry_and_runtime_env():
+    from mmrad.serve.deploy import app_targets, deployment_options
+
+    entry = application({"model_dir": "/m"}, env_vars={"TOKEN_ENV": "x"}, num_cpus=0.25)
+    deployment = entry["deployments"][0]
+    deployment["ray_actor_options"]["runtime_env"] = {"env_vars": {"OWN": "y"}, "pip": []}
+    deployment["health_check_period_s"] = 3
+    options = deployment_options(entry, "in code")
+    assert options["ray_actor_options"] == {
+        "num_cpus": 0.25,
+        "runtime_env": {"env_vars": {"TOKEN_ENV": "x", "OWN": "y"}, "pip": []},
+    }
+    assert options["health_check_period_s"] == 3 and options["max_ongoing_requests"] == 16
+    del entry["deployments"]  # the code's ray_actor_options, with the app's runtime_env
+    assert deployment_options(entry, "in code") == {
+        "ray_actor_options": {"num_cpus": 0.5, "runtime_env": {"env_vars": {"TOKEN_ENV": "x"}}}
+    }
+    file = validate_serve_config(
+        serve_config([entry, {**entry, "name": "b", "route_prefix": "/b"}])
+    )
+    targets = app_targets(file)
+    assert [(t.name, t.run_options["route_prefix"]) for t in targets] == [
+        ("mmrad", "/"),
+        ("b", "/b"),
+    ]
+
+
+def test_serve_deploys_through_rays_public_api_only():
+    import ast
+
+    imported = set()
+    for path in Path("mmrad/serve").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+            elif isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+    assert not [name for name in imported if name.startswith("ray") and "._private" in name]

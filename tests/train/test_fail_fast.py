@@ -10,8 +10,9 @@ from mmrad.data.loading import TooManyBadImages
 from mmrad.train.fail_fast import RunCannotRecover, StopUnrecoverable
 
 
-def test_bad_data_and_bad_config_end_the_run_naming_the_rank():
-    for error in (TooManyBadImages("3 of 50 images bad"), ConfigError("lr: must be > 0")):
+def test_bad_data_bad_config_and_a_missing_file_end_the_run_naming_the_rank():
+    missing = FileNotFoundError("model path /m: no such directory")
+    for error in (TooManyBadImages("3 of 50 images bad"), ConfigError("lr: must be > 0"), missing):
         with pytest.raises(RunCannotRecover, match=f"worker rank 1: {type(error).__name__}"):
             StopUnrecoverable().after_exception(None, {0: RuntimeError("collateral"), 1: error})
 
