@@ -13,8 +13,8 @@ put them on separate devices on a GPU node, e.g.
     python benchmarks/grpo_step.py --config configs/cluster/grpo.yaml --steps 6 \\
         --rollout-workers 4 --rollout-gpus 1 --learners 4 --learner-gpus 1
 
-Locally, after ``make demo`` (or ``mmrad model tiny``, ``mmrad data build --config
-configs/local/data.yaml`` and ``mmrad sft --config configs/local/sft.yaml``):
+Locally, after ``make demo`` (``configs/local/grpo.yaml`` starts from its SFT export,
+``runs/pipeline/latest/sft/export``; another: ``model.path=...``):
 
     scripts/loopback-netns .venv/bin/python benchmarks/grpo_step.py
 """

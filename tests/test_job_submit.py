@@ -1,4 +1,8 @@
-"""`ray job submit` against a real `ray start --head` cluster on 127.0.0.1 with token auth."""
+"""`ray job submit` against a real `ray start --head` cluster on 127.0.0.1 with token auth.
+
+The cluster is started without the venv on ``PATH``: the job names its interpreter, as
+README's submit commands do, with ``py_executable`` in its ``runtime_env`` (every worker
+it starts) and in its entrypoint (the driver, which Ray runs as a shell command)."""
 
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from mmrad.train.metrics_log import read_metrics
 from tests.conftest import WARM_WORKERS
 from tests.helpers.checkpoints import committed_step
 from tests.helpers.faults import record_fault, wait_for
+from tests.helpers.readme_commands import check_readme_after_demo
 from tests.helpers.tracking import assert_tracked_as_its_table, the_run_of
 
 pytestmark = pytest.mark.e2e
@@ -32,12 +37,20 @@ JOBS_ADDRESS = f"http://127.0.0.1:{DASHBOARD_PORT}"
 WARM_POOL = json.dumps(local_system_config(RayConfig(warm_workers=WARM_WORKERS)))
 # a head that works too, as cluster.yaml's worker nodes do (mmrad.placement)
 WORKER_NODE = json.dumps(local_resources(RayConfig()))
-EXCLUDES = '{"excludes": [".venv", "runs", ".git", "*.pyc", "__pycache__"]}'
+JOB_PYTHON = sys.executable  # the venv's
+JOB_ENV = json.dumps({"py_executable": JOB_PYTHON,
+                      "excludes": [".venv", "runs", ".git", "*.pyc", "__pycache__"]})  # fmt: skip
+
+
+def without_venv(path: str) -> str:
+    """``PATH`` less the venv's bin folder: no job finds the venv's python by name."""
+    venv_bin = Path(sys.executable).parent.resolve()
+    return os.pathsep.join(p for p in path.split(os.pathsep) if p and Path(p).resolve() != venv_bin)
 
 
 def cluster_env(state: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # the job's python = venv's
+    env["PATH"] = without_venv(env["PATH"])
     env["RAY_AUTH_MODE"] = "token"
     env["RAY_AUTH_TOKEN_PATH"] = str(auth_token_path(state))
     env[PREEMPTION_WATCHER] = "0"  # as on the local clusters mmrad starts
@@ -86,10 +99,11 @@ def stop_processes_of(temp_dir: Path) -> None:
 
 
 def submit(env: dict[str, str], *entrypoint: str) -> str:
-    """Submit ``python -m <entrypoint>`` with the repo as working dir; returns the job id."""
+    """Submit ``<venv python> -m <entrypoint>`` with the repo as working dir and the venv's
+    python as ``py_executable``; returns the job id."""
     submitted = ray_cli(
         env, "job", "submit", f"--address={JOBS_ADDRESS}", "--working-dir", str(REPO),
-        "--runtime-env-json", EXCLUDES, "--no-wait", "--", "python", "-m", *entrypoint,
+        "--runtime-env-json", JOB_ENV, "--no-wait", "--", JOB_PYTHON, "-m", *entrypoint,
     )  # fmt: skip
     assert submitted.returncode == 0, submitted.stderr[-2000:]
     output = submitted.stdout + submitted.stderr
@@ -186,3 +200,8 @@ def test_pipeline_job_runs_through_ray_job_submit(head_cluster, tmp_path):
     assert_tracked_as_its_table(str(grpo_metrics.parent), "mmrad-grpo")
     evaluated = the_run_of(str(metrics.parent), "mmrad-eval")
     assert evaluated.data.metrics["det_accuracy"] == json.loads(metrics.read_text())["det_accuracy"]
+
+    # The README's commands as written, against this run as if it were `make demo`'s.
+    checks = check_readme_after_demo(tmp_path / "latest", tmp_path / "readme")
+    assert [problem for check in checks.values() for problem in check.problems] == []
+    assert "sft" in {p.name for p in (tmp_path / "latest").iterdir()}
