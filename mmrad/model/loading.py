@@ -90,6 +90,20 @@ def resolve_model_path(path: str, storage: Storage, cache_dir: str | None = None
     raise FileNotFoundError(f"model path {path}: no such directory")
 
 
+def check_model_dir(path: str) -> None:
+    """Fail fast, on the driver, when ``path`` names a local model directory that is not
+    there (what :func:`resolve_model_path` would find on a worker, much later); hub ids
+    and object-store URIs are checked where they are opened."""
+    from mmrad.model.export import ExportError
+
+    if is_remote(path) or looks_like_hub_id(path):
+        return
+    local = local_path(path).expanduser()
+    if not local.is_dir():
+        state = "not a directory" if local.exists() else "no such directory"
+        raise ExportError(f"model path {path}: {state}")
+
+
 def looks_like_hub_id(path: str) -> bool:
     """``org/name`` whose first part is not a local folder (``runs/tiny`` is a path)."""
     return bool(_HUB_ID.match(path)) and not Path(path.split("/", 1)[0]).exists()

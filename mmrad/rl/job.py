@@ -28,6 +28,7 @@ import ray
 from mmrad.actor_names import wait_until_free
 from mmrad.config import ConfigError, PixelBudget, PromptConfig, with_absolute_paths
 from mmrad.data.manifest import defect_types_by_category, read_manifest, records_of_split
+from mmrad.model.loading import check_model_dir
 from mmrad.placement import check_or_log, ray_options
 from mmrad.ray_env import init_ray
 from mmrad.rl.config import GRPOJobConfig
@@ -146,6 +147,7 @@ def run_grpo(job: GRPOJobConfig, train_callbacks: Sequence = ()) -> GRPOResult:
     check_or_log(job.ray, grpo_requests(job))
     storage = Storage.from_config(job.storage)
     records = grpo_records(job, storage)  # an empty split fails before anything is written
+    check_model_dir(job.model.path)
     # A rerun right after a killed driver: that driver's actors are still ending.
     wait_until_free(coordinator_name(job.run.name), f"run.name {job.run.name}")
     job = starting_point(job, storage)

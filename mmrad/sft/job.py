@@ -23,6 +23,7 @@ from mmrad.config import ConfigError, SFTJobConfig, with_absolute_paths
 from mmrad.data.loading import DecodeSpec, build_dataset, ordered_rows, rank_datasets
 from mmrad.data.manifest import defect_types_by_category, read_manifest, records_of_split
 from mmrad.data.schema import ManifestError
+from mmrad.model.loading import check_model_dir
 from mmrad.placement import (
     actor_shape,
     check_or_log,
@@ -214,6 +215,7 @@ def run_sft(job: SFTJobConfig) -> SFTResult:
     storage = Storage.from_config(job.storage)
     splits = sft_splits(job, storage)  # a bad manifest fails here, before Ray starts
     reasoning_info = check_reasoning(job, splits)
+    check_model_dir(job.model.path)
     check_tracking(job.run)
     init_ray(job.ray)
     check_or_log(job.ray, [learners_request(job.ray, job.learners)])

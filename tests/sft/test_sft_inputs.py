@@ -9,6 +9,8 @@ import pytest
 
 from mmrad.data.manifest import write_manifest
 from mmrad.data.schema import ManifestError
+from mmrad.model.export import ExportError
+from mmrad.model.loading import check_model_dir
 from mmrad.sft import job as sft_job
 from mmrad.sft.job import check_reasoning, run_sft
 from mmrad.storage import Storage
@@ -84,3 +86,15 @@ def test_an_empty_train_or_val_split_is_refused_before_ray_starts(tmp_path, no_r
     assert str(err.value) == (
         f"data.manifest {job.data.manifest}: no records in split {split!r} ({purpose})"
     )
+
+
+def test_a_missing_model_directory_is_refused_before_ray_starts(tmp_path, no_ray):
+    """On the driver, at once: not as a worker's error after the learners started."""
+    good = [r for r in PARTIAL if (r["reasoning"] or "").strip() and r["split"] != "test"]
+    job = sft_on(tmp_path, good, f"model.path={tmp_path / 'no-model'}")
+    with pytest.raises(ExportError, match=r"model path .*no-model: no such directory"):
+        run_sft(job)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ExportError, match="a-file: not a directory"):
+        run_sft(sft_on(tmp_path, good, f"model.path={tmp_path / 'a-file'}"))
+    check_model_dir("Qwen/Qwen2.5-VL-7B-Instruct")  # hub ids are opened where they are used
