@@ -188,6 +188,7 @@ def test_gcs_outages_are_outlasted_by_the_retry_loop_or_fail_clearly(gcs_emulato
     try:
         uri = f"gs://{TEST_BUCKET}/faults/{uuid.uuid4().hex[:8]}.bin"
         storage = gcs_storage(proxy.url, outage_timeout_s=30.0)
+        storage.ensure_bucket(uri)
         storage.write_bytes(uri, b"payload" * 1000)
         caplog.set_level(logging.WARNING, logger="mmrad.storage.errors")
         proxy.pause(4.0)  # longer than the client's own tries can last
@@ -197,6 +198,13 @@ def test_gcs_outages_are_outlasted_by_the_retry_loop_or_fail_clearly(gcs_emulato
         proxy.pause(5.0)
         with pytest.raises(StorageUnavailable, match=f"{uri}: object storage unreachable"):
             gcs_storage(proxy.url, outage_timeout_s=1.0).read_bytes(uri)
+
+        # The filesystem handed to Ray (checkpoints, Ray Data) has no loop around it: its
+        # client outlasts the same outage on its own.
+        proxy.pause(4.0)
+        filesystem, path = storage.arrow_filesystem(uri)
+        with filesystem.open_input_stream(path) as stream:
+            assert stream.read() == b"payload" * 1000
     finally:
         proxy.close()
 

@@ -32,7 +32,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,57 +193,52 @@ def start_options(config: Mapping[str, Any]) -> dict[str, Any]:
 def deploy(file: ServeFile, *, timeout_s: float = DEPLOY_TIMEOUT_S) -> dict[str, str]:
     """Deploy every application of ``file`` on the connected Ray cluster and wait until
     all are RUNNING; returns ``{application: base URL}``. Raises :class:`DeployError`
-    with Serve's message when one fails."""
+    with Serve's message when one fails or the deadline passes."""
     from ray import serve
 
     targets = app_targets(file)
     serve.start(**start_options(file.config))
     failures: list[BaseException] = []
-    threading.Thread(target=run_each, args=(targets, failures), daemon=True,
-                     name="mmrad-serve-run").start()  # fmt: skip
-    wait_running([target.name for target in targets], timeout_s, failures)
+    # serve.run returns once its application is RUNNING (an application of the same name
+    # already RUNNING does not count: its new version is) and has no deadline of its own
+    deploying = threading.Thread(target=run_each, args=(targets, failures), daemon=True,
+                                 name="mmrad-serve-run")  # fmt: skip
+    deploying.start()
+    deploying.join(timeout_s)
+    names = [target.name for target in targets]
+    if deploying.is_alive():
+        raise DeployError(f"not RUNNING after {timeout_s:.0f} s: {status_summary(names)}")
+    if failures:
+        reasons = failed_reasons(names) or str(failures[0])
+        raise DeployError(f"deploy failed: {reasons}") from failures[0]
     return file.app_urls()
 
 
 def run_each(targets: list[AppTarget], failures: list[BaseException]) -> None:
-    """``serve.run`` each target in turn (each call returns once its application is
-    RUNNING, with no deadline of its own; :func:`wait_running` keeps one); an exception
-    is appended to ``failures``."""
+    """``serve.run`` each target in turn; the first exception is appended to ``failures``."""
     from ray import serve
 
     try:
         for target in targets:
             serve.run(target.app, name=target.name, **target.run_options)
-    except Exception as err:  # reported by wait_running, with Serve's reasons
+    except Exception as err:  # reported by deploy, with Serve's reasons
         failures.append(err)
 
 
-def wait_running(
-    names: list[str],
-    timeout_s: float,
-    failures: Sequence[BaseException] = (),
-    poll_s: float = 1.0,
-) -> None:
-    """Poll ``serve.status()`` until every named application is RUNNING; a failed
-    application, an error in ``failures`` or the deadline raise :class:`DeployError`."""
+def status_summary(names: list[str]) -> dict[str, str]:
     from ray import serve
 
-    deadline = time.monotonic() + timeout_s
-    while True:
-        apps = serve.status().applications
-        states = {name: apps.get(name) for name in names}
-        failed = {n: a for n, a in states.items() if a is not None and a.status == "DEPLOY_FAILED"}
-        if failed:
-            reasons = "; ".join(failure_reason(name, app) for name, app in failed.items())
-            raise DeployError(f"deploy failed: {reasons}")
-        if failures:
-            raise DeployError(f"deploy failed: {failures[0]}") from failures[0]
-        if all(a is not None and a.status == "RUNNING" for a in states.values()):
-            return
-        if time.monotonic() > deadline:
-            summary = {n: (a.status if a else "absent") for n, a in states.items()}
-            raise DeployError(f"not RUNNING after {timeout_s:.0f} s: {summary}")
-        time.sleep(poll_s)
+    apps = serve.status().applications
+    return {name: (apps[name].status if name in apps else "absent") for name in names}
+
+
+def failed_reasons(names: list[str]) -> str:
+    """Serve's messages for the named applications that failed to deploy."""
+    from ray import serve
+
+    apps = serve.status().applications
+    failed = [n for n in names if n in apps and apps[n].status == "DEPLOY_FAILED"]
+    return "; ".join(failure_reason(name, apps[name]) for name in failed)
 
 
 def failure_reason(name: str, app: Any) -> str:

@@ -194,5 +194,5 @@ class ArrowBackend:
         self._call(uri, upload)
 
     def arrow(self, uri: str) -> tuple[pafs.FileSystem, str]:
-        where = locate(uri, self.storage)
+        where = locate(uri, self.storage, retried_outside=False)
         return where.filesystem, where.path

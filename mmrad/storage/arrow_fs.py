@@ -128,15 +128,20 @@ def _hadoop_filesystem(root_uri: str):
     return filesystem
 
 
-def locate(uri: str, storage: Storage) -> ArrowLocation:
+def locate(uri: str, storage: Storage, *, retried_outside: bool = True) -> ArrowLocation:
     """The filesystem and path of ``uri``, the filesystem built once per process and
-    settings (:class:`StorageError` for a malformed URI or a filesystem not installed)."""
+    settings (:class:`StorageError` for a malformed URI or a filesystem not installed).
+    ``retried_outside``: the caller wraps each call in mmrad's retry loop; a filesystem
+    handed to Ray (checkpoints, Ray Data) is not, so its client retries for the whole
+    ``storage.outage_timeout_s`` itself."""
     scheme = scheme_of(uri)
     parsed = urlparse(uri)
     try:
         if scheme in GCS_SCHEMES:
             bucket = _required_bucket(uri, parsed.netloc, "gs://bucket/key")
-            retry_limit_s = min(storage.outage_timeout_s, CLIENT_RETRY_LIMIT_S)
+            retry_limit_s = storage.outage_timeout_s
+            if retried_outside:
+                retry_limit_s = min(retry_limit_s, CLIENT_RETRY_LIMIT_S)
             filesystem = _gcs_filesystem(storage.gcs, os.environ.get(GCS_EMULATOR_VARIABLE),
                                          retry_limit_s)  # fmt: skip
             return ArrowLocation(filesystem, _inside(bucket, parsed.path), bucket)
