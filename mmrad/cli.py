@@ -64,9 +64,9 @@ def _print_and_exit(text: str) -> None:
 
 def _show_version(value: bool) -> None:
     if value:
-        from importlib.metadata import version
+        import mmrad
 
-        _print_and_exit(f"mmrad {version('mmrad')}\n")
+        _print_and_exit(f"mmrad {mmrad.__version__}\n")
 
 
 @app.callback()
@@ -147,7 +147,11 @@ def print_stats(stats: dict) -> None:
     Console().print(f"split: {split_summary(stats['split'])}")
     if stats["train_test_overlap"]:
         overlap = ", ".join(stats["train_test_overlap"])
-        Console().print(f"[yellow]seen in both train and test (not unseen):[/yellow] {overlap}")
+        published = (stats["split"] or {}).get("mode") == "published"
+        why = "published splits: tested as seen categories" if published else "not unseen"
+        Console(soft_wrap=True).print(
+            f"[yellow]seen in both train and test ({why}):[/yellow] {overlap}"
+        )
 
 
 def split_summary(split: dict | None) -> str:
@@ -372,9 +376,12 @@ def pipeline(
     """The whole method: tiny model → data → SFT → GRPO → evaluation → serving smoke test;
     stages whose config and inputs are unchanged are skipped."""
     from mmrad.config import PipelineConfig
-    from mmrad.pipeline import print_summary, run_pipeline
+    from mmrad.pipeline import dump_pipeline, print_summary, run_pipeline
 
-    print_summary(run_pipeline(_load(PipelineConfig, config, overrides, {}, print_config)))
+    job = _load(PipelineConfig, config, overrides, {})
+    if print_config:
+        _print_and_exit(dump_pipeline(job))
+    print_summary(run_pipeline(job))
 
 
 def run() -> None:

@@ -87,7 +87,12 @@ def exits_on_user_errors() -> Iterator[None]:
     except ConfigError as err:
         report("config error", err)
         raise SystemExit(CONFIG_ERROR_EXIT) from None
-    except user_errors() as err:
+    except Exception as err:
+        # click's and typer's exits (--help, --print-config) pass before the imports
+        if type(err).__module__.startswith(("click.", "typer.")) or not isinstance(
+            err, user_errors()
+        ):
+            raise
         report("error", err)
         raise SystemExit(USER_ERROR_EXIT) from None
 
@@ -134,8 +139,9 @@ def run_job(
     work: Callable[[ConfigT], object],
     show: Callable[[Any], None] = print_result,
     argv: Sequence[str] | None = None,
+    dump: Callable[[ConfigT], str] = dump_config,
 ) -> None:
     """:func:`run_entry` for a job whose config is ``model``: ``show`` prints what
     ``work`` returns."""
-    run_entry(partial(load_config, model), lambda job: show(work(job)), dump=dump_config,
+    run_entry(partial(load_config, model), lambda job: show(work(job)), dump=dump,
               description=model.__doc__, argv=argv)  # fmt: skip

@@ -42,6 +42,7 @@ from mmrad.config import (
     StageConfig,
     TinyModelStage,
     apply_overrides,
+    dump_config,
     read_yaml,
     validate_config,
 )
@@ -417,6 +418,19 @@ def check_splits_read(stages: Sequence[PlannedStage], manifest: str, storage: St
                 )
 
 
+def drop_stale_latest(storage_path: str, stages: Sequence[PlannedStage]) -> None:
+    """Remove the ``latest`` links that name another run's folder than this plan's (or a
+    stage this plan does not have), so that the links never mix two runs' outputs: a
+    stage that has not finished yet has no link until it does."""
+    links = Path(storage_path) / LATEST_FOLDER
+    if is_remote(storage_path) or not links.is_dir():
+        return
+    planned = {stage.name: Path(stage.folder).resolve() for stage in stages}
+    for link in links.iterdir():
+        if link.is_symlink() and planned.get(link.name) != link.resolve():
+            link.unlink()
+
+
 def point_latest(storage_path: str, stage: PlannedStage) -> None:
     """Make ``<storage_path>/latest/<stage>`` a relative link to the stage's folder (local
     runs only; object stores have no links), replaced atomically: stable names for the
@@ -431,10 +445,18 @@ def point_latest(storage_path: str, stage: PlannedStage) -> None:
     staged.replace(links / stage.name)
 
 
+def dump_pipeline(config: PipelineConfig) -> str:
+    """``--print-config``: the config, once every stage's own config is resolved and
+    validated as a run would (nothing starts)."""
+    plan(config, absolute(join(config.run.storage_path, config.run.name)))
+    return dump_config(config)
+
+
 def run_pipeline(config: PipelineConfig) -> PipelineResult:
     storage = Storage.from_config(config.storage)
     run_uri = absolute(join(config.run.storage_path, config.run.name))
     stages = plan(config, run_uri)  # every config validated before anything starts
+    drop_stale_latest(absolute(config.run.storage_path), stages)
     init_ray(config.ray)
     write_run_info(storage, run_uri, config, seed=0)
     ledger = Ledger(storage, run_uri)

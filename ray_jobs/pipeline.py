@@ -3,7 +3,7 @@
 
 from mmrad.config import PipelineConfig
 from mmrad.jobs import run_job
-from mmrad.pipeline import print_summary, run_pipeline
+from mmrad.pipeline import dump_pipeline, print_summary, run_pipeline
 
 if __name__ == "__main__":
-    run_job(PipelineConfig, run_pipeline, show=print_summary)
+    run_job(PipelineConfig, run_pipeline, show=print_summary, dump=dump_pipeline)

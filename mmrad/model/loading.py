@@ -74,6 +74,10 @@ def node_temp_dir() -> Path:
     return Path(tempfile.gettempdir())
 
 
+class ModelPathMissing(FileNotFoundError):
+    """A local model directory is not on this node: restarting the worker cannot help."""
+
+
 def resolve_model_path(path: str, storage: Storage, cache_dir: str | None = None) -> str:
     """A path ``from_pretrained`` can open: hub ids as they are, local directories as
     absolute paths (they must exist), object-store directories downloaded to this node's
@@ -87,7 +91,7 @@ def resolve_model_path(path: str, storage: Storage, cache_dir: str | None = None
         return path
     if local.exists():
         raise NotADirectoryError(f"model path {path}: not a directory")
-    raise FileNotFoundError(f"model path {path}: no such directory")
+    raise ModelPathMissing(f"model path {path}: no such directory")
 
 
 def check_model_dir(path: str) -> None:

@@ -30,7 +30,7 @@ from mmrad.config import ConfigError, PixelBudget, PromptConfig, with_absolute_p
 from mmrad.data.manifest import defect_types_by_category, read_manifest, records_of_split
 from mmrad.model.loading import check_model_dir
 from mmrad.placement import check_or_log, ray_options
-from mmrad.ray_env import init_ray
+from mmrad.ray_env import init_ray, joining_existing_cluster
 from mmrad.rl.config import GRPOJobConfig
 from mmrad.rl.coordinator import MAX_CONCURRENCY, Coordinator, coordinator_name
 from mmrad.rl.guard import why_unrecoverable
@@ -147,7 +147,8 @@ def run_grpo(job: GRPOJobConfig, train_callbacks: Sequence = ()) -> GRPOResult:
     check_or_log(job.ray, grpo_requests(job))
     storage = Storage.from_config(job.storage)
     records = grpo_records(job, storage)  # an empty split fails before anything is written
-    check_model_dir(job.model.path)
+    if not joining_existing_cluster(job.ray):  # a cluster's workers may have paths we lack
+        check_model_dir(job.model.path)
     # A rerun right after a killed driver: that driver's actors are still ending.
     wait_until_free(coordinator_name(job.run.name), f"run.name {job.run.name}")
     job = starting_point(job, storage)

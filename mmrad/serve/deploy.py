@@ -85,7 +85,8 @@ def with_absolute_paths(config: dict[str, Any]) -> dict[str, Any]:
 def dump_serve_file(file: ServeFile) -> str:
     """The file as it is deployed, in Ray Serve's schema (``--print-config``): mmrad
     applications' args validated, defaults filled in, local paths absolute, secrets
-    masked."""
+    masked. A file :func:`run_serve` would refuse is refused here too."""
+    app_targets(file)
     config = copy.deepcopy(file.config)
     for app in config.get("applications") or []:
         if app["name"] in file.apps:

@@ -31,7 +31,7 @@ from mmrad.placement import (
     ray_options,
     worker_resources,
 )
-from mmrad.ray_env import init_ray
+from mmrad.ray_env import init_ray, joining_existing_cluster
 from mmrad.runinfo import write_run_info
 from mmrad.sft.plan import (
     SPLITS_READ,
@@ -215,7 +215,8 @@ def run_sft(job: SFTJobConfig) -> SFTResult:
     storage = Storage.from_config(job.storage)
     splits = sft_splits(job, storage)  # a bad manifest fails here, before Ray starts
     reasoning_info = check_reasoning(job, splits)
-    check_model_dir(job.model.path)
+    if not joining_existing_cluster(job.ray):  # a cluster's workers may have paths we lack
+        check_model_dir(job.model.path)
     check_tracking(job.run)
     init_ray(job.ray)
     check_or_log(job.ray, [learners_request(job.ray, job.learners)])

@@ -22,8 +22,9 @@ from ray.train import TrainingFailedError, UserCallback
 
 from mmrad.config import ConfigError
 from mmrad.data.loading import BadImageError
+from mmrad.model.loading import ModelPathMissing
 
-NOT_RETRIED: tuple[type[BaseException], ...] = (BadImageError, ConfigError, FileNotFoundError)
+NOT_RETRIED: tuple[type[BaseException], ...] = (BadImageError, ConfigError, ModelPathMissing)
 
 
 class RunCannotRecover(RuntimeError):

@@ -623,7 +623,10 @@ def test_data_stats_shows_the_split_mode_and_flags_overlap(tmp_path):
     shown = CliRunner().invoke(app, ["data", "stats", str(out)])
     assert shown.exit_code == 0, shown.output
     assert "split: mode published, held out: grid" in shown.output
-    assert "seen in both train and test (not unseen): mvtec/bottle" in shown.output
+    assert (
+        "seen in both train and test (published splits: tested as seen categories): "
+        "mvtec/bottle" in shown.output
+    )
     as_json = json.loads(CliRunner().invoke(app, ["data", "stats", str(out), "--json"]).output)
     assert as_json["split"]["mode"] == "published"
     assert as_json["train_test_overlap"] == ["mvtec/bottle"]

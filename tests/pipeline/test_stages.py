@@ -10,7 +10,7 @@ import pytest
 from mmrad.config import PipelineConfig, load_config
 from mmrad.data.build import build_dataset
 from mmrad.data.schema import ManifestError
-from mmrad.pipeline import Ledger, check_splits_read, plan, run_pipeline
+from mmrad.pipeline import Ledger, check_splits_read, drop_stale_latest, plan, run_pipeline
 from mmrad.storage import Storage
 
 SMALL_DATA = [
@@ -68,6 +68,20 @@ def test_where_a_stage_is_tracked_is_not_part_of_its_hash(tmp_path):
     tracked = "sft.overrides=['run.loggers=[mlflow, wandb]', run.mlflow.tracking_uri=http://m:80]"
     assert hashes(tracked) == base
     assert hashes("sft.overrides=[schedule.seed=3]")["sft"] != base["sft"]
+
+
+def test_links_to_another_runs_folders_are_dropped_before_a_run(tmp_path):
+    """So that latest/ never mixes two runs: a stage whose folder changed has no link
+    until it finishes again."""
+    stages = {s.name: s for s in plan(pipeline_config(tmp_path), str(tmp_path / "p"))}
+    latest = tmp_path / "latest"
+    latest.mkdir()
+    for name, target in (("data", stages["data"].folder), ("tiny_model", tmp_path / "old"),
+                         ("sft", tmp_path / "sft-old")):  # fmt: skip
+        Path(target).mkdir(parents=True, exist_ok=True)
+        (latest / name).symlink_to(target)
+    drop_stale_latest(str(tmp_path), list(stages.values()))
+    assert [p.name for p in latest.iterdir()] == ["data"]
 
 
 def test_a_run_named_like_the_links_folder_is_refused(tmp_path):

@@ -7,11 +7,12 @@ import pytest
 
 from mmrad.config import ConfigError
 from mmrad.data.loading import TooManyBadImages
+from mmrad.model.loading import ModelPathMissing
 from mmrad.train.fail_fast import RunCannotRecover, StopUnrecoverable
 
 
 def test_bad_data_bad_config_and_a_missing_file_end_the_run_naming_the_rank():
-    missing = FileNotFoundError("model path /m: no such directory")
+    missing = ModelPathMissing("model path /m: no such directory")
     for error in (TooManyBadImages("3 of 50 images bad"), ConfigError("lr: must be > 0"), missing):
         with pytest.raises(RunCannotRecover, match=f"worker rank 1: {type(error).__name__}"):
             StopUnrecoverable().after_exception(None, {0: RuntimeError("collateral"), 1: error})
@@ -19,6 +20,7 @@ def test_bad_data_bad_config_and_a_missing_file_end_the_run_naming_the_rank():
 
 def test_a_dead_worker_is_left_to_ray_trains_restarts():
     StopUnrecoverable().after_exception(None, {0: RuntimeError("worker died")})
+    StopUnrecoverable().after_exception(None, {0: FileNotFoundError("/tmp/triton/x.lock")})
     StopUnrecoverable(lambda: None).after_exception(None, {0: RuntimeError("worker died")})
 
 
