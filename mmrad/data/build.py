@@ -8,13 +8,15 @@ stays intact until the new one is complete.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from rich.progress import Progress
 
 import mmrad.data.builders  # noqa: F401  (registers the builders)
 from mmrad.config import DataBuildConfig
-from mmrad.data.builders.base import BUILDERS, BuildLog, DataBuildError
+from mmrad.data.builders.base import BUILDERS, BuildLog, DataBuildError, Draft
+from mmrad.data.builders.synthetic import SOURCE as SYNTHETIC
 from mmrad.data.manifest import write_manifest
 from mmrad.data.schema import validate_records
 from mmrad.data.splits import assign_splits, category_key, is_unused, unmatched_held_out
@@ -34,16 +36,14 @@ class BuildResult:
 
 def build_dataset(config: DataBuildConfig, storage: Storage, progress: bool = True) -> BuildResult:
     build_log = BuildLog(policy=config.on_bad_image)
-    drafts = BUILDERS[config.source](config, build_log)
-    storage.ensure_bucket(config.out)
     written: set[str] = set()
     ids: set[str] = set()
-    sources: set[str] = set()
-    categories: set[str] = set()
     published: dict[str, str | None] = {}
     records = []
     unused = 0
     with Progress(disable=not progress, transient=True) as bar:
+        drafts = drafts_to_write(config, build_log, bar)
+        storage.ensure_bucket(config.out)
         task = bar.add_task(f"building {config.source}", total=None)
         for draft in drafts:
             record = {**draft.record, "split": "train"}
@@ -52,8 +52,6 @@ def build_dataset(config: DataBuildConfig, storage: Storage, progress: bool = Tr
                 continue
             ids.add(record["id"])
             validate_records([record], f"{config.source} builder output")
-            sources.add(record["source"])
-            categories.add(category_key(record))
             if is_unused(record, draft.published_split, config.split):
                 unused += 1
                 continue
@@ -64,7 +62,6 @@ def build_dataset(config: DataBuildConfig, storage: Storage, progress: bool = Tr
             published[record["id"]] = draft.published_split
             records.append(record)
             bar.advance(task)
-    check_held_out_names(config, sources, categories)
     if not records:
         raise DataBuildError(f"{config.source} builder found no usable images in {config.input}")
     assign_splits(records, config.split, config.seed, mode=config.split_mode, published=published)
@@ -75,6 +72,26 @@ def build_dataset(config: DataBuildConfig, storage: Storage, progress: bool = Tr
     if unused:
         log.info("left out %d training images of held-out categories", unused)
     return BuildResult(uri, len(records), dict(build_log.skipped), unused)
+
+
+def drafts_to_write(config: DataBuildConfig, build_log: BuildLog, bar: Progress) -> Iterable[Draft]:
+    """The builder's drafts, with the held-out names checked before anything is written:
+    synthetic categories are known from the config; an importer's drafts are read in full
+    first (they hold file loaders, not image bytes)."""
+    drafts = BUILDERS[config.source](config, build_log)
+    if config.source == SYNTHETIC:
+        check_held_out_names(
+            config, {SYNTHETIC}, {f"{SYNTHETIC}/{c}" for c in config.synthetic.categories}
+        )
+        return drafts
+    task = bar.add_task(f"reading {config.source}", total=None)
+    listed = []
+    for draft in drafts:
+        listed.append(draft)
+        bar.advance(task)
+    sources = {draft.record["source"] for draft in listed}
+    check_held_out_names(config, sources, {category_key(draft.record) for draft in listed})
+    return listed
 
 
 def check_held_out_names(config: DataBuildConfig, sources: set[str], categories: set[str]) -> None:

@@ -587,7 +587,11 @@ def test_held_out_names_that_match_nothing_fail_naming_them(tmp_path):
         r"mvtec/bottle, mvtec/grid",
     ):
         build("mvtec", root, tmp_path / "out", split={"test_categories": ["bottel", "grid"]})
-    assert not (tmp_path / "out/manifest.parquet").exists()
+    assert not (tmp_path / "out").exists()  # found before any image was written
+    with pytest.raises(DataBuildError, match=r"data\.split\.test_sources: 'mvtek'"):
+        build_dataset(DataBuildConfig(out=str(tmp_path / "synthetic"), split={
+            "test_sources": ["mvtek"]}), Storage(), progress=False)  # fmt: skip
+    assert not (tmp_path / "synthetic").exists()
 
 
 def test_cluster_data_config_tests_unseen_categories(tmp_path):
