@@ -35,6 +35,7 @@ TEMPLATE_MARKERS = {
     "http://mlflow": "the reader's MLflow server",
     "http://127.0.0.1:8000": "a running `mmrad serve`",
 }
+JOB_PREFIX = "ray_jobs."
 RUN_FOR_REAL = (("data", "build"), ("data", "stats"), ("model", "tiny"))
 NO_CONFIG = {("eval", "compare"), ("eval", "report")}
 SERVERS = {("s3", "local"): "starts a server the reader stops"}
@@ -52,6 +53,8 @@ class Command:
 
     @property
     def name(self) -> tuple[str, ...]:
+        if self.argv[0].startswith(JOB_PREFIX):
+            return (self.argv[0],)
         words = [a for a in self.argv[1:3] if not a.startswith("-") and "=" not in a]
         if words and words[0] in {"data", "model", "eval", "s3"}:
             return tuple(words[:2])
@@ -84,7 +87,19 @@ def readme_commands(text: str | None = None) -> list[Command]:
         argv = argv[1:] if argv and argv[0].endswith("loopback-netns") else argv
         if argv and Path(argv[0]).name == "mmrad":
             commands.append(Command(start, block, ["mmrad", *argv[1:]]))
+        elif job_module(argv):
+            at = argv.index(job_module(argv))
+            commands.append(Command(start, block, argv[at:]))
     return commands
+
+
+def job_module(argv: list[str]) -> str | None:
+    """``ray_jobs.<job>`` of a ``python -m ray_jobs.<job> ...`` command (also after
+    ``ray job submit ... --``), else None."""
+    for flag, module in zip(argv, argv[1:], strict=False):
+        if flag == "-m" and module.startswith(JOB_PREFIX):
+            return module
+    return None
 
 
 def local_inputs(config: Any, under: str = "") -> list[str]:
@@ -129,7 +144,8 @@ class ChainCheck:
 
     workdir: Path
     invoke: Any
-    """``invoke(argv) -> (exit_code, output)``: the CLI run in-process in ``workdir``."""
+    """``invoke(argv) -> (exit_code, stdout or output)``: ``mmrad ...`` or
+    ``ray_jobs.<job> ...``, run in-process in ``workdir``."""
     promised: list[str] = field(default_factory=list)
     skipped: dict[int, str] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
@@ -148,7 +164,7 @@ class ChainCheck:
             return
         where = f"README line {command.line}: {shlex.join(command.argv)}"
         if command.name in RUN_FOR_REAL:
-            code, output = self.invoke(command.argv[1:])
+            code, output = self.invoke(command.argv)
             if code:
                 self.problems.append(f"{where}: exit {code}: {output[-800:]}")
             return
@@ -159,7 +175,7 @@ class ChainCheck:
             # no config to resolve: its inputs must exist or be written above
             self.problems += [f"{where}: {p} does not exist" for p in missing]
             return
-        code, output = self.invoke([*command.argv[1:], "--print-config"])
+        code, output = self.invoke([*command.argv, "--print-config"])
         if code:
             self.problems.append(f"{where}: --print-config exit {code}: {output[-800:]}")
             return
@@ -200,13 +216,35 @@ def check_readme_after_demo(demo_latest: Path, root: Path) -> dict[int, ChainChe
 
         def invoke(argv: list[str], workdir: Path = workdir) -> tuple[int, str]:
             with _working_dir(workdir):
-                result = CliRunner().invoke(app, argv)
+                if argv[0].startswith(JOB_PREFIX):
+                    return run_job_module(argv)
+                result = CliRunner().invoke(app, argv[1:])
             return result.exit_code, result.stdout if result.exit_code == 0 else result.output
 
         checks[block] = check = ChainCheck(workdir, invoke)
         for command in commands:
             check.check(command)
     return checks
+
+
+def run_job_module(argv: list[str]) -> tuple[int, str]:
+    """``python -m <argv[0]> <argv[1:]>`` in this process: its exit status and output."""
+    import runpy
+    import sys
+    from contextlib import redirect_stderr, redirect_stdout
+    from io import StringIO
+
+    out, err, saved = StringIO(), StringIO(), sys.argv
+    sys.argv = [argv[0], *argv[1:]]
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
+        return 0, out.getvalue()
+    except SystemExit as done:
+        code = int(done.code or 0)
+        return code, out.getvalue() if code == 0 else out.getvalue() + err.getvalue()
+    finally:
+        sys.argv = saved
 
 
 @contextmanager
