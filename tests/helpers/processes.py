@@ -30,10 +30,11 @@ def train_workers() -> list[int]:
     return [p.pid for p in ray_processes("ray::RayTrainWorker")]
 
 
-def busy_train_workers(threshold: float = 30.0) -> list[int]:
+def busy_train_workers(threshold: float = 10.0) -> list[int]:
     """Train workers computing right now (above ``threshold`` percent of a CPU over a
     short window), not waiting on a remote call such as a learner's wait for its batch
-    in ``Coordinator.shard``, which takes no CPU."""
+    in ``Coordinator.shard``, which takes no CPU. Low, because on a loaded 2-core machine
+    a computing learner may get a quarter of a core: at 30% the kill never came."""
     workers = ray_processes("ray::RayTrainWorker")
     try:
         for process in workers:
