@@ -120,12 +120,23 @@ def test_the_serve_job_prints_the_resolved_serve_file(capsys, no_ray_started):
     assert capsys.readouterr().out == dump_serve_file(load_serve_file(path))
 
 
-# job, arguments, exit status, the one line's start
+# job, arguments, exit status, the one line's start; {tiny_model}: a model that exists
+# (a clean clone has no demo run for the local configs' models)
 BAD_INPUT = [
     ("sft", ["data.manifest=/nonexistent/m.parquet"], 1, "error: /nonexistent/m.parquet"),
-    ("evaluate", ["data.manifest=/nonexistent/m.parquet"], 1, "error: /nonexistent/m.parquet"),
+    (
+        "evaluate",
+        ["data.manifest=/nonexistent/m.parquet", "target.path={tiny_model}"],
+        1,
+        "error: /nonexistent/m.parquet",
+    ),
     ("annotate", ["input=/nonexistent/m.parquet"], 1, "error: /nonexistent/m.parquet"),
-    ("detect", ["input=/nonexistent/images"], 1, "error: /nonexistent/images"),
+    (
+        "detect",
+        ["input=/nonexistent/images", "target.path={tiny_model}"],
+        1,
+        "error: /nonexistent/images",
+    ),
     ("tune", ["grpo.overrides=[data.manifest=/nonexistent/m.parquet]"], 1, "error: /nonexistent"),
     ("pipeline", ["data.config=/nonexistent.yaml"], 2, "config error: /nonexistent.yaml"),
     ("serve", ["applications.mmrad.import_path=other:app"], 2, "config error: "),
@@ -136,9 +147,10 @@ BAD_INPUT = [
     ("job", "args", "status", "line"), BAD_INPUT, ids=[b[0] for b in BAD_INPUT]
 )
 def test_jobs_end_bad_input_with_one_line_and_the_clis_status(
-    job, args, status, line, capsys, no_ray_started
+    job, args, status, line, capsys, no_ray_started, tiny_model
 ):
     file = {"evaluate": "eval.yaml"}.get(job, f"{job}.yaml")
+    args = [arg.format(tiny_model=tiny_model) for arg in args]
     assert run_job_module(job, "--config", f"{LOCAL}/{file}", *args) == status
     err = capsys.readouterr().err.strip().splitlines()[-1:]
     assert err and err[0].startswith(line) and "Traceback" not in err[0]
