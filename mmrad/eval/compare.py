@@ -11,7 +11,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mmrad.eval.report import TABLE_COLUMNS, _pct
+from mmrad.eval.report import TABLE_COLUMNS, _pct, markdown_row
 from mmrad.storage import Storage, StorageError, join
 
 METRICS = "metrics.json"
@@ -38,24 +38,29 @@ def compare_table(runs: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
     """Markdown: ``runs`` are ``(label, metrics)`` pairs."""
     header = ["Run", "Part", "Images", *(f"{c.capitalize()} det/loc" for c in TABLE_COLUMNS),
               "AUROC", "Samples/s"]  # fmt: skip
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [markdown_row(header), "|" + "---|" * len(header)]
     for label, metrics in runs:
         speed = (metrics.get("extra") or {}).get("samples_per_s")
         parts = [(source, m) for source, m in metrics.get("per_source", {}).items()]
         if "unseen" in metrics and metrics["unseen"].get("n_images"):
             parts.append(("unseen categories", metrics["unseen"]))
-        parts.append(("**overall**", metrics))
+        if metrics.get("source_mean"):
+            parts.append(("**mean over sources**", metrics["source_mean"]))
+        parts.append((CATEGORY_MEAN, metrics))
         for part, m in parts:
-            speed_cell = "" if part != "**overall**" or speed is None else f"{speed:g}"
+            speed_cell = "" if part != CATEGORY_MEAN or speed is None else f"{speed:g}"
             lines.append(_row(label, part, m, speed_cell))
     return "\n".join(lines) + "\n"
+
+
+CATEGORY_MEAN = "**mean over categories**"
 
 
 def _row(label: str, part: str, m: Mapping[str, Any], speed: str) -> str:
     cells = [label, part, str(m.get("n_images", ""))]
     cells += [f"{_pct(m.get(f'det_{c}'))}/{_pct(m.get(f'loc_{c}'))}" for c in TABLE_COLUMNS]
     cells += [_pct(m.get("auroc")), speed]
-    return "| " + " | ".join(cells) + " |"
+    return markdown_row(cells)
 
 
 def compare_runs(run_uris: Sequence[str], storage: Storage) -> str:

@@ -1,8 +1,11 @@
 """The evaluation report: ``metrics.json``, ``report.md`` and PNG figures.
 
 ``report.md`` leads with a table in the paper's ``det/loc`` style (accuracy, precision,
-recall and F1 of detection / localisation per source data set, values in %), then seen
-and unseen categories apart (general AD is about the unseen ones), then every category.
+recall and F1 of detection / localisation per source data set, values in %) with the
+mean over sources and the mean over categories as two labelled rows, then the other
+readings of :mod:`mmrad.task.metrics` (localisation accuracy over anomalous images only,
+box hit rate) with AP and best F1 of P(Yes); then seen and unseen categories apart
+(general AD is about the unseen ones), then every category, each in both tables.
 Figures: per-category bars, the ROC curve when every answer has a score, and a grid of
 sample images (ground truth green, prediction red, the model's reasoning underneath).
 Every file is written atomically, so a reader never sees half a report.
@@ -38,6 +41,30 @@ BAR_METRICS = ("det_accuracy", "det_f1", "loc_accuracy", "loc_f1")
 REASONING_WIDTH, REASONING_LINES = 62, 8
 EXAMPLES_LEGEND = "ground truth: green, prediction: red dashed; reasoning of the answer below each"
 FILE_MODE = 0o644  # mkstemp creates files readable by their owner only
+SOURCE_MEAN_LABEL = "**Mean over sources**"
+CATEGORY_MEAN_LABEL = "**Mean over categories**"
+INTRODUCTION = (
+    f"Values in %, as detection/localisation (det/loc); {MISSING} = undefined (zero "
+    "denominator). Rates are computed per category: a source's row is the mean over its "
+    f"categories, {SOURCE_MEAN_LABEL} the mean of the source rows (every source weighted "
+    "equally: the paper's average column, as far as known) and "
+    f"{CATEGORY_MEAN_LABEL} the mean over all categories (the top-level keys of "
+    "`metrics.json`). AUROC, AP and best F1 come from P(Yes) of the first answer token, "
+    f"pooled over a row's images; in {SOURCE_MEAN_LABEL} they are the mean of the "
+    "sources' values."
+)
+PARTS_NOTE = (
+    "Rates are means over the categories of each part; AUROC, AP and best F1 are pooled "
+    "over its images."
+)
+READINGS_NOTE = (
+    "Loc accuracy all/anomalous: answers fully right (No on a normal image; Yes with "
+    "every ground-truth box matched on an anomalous one) over all images, normal ones "
+    "included, / over anomalous images only. Loc recall matched/hit: ground-truth boxes "
+    "matched one-to-one / hit by any predicted box, at IoU >= 0.1. AP: average precision "
+    "of P(Yes). Best F1: detection F1 at the P(Yes) threshold best on these same images "
+    "(an upper bound for one fixed threshold)."
+)
 
 
 def write_report(
@@ -90,28 +117,33 @@ def write_report(
 
 
 def headline_table(metrics: Mapping[str, Any]) -> str:
-    """Markdown table: one row per source data set, then the overall row."""
-    rows = [_table_row(source, m) for source, m in metrics["per_source"].items()]
-    rows.append(_table_row("**Overall**", metrics))
-    return _table("Source", rows)
+    """Markdown table in the det/loc style: one row per source data set, then the mean
+    over sources (when the metrics have it) and the mean over categories."""
+    return det_loc_table("Source", summary_rows(metrics))
+
+
+def summary_rows(metrics: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    """``(label, metrics)`` of each source, the mean over sources and the mean over
+    categories (the top level). A ``metrics.json`` written before ``source_mean``
+    existed has no such row."""
+    rows = list(metrics["per_source"].items())
+    if "source_mean" in metrics:
+        rows.append((SOURCE_MEAN_LABEL, metrics["source_mean"]))
+    rows.append((CATEGORY_MEAN_LABEL, metrics))
+    return rows
 
 
 def render_markdown(metrics: Mapping[str, Any], *, title: str, figures: Sequence[str]) -> str:
-    sections = [
-        f"# {title}",
-        "Values in %, as detection/localisation (det/loc). "
-        f"{MISSING} = undefined (zero denominator). AUROC from P(Yes) of the first answer token.",
-        headline_table(metrics),
-    ]
+    sections = [f"# {title}", INTRODUCTION, headline_table(metrics)]
+    sections += ["## Other readings and score metrics", READINGS_NOTE]
+    sections.append(readings_table("Source", summary_rows(metrics)))
     if "seen" in metrics:
-        rows = [
-            _table_row("Seen", metrics["seen"]),
-            _table_row("Unseen", metrics["unseen"]),
-            _table_row("All", metrics),
-        ]
-        sections += ["## Seen and unseen categories", _table("Categories", rows)]
-    rows = [_table_row(key, m) for key, m in metrics["per_category"].items()]
-    sections += ["## Per category", _table("Source/category", rows)]
+        rows = [("Seen", metrics["seen"]), ("Unseen", metrics["unseen"]), ("All", metrics)]
+        sections += ["## Seen and unseen categories", PARTS_NOTE]
+        sections += [det_loc_table("Categories", rows), readings_table("Categories", rows)]
+    rows = list(metrics["per_category"].items())
+    sections += ["## Per category", det_loc_table("Source/category", rows)]
+    sections.append(readings_table("Source/category", rows))
     if metrics.get("extra"):
         lines = ["| Key | Value |", "|---|---|"]
         lines += [f"| {key} | {value} |" for key, value in metrics["extra"].items()]
@@ -121,18 +153,48 @@ def render_markdown(metrics: Mapping[str, Any], *, title: str, figures: Sequence
     return "\n\n".join(sections) + "\n"
 
 
-def _table(first_column: str, rows: Sequence[str]) -> str:
+def det_loc_table(first_column: str, rows: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
+    """Accuracy, precision, recall and F1 as det/loc pairs, and AUROC."""
     header = [first_column, "Images", *(f"{c.capitalize()} det/loc" for c in TABLE_COLUMNS)]
     header.append("AUROC")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + list(rows))
+    return _table(header, [_det_loc_cells(name, m) for name, m in rows])
 
 
-def _table_row(name: str, m: Mapping[str, Any]) -> str:
+def readings_table(first_column: str, rows: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
+    """The second readings of localisation accuracy and recall, AP and best F1."""
+    header = [first_column, "Anomalous", "Loc accuracy all/anomalous",
+              "Loc recall matched/hit", "AP", "Best F1"]  # fmt: skip
+    return _table(header, [_readings_cells(name, m) for name, m in rows])
+
+
+def _det_loc_cells(name: str, m: Mapping[str, Any]) -> list[str]:
     cells = [name, str(m["n_images"])]
-    cells += [f"{_pct(m[f'det_{c}'])}/{_pct(m[f'loc_{c}'])}" for c in TABLE_COLUMNS]
-    cells.append(_pct(m["auroc"]))
+    cells += [_pair(m[f"det_{c}"], m[f"loc_{c}"]) for c in TABLE_COLUMNS]
+    return [*cells, _pct(m["auroc"])]
+
+
+def _readings_cells(name: str, m: Mapping[str, Any]) -> list[str]:
+    return [
+        name,
+        str(m["n_anomalous"]),
+        _pair(m["loc_accuracy"], m["loc_accuracy_anomalous"]),
+        _pair(m["loc_recall"], m["box_hit_rate"]),
+        _pct(m["average_precision"]),
+        _pct(m["best_f1"]),
+    ]
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = [markdown_row(header), "|" + "---|" * len(header)]
+    return "\n".join(lines + [markdown_row(cells) for cells in rows])
+
+
+def markdown_row(cells: Sequence[str]) -> str:
     return "| " + " | ".join(cells) + " |"
+
+
+def _pair(first: float | None, second: float | None) -> str:
+    return f"{_pct(first)}/{_pct(second)}"
 
 
 def _pct(value: float | None) -> str:

@@ -102,6 +102,17 @@ def test_metrics_json(report_dir):
     assert metrics["extra"] == {"samples_per_s": 12.5}
     # positives 0.9, 0.8, 0.4 against negatives 0.2, 0.7, 0.1, 0.3: 11 of 12 pairs won
     assert metrics["auroc"] == pytest.approx(11 / 12)
+    # by score: .9+ .8+ .7- .4+: precision 1, 1, 3/4 at recall 1/3, 2/3, 1
+    assert metrics["average_precision"] == pytest.approx(11 / 12)
+    assert metrics["best_f1"] == pytest.approx(6 / 7)  # at 0.4: tp 3, fp 1
+    # mvtec (bottle, screw) 0.75 and visa (pcb1) 2/3; categories 1, 0.5 and 2/3
+    assert metrics["source_mean"]["det_accuracy"] == pytest.approx(17 / 24)
+    assert metrics["det_accuracy"] == pytest.approx(13 / 18)
+    assert metrics["source_mean"]["auroc"] == 1.0  # each source ranks perfectly
+    assert metrics["source_mean"]["n_images"] == 7
+    pcb1 = metrics["per_category"]["visa/pcb1"]
+    assert pcb1["loc_accuracy_anomalous"] == 0.5 and pcb1["box_hit_rate"] == 0.5
+    assert metrics["per_category"]["mvtec/screw"]["loc_accuracy_anomalous"] is None
 
 
 def test_report_markdown(report_dir):
@@ -112,6 +123,26 @@ def test_report_markdown(report_dir):
     assert "| Seen | 2 | 100.0/100.0 | 100.0/100.0 | 100.0/100.0 | 100.0/100.0 | 100.0 |" in text
     # screw is all normal: recall undefined
     assert "| mvtec/screw | 2 | 50.0/50.0 | 0.0/0.0 | –/– | –/– | – |" in text
+    # the two means differ: mvtec's two categories weigh twice in the category mean
+    assert (
+        "| **Mean over sources** | 7 | 70.8/70.8 | 75.0/75.0 | 75.0/75.0 | 83.3/83.3 | 100.0 |"
+        in text
+    )
+    assert (
+        "| **Mean over categories** | 7 | 72.2/72.2 | 66.7/66.7 | 75.0/75.0 | 83.3/83.3 | 91.7 |"
+        in text
+    )
+    # the other readings: loc accuracy all/anomalous, loc recall matched/hit, AP, best F1
+    assert (
+        "| Source | Anomalous | Loc accuracy all/anomalous | Loc recall matched/hit "
+        "| AP | Best F1 |" in text
+    )
+    assert "| visa | 2 | 66.7/50.0 | 50.0/50.0 | 100.0 | 100.0 |" in text
+    assert "| **Mean over sources** | 3 | 70.8/75.0 | 75.0/75.0 | 100.0 | 100.0 |" in text
+    assert "| **Mean over categories** | 3 | 72.2/75.0 | 75.0/75.0 | 91.7 | 85.7 |" in text
+    assert "| mvtec/screw | 0 | 50.0/– | –/– | – | – |" in text
+    # unseen pools screw and pcb1: .8+ .7- .4+ .3- .1-; AP 1/2 + 1/2 * 2/3, best F1 at .4
+    assert "| Unseen | 2 | 58.3/50.0 | 50.0/50.0 | 83.3 | 80.0 |" in text
     assert "| samples_per_s | 12.5 |" in text
     for figure in ("per_category.png", "roc.png", "examples.png"):
         assert f"]({figure})" in text
@@ -165,8 +196,14 @@ def test_headline_table():
         "| F1 det/loc | AUROC |\n"
         "|---|---|---|---|---|---|---|\n"
         "| mvtec | 4 | 50.0/– | 50.0/– | 50.0/– | 50.0/– | 87.5 |\n"
-        "| **Overall** | 4 | 100.0/0.0 | 25.0/0.0 | 33.3/0.0 | 40.0/0.0 | – |"
+        "| **Mean over categories** | 4 | 100.0/0.0 | 25.0/0.0 | 33.3/0.0 | 40.0/0.0 | – |"
     )
+    # a metrics.json with the mean over sources gains its row before the category mean
+    with_source_mean = {**metrics, "source_mean": metrics["per_source"]["mvtec"]}
+    assert headline_table(with_source_mean).splitlines()[3:] == [
+        "| **Mean over sources** | 4 | 50.0/– | 50.0/– | 50.0/– | 50.0/– | 87.5 |",
+        "| **Mean over categories** | 4 | 100.0/0.0 | 25.0/0.0 | 33.3/0.0 | 40.0/0.0 | – |",
+    ]
 
 
 def test_pick_examples_round_robin_wrong_first():

@@ -1,6 +1,7 @@
 """The MMR-AD metrics on a hand-worked set, and agreement with brute-force references and
 SciPy's Mann-Whitney U (scikit-learn is not a dependency: importing it costs every
-transformers process a second)."""
+transformers process a second; average precision is checked against hand-worked cases and
+a threshold-by-threshold reference of its formula instead)."""
 
 import random
 
@@ -11,9 +12,12 @@ from scipy.stats import mannwhitneyu
 from mmrad.task.answer import Verdict
 from mmrad.task.metrics import (
     RATE_KEYS,
+    SCORE_KEYS,
     auroc,
+    average_precision,
     average_ranks,
     best_f1_threshold,
+    boxes_hit,
     evaluate,
     f1,
     roc_curve,
@@ -22,6 +26,9 @@ from mmrad.task.metrics import (
 A, B, C = [0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]
 FAR = [80, 80, 90, 90]
 TALL_A = [0, 0, 10, 50]  # IoU with A: 100 / 500 = 0.2, above the 0.1 threshold
+A_RIGHT = [10, 0, 20, 10]  # A's neighbour
+A_WIDE = [0, 0, 20, 10]  # IoU 0.5 with A and with A_RIGHT
+UNSCORED = dict.fromkeys(SCORE_KEYS)
 
 
 def record(i, source, category, boxes=()):
@@ -80,9 +87,11 @@ BOTTLE = {
     "loc_precision": 0.5,
     "loc_recall": 1 / 3,
     "loc_f1": 0.4,  # 2 * 0.5 * 1/3 / (0.5 + 1/3)
+    "loc_accuracy_anomalous": 0.0,  # neither r1 nor r2 fully right
+    "box_hit_rate": 1 / 3,  # A hit, B and C not
     "n_images": 4,
     "n_anomalous": 2,
-    "auroc": None,
+    **UNSCORED,
 }
 SCREW = {
     # TN r5, FP r6; no anomalous image: recall and F1 undefined
@@ -95,9 +104,11 @@ SCREW = {
     "loc_precision": 0.0,
     "loc_recall": None,
     "loc_f1": None,
+    "loc_accuracy_anomalous": None,
+    "box_hit_rate": None,
     "n_images": 2,
     "n_anomalous": 0,
-    "auroc": None,
+    **UNSCORED,
 }
 PCB1 = {
     "det_accuracy": 1.0,
@@ -109,9 +120,11 @@ PCB1 = {
     "loc_precision": 1.0,
     "loc_recall": 0.5,
     "loc_f1": 2 / 3,
+    "loc_accuracy_anomalous": 0.5,
+    "box_hit_rate": 0.5,
     "n_images": 2,
     "n_anomalous": 2,
-    "auroc": None,
+    **UNSCORED,
 }
 
 
@@ -135,16 +148,18 @@ def test_per_source_is_the_mean_over_its_categories():
             "loc_precision": 0.25,
             "loc_recall": 1 / 3,
             "loc_f1": 0.4,
+            "loc_accuracy_anomalous": 0.0,  # screw's undefined one left out
+            "box_hit_rate": 1 / 3,
             "n_images": 6,
             "n_anomalous": 2,
-            "auroc": None,
+            **UNSCORED,
         }
     )
 
 
 def test_overall_is_the_mean_over_all_groups_not_over_sources():
     result = evaluate(PREDICTIONS, RECORDS)
-    overall = {key: result[key] for key in (*RATE_KEYS, "n_images", "n_anomalous", "auroc")}
+    overall = {key: result[key] for key in (*RATE_KEYS, "n_images", "n_anomalous", *SCORE_KEYS)}
     assert overall == pytest.approx(
         {
             "det_accuracy": 2 / 3,  # (0.5 + 0.5 + 1) / 3, not (0.5 + 1) / 2
@@ -155,18 +170,84 @@ def test_overall_is_the_mean_over_all_groups_not_over_sources():
             "loc_precision": 0.5,
             "loc_recall": 5 / 12,
             "loc_f1": (0.4 + 2 / 3) / 2,
+            "loc_accuracy_anomalous": 0.25,  # (0 + 0.5) / 2, screw left out
+            "box_hit_rate": 5 / 12,  # (1/3 + 1/2) / 2
             "n_images": 8,
             "n_anomalous": 4,
-            "auroc": None,
+            **UNSCORED,
         }
     )
+
+
+def test_source_mean_weights_every_source_equally():
+    # mvtec is the mean of bottle and screw (test above), visa is pcb1; the source mean
+    # is their mean, where the category mean weights mvtec twice
+    source_mean = evaluate(PREDICTIONS, RECORDS)["source_mean"]
+    assert source_mean == pytest.approx(
+        {
+            "det_accuracy": 0.75,  # (0.5 + 1) / 2; the category mean is 2/3
+            "det_precision": 0.625,  # (0.25 + 1) / 2; the category mean is 0.5
+            "det_recall": 0.75,
+            "det_f1": 0.75,
+            "loc_accuracy": 0.4375,  # (0.375 + 0.5) / 2
+            "loc_precision": 0.625,
+            "loc_recall": 5 / 12,
+            "loc_f1": (0.4 + 2 / 3) / 2,
+            "loc_accuracy_anomalous": 0.25,
+            "box_hit_rate": 5 / 12,
+            "n_images": 8,
+            "n_anomalous": 4,
+            **UNSCORED,
+        }
+    )
+
+
+def test_issue_example_normal_images_count_in_loc_accuracy_only():
+    # 3 normal images answered No, 1 anomalous answered Yes with a box elsewhere
+    recs = [record(i, "s", "c") for i in range(3)] + [record(3, "s", "c", [A])]
+    preds = [answer(False)] * 3 + [answer(True, FAR)]
+    result = evaluate(preds, recs)
+    assert result["loc_accuracy"] == 0.75
+    assert result["loc_accuracy_anomalous"] == 0.0
+    assert result["loc_recall"] == 0.0
+    assert result["box_hit_rate"] == 0.0
+
+
+def test_one_box_over_two_defects_hits_both_but_matches_one():
+    result = evaluate([answer(True, A_WIDE)], [record(1, "s", "c", [A, A_RIGHT])])
+    assert result["box_hit_rate"] == 1.0
+    assert result["loc_recall"] == 0.5  # one-to-one
+    assert result["loc_accuracy"] == result["loc_accuracy_anomalous"] == 0.0
+
+
+def test_boxes_hit():
+    assert boxes_hit([A, A_RIGHT], [A_WIDE], 0.1) == 2
+    assert boxes_hit([A, A_RIGHT], [A_WIDE], 0.6) == 0  # IoU 0.5 each
+    assert boxes_hit([A, A_RIGHT], [A, FAR], 0.1) == 1
+    assert boxes_hit([A], [A_RIGHT], 0.0) == 0  # touching is no overlap
+    assert boxes_hit([A], [], 0.1) == boxes_hit([], [A], 0.1) == 0
+
+
+def test_loc_accuracy_splits_into_its_anomalous_and_normal_parts():
+    rng = random.Random(3)
+    recs = [record(i, "s", "c", rng.choice([[], [A], [A, C]])) for i in range(200)]
+    preds = [answer(rng.choice([True, False, None]), *rng.choice([[], [A], [TALL_A, FAR]]))
+             for _ in recs]  # fmt: skip
+    result = evaluate(preds, recs)
+    normal_right = sum(not r["is_anomalous"] and p.decision is False
+                       for p, r in zip(preds, recs, strict=True))  # fmt: skip
+    n, n_anomalous = result["n_images"], result["n_anomalous"]
+    assert result["loc_accuracy"] * n == pytest.approx(
+        result["loc_accuracy_anomalous"] * n_anomalous + normal_right
+    )
+    assert result["box_hit_rate"] >= result["loc_recall"]
 
 
 def test_boxes_after_no_do_not_count():
     rec = [record(1, "s", "c", [A])]
     result = evaluate([answer(False, A)], rec)
     assert result["loc_precision"] is None  # nothing predicted
-    assert result["loc_recall"] == 0.0
+    assert result["loc_recall"] == result["box_hit_rate"] == 0.0
     assert result["loc_accuracy"] == 0.0
 
 
@@ -224,26 +305,52 @@ def reference_rates(truth, guess) -> dict[str, float]:
 
 def test_empty_and_misaligned_input():
     empty = evaluate([], [])
-    assert all(empty[key] is None for key in RATE_KEYS)
+    assert all(empty[key] is None for key in (*RATE_KEYS, *SCORE_KEYS))
+    assert all(empty["source_mean"][key] is None for key in (*RATE_KEYS, *SCORE_KEYS))
     assert empty["per_source"] == {} and empty["per_category"] == {}
     with pytest.raises(ValueError, match="1 predictions for 2 records"):
         evaluate([Verdict(None)], RECORDS[:2])
 
 
-def test_auroc_needs_every_score():
-    scored = [
-        Verdict(v.decision, v.boxes, v.labels, v.reasoning, v.format_ok, score)
-        for v, score in zip(PREDICTIONS, [0.9, 0.2, 0.1, 0.5, 0.3, 0.8, 0.7, 0.6], strict=True)
-    ]
+SCORED = [
+    Verdict(v.decision, v.boxes, v.labels, v.reasoning, v.format_ok, score)
+    for v, score in zip(PREDICTIONS, [0.9, 0.2, 0.1, 0.5, 0.3, 0.8, 0.7, 0.6], strict=True)
+]
+
+
+def test_score_metrics_need_every_score():
     labels = [r["is_anomalous"] for r in RECORDS]
-    result = evaluate(scored, RECORDS)
-    assert result["auroc"] == pytest.approx(reference_auroc(labels, [v.score for v in scored]))
+    result = evaluate(SCORED, RECORDS)
+    assert result["auroc"] == pytest.approx(reference_auroc(labels, [v.score for v in SCORED]))
     assert result["per_source"]["mvtec"]["auroc"] == pytest.approx(
-        reference_auroc(labels[:6], [v.score for v in scored[:6]])
+        reference_auroc(labels[:6], [v.score for v in SCORED[:6]])
     )
-    assert result["per_source"]["visa"]["auroc"] is None  # only anomalous images
-    assert result["per_category"]["mvtec/screw"]["auroc"] is None
-    assert evaluate([*scored[:-1], PREDICTIONS[-1]], RECORDS)["auroc"] is None
+    for part in (result["per_source"]["visa"], result["per_category"]["mvtec/screw"]):
+        assert all(
+            part[key] is None for key in SCORE_KEYS
+        )  # visa: anomalous only; screw: normal only
+    unscored = evaluate([*SCORED[:-1], PREDICTIONS[-1]], RECORDS)
+    assert {key: unscored[key] for key in SCORE_KEYS} == UNSCORED
+
+
+def test_score_metrics_pooled_per_part_and_averaged_over_sources():
+    result = evaluate(SCORED, RECORDS)
+    # all images, by descending score: .9+ .8- .7+ .6+ .5- .3- .2+ .1-
+    assert {key: result[key] for key in SCORE_KEYS} == pytest.approx(
+        {
+            "auroc": 11 / 16,  # positives beat 4 + 3 + 3 + 1 of the 4 negatives each
+            # recall steps of 1/4 at .9, .7, .6, .2 with precision 1, 2/3, 3/4, 4/7
+            "average_precision": (1 + 2 / 3 + 3 / 4 + 4 / 7) / 4,
+            "best_f1": 0.75,  # at .6: tp 3, fp 1, fn 1
+        }
+    )
+    # mvtec: .9+ .8- .5- .3- .2+ .1-
+    mvtec = {"auroc": 5 / 8, "average_precision": 0.5 * 1 + 0.5 * 0.4, "best_f1": 2 / 3}
+    assert {key: result["per_source"]["mvtec"][key] for key in SCORE_KEYS} == pytest.approx(mvtec)
+    # bottle: .9+ .5- .2+ .1-
+    assert result["per_category"]["mvtec/bottle"]["average_precision"] == pytest.approx(5 / 6)
+    # visa has one class only and is left out of the mean over sources
+    assert {key: result["source_mean"][key] for key in SCORE_KEYS} == pytest.approx(mvtec)
 
 
 def test_detection_agrees_with_the_confusion_counts():
@@ -314,6 +421,49 @@ def test_best_f1_threshold(scores, labels, expected):
     assert (threshold, best) == pytest.approx(expected)
     predicted = [s >= threshold for s in scores]
     assert best == pytest.approx(reference_rates(labels, predicted)["f1"])
+
+
+@pytest.mark.parametrize(
+    ("scores", "labels", "expected"),
+    [
+        # precision 1 at recall 1/2 (0.9), then 2/3 at recall 1 (0.7)
+        ([0.9, 0.8, 0.7, 0.6, 0.5], [1, 0, 1, 0, 0], 0.5 * 1 + 0.5 * 2 / 3),
+        # tied scores are one step: precision 1/2 at recall 1/2, then 2/3 at 1
+        ([0.5, 0.5, 0.2], [1, 0, 1], 0.5 * 0.5 + 0.5 * 2 / 3),
+        ([0.9, 0.8, 0.1], [1, 1, 0], 1.0),  # positives first
+        ([0.1, 0.9], [1, 0], 0.5),  # the positive last: precision 1/2 at recall 1
+        ([0.3, 0.3, 0.3, 0.3], [1, 0, 0, 1], 0.5),  # one threshold: the positive share
+    ],
+)
+def test_average_precision_hand_worked(scores, labels, expected):
+    assert average_precision(scores, labels) == pytest.approx(expected)
+
+
+def reference_average_precision(labels, scores) -> float:
+    """``sum_n (R_n - R_{n-1}) P_n``, counted one distinct threshold at a time."""
+    labels, scores = np.asarray(labels, bool), np.asarray(scores, float)
+    total, previous_recall = 0.0, 0.0
+    for t in sorted(set(scores.tolist()), reverse=True):
+        chosen = scores >= t
+        recall = np.sum(chosen & labels) / np.sum(labels)
+        total += (recall - previous_recall) * np.sum(chosen & labels) / np.sum(chosen)
+        previous_recall = recall
+    return total
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_average_precision_agrees_with_the_reference(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.random(200) < 0.3
+    scores = np.round(rng.random(200) + 0.3 * labels, 1)
+    expected = reference_average_precision(labels, scores)
+    assert average_precision(scores, labels) == pytest.approx(expected)
+
+
+def test_average_precision_needs_both_classes():
+    assert average_precision([0.1, 0.2], [True, True]) is None
+    assert average_precision([0.1, 0.2], [False, False]) is None
+    assert average_precision([], []) is None
 
 
 def test_best_f1_threshold_needs_scores():
