@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import time
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -266,6 +267,48 @@ def eval_compare(
     if out is not None:
         Storage().write_text(str(out), table)
     typer.echo(table)
+
+
+class TableFormat(StrEnum):
+    markdown = "markdown"
+    latex = "latex"
+
+
+@eval_app.command("table")
+def eval_table(
+    run_uris: Annotated[list[str], typer.Argument(help="Evaluation run directories (rows).")],
+    label: Annotated[
+        list[str] | None, typer.Option(help="Row label, once per run (default: folder name).")
+    ] = None,
+    with_pr: Annotated[bool, typer.Option("--with-pr", help="Add precision and recall.")] = False,
+    table_format: Annotated[
+        TableFormat, typer.Option("--format", help="What to print.")
+    ] = TableFormat.markdown,
+    out: Annotated[
+        str | None, typer.Option(help="Also write table.md, table.tex, table.png here.")
+    ] = None,
+    config: ConfigOption = None,
+    print_config: PrintConfig = False,
+) -> None:
+    """The paper's table: a row per run, a column per source and the mean over sources,
+    det/loc accuracy in % (bold: best per column)."""
+    from mmrad.eval import paper_table
+    from mmrad.eval.config import EvalJobConfig
+    from mmrad.storage import Storage
+
+    job = _load(EvalJobConfig, config, [], {}, print_config)
+    try:
+        labels = paper_table.run_labels(run_uris, label)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="'--label'") from None
+    storage = Storage.from_config(job.storage)
+    runs = paper_table.read_runs(run_uris, storage, labels)
+    render = {TableFormat.markdown: paper_table.markdown_table,
+              TableFormat.latex: paper_table.latex_table}[table_format]  # fmt: skip
+    typer.echo(render(runs, with_pr=with_pr), nl=False)
+    if out is not None:
+        for path in paper_table.write_table_files(runs, out, storage, with_pr=with_pr).values():
+            typer.echo(f"wrote {path}", err=True)
 
 
 @app.command("annotate")
