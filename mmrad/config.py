@@ -671,19 +671,61 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return data
 
 
+EXTENDS_KEY = "extends"
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+    """A config file's mapping. A file may start from another: ``extends: <path relative
+    to this file>`` deep-merges the file's own mapping on top of the other's (mappings
+    merge key by key, lists and scalars replace); the other may extend a third, and so on.
+    ``extends`` itself is gone from the result; a cycle or a missing file is a
+    :class:`ConfigError` naming the chain of files."""
+    return _read_extended((Path(path),))
+
+
+def _read_extended(chain: tuple[Path, ...]) -> dict[str, Any]:
+    """The last file of ``chain`` (each file extended by the one before it), merged."""
+    path = chain[-1]
+    if path.resolve() in {earlier.resolve() for earlier in chain[:-1]}:
+        raise ConfigError(f"{_chain_text(chain)}: extends makes a cycle")
+    data = _read_mapping(path, chain)
+    parent = data.pop(EXTENDS_KEY, None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str) or not parent.strip():
+        raise ConfigError(f"{_chain_text(chain)}: extends must be a file path, got {parent!r}")
+    return deep_merge(_read_extended((*chain, path.parent / parent)), data)
+
+
+def _read_mapping(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    where = _chain_text(chain)
     try:
         loaded = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
+        raise ConfigError(f"{where}: config file not found") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(f"{where}: not valid YAML: {err}") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
+        raise ConfigError(f"{where}: the top level must be a mapping, got {type(loaded).__name__}")
     return loaded
+
+
+def _chain_text(chain: Sequence[Path]) -> str:
+    """``a.yaml`` alone, or ``a.yaml extends b.yaml extends c.yaml``."""
+    return f" {EXTENDS_KEY} ".join(str(path) for path in chain)
+
+
+def deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """``top`` on ``base``: mappings in both merge recursively; any other value of
+    ``top`` (list, scalar, null) replaces ``base``'s."""
+    merged = dict(base)
+    for key, value in top.items():
+        below = merged.get(key)
+        both = isinstance(below, Mapping) and isinstance(value, Mapping)
+        merged[key] = deep_merge(below, value) if both else value
+    return merged
 
 
 def _model_at(model: type[BaseModel], path: Sequence[Any]) -> type[BaseModel] | None:

@@ -200,3 +200,70 @@ def test_a_model_cache_folder_must_be_one_every_node_can_have():
     assert load_config(SFTJobConfig, None, ["model.cache_dir=/nvme/models"]).model.cache_dir
     with pytest.raises(ConfigError, match=r"target.cache_dir.*'cache' is relative"):
         load_config(EvalJobConfig, None, ["target.cache_dir=cache"])
+
+
+# -- extends ------------------------------------------------------------------------------
+
+
+def write_files(root, files):
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root
+
+
+def test_extends_deep_merges_the_file_on_the_one_it_extends(tmp_path):
+    from mmrad.config import read_yaml
+
+    write_files(tmp_path, {
+        "base.yaml": "data:\n  seed: 1\n  synthetic: {image_size: 64, categories: [a, b]}\n",
+        "variants/child.yaml": "extends: ../base.yaml\ndata:\n  synthetic: {categories: [c]}\n",
+        "variants/null.yaml": "extends: child.yaml\ndata: {synthetic: null}\n",
+    })  # fmt: skip
+    assert read_yaml(tmp_path / "variants/child.yaml") == {
+        "data": {"seed": 1, "synthetic": {"image_size": 64, "categories": ["c"]}},  # list replaced
+    }
+    config = load_config(DataJobConfig, tmp_path / "variants/child.yaml", ["data.seed=3"])
+    assert (config.data.seed, config.data.synthetic.categories) == (3, ["c"])
+    # a scalar (null too) replaces a mapping
+    assert read_yaml(tmp_path / "variants/null.yaml") == {"data": {"seed": 1, "synthetic": None}}
+
+
+def test_extends_chains_relative_to_each_file(tmp_path):
+    from mmrad.config import read_yaml
+
+    write_files(tmp_path, {
+        "a.yaml": "data: {seed: 1, synthetic: {image_size: 64}}\n",
+        "b/b.yaml": "extends: ../a.yaml\ndata: {seed: 2}\n",
+        "b/c/c.yaml": "extends: ../b.yaml\ndata: {synthetic: {image_size: 96}}\n",
+    })  # fmt: skip
+    assert read_yaml(tmp_path / "b/c/c.yaml") == {
+        "data": {"seed": 2, "synthetic": {"image_size": 96}}
+    }
+
+
+def test_extends_cycle_names_the_chain(tmp_path):
+    write_files(tmp_path, {"a.yaml": "extends: b.yaml\n", "b.yaml": "extends: a.yaml\n"})
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    with pytest.raises(ConfigError, match="cycle") as err:
+        load_config(DataJobConfig, a)
+    assert f"{a} extends {b} extends {a}" in str(err.value)
+    write_files(tmp_path, {"self.yaml": "extends: self.yaml\n"})
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(DataJobConfig, tmp_path / "self.yaml")
+
+
+def test_extends_missing_file_names_the_chain(tmp_path):
+    write_files(tmp_path, {"a.yaml": "extends: b.yaml\n", "b.yaml": "extends: gone.yaml\n"})
+    with pytest.raises(ConfigError, match="not found") as err:
+        load_config(DataJobConfig, tmp_path / "a.yaml")
+    chain = " extends ".join(str(tmp_path / name) for name in ("a.yaml", "b.yaml", "gone.yaml"))
+    assert chain in str(err.value)
+
+
+@pytest.mark.parametrize("value", ["[a.yaml]", "''", "3"])
+def test_extends_must_be_a_path(tmp_path, value):
+    write_files(tmp_path, {"a.yaml": f"extends: {value}\n"})
+    with pytest.raises(ConfigError, match="extends must be a file path"):
+        load_config(DataJobConfig, tmp_path / "a.yaml")

@@ -72,35 +72,58 @@ class RolloutSection(Section):
 
 
 class RewardSection(Section):
-    """Weights of the task's reward components (``mmrad.task.rewards.REWARDS``) and their
-    parameters, e.g. ``params: {localization: {threshold: 0.5}}``."""
+    """The reward: a preset of ``mmrad.task.rewards.REWARD_PRESETS`` with the weights and
+    parameters given here on top: a weight given replaces the preset's for its component
+    (the preset's others stay; 0 switches one off), parameters merge per component, key by
+    key (e.g. ``params: {missed_boxes: {threshold: 0.3}}`` changes that threshold alone).
 
+    Validation resolves them: ``weights`` and ``params`` hold the whole reward after it
+    (every component's parameters named), and a dumped config (a run's config.yaml,
+    --print-config) lists them, so it reproduces the run whatever the presets become.
+    Changing ``preset`` in such a dump changes nothing else: edit the source YAML, or give
+    ``preset: none`` and the weights wanted."""
+
+    preset: Literal["paper", "legacy", "none"] = Field(
+        "paper",
+        description="paper: format + 1 for the right decision - 0.2 per ground-truth box "
+        "missed at the metric's IoU 0.1, no false-box penalty (MMR-AD's Anomaly-R1); "
+        "legacy: the reward before it (format 0.5 + detection + localization: "
+        "max(0, 1 - 0.2 x missed - 0.1 x false boxes) at IoU 0.5); none: only the weights "
+        "given.",
+    )
     weights: dict[str, float] = Field(
-        default_factory=lambda: {"format": 0.5, "detection": 1.0, "localization": 1.0},
-        description="Total reward = sum(weight * component).",
+        default_factory=dict,
+        description="Total reward = sum(weight * component); each weight given replaces the "
+        "preset's for that component.",
     )
     params: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description="Per-component parameters (thresholds, variants)."
+        default_factory=dict,
+        description="Per-component parameters (thresholds: IoU >= threshold finds a box; "
+        "variants), key by key over the preset's and the component's defaults.",
     )
 
-    @model_validator(mode="after")
-    def _known_components(self) -> RewardSection:
-        from mmrad.task.rewards import REWARDS
+    @model_validator(mode="before")
+    @classmethod
+    def _on_the_preset(cls, data: Any) -> Any:
+        """``weights`` and ``params`` resolved on the preset (a malformed section is left
+        to the field errors, which name the key)."""
+        from mmrad.task.rewards import DEFAULT_PRESET, REWARD_PRESETS, resolve_rewards
 
-        for what, names in (("weights", self.weights), ("params", self.params)):
-            unknown = sorted(set(names) - set(REWARDS))
-            if unknown:
-                raise ValueError(
-                    f"rewards.{what}: unknown component(s) {unknown}; known: {sorted(REWARDS)}"
-                )
-        for name, params in self.params.items():
-            extra = sorted(set(params) - set(REWARDS[name].defaults))
-            if extra:
-                raise ValueError(
-                    f"rewards.params.{name}: unknown parameter(s) {extra}; "
-                    f"it takes {sorted(REWARDS[name].defaults)}"
-                )
-        return self
+        if not isinstance(data, dict):
+            return data
+        preset = data.get("preset", DEFAULT_PRESET)
+        weights, params = data.get("weights") or {}, data.get("params") or {}
+        if preset not in REWARD_PRESETS or not _reward_shaped(weights, params):
+            return data
+        weights, params = resolve_rewards(preset, weights, params)
+        return {**data, "weights": weights, "params": params}
+
+
+def _reward_shaped(weights: Any, params: Any) -> bool:
+    """``weights`` a mapping, ``params`` a mapping of mappings (values are the fields')."""
+    if not isinstance(weights, dict) or not isinstance(params, dict):
+        return False
+    return all(isinstance(given, dict) for given in params.values())
 
 
 class AlgorithmSection(Section):
@@ -110,9 +133,14 @@ class AlgorithmSection(Section):
         "std", description="std = GRPO; none = Dr. GRPO (mean-centred only)."
     )
     clip_low: float = Field(0.2, ge=0, lt=1, description="Ratio clip below 1.")
-    clip_high: float = Field(0.28, ge=0, description="Ratio clip above 1 (DAPO's clip-higher).")
+    clip_high: float = Field(
+        0.28, ge=0, description="Ratio clip above 1: 0.2 = GRPO's symmetric clip, 0.28 DAPO's."
+    )
     aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
-        "token-mean", description="How token losses become one number."
+        "token-mean",
+        description="How token losses become one number: token-mean (DAPO: every token "
+        "weighs the same), seq-mean-token-mean (GRPO: every completion weighs the same), "
+        "seq-mean-token-sum-norm (Dr. GRPO: token sums over norm_length).",
     )
     norm_length: int | None = Field(
         None, ge=1, description="seq-mean-token-sum-norm divisor (default: max_tokens)."
@@ -122,9 +150,14 @@ class AlgorithmSection(Section):
     epochs: int = Field(1, ge=1, description="Passes over each batch.")
     mini_batches: int = Field(1, ge=1, description="Optimizer steps per pass.")
     tis_cap: float | None = Field(
-        None, gt=0, description="Truncated importance sampling cap (None = off)."
+        None,
+        gt=0,
+        description="Truncated importance sampling cap on the learner/vLLM probability "
+        "ratio (null = off, as in plain GRPO).",
     )
-    dynamic_sampling: bool = Field(True, description="Drop zero-variance groups and refill.")
+    dynamic_sampling: bool = Field(
+        True, description="Drop zero-variance groups and refill (DAPO's dynamic sampling)."
+    )
     max_sampling_tries: int = Field(
         3, ge=1, description="Draws per step at most; then zero-variance groups fill the batch."
     )

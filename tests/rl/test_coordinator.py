@@ -71,7 +71,7 @@ def test_rewards_read_boxes_on_the_model_grid():
     # Grid box [11, 6, 34, 28] is [19.6, 10.7, 60.7, 50] in original pixels: IoU > 0.5.
     right = sample(anomalous, YES_BOX)
     assert right.components == {"format": 1.0, "detection": 1.0, "localization": 1.0,
-                                "label": 1.0}  # fmt: skip
+                                "label": 1.0, "missed_boxes": 0.0}  # fmt: skip
     assert right.reward == pytest.approx(2.5) and right.decision_right
     wrong = sample(anomalous, NO)
     assert wrong.reward == pytest.approx(0.5) and not wrong.decision_right

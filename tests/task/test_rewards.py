@@ -1,4 +1,6 @@
-"""Reward components, their combination and their bounds (hand-worked values)."""
+"""Reward components, their combination, their bounds and the presets (hand-worked values)."""
+
+import math
 
 import numpy as np
 import pytest
@@ -6,19 +8,24 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mmrad.task.answer import Verdict, parse_answer
+from mmrad.task.metrics import LOC_IOU_THRESHOLD, evaluate
 from mmrad.task.rewards import (
+    REWARD_PRESETS,
     REWARDS,
     RewardBreakdown,
     compute_reward,
     labels_agree,
     normalise_label,
+    resolve_rewards,
     reward_bounds,
     reward_log_metrics,
 )
 
 A, B, C = [0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]
 B_SHIFTED = [25, 20, 35, 30]  # IoU with B: 50 / 150 = 1/3
+B_NUDGED = [27, 20, 37, 30]  # IoU with B: 30 / 170 = 0.18, a hit for the metric (>= 0.1)
 FAR = [80, 80, 90, 90]
+LEGACY = REWARD_PRESETS["legacy"].params
 
 
 def record(boxes=(), labels=None, anomalous=None):
@@ -50,14 +57,21 @@ def value(name, verdict, rec, **params):
 
 
 def test_registry_names_and_bounds():
-    assert set(REWARDS) == {"format", "detection", "localization", "label"}
-    assert all((c.lower, c.upper) == (0.0, 1.0) for c in REWARDS.values())
+    assert set(REWARDS) == {"format", "detection", "localization", "label", "missed_boxes"}
+    bounded = {name: c for name, c in REWARDS.items() if name != "missed_boxes"}
+    assert all((c.lower, c.upper) == (0.0, 1.0) for c in bounded.values())
+    assert (REWARDS["missed_boxes"].lower, REWARDS["missed_boxes"].upper) == (0.0, math.inf)
     assert dict(REWARDS["localization"].defaults) == {
         "variant": "anomaly_r1",
-        "threshold": 0.5,
+        "threshold": LOC_IOU_THRESHOLD,
         "miss_penalty": 0.2,
-        "false_penalty": 0.1,
+        "false_penalty": 0.0,
     }
+
+
+def test_every_threshold_defaults_to_the_metrics():
+    thresholds = {name: c.defaults["threshold"] for name, c in REWARDS.items() if c.defaults}
+    assert thresholds == dict.fromkeys(["localization", "label", "missed_boxes"], 0.1)
 
 
 # -------------------------------------------------------------------------------- format
@@ -93,19 +107,31 @@ def test_detection(verdict, rec, expected):
 def test_localization_anomaly_r1_counts_misses_and_false_boxes():
     rec = record([A, B, C])
     verdict = yes(A, B_SHIFTED, FAR)
+    legacy = LEGACY["localization"]
     # threshold 0.5: only A matches -> 2 missed, 2 false -> 1 - 0.4 - 0.2
-    assert value("localization", verdict, rec) == pytest.approx(0.4)
+    assert value("localization", verdict, rec, **legacy) == pytest.approx(0.4)
     # threshold 0.3 also matches B (IoU 1/3) -> 1 missed, 1 false -> 1 - 0.2 - 0.1
-    assert value("localization", verdict, rec, threshold=0.3) == pytest.approx(0.7)
+    assert value("localization", verdict, rec, **{**legacy, "threshold": 0.3}) == (
+        pytest.approx(0.7)
+    )
     assert value(
-        "localization", verdict, rec, miss_penalty=0.25, false_penalty=0.05
+        "localization", verdict, rec, threshold=0.5, miss_penalty=0.25, false_penalty=0.05
     ) == pytest.approx(1 - 0.5 - 0.1)
+
+
+def test_localization_defaults_find_boxes_as_the_metric_does_and_ignore_false_ones():
+    # IoU 0.18 is a hit for the metric; the default threshold (0.1) agrees, 0.5 did not
+    assert value("localization", yes(B_NUDGED, FAR, FAR), record([B])) == 1.0
+    # at 0.5 the same box is one missed and one false box: 1 - 0.2 - 0.1
+    assert value("localization", yes(B_NUDGED), record([B]), **LEGACY["localization"]) == (
+        pytest.approx(0.7)
+    )
 
 
 def test_localization_perfect_and_floored_at_zero():
     assert value("localization", yes(A, B), record([B, A])) == 1.0
     # 1 missed and 11 false boxes: 1 - 0.2 - 1.1 < 0
-    assert value("localization", yes(*[FAR] * 11), record([A])) == 0.0
+    assert value("localization", yes(*[FAR] * 11), record([A]), false_penalty=0.1) == 0.0
 
 
 @pytest.mark.parametrize(
@@ -146,6 +172,53 @@ def test_component_rejects_unknown_params():
         value("localization", yes(A), record([A]), thresh=0.3)
 
 
+# -------------------------------------------------------------------------- missed boxes
+
+
+@pytest.mark.parametrize(
+    ("verdict", "rec", "missed"),
+    [
+        (yes(A, B_NUDGED, FAR), record([A, B, C]), 1),  # B hit at IoU 0.18; FAR costs nothing
+        (yes(FAR), record([A, B]), 2),
+        (NO, record([A, B, C]), 3),  # boxes count only after Yes: No misses them all
+        (Verdict(False, [A], [""], "r", False), record([A]), 1),  # a box after No
+        (NONE, record([A]), 1),
+        (yes(A), record([A, A]), 1),  # one predicted box finds one ground-truth box
+        (yes(A), NORMAL, 0),  # normal images have nothing to miss
+        (NO, NORMAL, 0),
+        (yes(A), record([], [], anomalous=True), 0),  # anomalous without boxes
+    ],
+)
+def test_missed_boxes_counts_the_ground_truth_boxes_not_found(verdict, rec, missed):
+    assert value("missed_boxes", verdict, rec) == missed
+
+
+def test_missed_boxes_threshold():
+    verdict, rec = yes(B_SHIFTED), record([B])  # IoU 1/3
+    assert value("missed_boxes", verdict, rec, threshold=0.3) == 0.0
+    assert value("missed_boxes", verdict, rec, threshold=0.5) == 1.0
+    with pytest.raises(ValueError, match="threshold"):
+        value("missed_boxes", verdict, rec, threshold=1.5)
+
+
+@pytest.mark.parametrize(
+    ("verdict", "rec"),
+    [
+        (yes(A, B_NUDGED, FAR), record([A, B, C])),
+        (yes(B_NUDGED), record([B])),
+        (NO, record([A, B])),
+        (yes(A), NORMAL),
+        (NONE, record([A])),
+    ],
+)
+def test_missed_boxes_agree_with_the_metrics_recall(verdict, rec):
+    """The reward's default threshold is the metric's: its misses are recall's misses."""
+    metrics = evaluate([verdict], [rec])
+    recall, boxes = metrics["loc_recall"], len(rec["boxes"])
+    missed = 0 if recall is None else round((1 - recall) * boxes)
+    assert value("missed_boxes", verdict, rec) == missed
+
+
 # --------------------------------------------------------------------------------- label
 
 
@@ -160,10 +233,10 @@ def test_label_needs_a_matched_box():
     rec = record([A, B], labels=["scratch", "dent"])
     # the right word on a box that matches nothing (FAR) does not count
     assert value("label", yes(A, FAR, labels=["scratch", "dent"]), rec) == pytest.approx(1 / 2)
-    # B_SHIFTED matches B only below the default threshold
+    # B_SHIFTED (IoU 1/3) matches B at the default threshold (0.1), not at 0.5
     verdict = yes(B_SHIFTED, labels=["dent"])
-    assert value("label", verdict, rec) == 0.0
-    assert value("label", verdict, rec, threshold=0.3) == pytest.approx(1 / 2)
+    assert value("label", verdict, rec) == pytest.approx(1 / 2)
+    assert value("label", verdict, rec, threshold=0.5) == 0.0
 
 
 @pytest.mark.parametrize(
@@ -203,12 +276,14 @@ def test_normalise_label():
 def test_compute_reward_weighs_components_and_reports_all():
     rec = record([A, B, C])
     verdict = yes(A, B_SHIFTED, FAR, labels=["defect", "defect", "x"])
-    breakdown = compute_reward(verdict, rec, {"format": 0.5, "detection": 1.0, "localization": 2.0})
+    weights = {"format": 0.5, "detection": 1.0, "localization": 2.0}
+    breakdown = compute_reward(verdict, rec, weights, LEGACY)
     assert breakdown.components == {
         "format": 1.0,
         "detection": 1.0,
         "localization": pytest.approx(0.4),
         "label": pytest.approx(1 / 3),  # weight 0 (absent), still computed
+        "missed_boxes": 1.0,  # at its default threshold 0.1, B_SHIFTED finds B
     }
     assert breakdown.total == pytest.approx(0.5 + 1.0 + 0.8)
 
@@ -217,7 +292,7 @@ def test_compute_reward_passes_params():
     rec = record([A, B, C])
     verdict = yes(A, B_SHIFTED, FAR)
     weights = {"localization": 1.0}
-    params = {"localization": {"threshold": 0.3}}
+    params = {"localization": {"threshold": 0.3, "false_penalty": 0.1}}
     assert compute_reward(verdict, rec, weights, params).total == pytest.approx(0.7)
     params = {"localization": {"variant": "iou"}}
     assert compute_reward(verdict, rec, weights, params).total == pytest.approx((1 + 1 / 3) / 3)
@@ -234,13 +309,105 @@ def test_compute_reward_reads_numpy_boxes():
     [({"fromat": 1.0}, None), ({"format": 1.0}, {"lokalization": {"threshold": 0.3}})],
 )
 def test_compute_reward_rejects_unknown_components(weights, params):
-    with pytest.raises(ValueError, match="unknown reward component.*known: \\['detection'"):
+    with pytest.raises(ValueError, match="unknown component.*known: \\['detection'"):
         compute_reward(NO, NORMAL, weights, params)
 
 
 def test_reward_bounds():
     assert reward_bounds({"format": 1.0, "detection": -0.5, "label": 0.0}) == (-0.5, 1.0)
     assert reward_bounds({}) == (0.0, 0.0)
+    # a count has no upper bound: a penalty on it none below (weight 0 adds nothing)
+    assert reward_bounds({"detection": 1.0, "missed_boxes": -0.2}) == (-math.inf, 1.0)
+    assert reward_bounds({"missed_boxes": 0.5}) == (0.0, math.inf)
+    assert reward_bounds({"format": 1.0, "missed_boxes": 0.0}) == (0.0, 1.0)
+
+
+# ------------------------------------------------------------------------------- presets
+
+
+def paper_total(verdict, rec):
+    weights, params = resolve_rewards("paper")
+    return compute_reward(verdict, rec, weights, params).total
+
+
+@pytest.mark.parametrize(
+    ("verdict", "rec", "result"),
+    [
+        (yes(A, B), record([A, B]), 1.0),  # right, every box found
+        (yes(A, FAR, FAR, FAR), record([A, B]), 1.0 - 0.2),  # false boxes cost nothing
+        (yes(B_NUDGED), record([B]), 1.0),  # IoU 0.18: found, as the metric counts it
+        (yes(FAR), record([A, B, C]), 1.0 - 0.6),
+        (NO, record([A, B]), 0.0 - 0.4),  # wrong, and both boxes missed
+        (NO, NORMAL, 1.0),
+        (yes(A), NORMAL, 0.0),
+    ],
+)
+def test_paper_preset_is_one_for_the_right_decision_less_a_fifth_per_missed_box(
+    verdict, rec, result
+):
+    """The paper's result reward; the format reward (1 here: every verdict is well-formed)
+    comes on top."""
+    assert paper_total(verdict, rec) == pytest.approx(1.0 + result)
+
+
+def test_paper_preset_weighs_the_right_decision_above_any_boxes():
+    """Yes without a single box found still beats No on an anomalous image."""
+    rec = record([A, B, C, [60, 60, 70, 70], [0, 60, 10, 70], [60, 0, 70, 10]])
+    assert paper_total(yes(FAR), rec) - paper_total(NO, rec) == pytest.approx(1.0)
+
+
+def test_legacy_preset_is_the_reward_before_the_paper_preset():
+    weights, params = resolve_rewards("legacy")
+    assert weights == {"format": 0.5, "detection": 1.0, "localization": 1.0}
+    assert params["localization"] == {
+        "variant": "anomaly_r1", "threshold": 0.5, "miss_penalty": 0.2, "false_penalty": 0.1
+    }  # fmt: skip
+    assert params["label"] == {"threshold": 0.5}
+    verdict, rec = yes(A, B_SHIFTED, FAR), record([A, B, C])  # 2 missed, 2 false at 0.5
+    assert compute_reward(verdict, rec, weights, params).total == pytest.approx(0.5 + 1 + 0.4)
+
+
+def test_resolve_puts_given_weights_and_params_on_the_preset():
+    weights, params = resolve_rewards(
+        "paper",
+        {"missed_boxes": -0.3, "label": 0.5, "format": 0.0},
+        {"missed_boxes": {"threshold": 0.3}, "localization": {"variant": "iou"}},
+    )
+    assert weights == {"format": 0.0, "detection": 1.0, "missed_boxes": -0.3, "label": 0.5}
+    assert params == {  # complete: every parameter of every component that has any
+        "localization": {"variant": "iou", "threshold": 0.1, "miss_penalty": 0.2,
+                         "false_penalty": 0.0},
+        "label": {"threshold": 0.1},
+        "missed_boxes": {"threshold": 0.3},
+    }  # fmt: skip
+    legacy = resolve_rewards("legacy", params={"localization": {"threshold": 0.1}})[1]
+    assert legacy["localization"] == {**LEGACY["localization"], "threshold": 0.1}
+    assert resolve_rewards("none", {"format": 1.0})[0] == {"format": 1.0}
+
+
+def test_resolving_twice_changes_nothing():
+    for name in REWARD_PRESETS:
+        once = resolve_rewards(name, {"label": 0.3}, {"label": {"threshold": 0.2}})
+        assert resolve_rewards(name, *once) == once
+
+
+@pytest.mark.parametrize(
+    ("preset", "weights", "params", "match"),
+    [
+        ("pape", None, None, "unknown reward preset 'pape'"),
+        ("paper", {"speed": 1.0}, None, r"weights: unknown component.*'speed'"),
+        ("paper", None, {"lokalization": {}}, r"params: unknown component.*'lokalization'"),
+        ("paper", None, {"label": {"tresh": 0.3}}, r"unknown parameter.*'tresh'.*'label'"),
+    ],
+)
+def test_resolve_rejects_unknown_names(preset, weights, params, match):
+    with pytest.raises(ValueError, match=match):
+        resolve_rewards(preset, weights, params)
+
+
+def test_presets_name_registered_components_and_parameters():
+    for name, preset in REWARD_PRESETS.items():
+        resolve_rewards(name, preset.weights, preset.params)  # raises on an unknown name
 
 
 def test_reward_log_metrics():
@@ -293,6 +460,7 @@ params = st.fixed_dictionaries(
             }
         ),
         "label": st.fixed_dictionaries({"threshold": st.floats(0, 1)}),
+        "missed_boxes": st.fixed_dictionaries({"threshold": st.floats(0, 1)}),
     }
 )
 weights = st.dictionaries(st.sampled_from(sorted(REWARDS)), st.floats(-3, 3))
