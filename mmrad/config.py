@@ -374,12 +374,44 @@ class LoraConfig(Section):
     )
 
 
+KNOWLEDGE_FILE_HELP = (
+    "JSON file (local or s3://) of each category's known defect types and a one-line "
+    "description: {category: {defect_types: [...], description: ...}}. Training copies it "
+    "into the export's mmrad.json; without one, training uses its training images' labels."
+)
+
+
 class PromptConfig(Section):
     """The prompt variant (the paper's ablation switches)."""
 
     use_reference: bool = Field(True, description="Show a normal reference image first.")
-    domain_knowledge: bool = Field(False, description="List the category's known defect types.")
+    domain_knowledge: bool = Field(
+        False, description="Describe the category and list its known defect types."
+    )
     reasoning: bool = Field(True, description="Ask for <think> reasoning before the answer.")
+    knowledge_file: str | None = PathField(None, KNOWLEDGE_FILE_HELP)
+
+    VARIANT_KEYS: ClassVar[tuple[str, ...]] = ("use_reference", "domain_knowledge", "reasoning")
+    """The switches an export records as its prompt (the knowledge goes beside them)."""
+
+    def variant_dict(self) -> dict[str, bool]:
+        return {key: getattr(self, key) for key in self.VARIANT_KEYS}
+
+
+class PromptOverrides(Section):
+    """How a model trained by mmrad is prompted comes from its export's ``mmrad.json``
+    (:mod:`mmrad.model.contract`); a key set here overrides the export's, with a warning
+    in the log and the change recorded in the run. For a model without ``mmrad.json`` (a
+    base model, an endpoint) unset keys take ``PromptConfig``'s and ``PixelBudget``'s
+    defaults."""
+
+    use_reference: bool | None = None
+    domain_knowledge: bool | None = None
+    reasoning: bool | None = None
+    pixels: PixelBudget | None = None
+    knowledge_file: str | None = PathField(
+        None, "Replaces the export's domain knowledge. " + KNOWLEDGE_FILE_HELP
+    )
 
 
 class FSDPConfig(Section):
@@ -825,6 +857,16 @@ class TinyModelStage(Section):
     seed: int = 0
 
 
+class EvalStageConfig(StageConfig):
+    baselines: list[Literal["base", "sft"]] = Field(
+        default_factory=lambda: ["base", "sft"],
+        description="Also evaluate these on the same split, each in a stage of its own "
+        "(eval_base, eval_sft; the final model's eval runs last), so the pipeline's table "
+        "shows base → SFT → GRPO. base: the model SFT starts from, prompted as SFT trains; "
+        "sft: the SFT export, when GRPO follows it.",
+    )
+
+
 class ServeSmokeStage(StageConfig):
     images: int = Field(4, ge=1, description="Test images sent through /v1/detect.")
 
@@ -861,5 +903,5 @@ class PipelineConfig(Section):
     data: StageConfig = Field(default_factory=StageConfig)
     sft: StageConfig = Field(default_factory=StageConfig)
     grpo: StageConfig = Field(default_factory=StageConfig)
-    eval: StageConfig = Field(default_factory=StageConfig)
+    eval: EvalStageConfig = Field(default_factory=EvalStageConfig)
     serve: ServeSmokeStage = Field(default_factory=ServeSmokeStage)

@@ -3,7 +3,11 @@
 tiny model (local runs) → data → SFT → GRPO → evaluation → serving smoke test. Each stage
 is its own job with its own config file; the pipeline wires one stage's output into the
 next and gives every stage a folder named by a hash of its resolved config and of the
-hashes of the stages it reads from. So:
+hashes of the stages it reads from. Evaluation runs once per model on the same split: the
+base model (``eval_base``, prompted as SFT trains it), the SFT export (``eval_sft``) and
+last the final model (``eval``); ``<run>/table/`` then holds the paper's table of the
+three (:mod:`mmrad.eval.paper_table`). Without an SFT stage GRPO starts from the base
+model; without a GRPO stage SFT's export is the final model. So:
 
 - a stage whose hash matches the one recorded with its finished output is skipped;
 - a changed config (or a changed upstream stage) runs in a new folder, and nothing
@@ -96,7 +100,8 @@ class PipelineResult:
     run_uri: str
     stages: dict[str, str] = field(default_factory=dict)  # name -> "ran" | "skipped"
     outputs: dict[str, dict[str, str]] = field(default_factory=dict)
-    report: str | None = None
+    table: dict[str, str] = field(default_factory=dict)
+    """The comparison table's files (:func:`write_comparison`) by format."""
 
 
 NOT_HASHED = ("loggers", "mlflow", "wandb")
@@ -157,10 +162,19 @@ class Planner:
     def hashes(self, *names: str) -> dict[str, str]:
         return {s.name: s.hash for s in self.stages if s.name in names}
 
+    def planned(self, name: str) -> bool:
+        return any(stage.name == name for stage in self.stages)
+
     def outputs(self, name: str) -> dict[str, str]:
+        return self._stage(name).outputs
+
+    def job(self, name: str) -> Any:
+        return self._stage(name).job
+
+    def _stage(self, name: str) -> PlannedStage:
         for stage in self.stages:
             if stage.name == name:
-                return stage.outputs
+                return stage
         raise ConfigError(f"{name}.enabled is false, but a later stage needs its output")
 
     def add(
@@ -290,7 +304,7 @@ def add_grpo(planner: Planner) -> None:
     from mmrad.rl.config import GRPOJobConfig
 
     wiring = {"data.manifest": planner.outputs("data")["manifest"],
-              "model.path": planner.outputs("sft")["export"]}  # fmt: skip
+              "model.path": _grpo_start(planner, stage)}  # fmt: skip
 
     def work(job: GRPOJobConfig, storage: Storage) -> None:
         from mmrad.rl.job import run_grpo
@@ -302,24 +316,91 @@ def add_grpo(planner: Planner) -> None:
         return [(job.data.split, "data.split"), *validating]
 
     data = _wired(planner, stage, wiring)
-    planner.add("grpo", GRPOJobConfig, data, ("data", "sft"), _training_place("grpo"), work,
-                ("export_info",), _origin(stage, "grpo"), reads)  # fmt: skip
+    planner.add("grpo", GRPOJobConfig, data, ("tiny_model", "data", "sft"),
+                _training_place("grpo"), work, ("export_info",), _origin(stage, "grpo"),
+                reads)  # fmt: skip
+
+
+def _grpo_start(planner: Planner, stage: StageConfig) -> str:
+    """SFT's export; without an SFT stage (RL without SFT) the base model."""
+    if planner.planned("sft"):
+        return planner.outputs("sft")["export"]
+    from mmrad.rl.config import GRPOModelConfig
+
+    configured = stage_data(stage).get("model", {}).get("path", GRPOModelConfig().path)
+    return _model_path(planner, configured)
 
 
 def final_model(planner: Planner) -> str:
     """The newest trained export: GRPO's when it is planned, else SFT's."""
-    names = [s.name for s in planner.stages]
-    return planner.outputs("grpo" if "grpo" in names else "sft")["export"]
+    return planner.outputs("grpo" if planner.planned("grpo") else "sft")["export"]
+
+
+EVAL_STAGES = {"eval_base": "base", "eval_sft": "SFT", "eval": "final"}
+"""The evaluation stages in the order they run, with their rows' labels in the table
+(the final model's row says which it is, :func:`eval_label`)."""
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    """A model the pipeline evaluates: its stage, what it reads and how it is prompted
+    (``None``: its export's contract)."""
+
+    stage: str
+    model: str
+    upstream: tuple[str, ...]
+    prompt: dict[str, Any] | None = None
+
+
+def evaluated_models(planner: Planner) -> list[Evaluated]:
+    """The baselines asked for, then the final model (evaluated last)."""
+    baselines = planner.config.eval.baselines
+    trained = [name for name in ("sft", "grpo") if planner.planned(name)]
+    if not trained:
+        raise ConfigError("eval: the pipeline evaluates a trained model; enable sft or grpo")
+    models = []
+    if "base" in baselines:
+        first = planner.job(trained[0])
+        models.append(Evaluated("eval_base", first.model.path, ("tiny_model", "data"),
+                                base_prompt(first)))  # fmt: skip
+    if "sft" in baselines and trained == ["sft", "grpo"]:
+        models.append(Evaluated("eval_sft", planner.outputs("sft")["export"], ("data", "sft")))
+    models.append(Evaluated("eval", final_model(planner), ("data", "sft", "grpo")))
+    return models
+
+
+def eval_label(stage: str, stages: Sequence[str]) -> str:
+    """A table row's label: base, SFT, or the final model's training stage."""
+    if stage != "eval":
+        return EVAL_STAGES[stage]
+    return "GRPO" if "grpo" in stages else "SFT"
+
+
+def base_prompt(first_training: BaseModel) -> dict[str, Any]:
+    """The evaluation's ``prompt`` overrides that prompt a base model (no ``mmrad.json``)
+    as the first training stage prompts it."""
+    prompt = first_training.prompt
+    keys = {key: getattr(prompt, key) for key in ("use_reference", "domain_knowledge",
+                                                   "reasoning", "knowledge_file")}  # fmt: skip
+    chosen = {key: value for key, value in keys.items() if value is not None}
+    return {**chosen, "pixels": first_training.model.pixels.model_dump()}
 
 
 def add_eval(planner: Planner) -> None:
     stage = planner.config.eval
     if not stage.enabled:
         return
+    for evaluated in evaluated_models(planner):
+        _add_eval_stage(planner, stage, evaluated)
+
+
+def _add_eval_stage(planner: Planner, stage: StageConfig, evaluated: Evaluated) -> None:
     from mmrad.eval.config import EvalJobConfig
 
     wiring = {"data.manifest": planner.outputs("data")["manifest"],
-              "target": {"kind": "model", "path": final_model(planner)}}  # fmt: skip
+              "target": {"kind": "model", "path": evaluated.model}}  # fmt: skip
+    if evaluated.prompt is not None:
+        wiring["prompt"] = evaluated.prompt
 
     def place(folder: str) -> tuple[dict[str, Any], dict[str, str]]:
         run = join(folder, "eval")
@@ -332,8 +413,9 @@ def add_eval(planner: Planner) -> None:
 
         run_eval(job)
 
-    planner.add("eval", EvalJobConfig, _wired(planner, stage, wiring), ("data", "sft", "grpo"),
-                place, work, ("metrics",), _origin(stage, "eval"),
+    planner.add(evaluated.stage, EvalJobConfig, _wired(planner, stage, wiring),
+                evaluated.upstream, place, work, ("metrics",),
+                _origin(stage, evaluated.stage),
                 lambda job: [(job.data.split, "data.split")])  # fmt: skip
 
 
@@ -476,7 +558,29 @@ def run_pipeline(config: PipelineConfig) -> PipelineResult:
         point_latest(absolute(config.run.storage_path), stage)
         if stage.name == "data":
             check_splits_read(stages, stage.outputs["manifest"], storage)
+    result.table = write_comparison(result, storage)
     return result
+
+
+TABLE_FOLDER = "table"
+
+
+def evaluated_runs(result: PipelineResult, storage: Storage) -> list[tuple[str, dict]]:
+    """``(label, metrics)`` of the pipeline's evaluations, in the order they ran."""
+    from mmrad.eval.compare import read_metrics
+
+    names = list(result.stages)
+    return [(eval_label(name, names), read_metrics(storage, result.outputs[name]["run"]))
+            for name in EVAL_STAGES if name in result.outputs]  # fmt: skip
+
+
+def write_comparison(result: PipelineResult, storage: Storage) -> dict[str, str]:
+    """The paper's table of the evaluated models (base → SFT → GRPO) as Markdown, LaTeX
+    and a figure in ``<run>/table/``; nothing when nothing was evaluated."""
+    from mmrad.eval.paper_table import write_table_files
+
+    runs = evaluated_runs(result, storage)
+    return write_table_files(runs, join(result.run_uri, TABLE_FOLDER), storage) if runs else {}
 
 
 def print_summary(result: PipelineResult) -> None:
@@ -490,3 +594,6 @@ def print_summary(result: PipelineResult) -> None:
         storage = Storage()
         console.print(f"\nreport: {result.outputs['eval']['report']}")
         console.print(headline_table(json.loads(storage.read_text(metrics))))
+    if result.table:
+        console.print(f"\nthe evaluated models (det/loc accuracy, %): {result.table['markdown']}")
+        console.print(Storage().read_text(result.table["markdown"]))

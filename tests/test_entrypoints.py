@@ -46,6 +46,7 @@ COMMANDS = [
     (["eval", "run"], EvalJobConfig, "eval.yaml", []),
     (["eval", "report", "runs/x"], EvalJobConfig, "eval.yaml", []),
     (["eval", "compare", "runs/x"], EvalJobConfig, "eval.yaml", []),
+    (["eval", "table", "runs/x"], EvalJobConfig, "eval.yaml", []),
     (["annotate"], AnnotateJobConfig, "annotate.yaml", []),
     (["detect", "runs/images"], DetectJobConfig, "detect.yaml", ["input=runs/images"]),
     (["pipeline"], PipelineConfig, "pipeline.yaml", []),

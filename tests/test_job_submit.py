@@ -172,7 +172,7 @@ def test_pipeline_job_runs_through_ray_job_submit(head_cluster, tmp_path):
     assert "succeeded" in status, logs[-4000:]
     for stage in ("tiny_model", "data"):
         assert f"{stage}: skipped" in logs, logs[-4000:]
-    for stage in ("sft", "grpo", "eval", "serve"):
+    for stage in ("sft", "grpo", "eval_base", "eval_sft", "eval", "serve"):
         assert f"{stage}: ran" in logs, logs[-4000:]
     rows = read_metrics(Storage(), str(sft))
     assert committed and rows[: len(committed)] == committed  # resumed, not started over
@@ -186,6 +186,15 @@ def test_pipeline_job_runs_through_ray_job_submit(head_cluster, tmp_path):
     })  # fmt: skip
     (metrics,) = run.glob("eval-*/eval/metrics.json")
     assert {"det_accuracy", "loc_accuracy", "auroc"} <= set(json.loads(metrics.read_text()))
+    # The paper's table of the three models on the same test images, base → SFT → GRPO.
+    table = (run / "table/table.md").read_text()
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:5]] == [
+        "base", "SFT", "GRPO"
+    ]  # fmt: skip
+    assert (run / "table/table.tex").is_file() and (run / "table/table.png").is_file()
+    assert "the evaluated models" in logs and table.splitlines()[0] in logs
+    images = {json.loads(p.read_text())["n_images"] for p in run.glob("eval*/eval/metrics.json")}
+    assert images == {4}
     (responses,) = run.glob("serve-*/responses.json")
     answers = json.loads(responses.read_text())
     assert len(answers) == 2 and all(0.0 <= (a["score"] or 0.0) <= 1.0 for a in answers)

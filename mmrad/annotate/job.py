@@ -360,7 +360,7 @@ def run_annotate(job: AnnotateJobConfig) -> AnnotateResult:
     init_ray(job.ray)
     check_or_log(job.ray, [predictors_request(job.ray, job.predictors)])
     run_uri = join(job.run.storage_path, job.run.name)
-    write_run_info(storage, run_uri, job, job.sampling.seed)
+    write_run_info(storage, run_uri, job, job.sampling.seed, {"contract": spec.contract.record()})
     log.info("annotating %d of %d images, %d samples each", len(selected), len(records),
              job.sampling.n)  # fmt: skip
     rows = teacher_rows(spec, storage, selected)

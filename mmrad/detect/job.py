@@ -1,8 +1,9 @@
 """``mmrad detect`` / ``python -m ray_jobs.detect``: inspect a folder of new images.
 
 1. In the driver, before Ray: resolve the target as evaluation does
-   (:meth:`~mmrad.eval.inference.InferenceSpec.build`: the export's ``mmrad.json`` gives
-   the prompt variant and pixel budget; an endpoint's API key must be set), list the files
+   (:meth:`~mmrad.eval.inference.InferenceSpec.build`: the export's contract gives the
+   prompt variant, pixel budget and each category's domain knowledge; an endpoint's API
+   key must be set), list the files
    and their categories, find and decode each category's reference
    (:mod:`mmrad.detect.inputs`). Every user error stops here, naming what is wrong.
 2. On Ray: the evaluation core's batch inference (:func:`~mmrad.eval.inference.
@@ -91,8 +92,10 @@ def plan(job: DetectJobConfig, storage: Storage, spec) -> Inspection:
         log.warning("the model's prompt shows no reference image; --reference %s is not used",
                     job.reference)  # fmt: skip
     if spec.variant.domain_knowledge:
-        log.warning("the model's prompt lists a category's known defect types; new images "
-                    "come without them, so none are listed (as Serve does)")  # fmt: skip
+        unknown = sorted({f.category for f in inspection.queries} - set(spec.contract.knowledge))
+        if unknown:
+            log.warning("the model's prompt describes each category's defect types; the "
+                        "contract has none for %s: their prompts list none", unknown)  # fmt: skip
     check_references(storage, inspection.references)
     return inspection
 
@@ -132,7 +135,8 @@ def run_detect(job: DetectJobConfig, *, progress: bool = True) -> DetectResult:
     if queries:  # else every file was refused, and no model is needed
         init_ray(job.ray)
         check_or_log(job.ray, [predictors_request(job.ray, job.predictors)])
-    write_run_info(storage, job.output, job, job.sampling.seed or 0)
+    write_run_info(storage, job.output, job, job.sampling.seed or 0,
+                   {"contract": spec.contract.record()})  # fmt: skip
     rows = refused_rows(inspection) + inspect(job, spec, queries, progress)
     wall_s = time.perf_counter() - start
     rows.sort(key=lambda row: row["path"])

@@ -17,6 +17,7 @@ from PIL import Image
 
 from mmrad.config import PixelBudget
 from mmrad.task.geometry import Size, grid_scale, model_grid
+from mmrad.task.knowledge import CategoryKnowledge
 from mmrad.task.prompt import IMAGE_PLACEHOLDER, PromptVariant, build_messages
 
 ImageLike = Image.Image | np.ndarray
@@ -28,7 +29,7 @@ class InspectionInput:
     """What the model is asked about: a query image, optionally a normal reference.
 
     Images are PIL images or ``H x W x 3`` uint8 arrays, on the model grid or not.
-    ``defect_types`` are the category's known anomaly types (domain-knowledge prompts).
+    ``knowledge`` is the category's domain knowledge (domain-knowledge prompts).
     ``hint`` is appended to the prompt text (the annotation job's ground-truth hint for a
     teacher, :mod:`mmrad.eval.hints`); ``None`` for every ordinary inspection.
     """
@@ -36,7 +37,7 @@ class InspectionInput:
     image: ImageLike
     reference: ImageLike | None = None
     category: str | None = None
-    defect_types: tuple[str, ...] = ()
+    knowledge: CategoryKnowledge | None = None
     hint: str | None = None
 
 
@@ -102,7 +103,7 @@ def build_messages_for(
         category=item.category,
         grid_size=grid_of(item, pixels).grid,
         variant=variant,
-        defect_types=item.defect_types,
+        knowledge=item.knowledge,
         query_image=IMAGE_PLACEHOLDER,
         reference_image=IMAGE_PLACEHOLDER if uses_reference(item, variant) else None,
         hint=item.hint,

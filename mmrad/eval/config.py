@@ -16,8 +16,7 @@ from mmrad.config import (
     NodeCacheField,
     NodeFolder,
     PathField,
-    PixelBudget,
-    PromptConfig,
+    PromptOverrides,
     RayConfig,
     Section,
     StorageConfig,
@@ -131,30 +130,6 @@ class SamplingConfig(Section):
             logprobs=self.logprobs,
             seed=self.seed,
         )
-
-
-class PromptOverrides(Section):
-    """The prompt variant and pixel budget; null = what the model's ``mmrad.json`` says
-    (for endpoints and plain model directories: the defaults of ``PromptConfig`` and
-    ``PixelBudget``)."""
-
-    use_reference: bool | None = None
-    domain_knowledge: bool | None = None
-    reasoning: bool | None = None
-    pixels: PixelBudget | None = None
-
-    def resolve(self, info: dict | None) -> tuple[PromptConfig, PixelBudget]:
-        """The prompt and pixel budget from an export's ``mmrad.json`` (or ``None``)
-        with these overrides on top."""
-        prompt = PromptConfig(**((info or {}).get("prompt") or {}))
-        chosen = {
-            key: value
-            for key in PromptConfig.model_fields
-            if (value := getattr(self, key)) is not None
-        }
-        prompt = prompt.model_copy(update=chosen)
-        pixels = self.pixels or PixelBudget(**((info or {}).get("pixels") or {}))
-        return prompt, pixels
 
 
 class PredictorsConfig(Section):

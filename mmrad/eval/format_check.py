@@ -57,7 +57,7 @@ def check_format(
     from mmrad.engine.engine import Engine
     from mmrad.engine.sampling import Sampling
 
-    variant = PromptVariant(**prompt.model_dump())
+    variant = PromptVariant(**prompt.variant_dict())
     items = load_inputs(storage, records)
     with Engine(model_dir, engine or EngineConfig(), pixels, variant) as llm:
         outputs = llm.generate(items, Sampling(temperature=0.0, max_tokens=max_tokens))

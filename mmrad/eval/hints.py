@@ -127,6 +127,5 @@ def hinted_input(row: Mapping[str, Any]) -> InspectionInput:
         image=draw_boxes(image, boxes),
         reference=np.asarray(reference) if has_reference else None,
         category=str(row["category"]),
-        defect_types=tuple(row.get("defect_types") or ()),
         hint=hint,
     )

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import SecretStr
 
-from mmrad.config import EngineConfig, PixelBudget, PromptConfig, RayConfig
+from mmrad.config import EngineConfig, PixelBudget, RayConfig
 from mmrad.engine.requests import (
     ImageLike,
     InspectionInput,
@@ -43,6 +43,7 @@ from mmrad.eval.config import (
     PromptOverrides,
     SamplingConfig,
 )
+from mmrad.model.contract import Contract, model_info, resolve_contract
 from mmrad.placement import Request, actor_shape, ray_options, worker_resources
 from mmrad.storage import Storage, is_remote, join
 from mmrad.task.answer import Verdict, parse_answer
@@ -90,7 +91,6 @@ def default_input(row: Mapping[str, Any]) -> InspectionInput:
         image=np.asarray(row["image"]),
         reference=np.asarray(reference) if has_reference else None,
         category=row.get("category"),
-        defect_types=tuple(row.get("defect_types") or ()),
     )
 
 
@@ -112,16 +112,24 @@ class InferenceSpec:
 
     ``target`` is resolved: a :class:`ModelTarget` with an absolute local or ``s3://``
     ``path`` and ``adapter`` (``None`` = base weights), or an :class:`EndpointTarget`.
+    ``contract`` says how to prompt it (:mod:`mmrad.model.contract`).
     """
 
     target: ModelTarget | EndpointTarget
     sampling: Sampling
-    variant: PromptVariant
-    pixels: PixelBudget
+    contract: Contract
     engine: EngineConfig
     predictors: PredictorsConfig
     storage: Storage
     placement: RayConfig = field(default_factory=RayConfig)  # rules of mmrad.placement
+
+    @property
+    def variant(self) -> PromptVariant:
+        return self.contract.variant
+
+    @property
+    def pixels(self) -> PixelBudget:
+        return self.contract.pixels
 
     @classmethod
     def build(
@@ -135,42 +143,22 @@ class InferenceSpec:
         placement: RayConfig | None = None,
     ) -> InferenceSpec:
         """Resolve the target and the prompt: a model's ``mmrad.json`` gives the prompt
-        variant, pixel budget and LoRA adapter unless ``prompt``/``target`` override
-        them. Runs in the driver, so a bad path fails before any actor starts."""
+        variant, pixel budget, domain knowledge and LoRA adapter unless ``prompt``/``target``
+        override them. Runs in the driver, so a bad path fails before any actor starts."""
         info = None
         if isinstance(target, ModelTarget):
-            info = model_info(target.path, storage)
+            info = model_info(target.path, storage, "target.path")
             target = target.model_copy(update={"adapter": resolve_adapter(target, info)})
-        prompt_config, pixels = prompt.resolve(info)
+        where = target.path if isinstance(target, ModelTarget) else target.url
         return cls(
             target=target,
             sampling=sampling.to_sampling(),
-            variant=variant_of(prompt_config),
-            pixels=pixels,
+            contract=resolve_contract(where, info, prompt, storage, "prompt"),
             engine=engine,
             predictors=predictors,
             storage=storage,
             placement=placement or RayConfig(),
         )
-
-
-def variant_of(prompt: PromptConfig) -> PromptVariant:
-    return PromptVariant(**prompt.model_dump())
-
-
-def model_info(path: str, storage: Storage) -> dict | None:
-    """The export's ``mmrad.json``, or ``None`` for a plain Hugging Face directory or a
-    hub id (a generalist baseline run through vLLM)."""
-    from mmrad.model.export import EXPORT_INFO, ExportError, read_export_info
-    from mmrad.model.loading import looks_like_hub_id
-
-    if not is_remote(path) and looks_like_hub_id(path):
-        return None
-    if not storage.exists(join(path, EXPORT_INFO)):
-        if not storage.exists(join(path, "config.json")):
-            raise ExportError(f"target.path {path}: no model there (no config.json or mmrad.json)")
-        return None
-    return read_export_info(path, storage)
 
 
 def resolve_adapter(target: ModelTarget, info: dict | None) -> str | None:
@@ -321,7 +309,7 @@ class _Predictor:
                 outputs.bad_image[index] = True
                 continue
             try:
-                todo.append((index, self.to_input(row)))
+                todo.append((index, self.with_knowledge(self.to_input(row))))
             except Exception as err:  # the hook's problem with this one row
                 outputs.error[index] = f"preparing the prompt failed: {type(err).__name__}: {err}"
         if todo:
@@ -330,6 +318,10 @@ class _Predictor:
             if error:
                 log.warning("id %s: %s", rows[index].get("id"), error)
         return outputs.append_to(batch)
+
+    def with_knowledge(self, item: InspectionInput) -> InspectionInput:
+        """The category's knowledge from the contract, never from the row."""
+        return replace(item, knowledge=self.spec.contract.knowledge_of(item.category))
 
     def run(self, todo: list[tuple[int, Any]], outputs: Outputs) -> None:
         raise NotImplementedError

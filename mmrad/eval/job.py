@@ -35,7 +35,6 @@ from PIL import Image
 
 from mmrad.data.manifest import (
     absolutize,
-    defect_types_by_category,
     manifest_uri,
     read_manifest,
     records_of_split,
@@ -172,15 +171,13 @@ def run_eval(job: EvalJobConfig) -> EvalResult:
                                job.predictors, storage, job.ray)  # fmt: skip
     manifest, labelled = read_eval_records(storage, job.data.manifest)
     records = select_split(manifest, job.data)
-    if spec.variant.domain_knowledge:
-        known = defect_types_by_category(manifest)
-        records = [{**r, "defect_types": known.get(str(r["category"]), [])} for r in records]
 
     run_uri = join(job.run.storage_path, job.run.name)
     check_tracking(job.run)
     init_ray(job.ray)
     check_or_log(job.ray, [predictors_request(job.ray, job.predictors)])
-    write_run_info(storage, run_uri, job, job.sampling.seed or 0)
+    write_run_info(storage, run_uri, job, job.sampling.seed or 0,
+                   {"contract": spec.contract.record()})  # fmt: skip
     with tracked(job.run, "eval", run_uri, job, storage, resume=False) as tracking:
         result, metrics = evaluate(job, spec, storage, run_uri, records, manifest, labelled)
         if metrics is not None:

@@ -32,6 +32,7 @@ import torch
 
 from mmrad.task.answer import GENERIC_REASONING, format_answer, has_reasoning
 from mmrad.task.geometry import as_boxes, to_model_grid
+from mmrad.task.knowledge import Knowledge
 from mmrad.task.prompt import IMAGE_PLACEHOLDER, PromptVariant, build_messages
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class SFTCollator:
     pixel_values, image_grid_thw, mm_token_type_ids`` (tensors, right-padded) and
     ``sample_ids`` (a list of str, to pop before the forward pass).
 
-    ``defect_types`` maps a category to its known anomaly types (the domain-knowledge
+    ``knowledge`` maps a category to its domain knowledge (the domain-knowledge
     variant). ``max_length`` truncates answers from the right; a prompt that does not fit
     raises (:class:`ImageTokenMismatch` when image tokens would be cut).
     """
@@ -69,12 +70,12 @@ class SFTCollator:
         self,
         processor,
         variant: PromptVariant,
-        defect_types: Mapping[str, Sequence[str]] | None = None,
+        knowledge: Knowledge | None = None,
         max_length: int | None = None,
     ):
         self.processor = processor
         self.variant = variant
-        self.defect_types = dict(defect_types or {})
+        self.knowledge = dict(knowledge or {})
         self.max_length = max_length
         tokenizer = processor.tokenizer
         self.tokenizer = tokenizer
@@ -135,7 +136,7 @@ class SFTCollator:
             category=row.get("category"),
             grid_size=(int(row["grid_width"]), int(row["grid_height"])),
             variant=self.variant,
-            defect_types=self.defect_types.get(row.get("category") or "", ()),
+            knowledge=self.knowledge.get(row.get("category") or ""),
             reference_image=IMAGE_PLACEHOLDER if len(images) == 2 else None,
         )
         answer = self.target(row)

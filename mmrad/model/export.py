@@ -4,8 +4,9 @@ The directory (``config.json``, ``model.safetensors``, ``generation_config.json`
 tokenizer and processor files) loads in transformers and vLLM without mmrad. LoRA is
 either merged into the weights or kept beside the base weights in ``adapter/``
 (``adapter_config.json``, ``adapter_model.safetensors``). ``mmrad.json`` records what
-evaluation and serving need to prompt as training did: the prompt variant, the pixel
-budget (also written into the saved processor) and the model grid rule.
+evaluation and serving need to prompt as training did (:mod:`mmrad.model.contract`): the
+prompt variant, the pixel budget (also written into the saved processor), the model grid
+rule and a copy of the domain knowledge with its origin.
 
 Nobody sees half an export. A local export is built in a hidden directory beside the
 target and renamed into place. On object stores there is no rename: a marker
@@ -56,6 +57,7 @@ def export_model(
     base_model: str | None = None,
     dtype: str | None = None,
     in_place: bool = False,
+    knowledge: dict | None = None,
 ) -> str:
     """Export ``model`` (a peft model or a plain one) to ``out_uri`` and return it.
 
@@ -65,12 +67,14 @@ def export_model(
     from; pass the configured one (hub id or object-store URI) rather than a node's cache
     path.
     ``dtype`` casts the exported weights (e.g. ``"bfloat16"`` for serving).
+    ``knowledge`` is ``mmrad.json``'s knowledge entry
+    (:func:`~mmrad.model.contract.export_knowledge`).
     """
     changes = is_peft(model) or (dtype is not None and _dtype_of(model) != dtype)
     needs_copy = changes and not in_place
     work = copy.deepcopy(model) if needs_copy else model
     return _export(work, processor, out_uri, storage, merge_lora, prompt, pixels, extra,
-                   base_model, dtype)  # fmt: skip
+                   base_model, dtype, knowledge)  # fmt: skip
 
 
 def export_state_dict(
@@ -87,6 +91,7 @@ def export_state_dict(
     base_model: str | None = None,
     processor=None,
     dtype: str | None = None,
+    knowledge: dict | None = None,
 ) -> str:
     """Export a full (unsharded) state dict of the training model, as FSDP gathers it.
 
@@ -104,7 +109,7 @@ def export_state_dict(
     return export_model(model, processor, out_uri, storage, merge_lora=merge_lora,
                         prompt=prompt, pixels=pixels, extra=extra,
                         base_model=base_model or base_model_path, dtype=dtype,
-                        in_place=True)  # fmt: skip
+                        in_place=True, knowledge=knowledge)  # fmt: skip
 
 
 def read_export_info(path_or_uri: str, storage: Storage) -> dict[str, Any]:
@@ -163,6 +168,7 @@ def _export(
     extra: dict | None,
     base_model: str | None,
     dtype: str | None,
+    knowledge: dict | None,
 ) -> str:
     """Write ``model`` (which this function may change) and publish it at ``out_uri``."""
     out_uri = out_uri.rstrip("/")
@@ -175,7 +181,8 @@ def _export(
         _save_processor(processor, pixels, staging)
         info = {
             "format_version": FORMAT_VERSION,
-            "prompt": prompt.model_dump(mode="json"),
+            "prompt": prompt.variant_dict(),
+            "knowledge": knowledge,
             "pixels": pixels.model_dump(mode="json"),
             "model_grid": f"qwen2.5-vl smart_resize factor {pixels.factor}",
             "base_model": base_model,

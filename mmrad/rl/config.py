@@ -25,7 +25,7 @@ from mmrad.config import (
     ModelConfig,
     OptimizerConfig,
     PathField,
-    PromptConfig,
+    PromptOverrides,
     RayConfig,
     RunSection,
     ScheduleConfig,
@@ -316,8 +316,9 @@ class GRPOJobConfig(Section):
     ray: RayConfig = Field(default_factory=RayConfig)
     data: GRPODataConfig = Field(default_factory=GRPODataConfig)
     model: GRPOModelConfig = Field(default_factory=GRPOModelConfig)
-    prompt: PromptConfig | None = Field(
-        None, description="None = the prompt variant of the export's mmrad.json."
+    prompt: PromptOverrides = Field(
+        default_factory=PromptOverrides,
+        description="Unset keys: the export's mmrad.json (mmrad.model.contract).",
     )
     sync: SyncSection = Field(default_factory=SyncSection)
     lora: LoraConfig = Field(default_factory=LoraConfig)

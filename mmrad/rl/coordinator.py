@@ -53,6 +53,7 @@ from mmrad.rl.resources import engine_shape
 from mmrad.rl.rollout import RolloutPrompt, WeightUpdate
 from mmrad.rl.weight_sender import ChannelUpdate, ResendWeights
 from mmrad.storage import Storage
+from mmrad.task.knowledge import Knowledge
 from mmrad.task.prompt import PromptVariant
 from mmrad.train.fail_fast import NOT_RETRIED
 
@@ -84,7 +85,7 @@ class Coordinator:
         job: dict[str, Any],
         records: Sequence[Mapping[str, Any]],
         variant: dict[str, bool],
-        defect_types: Mapping[str, Sequence[str]],
+        knowledge: Knowledge,
         val_records: Sequence[Mapping[str, Any]] = (),
     ):
         self.job = GRPOJobConfig.model_validate(job)
@@ -93,8 +94,8 @@ class Coordinator:
         self.variant = PromptVariant(**variant)
         self.rewards = reward_spec(self.job, self.variant)
         storage = Storage.from_config(self.job.storage)
-        self.stream = self._stream(records, defect_types, storage)
-        self.val_stream = self._stream(val_records, defect_types, storage) if val_records else None
+        self.stream = self._stream(records, knowledge, storage)
+        self.val_stream = self._stream(val_records, knowledge, storage) if val_records else None
         self._val_items: list[PromptItem] | None = None
         validation = self.job.validation
         self.val_sampling = Sampling(
@@ -450,12 +451,12 @@ class Coordinator:
 
     # -- engines and data -----------------------------------------------------------------
 
-    def _stream(self, records, defect_types, storage: Storage) -> PromptStream:
+    def _stream(self, records, knowledge: Knowledge, storage: Storage) -> PromptStream:
         return PromptStream(
             records,
             DecodeSpec.from_config(storage, self.job.data),
             seed=self.job.data.seed,
-            defect_types=defect_types,
+            knowledge=knowledge,
             decode_cpus=self.job.data.decode_cpus,
             batch_size=self.job.data.batch_size,
             resources=worker_resources(self.job.ray),

@@ -12,8 +12,9 @@ what a dead driver owned); a live run of the same name is refused. A dead coordi
 a fault it recorded as fatal, ends the run at once instead of restarting the learners
 (:mod:`mmrad.rl.guard`); rerun to resume.
 
-The prompt variant and pixel budget come from the SFT export's ``mmrad.json``, so GRPO
-prompts exactly as SFT trained (a config that contradicts the export is an error).
+The prompt variant, pixel budget and domain knowledge come from the SFT export's
+``mmrad.json`` (:mod:`mmrad.model.contract`), so GRPO prompts as SFT trained unless its
+``prompt`` section overrides them (logged, and recorded in ``run_info.json``).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from dataclasses import asdict, dataclass
 import ray
 
 from mmrad.actor_names import wait_until_free
-from mmrad.config import ConfigError, PixelBudget, PromptConfig, with_absolute_paths
-from mmrad.data.manifest import defect_types_by_category, read_manifest, records_of_split
+from mmrad.config import ConfigError, PromptConfig, with_absolute_paths
+from mmrad.data.manifest import read_manifest, records_of_split
+from mmrad.model.contract import Contract, export_knowledge, resolve_contract, training_knowledge
 from mmrad.model.loading import check_model_dir
 from mmrad.placement import check_or_log, ray_options
 from mmrad.ray_env import init_ray, joining_existing_cluster
@@ -39,6 +41,7 @@ from mmrad.rl.pool import OUTSIDE_PARENT_PLACEMENT_GROUP
 from mmrad.rl.resources import coordinator_shape, grpo_requests
 from mmrad.runinfo import write_run_info
 from mmrad.storage import Storage, join
+from mmrad.task.knowledge import Knowledge
 from mmrad.task.prompt import PromptVariant
 from mmrad.tracking.run import check_tracking, tracked
 from mmrad.train.core import checkpoint_uri, make_torch_trainer
@@ -57,38 +60,37 @@ class GRPOResult:
     steps: int
 
 
-def starting_point(job: GRPOJobConfig, storage: Storage) -> GRPOJobConfig:
-    """Fill ``prompt`` from the export's ``mmrad.json`` and check the pixel budgets: GRPO
-    must prompt as SFT trained."""
-    from mmrad.model.export import ExportError, read_export_info
+def starting_point(job: GRPOJobConfig, storage: Storage) -> Contract:
+    """How GRPO prompts: the starting export's contract (its ``mmrad.json``) under the
+    job's ``prompt`` overrides; a plain HF model is prompted as the config says. The
+    learners' and engines' ``model.pixels`` must be the contract's pixel budget."""
+    from mmrad.model.contract import model_info
 
-    origin = f"model.path {job.model.path}"
-    try:
-        info = read_export_info(job.model.path, storage)
-    except (ExportError, FileNotFoundError):
-        info = None  # a plain HF model (hub id or directory): the config decides
-    if info is not None:
-        if info.get("lora") == "adapter":
-            raise ConfigError(
-                f"{origin}: the export keeps its LoRA adapter apart; GRPO starts from a "
-                "merged export (export it with export.merge_lora=true)"
-            )
-        exported = PromptConfig(**info["prompt"])
-        if job.prompt is not None and job.prompt != exported:
-            raise ConfigError(
-                f"prompt {job.prompt.model_dump()} differs from the export's {info['prompt']} "
-                f"({origin}); leave `prompt` out to use the export's"
-            )
-        pixels = PixelBudget(**info["pixels"])
-        if job.model.pixels != pixels:
-            raise ConfigError(
-                f"model.pixels {job.model.pixels.model_dump()} differ from the export's "
-                f"{info['pixels']} ({origin})"
-            )
-        job = job.model_copy(update={"prompt": exported})
-    elif job.prompt is None:
-        job = job.model_copy(update={"prompt": PromptConfig()})
-    return job
+    info = model_info(job.model.path, storage, "model.path")
+    if info is not None and info.get("lora") == "adapter":
+        raise ConfigError(
+            f"model.path {job.model.path}: the export keeps its LoRA adapter apart; GRPO "
+            "starts from a merged export (export it with export.merge_lora=true)"
+        )
+    prompt = job.prompt
+    if info is None and prompt.pixels is None:  # a plain model: the config decides
+        prompt = prompt.model_copy(update={"pixels": job.model.pixels})
+    contract = resolve_contract(job.model.path, info, prompt, storage, "grpo prompt")
+    if job.model.pixels != contract.pixels:
+        raise ConfigError(
+            f"model.pixels {job.model.pixels.model_dump()} differ from the pixel budget GRPO "
+            f"prompts with, {contract.pixels.model_dump()} (model.path {job.model.path}); set "
+            "model.pixels and data.pixels to it, or prompt.pixels to override the export's"
+        )
+    return contract
+
+
+def grpo_knowledge(contract: Contract, train: list[dict], storage: Storage) -> tuple[dict, str]:
+    """The knowledge GRPO prompts with and exports: the contract's (the export's copy or
+    ``prompt.knowledge_file``); for a model without one, the training images' labels."""
+    if contract.knowledge_origin is not None:
+        return dict(contract.knowledge), contract.knowledge_origin
+    return training_knowledge(PromptConfig(), train, storage)
 
 
 @dataclass(frozen=True)
@@ -97,22 +99,23 @@ class GRPORecords:
 
     prompts: list[dict]
     validation: list[dict]
-    defect_types: dict[str, list[str]]
+    train: list[dict]
 
 
 def grpo_records(job: GRPOJobConfig, storage: Storage) -> GRPORecords:
     """The prompts (``data.split``) and validation records; an empty split is a
     :class:`~mmrad.data.schema.ManifestError`."""
     records = read_manifest(storage, job.data.manifest)
-    train = [r for r in records if r["split"] == "train"]
     return GRPORecords(
         prompts=records_of_split(records, job.data.split, job.data.manifest, "data.split"),
         validation=validation_records(job, records),
-        defect_types=defect_types_by_category(train),
+        train=[r for r in records if r["split"] == "train"],
     )
 
 
-def start_coordinator(job: GRPOJobConfig, records: GRPORecords):
+def start_coordinator(
+    job: GRPOJobConfig, records: GRPORecords, variant: PromptVariant, knowledge: Knowledge
+):
     actor = ray.remote(Coordinator).options(
         name=coordinator_name(job.run.name),
         **ray_options(coordinator_shape(job)),
@@ -122,8 +125,8 @@ def start_coordinator(job: GRPOJobConfig, records: GRPORecords):
     return actor.remote(
         job.model_dump(mode="json"),
         records.prompts,
-        asdict(PromptVariant(**job.prompt.model_dump())),
-        records.defect_types,
+        asdict(variant),
+        knowledge,
         records.validation,
     )
 
@@ -151,16 +154,19 @@ def run_grpo(job: GRPOJobConfig, train_callbacks: Sequence = ()) -> GRPOResult:
         check_model_dir(job.model.path)
     # A rerun right after a killed driver: that driver's actors are still ending.
     wait_until_free(coordinator_name(job.run.name), f"run.name {job.run.name}")
-    job = starting_point(job, storage)
+    contract = starting_point(job, storage)
+    knowledge, origin = grpo_knowledge(contract, records.train, storage)
     run_uri = join(job.run.storage_path, job.run.name)
-    write_run_info(storage, run_uri, job, job.schedule.seed)
-    coordinator = start_coordinator(job, records)
+    recorded = {**contract.record(), "knowledge_origin": origin}
+    write_run_info(storage, run_uri, job, job.schedule.seed, {"contract": recorded})
+    coordinator = start_coordinator(job, records, contract.variant, knowledge)
     spec = {
         "config": job.model_dump(mode="json"),
         "coordinator": coordinator,
         "coordinator_name": coordinator_name(job.run.name),
         "run_uri": run_uri,
-        "variant": job.prompt.model_dump(),
+        "variant": contract.prompt.variant_dict(),
+        "knowledge": export_knowledge(knowledge, origin),
     }
     ask = functools.partial(why_unrecoverable, coordinator, spec["coordinator_name"])
     final_rows = functools.partial(readable_metrics, storage, run_uri)

@@ -147,6 +147,7 @@ class GRPOLearner:
         self.coordinator = spec["coordinator"]
         self.run_uri: str = spec["run_uri"]
         self.variant = PromptVariant(**spec["variant"])
+        self.knowledge = spec["knowledge"]  # mmrad.json's entry, for the export
         self.lora = job.lora.enabled
         # The reference of the KL penalty: with LoRA the policy with its adapter disabled.
         with_reference = job.algorithm.kl_beta > 0 and not self.lora
@@ -536,6 +537,7 @@ class GRPOLearner:
                 state, self.job.export.out or join(self.run_uri, "export"),
                 PromptConfig(**asdict(self.variant)),
                 extra={"stage": "grpo", "run": self.job.run.name, "step": self.core.step},
+                knowledge=self.knowledge,
             )  # fmt: skip
         dist.barrier()
 

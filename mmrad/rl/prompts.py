@@ -29,6 +29,7 @@ from mmrad.data.loading import (
     ordered_rows,
 )
 from mmrad.engine.requests import InspectionInput
+from mmrad.task.knowledge import CategoryKnowledge, Knowledge
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +52,13 @@ class DataPosition:
 @dataclass(frozen=True)
 class PromptItem:
     """One decoded prompt: its manifest record (original pixels), the query (and the
-    reference) on the model grid, and the category's known anomaly types."""
+    reference) on the model grid, and the category's domain knowledge."""
 
     prompt_id: str
     record: dict[str, Any]
     image: np.ndarray
     reference: np.ndarray | None
-    defect_types: tuple[str, ...] = ()
+    knowledge: CategoryKnowledge | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -74,7 +75,7 @@ class PromptItem:
             self.image,
             self.reference,
             self.record.get("category"),
-            self.defect_types,
+            self.knowledge,
             hint=hint,
         )
 
@@ -84,7 +85,7 @@ def prompt_id(record_id: str, epoch: int) -> str:
     return f"{record_id}@{epoch}"
 
 
-def item_from_row(row: Mapping[str, Any], epoch: int, defect_types: Mapping[str, Sequence[str]]):
+def item_from_row(row: Mapping[str, Any], epoch: int, knowledge: Knowledge):
     record = {key: _plain(row[key]) for key in RECORD_COLUMNS}
     reference = row.get("reference")
     has_reference = reference is not None and np.size(reference) > 0
@@ -93,7 +94,7 @@ def item_from_row(row: Mapping[str, Any], epoch: int, defect_types: Mapping[str,
         record=record,
         image=np.ascontiguousarray(row["image"]),
         reference=np.ascontiguousarray(reference) if has_reference else None,
-        defect_types=tuple(defect_types.get(record["category"] or "", ())),
+        knowledge=knowledge.get(record["category"] or ""),
     )
 
 
@@ -122,7 +123,7 @@ class PromptStream:
         spec: DecodeSpec,
         *,
         seed: int,
-        defect_types: Mapping[str, Sequence[str]] | None = None,
+        knowledge: Knowledge | None = None,
         decode_cpus: float = 0.25,
         batch_size: int = 8,
         position: DataPosition = DataPosition(),  # noqa: B008 (frozen)
@@ -133,7 +134,7 @@ class PromptStream:
         self.records = list(records)
         self.spec = spec
         self.seed = seed
-        self.defect_types = dict(defect_types or {})
+        self.knowledge = dict(knowledge or {})
         self.decode_cpus = decode_cpus
         self.batch_size = batch_size
         self.resources = dict(resources or {})  # custom ones of each decode task
@@ -164,7 +165,7 @@ class PromptStream:
             epoch = self._position.epoch
             self._position = DataPosition(epoch, int(row["position"]) + 1)
             if next(iter(self.skips.usable_rows([row])), None) is not None:
-                items.append(item_from_row(row, epoch, self.defect_types))
+                items.append(item_from_row(row, epoch, self.knowledge))
         return items
 
     def _epoch_rows(self, position: DataPosition) -> Iterator[dict[str, Any]]:

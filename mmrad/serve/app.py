@@ -151,7 +151,7 @@ class MMRADServer:
     async def models(self, request: Request) -> dict[str, Any]:
         async with self.metrics.track("/v1/models"):
             self._authorize(request)
-            return model_list(self.args.model_name, self.created)
+            return model_list(self.args.model_name, self.created, self.model.contract.record())
 
     @api.post("/v1/detect", response_model=DetectResponse)
     async def detect(self, request: Request) -> DetectResponse:
@@ -167,7 +167,8 @@ class MMRADServer:
                 dict(request.query_params),
                 self.limits,
             )
-            item = inspection(parsed.image, parsed.reference, parsed.options.category)
+            item = inspection(parsed.image, parsed.reference, parsed.options.category,
+                              self.model.contract)  # fmt: skip
             prompt = await asyncio.to_thread(self.engine.request, item)
             try:
                 [completion] = await self.engine.generate(
@@ -180,7 +181,7 @@ class MMRADServer:
             result = detection(
                 completion,
                 grid_of(item, self.model.pixels),
-                reasoning=self.model.prompt.reasoning,
+                reasoning=self.model.variant.reasoning,
                 threshold=self.args.threshold if threshold is None else threshold,
             )
             self.metrics.detected(result.anomalous)

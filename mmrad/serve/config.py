@@ -40,8 +40,7 @@ from mmrad.config import (
     NodeCacheField,
     NodeFolder,
     PathField,
-    PixelBudget,
-    PromptConfig,
+    PromptOverrides,
     Section,
     StorageConfig,
     parse_override,
@@ -58,8 +57,8 @@ class ServeArgs(Section):
 
     model_dir: str = PathField(
         ...,
-        "Exported model: local directory or s3:// prefix. Its mmrad.json "
-        "decides the prompt variant and the pixel budget, as in training.",
+        "Exported model: local directory or s3:// prefix. Its mmrad.json decides the "
+        "prompt variant, pixel budget and domain knowledge, as in training.",
     )
     model_name: str = Field(
         "mmrad", min_length=1, description="The model name clients see and send (`model`)."
@@ -70,11 +69,10 @@ class ServeArgs(Section):
     )
     storage: StorageConfig = Field(default_factory=StorageConfig)
     cache_dir: NodeFolder = NodeCacheField()
-    prompt: PromptConfig | None = Field(
-        None, description="Only for a model without mmrad.json (a base model): the prompt."
-    )
-    pixels: PixelBudget | None = Field(
-        None, description="Only for a model without mmrad.json: the pixel budget."
+    prompt: PromptOverrides = Field(
+        default_factory=PromptOverrides,
+        description="Unset keys: the export's mmrad.json (mmrad.model.contract); set keys "
+        "override it, with a warning in the log and the change in GET /v1/models.",
     )
     auth_token_env: str | None = Field(
         None,
@@ -105,6 +103,16 @@ class ServeArgs(Section):
     max_tokens: int = Field(
         512, ge=1, description="Tokens /v1/detect generates; chat's default max_tokens."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_pixels(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "pixels" in data:
+            raise ValueError(
+                "args.pixels moved: write args.prompt.pixels (an override of the export's "
+                "pixel budget, or the budget of a model without one)"
+            )
+        return data
 
     @model_validator(mode="after")
     def _one_token_source(self) -> ServeArgs:

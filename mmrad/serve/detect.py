@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from mmrad.engine.requests import InspectionInput, QueryGrid
 from mmrad.engine.sampling import Completion, Sampling
+from mmrad.model.contract import Contract
 from mmrad.task.answer import Verdict, parse_answer
 
 DETECT_LOGPROBS = 10
@@ -57,7 +58,9 @@ def detection(
     )
 
 
-def inspection(image, reference, category: str | None) -> InspectionInput:
+def inspection(image, reference, category: str | None, contract: Contract) -> InspectionInput:
     """The engine's input for a request (the reference is used when the model's prompt
-    variant shows one)."""
-    return InspectionInput(image=image, reference=reference, category=category or None)
+    variant shows one; the category's knowledge when it asks for domain knowledge)."""
+    category = category or None
+    return InspectionInput(image=image, reference=reference, category=category,
+                           knowledge=contract.knowledge_of(category))  # fmt: skip

@@ -239,8 +239,9 @@ def check_model(requested: str, served: str) -> None:
                        "model")  # fmt: skip
 
 
-def model_list(served: str, created: int) -> dict[str, Any]:
-    return {
-        "object": "list",
-        "data": [{"id": served, "object": "model", "created": created, "owned_by": "mmrad"}],
-    }
+def model_list(served: str, created: int, contract: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's model list; ``mmrad_contract`` says how the model is prompted (what a
+    client building its own prompts needs, overrides of the export included)."""
+    entry = {"id": served, "object": "model", "created": created, "owned_by": "mmrad",
+             "mmrad_contract": contract}  # fmt: skip
+    return {"object": "list", "data": [entry]}

@@ -21,8 +21,9 @@ import ray
 
 from mmrad.config import ConfigError, SFTJobConfig, with_absolute_paths
 from mmrad.data.loading import DecodeSpec, build_dataset, ordered_rows, rank_datasets
-from mmrad.data.manifest import defect_types_by_category, read_manifest, records_of_split
+from mmrad.data.manifest import read_manifest, records_of_split
 from mmrad.data.schema import ManifestError
+from mmrad.model.contract import export_knowledge, training_knowledge
 from mmrad.model.loading import check_model_dir
 from mmrad.placement import (
     actor_shape,
@@ -45,6 +46,7 @@ from mmrad.sft.plan import (
 from mmrad.sft.worker import sft_worker
 from mmrad.storage import Storage, join
 from mmrad.task.answer import has_reasoning
+from mmrad.task.knowledge import knowledge_json
 from mmrad.tracking.run import check_tracking, tracked
 from mmrad.train.checkpoint import STATE_FILE, read_trainer_state
 from mmrad.train.core import checkpoint_uri, make_torch_trainer
@@ -126,7 +128,7 @@ EXPORT_CPUS = 0.5
 
 
 @ray.remote
-def export_task(job_dict: dict, checkpoint, out_uri: str) -> str:
+def export_task(job_dict: dict, checkpoint, out_uri: str, knowledge: dict) -> str:
     """Load the base model, the checkpoint's weights and export (runs on a worker node)."""
     from mmrad.train.export import export_checkpoint
 
@@ -134,7 +136,7 @@ def export_task(job_dict: dict, checkpoint, out_uri: str) -> str:
     with tempfile.TemporaryDirectory(prefix="mmrad-export-") as scratch:
         name = Path(checkpoint.path).name
         folder = Path(checkpoint.to_directory(str(Path(scratch) / name)))
-        return export_checkpoint(job, folder, out_uri)
+        return export_checkpoint(job, folder, out_uri, knowledge)
 
 
 def step_plan(job: SFTJobConfig, samples: int) -> StepPlan:
@@ -215,6 +217,7 @@ def run_sft(job: SFTJobConfig) -> SFTResult:
     storage = Storage.from_config(job.storage)
     splits = sft_splits(job, storage)  # a bad manifest fails here, before Ray starts
     reasoning_info = check_reasoning(job, splits)
+    knowledge, knowledge_origin = training_knowledge(job.prompt, splits["train"], storage)
     if not joining_existing_cluster(job.ray):  # a cluster's workers may have paths we lack
         check_model_dir(job.model.path)
     check_tracking(job.run)
@@ -229,13 +232,14 @@ def run_sft(job: SFTJobConfig) -> SFTResult:
         check_data_order(progress and progress.data_order, order, f"run {run_uri}")
     except DataOrderError as err:
         raise ConfigError(str(err)) from None
-    write_run_info(storage, run_uri, job, job.schedule.seed, reasoning_info)
+    write_run_info(storage, run_uri, job, job.schedule.seed,
+                   {**reasoning_info, "knowledge_origin": knowledge_origin})  # fmt: skip
     spec = {
         "config": job.model_dump(mode="json"),
         "plan": asdict(plan),
         "data_order": asdict(order),
         "run_uri": run_uri,
-        "defect_types": defect_types_by_category(train),
+        "knowledge": knowledge_json(knowledge),
     }
     datasets = build_datasets(job, storage, train, val, plan, progress)
     trainer = make_torch_trainer(sft_worker, job, spec, datasets=datasets, best_by="val_loss")
@@ -247,7 +251,10 @@ def run_sft(job: SFTJobConfig) -> SFTResult:
         checkpoint = chosen_checkpoint(result, job.export.checkpoint)
         out_uri = job.export.out or join(run_uri, "export")
         exporting = export_task.options(**ray_options(actor_shape(job.ray, cpus=EXPORT_CPUS)))
-        export_uri = ray.get(exporting.remote(job.model_dump(mode="json"), checkpoint, out_uri))
+        exported = export_knowledge(knowledge, knowledge_origin)
+        export_uri = ray.get(
+            exporting.remote(job.model_dump(mode="json"), checkpoint, out_uri, exported)
+        )
     best = min((m["val_loss"] for _, m in result.best_checkpoints), default=None)
     return SFTResult(run_uri, export_uri, checkpoint_uri(run_uri, checkpoint), plan.total_steps,
                      best)  # fmt: skip

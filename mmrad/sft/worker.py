@@ -25,6 +25,7 @@ import torch.distributed as dist
 from mmrad.config import SFTJobConfig
 from mmrad.data.loading import BadImageBudget, SkipLog
 from mmrad.sft.plan import DataOrder, SFTProgress, StepPlan, check_data_order
+from mmrad.task.knowledge import parse_knowledge
 from mmrad.task.prompt import PromptVariant
 from mmrad.train.core import TrainerCore, shared_metrics
 from mmrad.train.distributed import all_sum, to_device
@@ -62,8 +63,9 @@ class SFTLoop:
         self.progress.data_order = asdict(self.order)
         self.progress.next_epoch_if_done(self.plan.steps_per_epoch)  # restored at its end
         processor = load_processor(self.core.model_path, self.job.model.pixels)
-        variant = PromptVariant(**self.job.prompt.model_dump())
-        self.collate = SFTCollator(processor, variant, defect_types=spec["defect_types"])
+        variant = PromptVariant(**self.job.prompt.variant_dict())
+        knowledge = parse_knowledge(spec["knowledge"], "the job's knowledge")
+        self.collate = SFTCollator(processor, variant, knowledge=knowledge)
         self.skips = SkipLog(self.bad_image_budget(self.plan.samples, "train records"))
         # Every rank reads the whole val set, so every rank judges its bad images alike.
         val_rows = list(ray.train.get_dataset_shard("val").iter_rows())

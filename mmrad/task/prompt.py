@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from mmrad.task.geometry import Size
+from mmrad.task.knowledge import CategoryKnowledge
 
 IMAGE_PLACEHOLDER = "<image>"
 """Stands in for an image in messages whose images the caller hands to the processor
@@ -31,6 +32,7 @@ QUERY_ALONE = (
     "{width} pixels wide and {height} pixels high."
 )
 DOMAIN_KNOWLEDGE = "In {category} samples, the following anomaly types may occur: {types}."
+CATEGORY_DESCRIPTION = "About {category}: {description}"
 TASK = "Inspect the query image: does it show any anomaly or defect?"
 REASONING_INSTRUCTION = (
     "First reason step by step inside <think> </think> tags, "
@@ -50,7 +52,8 @@ class PromptVariant:
     """Switches for the paper's variants and ablations.
 
     - ``use_reference``: show a normal reference image before the query.
-    - ``domain_knowledge``: name the category's known anomaly types.
+    - ``domain_knowledge``: describe the category and name its known anomaly types
+      (:mod:`mmrad.task.knowledge`).
     - ``reasoning``: ask for ``<think>`` before ``<answer>``; without it the model answers
       directly and the ``format`` reward checks the answer block alone.
     """
@@ -65,13 +68,13 @@ def prompt_text(
     category: str | None,
     grid_size: Size,
     variant: PromptVariant,
-    defect_types: Sequence[str] = (),
+    knowledge: CategoryKnowledge | None = None,
     hint: str | None = None,
 ) -> str:
     """The prompt's text; ``grid_size = (width, height)`` of the query in the model grid.
 
     An unknown category (``None`` or empty) gets the generic wording and no domain
-    knowledge; so does a category without known anomaly types. ``hint`` (the annotation
+    knowledge; a category without knowledge gets none either. ``hint`` (the annotation
     job's ground-truth hint for a teacher model, :mod:`mmrad.eval.hints`) is appended
     last; without one the text is exactly the inspection prompt.
     """
@@ -84,9 +87,8 @@ def prompt_text(
         sentences.append(QUERY_AFTER_REFERENCE.format(width=width, height=height))
     else:
         sentences.append(QUERY_ALONE.format(subject=subject, width=width, height=height))
-    types = anomaly_types(defect_types)
-    if variant.domain_knowledge and name and types:
-        sentences.append(DOMAIN_KNOWLEDGE.format(category=name, types=", ".join(types)))
+    if variant.domain_knowledge and name and knowledge is not None:
+        sentences.extend(knowledge_sentences(name, knowledge))
     sentences.append(TASK)
     sentences.append(REASONING_INSTRUCTION if variant.reasoning else DIRECT_INSTRUCTION)
     sentences.append(ANSWER_FORMAT)
@@ -100,7 +102,7 @@ def build_messages(
     category: str | None,
     grid_size: Size,
     variant: PromptVariant,
-    defect_types: Sequence[str] = (),
+    knowledge: CategoryKnowledge | None = None,
     query_image: Any = IMAGE_PLACEHOLDER,
     reference_image: Any = None,
     hint: str | None = None,
@@ -118,12 +120,25 @@ def build_messages(
         category=category,
         grid_size=grid_size,
         variant=variant,
-        defect_types=defect_types,
+        knowledge=knowledge,
         hint=hint,
     )
     content = [{"type": "image", "image": image} for image in images]
     content.append({"type": "text", "text": text})
     return [{"role": "user", "content": content}]
+
+
+def knowledge_sentences(name: str, knowledge: CategoryKnowledge) -> list[str]:
+    """The category's description and its known anomaly types, each when there is one."""
+    sentences = []
+    if knowledge.description:
+        sentences.append(
+            CATEGORY_DESCRIPTION.format(category=name, description=knowledge.description)
+        )
+    types = anomaly_types(knowledge.defect_types)
+    if types:
+        sentences.append(DOMAIN_KNOWLEDGE.format(category=name, types=", ".join(types)))
+    return sentences
 
 
 def readable(name: str) -> str:

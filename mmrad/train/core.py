@@ -201,7 +201,9 @@ class TrainerCore:
         if self.metrics:
             self.metrics.close()
 
-    def export(self, state: dict[str, torch.Tensor], out_uri: str, prompt, extra: dict) -> str:
+    def export(
+        self, state: dict[str, torch.Tensor], out_uri: str, prompt, extra: dict, knowledge: dict
+    ) -> str:
         """Rank 0: ``state`` (the trainable weights, unsharded) over the base model as an
         HF directory with ``mmrad.json`` (LoRA merged); returns the export's URI."""
         from mmrad.config import LoraConfig
@@ -212,7 +214,7 @@ class TrainerCore:
             state, self.model_path, out_uri, self.storage,
             lora=job.lora if self.trains_adapter else LoraConfig(enabled=False),
             merge_lora=True, prompt=prompt, pixels=job.model.pixels,
-            base_model=job.model.path, extra=extra, dtype=job.model.dtype,
+            base_model=job.model.path, extra=extra, dtype=job.model.dtype, knowledge=knowledge,
         )  # fmt: skip
 
 

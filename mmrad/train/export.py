@@ -13,10 +13,11 @@ from mmrad.train.building import keep_trained_in_float32
 from mmrad.train.checkpoint import load_weights_without_process_group, trainable_keys
 
 
-def export_checkpoint(job, folder: Path, out_uri: str) -> str:
+def export_checkpoint(job, folder: Path, out_uri: str, knowledge: dict) -> str:
     """Rebuild ``job``'s training model on CPU (its ``model``, ``lora``, ``prompt`` and
     ``export`` sections), read the checkpoint's weights (the adapter, or every weight in
-    full fine-tuning) and export it; returns the export's URI."""
+    full fine-tuning) and export it with ``knowledge`` (``mmrad.json``'s entry); returns
+    the export's URI."""
     storage = Storage.from_config(job.storage)
     path = resolve_model_path(job.model.path, storage, job.model.cache_dir)
     model = apply_lora(load_model(path, job.model.dtype), job.lora)
@@ -36,4 +37,5 @@ def export_checkpoint(job, folder: Path, out_uri: str) -> str:
         in_place=True,
         dtype=job.model.dtype,
         extra={"checkpoint": str(folder.name), "run": job.run.name},
+        knowledge=knowledge,
     )

@@ -143,8 +143,8 @@ def test_val_split_finds_threshold_and_runs_compare(val_run, test_run, synthetic
     table = compare_runs([val_run.run_uri, test_run.run_uri], Storage())
     lines = table.splitlines()
     assert lines[0].startswith("| Run | Part | Images |")
-    assert any(line.startswith("| val-split | **overall** |") for line in lines)
-    assert any(line.startswith("| test-split | **overall** |") for line in lines)
+    assert any(line.startswith("| val-split | **mean over categories** |") for line in lines)
+    assert any(line.startswith("| test-split | **mean over sources** |") for line in lines)
     assert any(line.startswith("| test-split | unseen categories |") for line in lines)
 
     from mmrad.cli import app

@@ -7,10 +7,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mmrad.config import ConfigError, PixelBudget, load_config
+from mmrad.config import ConfigError, load_config
 from mmrad.data.schema import ManifestError
 from mmrad.eval.compare import compare_table
-from mmrad.eval.config import EvalDataConfig, EvalJobConfig, ModelTarget, PromptOverrides
+from mmrad.eval.config import EvalDataConfig, EvalJobConfig, ModelTarget
 from mmrad.eval.inference import grid_scale_of, resolve_adapter, verdicts_of
 from mmrad.eval.job import predictions_table, read_eval_records, select_split
 from mmrad.storage import Storage
@@ -23,18 +23,6 @@ def test_shipped_eval_configs_validate(path):
     assert isinstance(job.target, ModelTarget)
     with pytest.raises(ConfigError, match="predictors.num_actor"):
         load_config(EvalJobConfig, path, ["predictors.num_actor=2"])  # did you mean
-
-
-def test_prompt_and_pixels_come_from_mmrad_json_unless_overridden():
-    info = {"prompt": {"use_reference": False, "domain_knowledge": True, "reasoning": False},
-            "pixels": {"min_pixels": 3136, "max_pixels": 12544, "factor": 28}}  # fmt: skip
-    prompt, pixels = PromptOverrides().resolve(info)
-    assert (prompt.use_reference, prompt.domain_knowledge, prompt.reasoning) == (False, True, False)
-    assert pixels.max_pixels == 12544
-    prompt, pixels = PromptOverrides(reasoning=True, pixels=PixelBudget()).resolve(info)
-    assert prompt.reasoning and not prompt.use_reference and pixels == PixelBudget()
-    prompt, pixels = PromptOverrides().resolve(None)  # a plain HF dir or an endpoint
-    assert prompt.reasoning and prompt.use_reference and pixels == PixelBudget()
 
 
 def test_adapter_resolution():
@@ -106,8 +94,14 @@ def test_compare_table():
             "loc_recall": 0.5, "loc_f1": 0.5}  # fmt: skip
     metrics = {**part, "per_source": {"mvtec": part}, "unseen": part,
                "extra": {"samples_per_s": 2.5}}  # fmt: skip
-    lines = compare_table([("a", metrics), ("b", {**part, "per_source": {}})]).splitlines()
+    by_source = {**part, "det_accuracy": 0.75}
+    lines = compare_table([("a", metrics), ("b", {**part, "per_source": {}}),
+                           ("c", {**part, "source_mean": by_source})]).splitlines()  # fmt: skip
     assert lines[2] == "| a | mvtec | 4 | 50.0/25.0 | –/50.0 | 100.0/50.0 | 50.0/50.0 | 75.0 |  |"
     assert lines[3].startswith("| a | unseen categories | 4 |")
-    assert lines[4].endswith("| 75.0 | 2.5 |") and lines[4].startswith("| a | **overall** |")
-    assert lines[5].startswith("| b | **overall** | 4 |") and len(lines) == 6
+    assert lines[4].endswith("| 75.0 | 2.5 |")
+    assert lines[4].startswith("| a | **mean over categories** |")
+    assert lines[5].startswith("| b | **mean over categories** | 4 |")
+    assert lines[6].startswith("| c | **mean over sources** | 4 | 75.0/25.0 |")
+    assert lines[7].startswith("| c | **mean over categories** | 4 | 50.0/25.0 |")
+    assert len(lines) == 8

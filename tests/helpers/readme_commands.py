@@ -37,7 +37,9 @@ TEMPLATE_MARKERS = {
 }
 JOB_PREFIX = "ray_jobs."
 RUN_FOR_REAL = (("data", "build"), ("data", "stats"), ("model", "tiny"))
-NO_CONFIG = {("eval", "compare"), ("eval", "report")}
+NO_CONFIG = {("eval", "compare"), ("eval", "report"), ("eval", "table")}
+OUTPUT_OPTIONS = ("--out",)
+"""Options whose value a command writes (a later command may read it)."""
 SERVERS = {("s3", "local"): "starts a server the reader stops"}
 INPUT_KEYS = {"manifest", "path", "model_dir", "input", "reference", "config"}
 """Config keys whose local paths a job reads (``path`` under model, target or teacher)."""
@@ -168,7 +170,10 @@ class ChainCheck:
             if code:
                 self.problems.append(f"{where}: exit {code}: {output[-800:]}")
             return
-        positional = [a for a in command.argv[1:] if is_local_path(a) and "=" not in a]
+        written = _option(command.argv, *OUTPUT_OPTIONS)
+        positional = [a for a in command.argv[1:]
+                      if is_local_path(a) and "=" not in a and a != written]  # fmt: skip
+        self.promised += [written] if written else []
         config_file = _option(command.argv, "--config", "-c")
         missing = [p for p in positional if not self.exists(p)]
         if command.name in NO_CONFIG or (config_file and not (self.workdir / config_file).exists()):

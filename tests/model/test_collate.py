@@ -17,6 +17,7 @@ from mmrad.model.loading import load_model, load_processor
 from mmrad.model.lora import apply_lora, trainable_summary
 from mmrad.model.tiny import build_tiny_model
 from mmrad.task.answer import GENERIC_REASONING, format_answer
+from mmrad.task.knowledge import CategoryKnowledge
 from mmrad.task.prompt import PromptVariant
 
 NO_IMAGE = np.zeros((0, 0, 3), dtype=np.uint8)
@@ -34,7 +35,8 @@ def processor(tiny_dir):
 
 @pytest.fixture(scope="module")
 def collator(processor):
-    return SFTCollator(processor, PromptVariant(domain_knowledge=True), {"brick": ["scratch"]})
+    knowledge = {"brick": CategoryKnowledge(("scratch",))}
+    return SFTCollator(processor, PromptVariant(domain_knowledge=True), knowledge)
 
 
 def pixels(width: int, height: int, seed: int) -> np.ndarray:

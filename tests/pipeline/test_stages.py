@@ -23,7 +23,9 @@ SMALL_DATA = [
 
 WITH_VAL = [*SMALL_DATA, "data.split.val_fraction=0.5"]  # 4 images at 0.15 give no val
 NO_TEST_SPLIT = f"data.overrides={[*WITH_VAL, 'data.split.test_categories=[]']}"
-EMPTY_TEST_SPLIT = r"pipeline stage eval reads split 'test' \(data.split\), but the data stage's"
+EMPTY_TEST_SPLIT = (
+    r"pipeline stage eval_base reads split 'test' \(data.split\), but the data stage's"
+)
 
 
 def pipeline_config(root: Path, *overrides: str) -> PipelineConfig:
@@ -111,7 +113,7 @@ def test_every_stage_lists_the_splits_it_reads_and_an_empty_one_is_refused(tmp_p
     stages, manifest = stages_and_manifest(f"data.overrides={WITH_VAL}", validating)
     assert {s.name: [split for split, _ in s.reads] for s in stages} == {
         "tiny_model": [], "data": [], "sft": ["train", "val"], "grpo": ["train", "test"],
-        "eval": ["test"], "serve": ["test"],
+        "eval_base": ["test"], "eval_sft": ["test"], "eval": ["test"], "serve": ["test"],
     }  # fmt: skip
     assert stages[3].reads == (("train", "data.split"), ("test", "validation.split"))
     check_splits_read(stages, manifest, Storage())  # every split has records
@@ -165,11 +167,42 @@ def test_rerun_skips_done_stages_and_a_changed_config_reruns_in_a_new_folder(tmp
     assert ledger.read("sft") is None and not list(tmp_path.glob("p/sft-*"))
 
 
+def test_rl_without_sft_starts_from_the_base_model_and_sft_only_evaluates_its_export(tmp_path):
+    def stages_of(*overrides: str) -> dict:
+        config = load_config(PipelineConfig, "configs/local/pipeline.yaml",
+                             [f"run.storage_path={tmp_path}", *overrides])  # fmt: skip
+        return {s.name: s for s in plan(config, str(tmp_path / config.run.name))}
+
+    rl_only = stages_of("sft.enabled=false")
+    tiny = rl_only["tiny_model"].outputs["model"]
+    assert "sft" not in rl_only and rl_only["grpo"].job.model.path == tiny
+    assert rl_only["eval_base"].job.target.path == tiny
+    assert "eval_sft" not in rl_only  # nothing between the base and the final model
+    assert rl_only["eval"].job.target.path == rl_only["grpo"].outputs["export"]
+
+    sft_only = stages_of("grpo.enabled=false", "eval.baselines=[sft]")
+    assert [n for n in sft_only if n.startswith("eval")] == ["eval"]
+    assert sft_only["eval"].job.target.path == sft_only["sft"].outputs["export"]
+    assert (
+        sft_only["serve"].job.serve_config["applications"][0]["args"]["model_dir"]
+        == (sft_only["sft"].outputs["export"])
+    )
+
+
 def test_cluster_pipeline_plans_every_stage_from_the_cluster_configs():
     config = load_config(PipelineConfig, "configs/cluster/pipeline.yaml")
     stages = {s.name: s for s in plan(config, "s3://my-mmrad-bucket/pipeline/qwen7b-mmrad")}
-    assert list(stages) == ["data", "sft", "grpo", "eval", "serve"]
+    assert list(stages) == ["data", "sft", "grpo", "eval_base", "eval_sft", "eval", "serve"]
     assert stages["sft"].job.model.path == "Qwen/Qwen2.5-VL-7B-Instruct"
     assert stages["grpo"].job.model.path == stages["sft"].outputs["export"]
     assert stages["eval"].job.target.path == stages["grpo"].outputs["export"]
+    assert stages["eval_sft"].job.target.path == stages["sft"].outputs["export"]
+    base = stages["eval_base"].job
+    assert base.target.path == "Qwen/Qwen2.5-VL-7B-Instruct"
+    sft = stages["sft"].job  # the base model is prompted as SFT trains it
+    assert base.prompt.pixels == sft.model.pixels
+    assert base.prompt.reasoning == sft.prompt.reasoning
+    assert base.prompt.use_reference == sft.prompt.use_reference
+    for name in ("eval_base", "eval_sft", "eval"):  # one test split for every row
+        assert stages[name].job.data == stages["eval"].job.data
     assert all(s.folder.startswith("s3://my-mmrad-bucket/") for s in stages.values())

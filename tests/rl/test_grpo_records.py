@@ -27,7 +27,7 @@ def test_prompts_and_the_first_validation_records_by_id(tmp_path):
     records = grpo_records(job, Storage())
     assert [r["id"] for r in records.prompts] == ["t2", "t1"]
     assert [r["id"] for r in records.validation] == ["v1", "v2"]
-    assert records.defect_types == {"c": []}
+    assert {r["split"] for r in records.train} == {"train"}
     assert grpo_records(job_on(tmp_path), Storage()).validation == []  # validation off
 
 

@@ -11,6 +11,7 @@ import struct
 import threading
 import time
 import zlib
+from dataclasses import asdict
 from pathlib import Path
 
 import httpx
@@ -110,6 +111,7 @@ def test_config_files_validate_and_overrides_enter_lists_by_name():
             "did you mean 'autoscaling_config'",
         ),
         ("http_option.port=1", "key 'http_option': unknown key"),
+        ("applications.mmrad.args.pixels.max_pixels=1000", "args.pixels moved: write args.prompt"),
     ],
 )
 def test_config_errors_name_the_file_and_key(tmp_path, override, expected):
@@ -295,6 +297,10 @@ def test_chat_completions_with_the_openai_client(serve_endpoint, inspection):
         base_url=f"{endpoint.base_url}/v1", api_key=endpoint.api_key, max_retries=0, timeout=300
     )
     assert [m.id for m in client.models.list()] == [endpoint.model]
+    listed = httpx.get(f"{endpoint.base_url}/v1/models", headers=auth(endpoint), timeout=30)
+    contract = listed.json()["data"][0]["mmrad_contract"]  # how the export says to prompt
+    assert contract["prompt"] == asdict(case["variant"]) and contract["overrides"] == {}
+    assert contract["pixels"] == case["pixels"].model_dump() and contract["from_export"]
     messages = chat_messages_for(case)
 
     greedy = client.chat.completions.create(

@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 
 from mmrad.task.answer import format_answer
+from mmrad.task.knowledge import CategoryKnowledge
 from mmrad.task.prompt import (
     DIRECT_INSTRUCTION,
     GENERIC_SUBJECT,
@@ -84,11 +85,12 @@ def test_unknown_category_uses_generic_wording(category):
         category=category,
         grid_size=(448, 448),
         variant=PromptVariant(domain_knowledge=True),
-        defect_types=["crack"],
+        knowledge=CategoryKnowledge(("crack",), "A part."),
     )
     assert f"sample of {GENERIC_SUBJECT}." in text
     assert "category" not in text
     assert "anomaly types may occur" not in text  # no category to name
+    assert "A part." not in text
 
 
 def test_domain_knowledge_lists_distinct_readable_types():
@@ -96,7 +98,7 @@ def test_domain_knowledge_lists_distinct_readable_types():
         category="metal_nut",
         grid_size=(448, 448),
         variant=PromptVariant(domain_knowledge=True),
-        defect_types=["scratch", "good", "broken_large", "scratch", "color"],
+        knowledge=CategoryKnowledge(("scratch", "good", "broken_large", "scratch", "color")),
     )
     assert (
         "In metal nut samples, the following anomaly types may occur: scratch, broken large, "
@@ -104,15 +106,32 @@ def test_domain_knowledge_lists_distinct_readable_types():
     )
 
 
-@pytest.mark.parametrize(
-    ("variant", "defect_types"),
-    [(PromptVariant(), ["scratch"]), (PromptVariant(domain_knowledge=True), ["good"])],
-)
-def test_no_domain_knowledge_when_off_or_unknown(variant, defect_types):
+def test_domain_knowledge_describes_the_category_before_its_types():
     text = prompt_text(
-        category="bottle", grid_size=(448, 448), variant=variant, defect_types=defect_types
+        category="metal_nut",
+        grid_size=(448, 448),
+        variant=PromptVariant(domain_knowledge=True),
+        knowledge=CategoryKnowledge(("scratch",), "A hexagonal nut, silver or gold."),
+    )
+    description = "About metal nut: A hexagonal nut, silver or gold."
+    assert description in text
+    assert text.index(description) < text.index("anomaly types may occur: scratch.")
+
+
+@pytest.mark.parametrize(
+    ("variant", "knowledge"),
+    [
+        (PromptVariant(), CategoryKnowledge(("scratch",), "A bottle.")),
+        (PromptVariant(domain_knowledge=True), CategoryKnowledge(("good",))),
+        (PromptVariant(domain_knowledge=True), None),
+    ],
+)
+def test_no_domain_knowledge_when_off_or_unknown(variant, knowledge):
+    text = prompt_text(
+        category="bottle", grid_size=(448, 448), variant=variant, knowledge=knowledge
     )
     assert "anomaly types may occur" not in text
+    assert "About bottle" not in text
 
 
 def test_no_reasoning_variant_asks_for_the_answer_alone():
