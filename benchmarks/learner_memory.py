@@ -813,7 +813,8 @@ def cluster_learners(configs: Path = CONFIGS) -> list[Learner]:
 
 
 def grpo_learner(name, job, lora: bool, reference: bool, config: str = "grpo.yaml") -> Learner:
-    use_reference = job.prompt.use_reference if job.prompt else True  # the export's variant
+    given = job.prompt.use_reference  # None: the export's variant, which shows a reference
+    use_reference = True if given is None else given
     return learner_from(name, job, lora, reference, use_reference, job.rollout.max_tokens, config)
 
 

@@ -94,7 +94,7 @@ def deploy_app(model: str, work: str, max_tokens: int, base_model: bool) -> str:
         "engine": {"kv_cache_bytes": 128 * 2**20, "max_num_seqs": 32, "max_model_len": 2048},
     }
     if base_model:  # the tiny model has no mmrad.json: say how to prompt it
-        args |= {"prompt": {"use_reference": False}, "pixels": {}}
+        args |= {"prompt": {"use_reference": False}}
     app = application(args, max_ongoing_requests=32, num_cpus=0.5)
     init_ray(RayConfig(num_cpus=2, state_dir=f"{work}/ray"))
     urls = deploy(validate_serve_config(serve_config([app]), "benchmark"))

@@ -375,9 +375,10 @@ class LoraConfig(Section):
 
 
 KNOWLEDGE_FILE_HELP = (
-    "JSON file (local or s3://) of each category's known defect types and a one-line "
-    "description: {category: {defect_types: [...], description: ...}}. Training copies it "
-    "into the export's mmrad.json; without one, training uses its training images' labels."
+    "JSON or YAML file (local or s3://) of each category's known defect types and a "
+    "one-line description: {category: {defect_types: [...], description: ...}}, or MMAD's "
+    "domain_knowledge.json as is. Training copies it into the export's mmrad.json; without "
+    "one, training uses its training images' labels."
 )
 
 
@@ -412,6 +413,12 @@ class PromptOverrides(Section):
     knowledge_file: str | None = PathField(
         None, "Replaces the export's domain knowledge. " + KNOWLEDGE_FILE_HELP
     )
+
+
+def null_is_no_overrides(value: Any) -> Any:
+    """Field validator (before) of a ``prompt: PromptOverrides`` field: configs dumped
+    before the export contract wrote ``prompt: null``, meaning the export's prompt."""
+    return {} if value is None else value
 
 
 class FSDPConfig(Section):

@@ -378,7 +378,8 @@ def eval_label(stage: str, stages: Sequence[str]) -> str:
 
 def base_prompt(first_training: BaseModel) -> dict[str, Any]:
     """The evaluation's ``prompt`` overrides that prompt a base model (no ``mmrad.json``)
-    as the first training stage prompts it."""
+    as the first training stage prompts it. Its domain knowledge can only come from a
+    knowledge file: knowledge from training labels lives in the exports."""
     prompt = first_training.prompt
     keys = {key: getattr(prompt, key) for key in ("use_reference", "domain_knowledge",
                                                    "reasoning", "knowledge_file")}  # fmt: skip
@@ -399,8 +400,9 @@ def _add_eval_stage(planner: Planner, stage: StageConfig, evaluated: Evaluated) 
 
     wiring = {"data.manifest": planner.outputs("data")["manifest"],
               "target": {"kind": "model", "path": evaluated.model}}  # fmt: skip
-    if evaluated.prompt is not None:
-        wiring["prompt"] = evaluated.prompt
+    if evaluated.prompt is not None:  # the eval config's own prompt.* keys still win
+        own = stage_data(stage).get("prompt") or {}
+        wiring |= {f"prompt.{k}": v for k, v in evaluated.prompt.items() if k not in own}
 
     def place(folder: str) -> tuple[dict[str, Any], dict[str, str]]:
         run = join(folder, "eval")

@@ -39,8 +39,8 @@ twice the tolerance (else agreeing with the new weights would prove nothing).
   small synthetic set, one learner and one rollout engine (child process) sharing the
   GPU (0.5 GPU each, ``engine.gpu_memory_utilization`` 0.4), LoRA sync over the
   collective transport (gloo: the engine shares the GPU), a sync check every step,
-  contrastive sampling (the untrained model's rewards are all 0: a ground-truth sample
-  gives each group variance, so the weights move). Reports each step's mean reward,
+  contrastive sampling (the untrained model's answers all score alike: a ground-truth
+  sample gives each group variance, so the weights move). Reports each step's mean reward,
   ``time/step`` and ``sync/logprob_max_abs_diff`` (and ``..._change``); passed when 3
   steps finished with every sync difference below the tolerance and some sync changing
   the log-probs. On the CPU the same run without GPUs (~1.5 minutes on 2 cores).

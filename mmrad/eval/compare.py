@@ -1,8 +1,8 @@
 """``mmrad eval compare RUN_URI...``: several evaluation runs side by side in one table.
 
-One row per run and source data set, then the run's overall row (and its unseen
-categories, the number general AD is about), in the report's ``det/loc`` style, with
-the run's throughput. Runs are read from their ``metrics.json`` (local or ``s3://``).
+One row per run and source data set, its unseen categories (the number general AD is
+about), then its mean over sources and its mean over categories, in the report's
+``det/loc`` style, with the run's throughput. Runs are read from their ``metrics.json`` (local or ``s3://``).
 """
 
 from __future__ import annotations

@@ -248,10 +248,17 @@ def table_figure(runs: Sequence[tuple[str, Mapping[str, Any]]]) -> Figure:
 # -------------------------------------------------------------------------------- files
 
 
+def _folder_label(uri: str) -> str:
+    label = run_label(uri)
+    parent = uri.rstrip("/").rsplit("/", 2)
+    return parent[-2] if label == "eval" and len(parent) == 3 else label
+
+
 def run_labels(run_uris: Sequence[str], labels: Sequence[str] | None = None) -> list[str]:
-    """``labels``, one per run, or else each run folder's name."""
+    """``labels``, one per run, or else each run folder's name (a pipeline's evaluation
+    runs are all named ``eval``: theirs is the stage folder's, e.g. ``eval_sft-1a2b…``)."""
     if not labels:
-        return [run_label(uri) for uri in run_uris]
+        return [_folder_label(uri) for uri in run_uris]
     if len(labels) != len(run_uris):
         raise ValueError(
             f"{len(labels)} labels for {len(run_uris)} runs: give one label per run or none"

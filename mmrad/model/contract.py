@@ -29,6 +29,7 @@ from mmrad.task.knowledge import (
     CategoryKnowledge,
     KnowledgeError,
     from_defect_types,
+    knowledge_digest,
     knowledge_json,
     parse_knowledge,
 )
@@ -65,6 +66,7 @@ class Contract:
             "prompt": self.prompt.variant_dict(),
             "pixels": self.pixels.model_dump(mode="json"),
             "knowledge_origin": self.knowledge_origin,
+            "knowledge_sha256": knowledge_digest(self.knowledge),
             "knowledge_categories": sorted(self.knowledge),
             "from_export": self.from_export,
             "overrides": self.overrides,
@@ -110,6 +112,10 @@ def resolve_contract(
     for key, change in changed.items():
         log.warning("%s overrides %s of %s's mmrad.json: %s (the export's: %s)",
                     who, key, model, change["used"], change["export"])  # fmt: skip
+    if prompt.domain_knowledge and not knowledge:
+        log.warning("%s: %s is prompted with domain knowledge but has none (none in its "
+                    "mmrad.json, no prompt.knowledge_file): no prompt describes a category",
+                    who, model)  # fmt: skip
     return Contract(prompt, pixels, knowledge, origin, exported.from_export, changed)
 
 
@@ -154,11 +160,12 @@ def read_knowledge_file(uri: str, storage: Storage) -> dict[str, CategoryKnowled
 def training_knowledge(
     prompt: PromptConfig, train_records: Sequence[Mapping[str, Any]], storage: Storage
 ) -> tuple[dict[str, CategoryKnowledge], str]:
-    """A training job's knowledge and its origin: ``prompt.knowledge_file`` when given,
-    else the labels of its training records (never of the records it evaluates)."""
+    """A training job's knowledge and its origin: ``prompt.knowledge_file`` when its
+    prompt uses domain knowledge, else the labels of its training records (never of the
+    records it evaluates)."""
     from mmrad.data.manifest import defect_types_by_category
 
-    if prompt.knowledge_file:
+    if prompt.knowledge_file and prompt.domain_knowledge:
         return read_knowledge_file(prompt.knowledge_file, storage), prompt.knowledge_file
     return from_defect_types(defect_types_by_category(train_records)), TRAINING_LABELS
 
@@ -166,5 +173,7 @@ def training_knowledge(
 def export_knowledge(
     knowledge: Mapping[str, CategoryKnowledge], origin: str | None
 ) -> dict[str, Any]:
-    """``mmrad.json``'s ``knowledge`` entry: the knowledge itself, copied, and its origin."""
-    return {"origin": origin, "categories": knowledge_json(knowledge)}
+    """``mmrad.json``'s ``knowledge`` entry: the knowledge itself, copied, its origin and
+    its digest."""
+    return {"origin": origin, "sha256": knowledge_digest(knowledge),
+            "categories": knowledge_json(knowledge)}  # fmt: skip

@@ -32,6 +32,7 @@ from mmrad.config import (
     Section,
     StorageConfig,
     check_same_grid,
+    null_is_no_overrides,
 )
 from mmrad.task.metrics import RATE_KEYS, check_rate_names
 
@@ -77,11 +78,11 @@ class RewardSection(Section):
     (the preset's others stay; 0 switches one off), parameters merge per component, key by
     key (e.g. ``params: {missed_boxes: {threshold: 0.3}}`` changes that threshold alone).
 
-    Validation resolves them: ``weights`` and ``params`` hold the whole reward after it
-    (every component's parameters named), and a dumped config (a run's config.yaml,
-    --print-config) lists them, so it reproduces the run whatever the presets become.
-    Changing ``preset`` in such a dump changes nothing else: edit the source YAML, or give
-    ``preset: none`` and the weights wanted."""
+    ``weights`` and ``params`` keep what the config gave, so a dumped config (a run's
+    config.yaml, a sweep's best_grpo.yaml) still says "the preset plus these", and a
+    changed ``preset`` applies whole; :meth:`resolved` is the reward that runs. Weights or
+    params without a ``preset`` are refused: a config written before presets meant other
+    defaults (the ``legacy`` preset's)."""
 
     preset: Literal["paper", "legacy", "none"] = Field(
         "paper",
@@ -104,26 +105,26 @@ class RewardSection(Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _on_the_preset(cls, data: Any) -> Any:
-        """``weights`` and ``params`` resolved on the preset (a malformed section is left
-        to the field errors, which name the key)."""
-        from mmrad.task.rewards import DEFAULT_PRESET, REWARD_PRESETS, resolve_rewards
+    def _preset_named(cls, data: Any) -> Any:
+        given = isinstance(data, dict) and (data.get("weights") or data.get("params"))
+        if given and "preset" not in data:
+            raise ValueError(
+                "weights or params without a preset: give preset: paper (these on top of the "
+                "paper's reward), legacy (the reward before presets, which such configs "
+                "meant) or none (these alone)"
+            )
+        return data
 
-        if not isinstance(data, dict):
-            return data
-        preset = data.get("preset", DEFAULT_PRESET)
-        weights, params = data.get("weights") or {}, data.get("params") or {}
-        if preset not in REWARD_PRESETS or not _reward_shaped(weights, params):
-            return data
-        weights, params = resolve_rewards(preset, weights, params)
-        return {**data, "weights": weights, "params": params}
+    @model_validator(mode="after")
+    def _resolves(self) -> RewardSection:
+        self.resolved()  # unknown components and parameters, named
+        return self
 
+    def resolved(self) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
+        """The reward that runs: every weight, and every component's parameters."""
+        from mmrad.task.rewards import resolve_rewards
 
-def _reward_shaped(weights: Any, params: Any) -> bool:
-    """``weights`` a mapping, ``params`` a mapping of mappings (values are the fields')."""
-    if not isinstance(weights, dict) or not isinstance(params, dict):
-        return False
-    return all(isinstance(given, dict) for given in params.values())
+        return resolve_rewards(self.preset, self.weights, self.params)
 
 
 class AlgorithmSection(Section):
@@ -320,6 +321,8 @@ class GRPOJobConfig(Section):
         default_factory=PromptOverrides,
         description="Unset keys: the export's mmrad.json (mmrad.model.contract).",
     )
+
+    _null_prompt = field_validator("prompt", mode="before")(null_is_no_overrides)
     sync: SyncSection = Field(default_factory=SyncSection)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import ray
 
@@ -157,8 +157,8 @@ def run_grpo(job: GRPOJobConfig, train_callbacks: Sequence = ()) -> GRPOResult:
     contract = starting_point(job, storage)
     knowledge, origin = grpo_knowledge(contract, records.train, storage)
     run_uri = join(job.run.storage_path, job.run.name)
-    recorded = {**contract.record(), "knowledge_origin": origin}
-    write_run_info(storage, run_uri, job, job.schedule.seed, {"contract": recorded})
+    used = replace(contract, knowledge=knowledge, knowledge_origin=origin)
+    write_run_info(storage, run_uri, job, job.schedule.seed, {"contract": used.record()})
     coordinator = start_coordinator(job, records, contract.variant, knowledge)
     spec = {
         "config": job.model_dump(mode="json"),

@@ -75,8 +75,8 @@ def ids_tokenizer(model: ModelSource) -> Tokenizer:
 
 def reward_spec(job: GRPOJobConfig, variant: PromptVariant) -> RewardSpec:
     """The run's rewards; a ``<think>`` block is required when the variant reasons."""
-    rewards = job.rewards
-    return RewardSpec(dict(rewards.weights), dict(rewards.params), variant.reasoning)
+    weights, params = job.rewards.resolved()
+    return RewardSpec(weights, params, variant.reasoning)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 
 from mmrad.config import (
     ConfigError,
@@ -43,6 +43,7 @@ from mmrad.config import (
     PromptOverrides,
     Section,
     StorageConfig,
+    null_is_no_overrides,
     parse_override,
     read_yaml,
     validate_config,
@@ -104,15 +105,19 @@ class ServeArgs(Section):
         512, ge=1, description="Tokens /v1/detect generates; chat's default max_tokens."
     )
 
+    _null_prompt = field_validator("prompt", mode="before")(null_is_no_overrides)
+
     @model_validator(mode="before")
     @classmethod
     def _moved_pixels(cls, data: Any) -> Any:
-        if isinstance(data, Mapping) and "pixels" in data:
+        if not isinstance(data, Mapping) or "pixels" not in data:
+            return data
+        if data["pixels"] is not None:
             raise ValueError(
                 "args.pixels moved: write args.prompt.pixels (an override of the export's "
                 "pixel budget, or the budget of a model without one)"
             )
-        return data
+        return {key: value for key, value in data.items() if key != "pixels"}  # old dumps
 
     @model_validator(mode="after")
     def _one_token_source(self) -> ServeArgs:

@@ -156,6 +156,8 @@ def test_write_table_files(tmp_path):
 
 def test_labels_must_match_the_runs():
     assert run_labels(["runs/eval/a/", "s3://b/eval/b"]) == ["a", "b"]
+    pipeline = ["runs/pipeline/local/eval_sft-1a2b3c4d5e/eval", "runs/p/eval-9f8e7d6c5b/eval/"]
+    assert run_labels(pipeline) == ["eval_sft-1a2b3c4d5e", "eval-9f8e7d6c5b"]
     assert run_labels(["x", "y"], ["SFT", "GRPO"]) == ["SFT", "GRPO"]
     with pytest.raises(ValueError, match="1 labels for 2 runs"):
         run_labels(["x", "y"], ["SFT"])

@@ -146,8 +146,52 @@ def test_training_knowledge_is_the_file_or_the_given_training_labels_only(tmp_pa
     knowledge, origin = training_knowledge(PromptConfig(), train, STORAGE)
     assert knowledge == {"bottle": CategoryKnowledge(("broken",))} and origin == TRAINING_LABELS
     file = write_knowledge_file(tmp_path / "k.json", {"cable": {"defect_types": ["bent"]}})
-    knowledge, origin = training_knowledge(PromptConfig(knowledge_file=file), train, STORAGE)
+    with_file = PromptConfig(domain_knowledge=True, knowledge_file=file)
+    knowledge, origin = training_knowledge(with_file, train, STORAGE)
     assert knowledge == {"cable": CategoryKnowledge(("bent",))} and origin == file
+    unused = PromptConfig(domain_knowledge=False, knowledge_file=str(tmp_path / "absent.json"))
+    assert training_knowledge(unused, train, STORAGE)[1] == TRAINING_LABELS  # file not read
+
+
+def test_mmads_domain_knowledge_file_reads_as_is(tmp_path):
+    mmad = {
+        "MVTec-AD": {
+            "bottle": {
+                "good": "Good\n Description: A clear glass bottle seen from above.\n More.",
+                "broken_large": "Broken large\n Description: A large piece is missing.",
+                "contamination": "Contamination\n Description: Dirt inside.",
+            }
+        },
+        "VisA": {"pcb1": {"good": "Good\n A green board.", "bent": "Bent\n A bent pin."}},
+    }
+    file = write_knowledge_file(tmp_path / "domain_knowledge.json", mmad)
+    assert read_knowledge_file(file, STORAGE) == {
+        "bottle": CategoryKnowledge(("broken_large", "contamination"),
+                                    "A clear glass bottle seen from above."),
+        "pcb1": CategoryKnowledge(("bent",), "A green board."),
+    }  # fmt: skip
+    mmad["VisA"]["bottle"] = {"good": "Good\n Description: Another bottle."}
+    file = write_knowledge_file(tmp_path / "twice.json", mmad)
+    with pytest.raises(KnowledgeError, match="'bottle' is in both 'MVTec-AD' and 'VisA'"):
+        read_knowledge_file(file, STORAGE)
+
+
+def test_the_knowledge_digest_follows_the_content_and_the_export_records_it(tmp_path):
+    export = write_export(tmp_path / "export")
+    contract = contract_of(export)
+    entry = export_knowledge({"bottle": BOTTLE}, TRAINING_LABELS)
+    assert contract.record()["knowledge_sha256"] == entry["sha256"]
+    changed = export_knowledge({"bottle": CategoryKnowledge(("broken",))}, TRAINING_LABELS)
+    assert changed["sha256"] != entry["sha256"]
+
+
+def test_domain_knowledge_without_any_is_warned(tmp_path, caplog):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "config.json").write_text("{}")
+    with caplog.at_level(logging.WARNING, logger="mmrad.model.contract"):
+        contract_of(str(plain), PromptOverrides(domain_knowledge=True))
+    assert "prompted with domain knowledge but has none" in caplog.text
 
 
 def test_evaluation_prompts_take_knowledge_from_the_contract_never_the_row(tmp_path):

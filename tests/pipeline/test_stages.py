@@ -189,6 +189,16 @@ def test_rl_without_sft_starts_from_the_base_model_and_sft_only_evaluates_its_ex
     )
 
 
+def test_an_evaluation_override_applies_to_every_row_the_base_included(tmp_path):
+    config = load_config(PipelineConfig, "configs/local/pipeline.yaml",
+                         [f"run.storage_path={tmp_path}",
+                          "eval.overrides=[prompt.reasoning=false]"])  # fmt: skip
+    stages = {s.name: s.job for s in plan(config, str(tmp_path / "p"))}
+    assert [stages[n].prompt.reasoning for n in ("eval_base", "eval_sft", "eval")] == [False] * 3
+    assert stages["eval_base"].prompt.pixels == stages["sft"].model.pixels  # the rest as SFT
+    assert stages["eval_sft"].prompt.pixels is None  # the export's
+
+
 def test_cluster_pipeline_plans_every_stage_from_the_cluster_configs():
     config = load_config(PipelineConfig, "configs/cluster/pipeline.yaml")
     stages = {s.name: s for s in plan(config, "s3://my-mmrad-bucket/pipeline/qwen7b-mmrad")}

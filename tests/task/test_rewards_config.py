@@ -20,39 +20,51 @@ def test_the_preset_names_are_the_presets():
 def test_the_default_is_the_paper_preset():
     section = RewardSection()
     assert section.preset == "paper"
-    assert (section.weights, section.params) == resolve_rewards("paper")
+    assert section.resolved() == resolve_rewards("paper")
 
 
 @pytest.mark.parametrize("path", [LOCAL, CLUSTER])
 def test_shipped_grpo_configs_use_the_paper_preset(path):
     rewards = load_config(GRPOJobConfig, path).rewards
     assert rewards.preset == "paper"
-    assert (rewards.weights, rewards.params) == resolve_rewards("paper")
+    assert rewards.resolved() == resolve_rewards("paper")
 
 
 def test_given_weights_and_params_go_on_top_of_the_preset():
     overrides = ["rewards.preset=legacy", "rewards.weights.label=0.5",
                  "rewards.params.localization.threshold=0.1"]  # fmt: skip
-    rewards = load_config(GRPOJobConfig, LOCAL, overrides).rewards
-    assert rewards.weights == {"format": 0.5, "detection": 1.0, "localization": 1.0,
-                               "label": 0.5}  # fmt: skip
+    weights, params = load_config(GRPOJobConfig, LOCAL, overrides).rewards.resolved()
+    assert weights == {"format": 0.5, "detection": 1.0, "localization": 1.0, "label": 0.5}
     legacy = REWARD_PRESETS["legacy"].params["localization"]
-    assert rewards.params["localization"] == {**legacy, "threshold": 0.1}
+    assert params["localization"] == {**legacy, "threshold": 0.1}
 
 
 def test_preset_none_takes_the_weights_given_alone():
     overrides = ["rewards.preset=none", "rewards.weights={format: 1.0}"]
-    rewards = load_config(GRPOJobConfig, LOCAL, overrides).rewards
-    assert rewards.weights == {"format": 1.0}
+    assert load_config(GRPOJobConfig, LOCAL, overrides).rewards.resolved()[0] == {"format": 1.0}
 
 
-def test_a_dumped_config_keeps_the_resolved_reward(tmp_path):
+def test_a_dumped_config_keeps_the_preset_and_what_was_given(tmp_path):
     job = load_config(GRPOJobConfig, LOCAL, ["rewards.params.missed_boxes.threshold=0.3"])
     path = tmp_path / "config.yaml"
     path.write_text(dump_config(job))
     again = load_config(GRPOJobConfig, path)
     assert again.rewards == job.rewards
-    assert again.rewards.params["missed_boxes"] == {"threshold": 0.3}
+    assert again.rewards.params == {"missed_boxes": {"threshold": 0.3}}
+    assert again.rewards.resolved() == job.rewards.resolved()
+    # a changed preset on the dump applies whole: no hybrid of two presets
+    legacy = load_config(GRPOJobConfig, path, ["rewards.preset=legacy"]).rewards.resolved()
+    assert legacy[0] == REWARD_PRESETS["legacy"].weights
+
+
+def test_weights_without_a_preset_are_refused_naming_the_choice():
+    """A config written before presets (a run's old config.yaml) meant other defaults."""
+    old = {"weights": {"format": 0.5, "detection": 1.0, "localization": 1.0}}
+    with pytest.raises(ValueError, match="without a preset: give preset: paper"):
+        RewardSection.model_validate(old)
+    assert RewardSection.model_validate({**old, "preset": "legacy"}).resolved() == (
+        resolve_rewards("legacy")
+    )
 
 
 def test_a_sweep_sets_one_parameter_or_weight_on_the_dumped_base():
@@ -60,11 +72,11 @@ def test_a_sweep_sets_one_parameter_or_weight_on_the_dumped_base():
     base = load_config(GRPOJobConfig, CLUSTER).model_dump(mode="json")
     point = {"rewards.params.missed_boxes.threshold": 0.3, "rewards.weights.localization": 1.5,
              "rewards.params.localization.threshold": 0.1}  # fmt: skip
-    rewards = GRPOJobConfig.model_validate(apply_params(base, point)).rewards
-    assert rewards.weights == {"format": 1.0, "detection": 1.0, "missed_boxes": -0.2,
-                               "localization": 1.5}  # fmt: skip
-    assert rewards.params["missed_boxes"] == {"threshold": 0.3}
-    assert rewards.params["localization"]["threshold"] == 0.1
+    weights, params = GRPOJobConfig.model_validate(apply_params(base, point)).rewards.resolved()
+    assert weights == {"format": 1.0, "detection": 1.0, "missed_boxes": -0.2,
+                       "localization": 1.5}  # fmt: skip
+    assert params["missed_boxes"] == {"threshold": 0.3}
+    assert params["localization"]["threshold"] == 0.1
 
 
 @pytest.mark.parametrize(
