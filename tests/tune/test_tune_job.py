@@ -67,6 +67,9 @@ def test_trials_validate_with_the_sweep_objective():
         load_config(TuneJobConfig, CONFIG, ["objective=[accuracy]"])
 
 
+TRIALS = 3
+
+
 def sweep_file(tmp_path: Path, export: str, manifest: str, address: str) -> Path:
     data = read_yaml(CONFIG)
     data["ray"] = {"address": address}
@@ -81,6 +84,7 @@ def sweep_file(tmp_path: Path, export: str, manifest: str, address: str) -> Path
         "loggers": ["tensorboard", "mlflow"],
     }
     data["val_samples"] = 4
+    data["num_samples"] = TRIALS  # one finished before the kill, the killed one, one after
     # ASHA may not stop a trial at its first validation here: the trial whose driver is
     # killed after step 1 must go on to step 2 whatever its objective.
     data["scheduler"] = {**data["scheduler"], "grace_period": 2}
@@ -221,9 +225,9 @@ def test_sweep_survives_a_killed_driver_and_its_best_config_runs(
         "seconds_to_recover": "n/a (a rerun)",
     })  # fmt: skip
 
-    assert result.trials == 4
+    assert result.trials == TRIALS
     trials = {t.name: t for t in trial_dirs(sweep)}
-    assert done_before and len(trials) == 4
+    assert done_before and len(trials) == TRIALS
     for name, mtime in done_before.items():  # finished trials were not run again
         assert started(trials[name]) == mtime
     with open(sweep / "results.csv") as handle:
@@ -259,4 +263,4 @@ def test_sweep_survives_a_killed_driver_and_its_best_config_runs(
         changed.write_text(yaml.safe_dump({**started_with, key: {**started_with[key], **change}}))
         with pytest.raises(ConfigError, match=re.escape(names)):
             run_tune(load_config(TuneJobConfig, changed))
-    assert result.trials == len(trial_dirs(sweep)) == 4  # the refusals started no trial
+    assert result.trials == len(trial_dirs(sweep)) == TRIALS  # the refusals started none
