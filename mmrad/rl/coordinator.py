@@ -111,6 +111,7 @@ class Coordinator:
         self._received = 0  # newest weight version the learners pushed
         self._pending: WeightUpdate | None = None
         self._sync_seconds = 0.0  # applying the update before the next batch
+        self._generation_seconds = 0.0  # the engines' own sampling time for this batch
         self._resend_wanted = 0  # requests for the learners' weights (replacement engines)
         self._resend_answered = 0  # the newest request a shard call answered
         self._answers: dict[tuple[int, int], ResendWeights | None] = {}  # (step, attempt)
@@ -430,18 +431,27 @@ class Coordinator:
     def _make_batch(self, step: int) -> TrainBatch:
         """Batch ``step`` (caller holds the pool lock); records the data position after
         it and starts timing the next weight sync."""
+        self._generation_seconds = 0.0
         batch = make_batch(
-            step, self._batch_recipe(), self.stream, self.pool.generate, self._own_metrics
+            step, self._batch_recipe(), self.stream, self._generate, self._own_metrics
         )
         self._positions[step] = self.stream.position
         self._sync_seconds = 0.0
         return batch
+
+    def _generate(self, prompts, sampling):
+        """The pool's rollouts; adds the engines' own sampling time (the slowest engine's,
+        as they run in parallel) to the batch's ``time/generation``."""
+        rollouts = self.pool.generate(prompts, sampling)
+        self._generation_seconds += self.pool.stats().get("rollout/seconds", 0.0)
+        return rollouts
 
     def _own_metrics(self) -> dict[str, float]:
         """The batch's metrics that only the coordinator knows."""
         return {
             "rollout/workers_replaced": self.pool.stats().get("rollout/workers_replaced", 0.0),
             "time/sync_apply": self._sync_seconds,
+            "time/generation": self._generation_seconds,
         }
 
     def _batch_recipe(self) -> BatchRecipe:

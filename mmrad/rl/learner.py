@@ -59,7 +59,13 @@ from mmrad.rl.grpo import (
 )
 from mmrad.rl.guard import watch_coordinator
 from mmrad.rl.inputs import EncodedPrompt, RolloutCollator, completion_logprobs, padded
-from mmrad.rl.metrics import SampleTable, hidden_share, renamed
+from mmrad.rl.metrics import (
+    SampleTable,
+    critical_sync,
+    hidden_share,
+    renamed,
+    step_overhead,
+)
 from mmrad.rl.rollout import WeightUpdate
 from mmrad.rl.weight_sender import (
     ResendWeights,
@@ -169,6 +175,7 @@ class GRPOLearner:
         self.generation = 0  # the coordinator's for this learner group (start_coordinator)
         self.failed_sends: Counter[str] = Counter()  # rank 0's, since the last step's metrics
         self._step_end = time.perf_counter()
+        self._previous_gather = 0.0  # the last step's time/sync_gather (critical_sync)
 
     def _weight_sender(self) -> WeightSender | None:
         """This rank's member of the weight channel (``None``: the object store)."""
@@ -444,6 +451,14 @@ class GRPOLearner:
         if self.rank == 0:
             metrics = {**shard.metrics, **renamed(metrics)}
             metrics["time/sync"] = metrics["time/sync_gather"] + metrics.get("time/sync_apply", 0)
+            metrics["time/sync_critical"] = critical_sync(
+                metrics["time/sync_gather"],
+                metrics.get("time/sync_apply", 0.0),
+                self._previous_gather,
+                channel=self.sender is not None,
+            )
+            metrics["time/overhead"] = step_overhead(metrics)
+            self._previous_gather = metrics["time/sync_gather"]
             if self.sender is not None:
                 metrics.update(sync_failure_metrics(self.failed_sends))
                 self.failed_sends.clear()

@@ -15,8 +15,11 @@ Per step (JSONL + TensorBoard through :class:`~mmrad.train.metrics_log.MetricsLo
   ``perf/peak_memory_mb_per_worker``; GRPO's own: ``loss/policy``, ``kl``, ``entropy``,
   ``clip_ratio/low_mean|high_mean|region_mean``, ``approx_kl``,
   ``mismatch/mean_abs|max_abs|kl``, ``tis/mean_weight|capped_share``;
-- ``rollout/tokens_per_s``; ``time/rollout|reward|learner|sync|wait|step`` and
-  ``time/rollout_hidden_share``; ``version_lag`` (max) and ``version_lag/mean``;
+- ``rollout/tokens_per_s``; ``time/rollout|reward|learner|sync|wait|step``,
+  ``time/generation`` (the engines' own sampling time within ``time/rollout``),
+  ``time/sync_critical`` (:func:`critical_sync`), ``time/overhead``
+  (:func:`step_overhead`) and ``time/rollout_hidden_share``;
+  ``version_lag`` (max) and ``version_lag/mean``;
 - every ``validation.every`` steps: ``val/<metric>`` (the evaluation job's rates on
   greedy answers to held-out prompts), ``val/format_ok`` and ``val/objective``;
 - after a sync check: ``sync/logprob_max_abs_diff`` (engines vs learner, new weights)
@@ -117,6 +120,27 @@ def hidden_share(rollout_seconds: float, wait_seconds: float) -> float:
     if rollout_seconds <= 0:
         return 0.0
     return min(1.0, max(0.0, 1.0 - wait_seconds / rollout_seconds))
+
+
+def critical_sync(gather: float, apply: float, previous_gather: float, channel: bool) -> float:
+    """Weight-sync seconds the learners wait through in a step: their own gather and send
+    (``gather``) plus what of the engines' ``apply`` (of the weights the previous step
+    sent: the apply a batch logs came before it) outlasted that send. Over the channel the
+    engines receive while the learners send, so only the receive's tail past
+    ``previous_gather`` counts; through the object store the engines load after the
+    learners are done, so all of it does."""
+    tail = max(0.0, apply - previous_gather) if channel else apply
+    return gather + tail
+
+
+def step_overhead(metrics: Mapping[str, float]) -> float:
+    """Seconds of a step that are neither the engines' sampling, the learners' compute
+    nor the weight sync the learners wait through: the coordinator, Ray calls,
+    serialisation, prompt decoding and scoring. Meant for ``max_staleness: 0``, where
+    these run one after another; with overlap, sampling hides behind learning and this
+    goes negative."""
+    parts = ("time/generation", "time/learner", "time/sync_critical")
+    return metrics["time/step"] - sum(metrics.get(key, 0.0) for key in parts)
 
 
 class SampleTable:

@@ -30,7 +30,14 @@ from mmrad.rl.batch import (
 from mmrad.rl.config import GRPOJobConfig, SyncSection
 from mmrad.rl.inputs import padded
 from mmrad.rl.learner import aggregation_units, split_evenly
-from mmrad.rl.metrics import advantage_metrics, hidden_share, markdown_table, rollout_metrics
+from mmrad.rl.metrics import (
+    advantage_metrics,
+    critical_sync,
+    hidden_share,
+    markdown_table,
+    rollout_metrics,
+    step_overhead,
+)
 from mmrad.rl.prompts import DataPosition, PromptItem, prompt_id
 from mmrad.storage import Storage
 from tests.conftest import TEST_BUCKET
@@ -204,6 +211,17 @@ def test_rollout_metrics_name_what_they_measure():
     }  # fmt: skip
     assert hidden_share(10.0, 2.5) == 0.75
     assert hidden_share(10.0, 20.0) == 0.0 and hidden_share(0.0, 1.0) == 0.0
+
+
+def test_step_overhead_counts_only_the_sync_the_learners_wait_through():
+    # over the channel the engines receive while the previous step sent (0.5 s): only
+    # their 0.2 s past it is waited for; through the object store all 0.7 s is
+    assert critical_sync(0.3, 0.7, previous_gather=0.5, channel=True) == pytest.approx(0.5)
+    assert critical_sync(0.3, 0.4, previous_gather=0.5, channel=True) == pytest.approx(0.3)
+    assert critical_sync(0.3, 0.7, previous_gather=0.5, channel=False) == pytest.approx(1.0)
+    step = {"time/step": 10.0, "time/generation": 5.0, "time/learner": 4.0,
+            "time/sync_critical": 0.5, "time/sync": 0.9}  # fmt: skip
+    assert step_overhead(step) == pytest.approx(0.5)
 
 
 def test_data_position_round_trips():

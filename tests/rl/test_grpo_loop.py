@@ -116,6 +116,8 @@ def test_full_sync_overlap_and_logging(short_run):
     for row in rows:
         assert row["rollout/incomplete_groups"] == 0
         assert row["rollout/samples"] == row["rollout/groups"] * 4
+        assert 0 < row["time/generation"] <= row["time/rollout"]  # the engines' part of it
+        assert row["time/sync_gather"] <= row["time/sync_critical"] <= row["time/sync"] + 1e-9
     names = set(rows[0])
     expected = {
         "reward/total/mean", "reward/total/std", "reward/format/mean", "reward/format/std",
@@ -124,7 +126,8 @@ def test_full_sync_overlap_and_logging(short_run):
         "advantages/min", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean",
         "clip_ratio/region_mean", "completions/mean_length", "completions/max_length",
         "rollout/tokens_per_s", "time/rollout", "time/reward", "time/learner", "time/sync",
-        "time/wait", "mismatch/mean_abs", "mismatch/max_abs", "version_lag", "loss/policy",
+        "time/wait", "time/generation", "time/sync_critical", "time/overhead",
+        "mismatch/mean_abs", "mismatch/max_abs", "version_lag", "loss/policy",
         "tis/mean_weight", "sync/logprob_max_abs_diff",
         # the names SFT logs too
         "train/loss", "train/grad_norm", "train/lr", "perf/tokens_per_s",
