@@ -10,6 +10,8 @@ EXTRAS ?= cpu,dev,s3local
 TORCH_SOURCE ?= $(if $(wildcard /opt/wheels/torch-2.13.0+cpu*),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu)
 NETNS := scripts/loopback-netns
 PYTEST_ARGS ?=
+# make bench BENCH_ARGS="--only grpo_step,serve_load": some benchmarks only
+BENCH_ARGS ?=
 
 # MLflow's UI over the demo's runs, from a venv of its own: the full mlflow package pins
 # pyarrow below what Ray Data needs; the version is the one of mlflow-skinny in pyproject.
@@ -62,14 +64,10 @@ format: venv
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# every benchmark (after make demo: grpo_step starts from its SFT export); one JSON and one
+# Markdown table per run in runs/bench/
 bench: venv
-	$(NETNS) $(BIN)/python benchmarks/data_throughput.py
-	$(NETNS) $(BIN)/python benchmarks/sft_throughput.py
-	$(NETNS) $(BIN)/python benchmarks/rollout_throughput.py
-	$(NETNS) $(BIN)/python benchmarks/grpo_step.py
-	$(NETNS) $(BIN)/python benchmarks/serve_load.py
-	$(NETNS) $(BIN)/python benchmarks/weight_sync.py
-	$(BIN)/python benchmarks/learner_memory.py
+	$(NETNS) $(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

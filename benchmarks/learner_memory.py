@@ -76,6 +76,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from record import Arm, compare, publish
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -1003,6 +1004,23 @@ def results_json(m: Measurements, counts: ParameterCounts, rows: list[Row]) -> d
     }
 
 
+def publish_checkpointing(m: Measurements) -> None:
+    """The bytes a LoRA decoder layer keeps for backward per token, checkpointed against
+    plain: both measured on the same layer and the same tokens."""
+    lora = next(block for key, block in m.decoder.items() if key.startswith("lora"))
+    work = {"tokens": lora.measured_at, "layers": 1}
+    publish(
+        compare(
+            "learner_memory_checkpointing",
+            f"bytes per token kept for backward, {lora.name} (Qwen2.5-VL-7B width)",
+            Arm("activation checkpointing", lora.checkpointed, work),
+            Arm("plain", lora.plain, work),
+            same=("tokens", "layers"),
+            goal="every cluster learner fits 70 GB (table above)",
+        )
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=512, help="tokens per measurement")
@@ -1031,6 +1049,7 @@ def main() -> None:
         if learner.lora:
             print(describe(learner))
     print_table(rows)
+    publish_checkpointing(m)
     print(f"\n{time.perf_counter() - started:.0f} s (measurements {m.seconds:.0f} s)")
     if args.json:
         args.json.write_text(json.dumps(results_json(m, counts, rows), indent=2))

@@ -79,6 +79,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from record import Arm, compare, publish
 
 from mmrad.config import EngineConfig, PixelBudget
 from mmrad.model.tiny import TINY_MODEL_DEFAULTS, build_tiny_model
@@ -676,6 +677,34 @@ def label_of(key: str) -> str:
     return f"full, {transport.replace('_', ' ')}"
 
 
+def publish_entries(results: dict[str, Any]) -> None:
+    """One entry per mode: the channel against the object store, end to end. Both arms
+    bring the same engines to the same weights (the probe checks each); the LoRA arms
+    send different payloads by design (adapter files vs merged weights)."""
+    settings = results["settings"]
+    for mode in MODES:
+        arms = {}
+        for transport in TRANSPORTS:
+            arm = results["arms"][f"{mode}/{transport}"]
+            work = {
+                "syncs": settings["repeats"],
+                "engines_checked": settings["workers"],
+                "payload_bytes": arm["payload_bytes"],
+            }
+            arms[transport] = Arm(label_of(f"{mode}/{transport}"), arm["seconds"], work)
+        publish(
+            compare(
+                f"weight_sync_{mode}",
+                f"seconds per sync end to end, {mode} ({results['model']['parameters'] / 1e6:.0f}M"
+                " parameters)",
+                arms["channel"],
+                arms["object_store"],
+                same=("syncs", "engines_checked"),
+                goal="<= 1x",
+            )
+        )
+
+
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
@@ -838,6 +867,7 @@ def main() -> None:
         shutil.rmtree(ray_dir, ignore_errors=True)
     results["seconds"] = time.perf_counter() - started
     report(results)
+    publish_entries(results)
     print(f"\n{results['seconds']:.0f} s")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -190,6 +190,8 @@ class SFTLoop:
         metrics = shared_metrics(loss, grad_norm, self.core.lr, window["tokens"], elapsed)
         metrics.update({
             "perf/samples_per_s": window["samples"] / elapsed,
+            "perf/samples": window["samples"],  # trained in this window, all workers
+            "perf/tokens": window["tokens"],
             "train/epoch": self.progress.epoch,
             "perf/peak_memory_mb_per_worker": self.core.peak_memory_mb(),
         })  # fmt: skip
