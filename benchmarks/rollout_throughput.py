@@ -10,14 +10,20 @@ both sides, at temperature 1 with a fixed length (vLLM ignores end-of-sequence, 
 - Hugging Face: ``model.generate`` on one left-padded batch of the K prompts with
   ``num_return_sequences=G`` and ``do_sample=True``, in this process.
 
-Both sides use ``--threads`` CPU threads (default: all cores).
+Both sides use the same devices: ``--threads`` CPU threads (default: all cores, split
+over the vLLM workers), or on a GPU machine one GPU each, in bfloat16 (vLLM's default
+there), so ``--workers`` must be 1 there (HF's ``generate`` runs on one device; a
+multi-GPU vLLM figure against it would measure GPUs, not the engine). Pass a larger
+``--hidden-size``/``--layers`` on a GPU so that compute dominates.
 
-On a GPU machine each vLLM worker gets a GPU and HF runs on one, in bfloat16 (vLLM's
-default there); pass a larger ``--hidden-size``/``--layers`` so that compute dominates.
-Each side gets one short warm-up call first; the timed figure is the wall time of the
-generating call (tokens / second). Printed: both, and their ratio (goal: at least 5x),
-and tokens per CPU second of the generating processes (the vLLM actors, this process
-for HF), a figure that other load on the machine disturbs less than wall time.
+Each side first warms up with one short call on a prompt of its own images (one per vLLM
+worker), none of the timed prompts, so neither finds a timed prompt in a cache. The
+timed figure is the wall time of the generating call (tokens / second); also printed:
+tokens per CPU second of the generating processes (the vLLM actors and every process
+below them, vLLM's engine core included; this process for HF), a figure that other load
+on the machine disturbs less than wall time. Both are published
+(``benchmarks/record.py``; goal for tokens/s: at least 5x) with the work each side
+counted: ``tokens`` generated, ``prompts`` and ``samples`` (completions) returned.
 
 What the ratio measures on CPUs: vLLM prefills each prompt (images included) once for
 its G samples, while HF's ``num_return_sequences`` expands every prompt G times first;
@@ -42,6 +48,7 @@ from typing import Any
 
 import numpy as np
 import psutil
+from record import Arm, compare, publish
 
 from mmrad.config import EngineConfig, PixelBudget, RayConfig
 from mmrad.engine import InspectionInput, Sampling, build_request
@@ -66,8 +73,8 @@ class FixedLength(Sampling):
         return params
 
 
-def inspections(count: int, size: int) -> list[InspectionInput]:
-    rng = np.random.default_rng(0)
+def inspections(count: int, size: int, seed: int = 0) -> list[InspectionInput]:
+    rng = np.random.default_rng(seed)
 
     def image() -> np.ndarray:
         return rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
@@ -75,7 +82,9 @@ def inspections(count: int, size: int) -> list[InspectionInput]:
     return [InspectionInput(image(), image(), "brick") for _ in range(count)]
 
 
-def measure_vllm(model: str, items: list[InspectionInput], args: argparse.Namespace) -> dict:
+def measure_vllm(
+    model: str, items: list[InspectionInput], warm: list[InspectionInput], args: argparse.Namespace
+) -> dict:
     cpus = os.cpu_count() or 1
     init_ray(RayConfig(num_cpus=cpus, state_dir=args.ray_dir))
     # Ray gives an actor OMP_NUM_THREADS = floor(num_cpus): the engines' torch threads.
@@ -96,27 +105,57 @@ def measure_vllm(model: str, items: list[InspectionInput], args: argparse.Namesp
     try:
         prompts = [RolloutPrompt(f"p{i}", item) for i, item in enumerate(items)]
         sampling = FixedLength(n=args.samples, temperature=1.0, max_tokens=args.max_tokens, seed=0)
-        pool.generate(prompts[: args.workers], FixedLength(n=2, temperature=1.0, max_tokens=4))
-        workers = [psutil.Process(pid) for pid in pool.worker_pids()]
-        cpu = sum(cpu_seconds(w) for w in workers)
+        warmup = [RolloutPrompt(f"w{i}", item) for i, item in enumerate(warm)]
+        pool.generate(warmup, FixedLength(n=2, temperature=1.0, max_tokens=4))
+        processes = engine_processes(pool)
+        cpu = sum(cpu_seconds(p) for p in processes)
         start = time.perf_counter()
         groups = pool.generate(prompts, sampling)
         seconds = time.perf_counter() - start
-        cpu = sum(cpu_seconds(w) for w in workers) - cpu
+        cpu = sum(cpu_seconds(p) for p in processes) - cpu
         stats = pool.stats()
     finally:
         pool.shutdown()
-    tokens = sum(len(r.token_ids) for group in groups for r in group)
-    return {"tokens": tokens, "seconds": seconds, "cpu_seconds": cpu, "engine": stats}
+    work = {
+        "tokens": sum(len(r.token_ids) for group in groups for r in group),
+        "prompts": len(groups),
+        "samples": sum(len(group) for group in groups),
+    }
+    return {
+        "work": work,
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "engine": stats,
+        "processes": len(processes),
+    }
+
+
+def engine_processes(pool: RolloutPool) -> list[psutil.Process]:
+    """The workers and every process below them (vLLM's engine core runs in a child of
+    its worker unless in-process), and the engine cores themselves."""
+    found: dict[int, psutil.Process] = {}
+    for pid in [*pool.worker_pids(), *pool.engine_pids()]:
+        process = psutil.Process(pid)
+        for each in [process, *process.children(recursive=True)]:
+            found.setdefault(each.pid, each)
+    return list(found.values())
 
 
 def cpu_seconds(process: psutil.Process) -> float:
-    """User + system CPU seconds of a process, all its threads."""
-    times = process.cpu_times()
+    """User + system CPU seconds of a process, all its threads (0 once it has ended)."""
+    try:
+        times = process.cpu_times()
+    except psutil.NoSuchProcess:
+        return 0.0
     return times.user + times.system
 
 
-def measure_hf(model_dir: str, items: list[InspectionInput], args: argparse.Namespace) -> dict:
+def measure_hf(
+    model_dir: str,
+    items: list[InspectionInput],
+    warm: list[InspectionInput],
+    args: argparse.Namespace,
+) -> dict:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -128,7 +167,7 @@ def measure_hf(model_dir: str, items: list[InspectionInput], args: argparse.Name
     if args.gpu:  # as vLLM runs it there
         model = model.to(device, dtype=torch.bfloat16)
 
-    def generate(batch_items: list[InspectionInput], samples: int, max_tokens: int) -> int:
+    def generate(batch_items: list[InspectionInput], samples: int, max_tokens: int) -> dict:
         requests = [build_request(processor, item, VARIANT, PIXELS) for item in batch_items]
         images = [image for r in requests for image in r["multi_modal_data"]["image"]]
         batch = processor(
@@ -147,16 +186,22 @@ def measure_hf(model_dir: str, items: list[InspectionInput], args: argparse.Name
             )
         if args.gpu:
             torch.cuda.synchronize()
-        return int(out[:, batch["input_ids"].shape[1] :].numel())
+        # min_new_tokens = max_new_tokens: no sample ends early, so no padding follows
+        generated = out[:, batch["input_ids"].shape[1] :]
+        return {
+            "tokens": int(generated.numel()),
+            "prompts": len(batch_items),
+            "samples": int(generated.shape[0]),
+        }
 
     torch.manual_seed(0)
-    generate(items[:1], 2, 4)
+    generate(warm[:1], 2, 4)
     this = psutil.Process()
     cpu = cpu_seconds(this)
     start = time.perf_counter()
-    tokens = generate(items, args.samples, args.max_tokens)
+    work = generate(items, args.samples, args.max_tokens)
     seconds = time.perf_counter() - start
-    return {"tokens": tokens, "seconds": seconds, "cpu_seconds": cpu_seconds(this) - cpu}
+    return {"work": work, "seconds": seconds, "cpu_seconds": cpu_seconds(this) - cpu}
 
 
 def main() -> None:
@@ -178,7 +223,12 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    args.gpu = torch.cuda.is_available()  # then one GPU per vLLM worker, HF on GPU 0
+    args.gpu = torch.cuda.is_available()  # then vLLM's one worker and HF each on a GPU
+    if args.gpu and args.workers != 1:
+        parser.error(
+            "on a GPU machine both sides get one GPU: HF generates on one device, so "
+            "--workers must be 1 (more would compare GPU counts, not engines)"
+        )
     if args.threads < args.workers:
         parser.error("--threads must be at least --workers (one thread per engine)")
 
@@ -203,26 +253,54 @@ def run(work: str, args: argparse.Namespace) -> None:
     with safe_open(f"{model}/model.safetensors", "pt") as weights:
         params = sum(np.prod(weights.get_slice(k).get_shape()) for k in weights.keys())  # noqa: SIM118
     items = inspections(args.prompts, args.image_size)
+    warm = inspections(args.workers, args.image_size, seed=1)  # no timed prompt among them
     print(
         f"model: Qwen2.5-VL-shaped, random weights, {params / 1e6:.1f}M parameters "
         f"(hidden {args.hidden_size}, {args.layers} layers); {args.prompts} prompts x "
         f"{args.samples} samples x {args.max_tokens} tokens, two {args.image_size} px images "
         f"each; {args.threads} thread(s) per side"
     )
-    vllm = measure_vllm(model, items, args)
-    hf = measure_hf(model, items, args)
-    for label, r in ((f"vLLM pool, {args.workers} worker(s)", vllm), ("HF generate, batched", hf)):
+    vllm = measure_vllm(model, items, warm, args)
+    hf = measure_hf(model, items, warm, args)
+    vllm_label = f"vLLM pool, {args.workers} worker(s)"
+    for label, r in ((vllm_label, vllm), ("HF generate, batched", hf)):
+        tokens = r["work"]["tokens"]
         print(
-            f"{label:26s} {r['tokens']} tokens in {r['seconds']:6.2f} s = "
-            f"{r['tokens'] / r['seconds']:7.1f} tokens/s; {r['cpu_seconds']:6.1f} CPU s = "
-            f"{r['tokens'] / r['cpu_seconds']:6.1f} tokens per CPU second"
+            f"{label:26s} {tokens} tokens in {r['seconds']:6.2f} s = "
+            f"{tokens / r['seconds']:7.1f} tokens/s; {r['cpu_seconds']:6.1f} CPU s = "
+            f"{tokens / r['cpu_seconds']:6.1f} tokens per CPU second"
         )
+    print(f"    (vLLM CPU seconds: {vllm['processes']} process(es), workers and engine cores)")
     for key, value in vllm["engine"].items():
         if key.endswith("tokens_per_s") and key != "rollout/tokens_per_s":
             print(f"    {key}: {value:.1f} (inside the engine)")
-    wall = (vllm["tokens"] / vllm["seconds"]) / (hf["tokens"] / hf["seconds"])
-    cpu = (vllm["tokens"] / vllm["cpu_seconds"]) / (hf["tokens"] / hf["cpu_seconds"])
-    print(f"ratio vLLM / HF: {wall:.1f}x tokens/s (goal >= 5x); {cpu:.1f}x tokens per CPU second")
+    notes = {
+        "workers": args.workers,
+        "threads": args.threads,
+        "gpu": args.gpu,
+        "hidden_size": args.hidden_size,
+        "layers": args.layers,
+        "max_tokens": args.max_tokens,
+    }
+    for name, unit, figure, goal in (
+        ("rollout_throughput", "tokens/s", "seconds", ">= 5x"),
+        ("rollout_throughput_cpu", "tokens per CPU second", "cpu_seconds", None),
+    ):
+        candidate, baseline = (
+            Arm(label, r["work"]["tokens"] / r[figure], r["work"])
+            for label, r in ((vllm_label, vllm), ("HF generate, batched", hf))
+        )
+        publish(
+            compare(
+                name,
+                unit,
+                candidate,
+                baseline,
+                same=("tokens", "prompts", "samples"),
+                goal=goal,
+                notes=notes,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import itertools
 import logging
 import math
 import random
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -113,6 +114,10 @@ class DecodeSpec:
     fetch_threads: int = 8
     max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION
     manifest: str = ""
+    count_reads: bool = False
+    """Add ``images_fetched`` and ``images_decoded``: per row, the images its decoding
+    read from storage and decoded (its query, and its reference unless this worker's
+    reference cache held it); for benchmarks that count the work done."""
 
     @classmethod
     def from_config(cls, storage: Storage, config: DataLoadConfig) -> DecodeSpec:
@@ -185,12 +190,32 @@ def _fetch_and_decode(spec: DecodeSpec, uri: str | None) -> tuple[np.ndarray, st
     return image, error
 
 
+class _Reads(threading.local):
+    """Images this thread fetched from storage and decoded, so far (``spec.count_reads``)."""
+
+    fetched = 0
+    decoded = 0
+
+
+_reads = _Reads()
+
+
+def _counting_reads(fetch, spec: DecodeSpec, uri: str | None) -> tuple[Any, tuple[int, int]]:
+    """``fetch(spec, uri)`` and the images it fetched and decoded: none when the
+    reference cache answered."""
+    fetched, decoded = _reads.fetched, _reads.decoded
+    result = fetch(spec, uri)
+    return result, (_reads.fetched - fetched, _reads.decoded - decoded)
+
+
 def _fetch_and_measure(spec: DecodeSpec, uri: str | None) -> tuple[np.ndarray, Size | None, str]:
     """:func:`_fetch_and_decode` with the image's own size (``None`` when it is bad)."""
     if not uri:
         return EMPTY_IMAGE, None, ""
     try:
+        _reads.fetched += 1
         image, size = decode_with_size(spec.storage.read_bytes(uri), spec.pixels)
+        _reads.decoded += 1
         return image, size, ""
     except StorageUnavailable:
         raise
@@ -225,12 +250,16 @@ def decode_batch(batch: pa.Table, spec: DecodeSpec) -> pa.Table:
     types; images travel as Ray's (ragged) tensor columns."""
     ids = batch.column("id").to_pylist()
     with ThreadPoolExecutor(spec.fetch_threads) as pool:
-        images = list(
-            pool.map(lambda u: _fetch_and_measure(spec, u), batch["image_uri"].to_pylist())
-        )
-        references = list(
-            pool.map(lambda u: _fetch_reference(spec, u), batch["reference_uri"].to_pylist())
-        )
+        counted_images = list(
+            pool.map(lambda u: _counting_reads(_fetch_and_measure, spec, u),
+                     batch["image_uri"].to_pylist())
+        )  # fmt: skip
+        counted_references = list(
+            pool.map(lambda u: _counting_reads(_fetch_reference, spec, u),
+                     batch["reference_uri"].to_pylist())
+        )  # fmt: skip
+    images = [image for image, _ in counted_images]
+    references = [reference for reference, _ in counted_references]
     errors = []
     for rid, (_, _, image_error), (_, reference_error) in zip(ids, images, references,
                                                              strict=True):  # fmt: skip
@@ -245,6 +274,11 @@ def decode_batch(batch: pa.Table, spec: DecodeSpec) -> pa.Table:
         "grid_height": pa.array([image.shape[0] for image, _, _ in images], pa.int32()),
         "error": pa.array(errors, pa.string()),
     }
+    if spec.count_reads:
+        reads = [(query[0] + reference[0], query[1] + reference[1]) for (_, query), (_, reference)
+                 in zip(counted_images, counted_references, strict=True)]  # fmt: skip
+        columns["images_fetched"] = pa.array([f for f, _ in reads], pa.int32())
+        columns["images_decoded"] = pa.array([d for _, d in reads], pa.int32())
     for name, column in columns.items():
         batch = batch.append_column(name, column)
     return with_own_sizes(batch, [size for _, size, _ in images])
