@@ -19,10 +19,9 @@ import statistics
 import tempfile
 
 from record import Arm, compare, publish
+from workload import tiny_model_and_data
 
-from mmrad.config import DataBuildConfig, SFTJobConfig, load_config
-from mmrad.data.build import build_dataset
-from mmrad.model.tiny import build_tiny_model
+from mmrad.config import SFTJobConfig, load_config
 from mmrad.sft.job import run_sft
 from mmrad.storage import Storage
 from mmrad.train.metrics_log import read_metrics
@@ -70,12 +69,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=6, help="logging windows per run")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="mmrad-sft-bench-")
-    model = str(build_tiny_model(f"{work}/tiny"))
-    manifest = build_dataset(
-        DataBuildConfig(out=f"{work}/data", synthetic={"image_size": 112}),
-        Storage(),
-        progress=False,
-    ).manifest_uri
+    model, manifest = tiny_model_and_data(work)
     samples = args.windows * SAMPLES_PER_WINDOW
     results = {n: measure(work, model, manifest, n, samples) for n in (1, 2)}
     for workers, r in results.items():

@@ -48,6 +48,7 @@ from mmrad.rl.batch import LearnerShard, Probe, TrainBatch, verdict_of
 from mmrad.rl.config import GRPOJobConfig
 from mmrad.rl.making import BatchRecipe, make_batch, reward_spec
 from mmrad.rl.metrics import validation_metrics
+from mmrad.rl.pool import WorkerSpec
 from mmrad.rl.prompts import DataPosition, PromptItem, PromptStream
 from mmrad.rl.resources import engine_shape
 from mmrad.rl.rollout import RolloutPrompt, WeightUpdate
@@ -87,8 +88,10 @@ class Coordinator:
         variant: dict[str, bool],
         knowledge: Knowledge,
         val_records: Sequence[Mapping[str, Any]] = (),
+        workers: Sequence[Any] | None = None,
     ):
         self.job = GRPOJobConfig.model_validate(job)
+        self._kept_workers = workers  # engines kept by the caller (reset, never ended)
         model = self.job.model
         self.model = ModelSource(model.path, self.job.storage, model.cache_dir)
         self.variant = PromptVariant(**variant)
@@ -332,6 +335,11 @@ class Coordinator:
             }
         return {**state, "pool": self.pool.status()}
 
+    def engines(self) -> list[dict[str, Any]] | None:
+        """What the kept engines it was given reported when its pool reset them
+        (:attr:`~mmrad.rl.pool.RolloutPool.reused`); ``None`` when it started its own."""
+        return self.pool.reused
+
     def worker_pids(self) -> list[int]:
         with self._pool_lock:
             return self.pool.worker_pids()
@@ -475,17 +483,28 @@ class Coordinator:
     def _new_pool(self):
         from mmrad.rl.pool import RolloutPool
 
-        shape = ray_options(engine_shape(self.job))
+        spec = worker_spec(self.job, self.variant)
         return RolloutPool(
-            self.model,
-            self.job.engine,
-            self.job.model.pixels,
-            self.variant,
+            spec.model,
+            spec.engine,
+            spec.pixels,
+            spec.variant,
             num_workers=self.job.rollout.num_workers,
-            num_cpus=shape["num_cpus"],
-            num_gpus=shape["num_gpus"],
-            resources=shape["resources"],
+            num_cpus=spec.num_cpus,
+            num_gpus=spec.num_gpus,
+            resources=dict(spec.resources),
             max_retries=self.job.rollout.max_retries,
             on_behind=self._want_resend,
             channel_timeout_s=self.job.sync.channel_timeout_s,
+            workers=self._kept_workers,
         )
+
+
+def worker_spec(job: GRPOJobConfig, variant: PromptVariant) -> WorkerSpec:
+    """The rollout engines a GRPO run's pool starts (or is given, alike)."""
+    shape = ray_options(engine_shape(job))
+    model = ModelSource(job.model.path, job.storage, job.model.cache_dir)
+    return WorkerSpec(
+        model, job.engine, job.model.pixels, variant, shape["num_cpus"], shape["num_gpus"],
+        tuple(sorted(shape["resources"].items())),
+    )  # fmt: skip

@@ -20,6 +20,7 @@ The prompt variant, pixel budget and domain knowledge come from the SFT export's
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -34,8 +35,9 @@ from mmrad.model.loading import check_model_dir
 from mmrad.placement import check_or_log, ray_options
 from mmrad.ray_env import init_ray, joining_existing_cluster
 from mmrad.rl.config import GRPOJobConfig
-from mmrad.rl.coordinator import MAX_CONCURRENCY, Coordinator, coordinator_name
+from mmrad.rl.coordinator import MAX_CONCURRENCY, Coordinator, coordinator_name, worker_spec
 from mmrad.rl.guard import why_unrecoverable
+from mmrad.rl.kept_engines import KeptEngines
 from mmrad.rl.learner import grpo_learner
 from mmrad.rl.pool import OUTSIDE_PARENT_PLACEMENT_GROUP
 from mmrad.rl.resources import coordinator_shape, grpo_requests
@@ -114,7 +116,11 @@ def grpo_records(job: GRPOJobConfig, storage: Storage) -> GRPORecords:
 
 
 def start_coordinator(
-    job: GRPOJobConfig, records: GRPORecords, variant: PromptVariant, knowledge: Knowledge
+    job: GRPOJobConfig,
+    records: GRPORecords,
+    variant: PromptVariant,
+    knowledge: Knowledge,
+    workers: Sequence | None = None,
 ):
     actor = ray.remote(Coordinator).options(
         name=coordinator_name(job.run.name),
@@ -128,6 +134,7 @@ def start_coordinator(
         asdict(variant),
         knowledge,
         records.validation,
+        workers,
     )
 
 
@@ -141,9 +148,17 @@ def validation_records(job: GRPOJobConfig, records: list[dict]) -> list[dict]:
     return sorted(chosen, key=lambda r: r["id"])[: validation.samples]
 
 
-def run_grpo(job: GRPOJobConfig, train_callbacks: Sequence = ()) -> GRPOResult:
+ENGINES_FILE = "engines.json"  # a run on kept engines: what they were when it started
+
+
+def run_grpo(
+    job: GRPOJobConfig, train_callbacks: Sequence = (), engines: KeptEngines | None = None
+) -> GRPOResult:
     """Run (or resume) a GRPO job; ``train_callbacks`` go to the learners' Ray Train run
-    (a sweep passes Tune's report callback)."""
+    (a sweep passes Tune's report callback). With ``engines`` the rollout engines are
+    taken from (and stay in) this process's kept ones, reset to the starting weights;
+    the run folder's ``engines.json`` records each one's reset (``pid``, ``version``,
+    ``adapter_dir``, ``reloaded``)."""
     job = with_absolute_paths(job)
     check_tracking(job.run)
     init_ray(job.ray)
@@ -159,7 +174,10 @@ def run_grpo(job: GRPOJobConfig, train_callbacks: Sequence = ()) -> GRPOResult:
     run_uri = join(job.run.storage_path, job.run.name)
     used = replace(contract, knowledge=knowledge, knowledge_origin=origin)
     write_run_info(storage, run_uri, job, job.schedule.seed, {"contract": used.record()})
-    coordinator = start_coordinator(job, records, contract.variant, knowledge)
+    workers = None
+    if engines is not None:
+        workers = engines.take(worker_spec(job, contract.variant), job.rollout.num_workers)
+    coordinator = start_coordinator(job, records, contract.variant, knowledge, workers)
     spec = {
         "config": job.model_dump(mode="json"),
         "coordinator": coordinator,
@@ -179,6 +197,8 @@ def run_grpo(job: GRPOJobConfig, train_callbacks: Sequence = ()) -> GRPOResult:
                 f"GRPO {job.run.name}", job.run.name, lambda: fit(trainer), tracking.log_rows
             )
     finally:
+        if engines is not None:
+            record_engines(coordinator, storage, run_uri)
         try:
             ray.get(coordinator.stop.remote(), timeout=120)
         except Exception as err:  # the run's own error matters more
@@ -187,3 +207,13 @@ def run_grpo(job: GRPOJobConfig, train_callbacks: Sequence = ()) -> GRPOResult:
     checkpoint = checkpoint_uri(run_uri, result.checkpoint) if result.checkpoint else None
     export_uri = job.export.out or join(run_uri, "export")
     return GRPOResult(run_uri, export_uri, checkpoint, job.schedule.max_steps)
+
+
+def record_engines(coordinator, storage: Storage, run_uri: str) -> None:
+    """Write what the kept engines reported when the run's pool reset them."""
+    try:
+        reused = ray.get(coordinator.engines.remote(), timeout=120)
+    except Exception as err:  # the run's own error matters more
+        log.warning("asking the GRPO coordinator about its engines: %s", err)
+        return
+    storage.write_text(join(run_uri, ENGINES_FILE), json.dumps(reused, indent=2))

@@ -35,6 +35,7 @@ killed and replaced either way.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -101,6 +102,7 @@ class _Worker:
     generation: int
     name: str
     actor: Any
+    borrowed: bool = False  # given to the pool (kept engines): reset at start, not ended
 
 
 @dataclass(frozen=True)
@@ -140,11 +142,58 @@ class _Chunk:
 # that captures child actors (a Ray Tune trial's): "DEFAULT" opts out of the capture.
 OUTSIDE_PARENT_PLACEMENT_GROUP = "DEFAULT"
 
+RETURN_WAIT_S = 30.0
+"""How long a borrowed worker's channel receive in flight may take to end when the pool
+shuts down; one still receiving then is ended rather than handed back."""
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a rollout worker actor is started with: its engine (model, settings, pixel
+    budget, prompt variant) and its resources. Equal specs make interchangeable workers."""
+
+    model: str | ModelSource
+    engine: EngineConfig
+    pixels: PixelBudget
+    variant: PromptVariant
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    resources: tuple[tuple[str, float], ...] = ()
+
+    def start(self, name: str, actor_name: str) -> Any:
+        """A new :class:`~mmrad.rl.rollout.RolloutWorker` actor (returns at once), owned
+        by the calling process: it ends with it."""
+        return (
+            _worker_class()
+            .options(
+                name=actor_name,
+                max_restarts=0,
+                scheduling_strategy=OUTSIDE_PARENT_PLACEMENT_GROUP,
+                num_cpus=self.num_cpus,
+                num_gpus=self.num_gpus,
+                resources=dict(self.resources),
+            )
+            .remote(name, self.model, self.engine, self.pixels, self.variant)
+        )
+
+
+@functools.cache
+def _worker_class() -> Any:
+    import ray
+
+    return ray.remote(RolloutWorker)
+
 
 class RolloutPool:
     """``num_workers`` :class:`~mmrad.rl.rollout.RolloutWorker` actors with
     ``num_cpus``/``num_gpus`` and custom ``resources`` each (:mod:`mmrad.placement`);
-    returns once every worker's engine is up."""
+    returns once every worker's engine is up.
+
+    ``workers``: live actors of the same spec to serve the slots instead of new ones
+    (engines kept from an earlier run, :mod:`mmrad.rl.kept_engines`). Each is reset to
+    version 0 first (:meth:`~mmrad.rl.rollout.RolloutWorker.reset`: the starting weights,
+    no adapter; :attr:`reused` holds what each reported), a dead one is replaced, and
+    :meth:`shutdown` leaves them running for their owner."""
 
     def __init__(
         self,
@@ -159,6 +208,7 @@ class RolloutPool:
         max_retries: int = 3,
         on_behind: Callable[[], None] | None = None,
         channel_timeout_s: float = DEFAULT_TIMEOUT_S,
+        workers: Sequence[Any] | None = None,
     ):
         import ray
 
@@ -166,11 +216,13 @@ class RolloutPool:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
-        self._worker_args = (model, engine, pixels, variant)
-        self._resources = {"num_cpus": num_cpus, "num_gpus": num_gpus,
-                           "resources": dict(resources or {})}  # fmt: skip
+        if workers is not None and len(workers) != num_workers:
+            raise ValueError(f"{len(workers)} workers given for {num_workers} slots")
+        self.spec = WorkerSpec(
+            model, engine, pixels, variant, num_cpus, num_gpus,
+            tuple(sorted((resources or {}).items())),
+        )  # fmt: skip
         self.max_retries = max_retries
-        self._actor_class = ray.remote(RolloutWorker)
         self._pool_id = uuid.uuid4().hex[:8]
         self._latest: dict[str, tuple[int, Any]] = {}  # kind → (version, ObjectRef)
         self._version = 0
@@ -188,9 +240,19 @@ class RolloutPool:
         self._behind: set[int] = set()  # slots that lack the current weights
         self._interrupted = threading.Event()  # stop waiting for weights (interrupt_waits)
         self.on_behind = on_behind
-        self._workers = [self._start(slot, 0) for slot in range(num_workers)]
+        self.reused: list[dict[str, Any]] | None = None  # the given workers' resets
+        if workers is None:
+            self._workers = [self._start(slot, 0) for slot in range(num_workers)]
+        else:
+            self._workers = [
+                _Worker(slot, 0, worker_name(slot, 0), actor, borrowed=True)
+                for slot, actor in enumerate(workers)
+            ]
         try:
-            ray.get([w.actor.pid.remote() for w in self._workers])
+            if workers is None:
+                ray.get([w.actor.pid.remote() for w in self._workers])
+            else:
+                self.reused = self._on_each_worker(lambda w, fresh: w.actor.reset.remote())
         except Exception as error:
             self.shutdown()
             raise RolloutError(f"rollout workers failed to start: {error}") from error
@@ -266,7 +328,7 @@ class RolloutPool:
                 )
             members = [update.sender, *((w.slot, w.generation) for w in self._workers)]
             fresh = self._channel is None or members != self._channel_members
-            ranks = self._worker_args[1].tensor_parallel_size  # channel members per engine
+            ranks = self.spec.engine.tensor_parallel_size  # channel members per engine
             if fresh:
                 self._channel = ChannelSpec(
                     update.host, update.port, 1 + ranks * len(self._workers), update.backend,
@@ -482,16 +544,27 @@ class RolloutPool:
         return {**self._last_batch, "rollout/workers_replaced": float(self._replaced)}
 
     def shutdown(self) -> None:
-        """Close every engine (deleting adapter directories) and end the actors."""
+        """Close every engine (deleting adapter directories) and end the actors; borrowed
+        ones are left running (those still receiving weights are ended too)."""
         import ray
 
         workers, self._workers = getattr(self, "_workers", []), []
-        closing = [w.actor.close.remote() for w in workers]
+        ended = [w for w in workers if not w.borrowed or not self._received_all(w)]
+        closing = [w.actor.close.remote() for w in ended]
         try:
             ray.wait(closing, num_returns=len(closing), timeout=60)
         finally:
-            for worker in workers:
+            for worker in ended:
                 ray.kill(worker.actor)
+
+    def _received_all(self, worker: _Worker) -> bool:
+        """Whether ``worker`` has no channel receive in flight (waits ``RETURN_WAIT_S``)."""
+        import ray
+
+        receive = getattr(self, "_receiving", {}).get(worker.slot)
+        if receive is None or receive.generation != worker.generation:
+            return True
+        return bool(ray.wait([receive.ref], timeout=RETURN_WAIT_S)[0])
 
     def __enter__(self) -> RolloutPool:
         return self
@@ -505,12 +578,7 @@ class RolloutPool:
         """A new actor for ``slot`` that applies the latest updates (oldest version first)
         before any other call reaches it."""
         name = worker_name(slot, generation)
-        actor = self._actor_class.options(
-            name=f"mmrad-{self._pool_id}-{name}",
-            max_restarts=0,
-            scheduling_strategy=OUTSIDE_PARENT_PLACEMENT_GROUP,
-            **self._resources,
-        ).remote(name, *self._worker_args)
+        actor = self.spec.start(name, f"mmrad-{self._pool_id}-{name}")
         for _, ref in sorted(self._latest.values(), key=lambda item: item[0]):
             actor.apply.remote(ref)
         stored = max((version for version, _ in self._latest.values()), default=0)

@@ -31,7 +31,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -156,6 +156,16 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} in adapter_config is not JSON serialisable")
 
 
+def starting_weights(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """The named tensors of a model folder's safetensors files (HF names)."""
+    from safetensors import safe_open
+
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as weights:
+            for name in weights.keys():  # noqa: SIM118 (safe_open is no dict)
+                yield name, weights.get_tensor(name)
+
+
 def with_logprobs(sampling: Sampling) -> Sampling:
     """``sampling`` asking for the sampled tokens' log-probs: every rollout needs them
     (mismatch metric, importance correction). ``logprobs=0`` returns the sampled token's
@@ -185,6 +195,7 @@ class RolloutWorker:
         self._adapter_dir: Path | None = None
         self._version = 0
         self._missed: str | None = None  # a failed channel receive: weights partly loaded
+        self._changed_base = False  # a full update or a receive replaced starting weights
         self._total = Throughput()
         self._last = Throughput()
 
@@ -269,6 +280,7 @@ class RolloutWorker:
         if update.kind == "lora":
             self._load_adapter(update)
         else:
+            self._changed_base = True
             self._engine.update_weights(update.tensors.items(), update.version)
         self._version = update.version
 
@@ -296,6 +308,7 @@ class RolloutWorker:
                 f"rollout worker {self.name}: channel weights v{version} are older than its "
                 f"current v{self._version}"
             )
+        self._changed_base = True
         try:
             if spec is not None:
                 self._engine.join_channel(spec, first_rank)
@@ -324,6 +337,22 @@ class RolloutWorker:
 
     def version(self) -> int:
         return self._version
+
+    def reset(self) -> dict[str, Any]:
+        """Back to version 0, the starting weights, for another run's pool: the adapter
+        is dropped, and weights that a full update or a channel receive replaced are
+        loaded again from the model folder. Returns the worker's ``pid``, ``version``,
+        ``adapter_dir`` and whether the weights were ``reloaded``."""
+        self._drop_adapter()
+        reloaded = self._changed_base
+        if reloaded:
+            self._engine.update_weights(starting_weights(self._engine.model_path), 0)
+            self._changed_base = False
+        self._missed = None
+        self._version = 0
+        self._total = self._last = Throughput()
+        return {"pid": os.getpid(), "version": self._version,
+                "adapter_dir": self.adapter_dir(), "reloaded": reloaded}  # fmt: skip
 
     def adapter_dir(self) -> str | None:
         """The current adapter's directory (``None`` without one)."""

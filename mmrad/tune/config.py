@@ -45,6 +45,14 @@ class TrialSection(Section):
         description="CPUs held by a trial's own process (its engines and learners hold theirs).",
     )
     max_failures: int = Field(0, ge=0, description="Retries of a failed trial.")
+    reuse_engines: bool = Field(
+        True,
+        description=(
+            "Keep a trial's vLLM engines for the next trial on its process (Tune reuses "
+            "the trial actor), reset to the starting weights. With scheduler.kind=fifo "
+            "only: a trial that ASHA stops runs on until its process ends."
+        ),
+    )
 
 
 class TuneRunSection(TrackedRunSection):

@@ -4,7 +4,11 @@ Each trial runs a short GRPO (:func:`mmrad.rl.job.run_grpo`, its own ``TorchTrai
 of learners and vLLM rollout pool inside the trial, the Train V2 way) from the shared SFT
 export, with the trial's values of the search space set on the GRPO config. The GRPO run
 validates every ``validate_every`` steps; ``TuneReportCallback`` hands those reports to
-Tune, so ASHA stops weak trials on ``val/objective`` while they run.
+Tune, so ASHA stops weak trials on ``val/objective`` while they run. With
+``trial.reuse_engines`` (and the FIFO scheduler) Tune runs the next trial in a finished
+trial's process (``reuse_actors``), which keeps its vLLM engines for it, reset to the
+starting weights (:mod:`mmrad.rl.kept_engines`): one engine start per concurrent trial
+instead of one per trial.
 
 The sweep lives under ``<run.storage_path>/<run.name>``: Tune's experiment state, each
 trial's GRPO run in ``grpo/<trial id>``, and at the end ``results.csv``, ``results.md``,
@@ -50,13 +54,18 @@ class TuneResult:
     results_uri: str
 
 
-def grpo_trial(params: dict[str, Any], *, base: dict[str, Any], runs_uri: str) -> None:
+def grpo_trial(
+    params: dict[str, Any], *, base: dict[str, Any], runs_uri: str, reuse_engines: bool = False
+) -> None:
     """One trial: GRPO with ``params`` (dotted keys) set on ``base``, reporting each
-    validation to Tune. A restarted trial resumes its GRPO run (same run name)."""
+    validation to Tune. A restarted trial resumes its GRPO run (same run name). With
+    ``reuse_engines`` the rollout engines stay in this process for the next trial that
+    Tune runs on it (:mod:`mmrad.rl.kept_engines`)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from mmrad.rl.job import run_grpo
+    from mmrad.rl.kept_engines import KEPT
 
     trial_id = tune.get_context().get_trial_id()
     config = apply_params(base, params)
@@ -68,7 +77,7 @@ def grpo_trial(params: dict[str, Any], *, base: dict[str, Any], runs_uri: str) -
         "loggers": loggers,
     }
     job = validate_config(GRPOJobConfig, config, f"trial {trial_id} with {params}")
-    run_grpo(job, train_callbacks=[TuneReportCallback()])
+    run_grpo(job, train_callbacks=[TuneReportCallback()], engines=KEPT if reuse_engines else None)
 
 
 def make_scheduler(job: TuneJobConfig, max_steps: int):
@@ -95,8 +104,11 @@ def make_tuner(
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    reuse = reuses_engines(job)
     trainable = tune.with_resources(
-        tune.with_parameters(grpo_trial, base=base, runs_uri=trial_runs_uri(sweep_uri)),
+        tune.with_parameters(
+            grpo_trial, base=base, runs_uri=trial_runs_uri(sweep_uri), reuse_engines=reuse
+        ),
         tune.PlacementGroupFactory([trial_shape(job)]),
     )
     filesystem, path = storage.arrow_filesystem(job.run.storage_path)
@@ -122,6 +134,7 @@ def make_tuner(
             search_alg=BasicVariantGenerator(
                 random_state=job.seed, max_concurrent=job.max_concurrent_trials
             ),
+            reuse_actors=reuse,  # the next trial runs in a finished one's process
         ),
         run_config=tune.RunConfig(
             name=job.run.name,
@@ -131,6 +144,16 @@ def make_tuner(
             callbacks=list(callbacks),
         ),
     )
+
+
+def reuses_engines(job: TuneJobConfig) -> bool:
+    """Whether trials keep their engines for the next trial (``trial.reuse_engines``).
+    Only where no trial is stopped early: a trial that ASHA stops goes on running its
+    GRPO run in its process, and Tune's reset of that process for the next trial fails
+    (that trial errors) unless the run ends within seconds."""
+    if job.trial.reuse_engines and job.scheduler.kind != "fifo":
+        log.info("trial.reuse_engines applies to scheduler.kind=fifo only; engines not kept")
+    return job.trial.reuse_engines and job.scheduler.kind == "fifo"
 
 
 def trial_runs_uri(sweep_uri: str) -> str:

@@ -1,0 +1,142 @@
+"""Rollout engines kept from one GRPO run to the next (a sweep's trials on one reused
+Tune actor): a pool given kept engines resets them to version 0 with the starting
+weights (full weights and a LoRA adapter applied before are gone, by the engines' own
+log-probs), leaves them running when it shuts down, and a dead kept engine is replaced;
+a FIFO sweep's second trial runs on the first trial's engine processes, reset."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from mmrad.config import LoraConfig, PixelBudget, load_config, read_yaml
+from mmrad.engine import InspectionInput
+from mmrad.rl.job import ENGINES_FILE
+from mmrad.rl.kept_engines import KeptEngines
+from mmrad.rl.pool import RolloutPool, WorkerSpec
+from mmrad.rl.rollout import RolloutPrompt, WeightUpdate, starting_weights
+from mmrad.task.prompt import PromptVariant
+from mmrad.tune.config import TuneJobConfig
+from mmrad.tune.job import TRIAL_RUNS, run_tune
+from tests.helpers.engines import small_engine_config
+from tests.tune.test_tune_job import CONFIG, SESSION_GRPO
+
+SPEC_ARGS = (small_engine_config(), PixelBudget(), PromptVariant())
+TOLERANCE = 1e-3
+
+
+def probe(model_dir: str) -> tuple[list[RolloutPrompt], list[list[int]]]:
+    """One prompt and a fixed completion to score."""
+    from transformers import AutoTokenizer
+
+    image = np.random.default_rng(0).integers(0, 256, (112, 112, 3), dtype=np.uint8)
+    prompt = RolloutPrompt("probe", InspectionInput(image, image, "brick"))
+    text = "<answer>No.</answer><|im_end|>"
+    return [prompt], [AutoTokenizer.from_pretrained(model_dir)(text).input_ids]
+
+
+def lora_update(model_dir: str, version: int) -> WeightUpdate:
+    import torch
+    from peft import get_peft_model_state_dict
+    from transformers import AutoModelForImageTextToText
+
+    from mmrad.model.lora import apply_lora
+
+    model = apply_lora(
+        AutoModelForImageTextToText.from_pretrained(model_dir), LoraConfig(r=8, alpha=16)
+    )
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5, generator=torch.Generator().manual_seed(1))
+    config = model.peft_config["default"].to_dict()
+    return WeightUpdate(version, "lora", get_peft_model_state_dict(model), config)
+
+
+def differs(a: list[list[float]], b: list[list[float]]) -> bool:
+    return not np.allclose(a[0], b[0], atol=0.05)
+
+
+@pytest.mark.integration
+def test_kept_engines_come_back_at_version_0_with_the_starting_weights(ray_cluster, tiny_model):
+    import torch
+
+    kept = KeptEngines()
+    spec = WorkerSpec(tiny_model, *SPEC_ARGS, num_cpus=0.5)
+    prompts, completion = probe(tiny_model)
+    try:
+        first = RolloutPool(tiny_model, *SPEC_ARGS, 1, num_cpus=0.5, workers=kept.take(spec, 1))
+        (fresh,) = first.reused
+        assert fresh["version"] == 0 and not fresh["reloaded"] and fresh["adapter_dir"] is None
+        base = first.prompt_logprobs(prompts, completion)
+
+        noise = torch.Generator().manual_seed(0)
+        full = {n: t + 0.05 * torch.randn(t.shape, generator=noise)
+                for n, t in starting_weights(tiny_model)}  # fmt: skip
+        first.sync(WeightUpdate(1, "full", full))
+        first.sync(lora_update(tiny_model, 2))
+        assert first.adapter_dirs() != [None]
+        assert differs(first.prompt_logprobs(prompts, completion), base)
+        first.shutdown()  # leaves the kept engine running
+
+        second = RolloutPool(tiny_model, *SPEC_ARGS, 1, num_cpus=0.5, workers=kept.take(spec, 1))
+        (reset,) = second.reused
+        assert reset == {"pid": fresh["pid"], "version": 0, "adapter_dir": None,
+                         "reloaded": True}  # fmt: skip
+        assert second.worker_versions() == [0] and second.adapter_dirs() == [None]
+        np.testing.assert_allclose(second.prompt_logprobs(prompts, completion)[0], base[0],
+                                   atol=TOLERANCE)  # fmt: skip
+        second.shutdown()
+
+        os.kill(fresh["pid"], signal.SIGKILL)  # a kept engine dies between runs
+        third = RolloutPool(tiny_model, *SPEC_ARGS, 1, num_cpus=0.5, workers=kept.take(spec, 1))
+        (replaced,) = third.reused
+        assert replaced["pid"] != fresh["pid"] and replaced["version"] == 0
+        np.testing.assert_allclose(third.prompt_logprobs(prompts, completion)[0], base[0],
+                                   atol=TOLERANCE)  # fmt: skip
+        third.shutdown()
+    finally:
+        kept.end()
+
+
+def fifo_sweep(tmp_path: Path, model: str, manifest: str, address: str, reuse: bool) -> Path:
+    data = read_yaml(CONFIG)
+    data["ray"] = {"address": address}
+    data["grpo"]["overrides"] += [
+        f"model.path={model}", f"data.manifest={manifest}",
+        f"run.storage_path={tmp_path / 'grpo'}", *SESSION_GRPO,
+        "schedule.max_steps=1", "schedule.checkpoint_every=1",
+    ]  # fmt: skip
+    data["run"] = {"storage_path": str(tmp_path / "sweeps"), "name": "sweep", "loggers": []}
+    data.update(val_samples=2, num_samples=2, scheduler={"kind": "fifo"})
+    data["trial"] = {**data["trial"], "reuse_engines": reuse}
+    path = tmp_path / "tune.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(900)
+def test_a_fifo_sweeps_next_trial_runs_on_the_same_engines_reset(
+    ray_cluster, tiny_model, synthetic_local, tmp_path
+):
+    address = ray_cluster.get_runtime_context().gcs_address
+    config = fifo_sweep(tmp_path, tiny_model, synthetic_local, address, reuse=True)
+    result = run_tune(load_config(TuneJobConfig, config))
+
+    assert result.trials == 2
+    runs = sorted((tmp_path / "sweeps" / "sweep" / TRIAL_RUNS).iterdir(),
+                  key=lambda run: (run / "run_info.json").stat().st_mtime)  # fmt: skip
+    first, second = (json.loads((run / ENGINES_FILE).read_text()) for run in runs)
+    assert [e["pid"] for e in second] == [e["pid"] for e in first]  # the same processes
+    assert all(e["version"] == 0 and e["adapter_dir"] is None for e in first + second)
+    assert not any(e["reloaded"] for e in first)  # new engines
+    # the first trial's merged policy came over the weight channel: reloaded
+    assert all(e["reloaded"] for e in second)
+    assert all((run / "export" / "mmrad.json").exists() for run in runs)
