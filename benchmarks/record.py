@@ -92,6 +92,11 @@ def compare(
     )
 
 
+def ratio_text(ratio: float) -> str:
+    """Two decimals, three below 0.1 (a step's overhead share is a few hundredths)."""
+    return f"{ratio:.2f}" if abs(ratio) >= 0.1 else f"{ratio:.3f}"
+
+
 def describe_work(work: Mapping[str, float]) -> str:
     return ", ".join(f"{key} {value:g}" for key, value in work.items())
 
@@ -104,7 +109,7 @@ def format_entry(entry: Entry) -> str:
         lines.append(f"  no ratio: {entry.refused or 'the baseline measured 0'}")
     else:
         goal = f" (goal: {entry.goal})" if entry.goal else ""
-        lines.append(f"  ratio {entry.ratio:.2f}x{goal}")
+        lines.append(f"  ratio {ratio_text(entry.ratio)}x{goal}")
     return "\n".join(lines)
 
 

@@ -25,7 +25,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from record import RECORD_ENV, describe_work
+from record import RECORD_ENV, describe_work, ratio_text
 
 HERE = Path(__file__).resolve().parent
 OUT_DIR = Path("runs/bench")
@@ -96,7 +96,7 @@ def run_script(name: str, args: list[str], record: Path) -> dict[str, object]:
 def ratio_cell(entry: dict) -> str:
     if entry["ratio"] is None:
         return f"refused: {entry['refused']}"
-    return f"{entry['ratio']:.2f}×"
+    return f"{ratio_text(entry['ratio'])}×"
 
 
 def markdown_table(run: dict) -> str:

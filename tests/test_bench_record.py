@@ -129,3 +129,7 @@ def test_make_bench_runs_every_script_and_each_publishes_its_entries():
     assert set(run_all.BENCHMARKS) == scripts
     for name in scripts:
         assert "publish(" in (Path(run_all.HERE) / f"{name}.py").read_text(), name
+
+
+def test_small_ratios_keep_three_decimals():
+    assert record.ratio_text(1.064) == "1.06" and record.ratio_text(0.0148) == "0.015"
