@@ -1,11 +1,12 @@
 """Rollout engines kept alive from one GRPO run to the next in the same process.
 
 A Ray Tune trial's actor that Tune reuses for the next trial (``reuse_actors``) runs that
-trial's GRPO run in the same process. Its engines are started here, not by the run's
-coordinator: an actor ends with the process that started it, and the coordinator ends
-with its run, while this process lives on. The next run whose engines are alike (the
-same :class:`~mmrad.rl.pool.WorkerSpec` and count) gets the same actors, and its pool
-resets them to version 0, the starting weights, before any use
+trial's GRPO run in the same process (after a trial that the scheduler stopped, once its
+run has ended: :class:`mmrad.tune.job.TrialStop`). Its engines are started here, not by
+the run's coordinator: an actor ends with the process that started it, and the
+coordinator ends with its run, while this process lives on. The next run whose engines
+are alike (the same :class:`~mmrad.rl.pool.WorkerSpec` and count) gets the same actors,
+and its pool resets them to version 0, the starting weights, before any use
 (:meth:`~mmrad.rl.rollout.RolloutWorker.reset`). A run of other engines ends the kept
 ones first, so a process holds one set: one pool per concurrent trial. A kept engine
 found dead is replaced by a new one; one that dies during a run is replaced by the pool

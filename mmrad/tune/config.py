@@ -49,8 +49,8 @@ class TrialSection(Section):
         True,
         description=(
             "Keep a trial's vLLM engines for the next trial on its process (Tune reuses "
-            "the trial actor), reset to the starting weights. With scheduler.kind=fifo "
-            "only: a trial that ASHA stops runs on until its process ends."
+            "the trial actor), reset to the starting weights. A trial that ASHA stops "
+            "ends its GRPO run first (at its learners' next batch)."
         ),
     )
 

@@ -5,10 +5,10 @@ of learners and vLLM rollout pool inside the trial, the Train V2 way) from the s
 export, with the trial's values of the search space set on the GRPO config. The GRPO run
 validates every ``validate_every`` steps; ``TuneReportCallback`` hands those reports to
 Tune, so ASHA stops weak trials on ``val/objective`` while they run. With
-``trial.reuse_engines`` (and the FIFO scheduler) Tune runs the next trial in a finished
-trial's process (``reuse_actors``), which keeps its vLLM engines for it, reset to the
-starting weights (:mod:`mmrad.rl.kept_engines`): one engine start per concurrent trial
-instead of one per trial.
+``trial.reuse_engines`` Tune runs the next trial in a finished or stopped trial's process
+(``reuse_actors``), which keeps its vLLM engines for it, reset to the starting weights
+(:mod:`mmrad.rl.kept_engines`): one engine start per concurrent trial instead of one per
+trial. A trial that the scheduler stops ends its GRPO run first (:class:`TrialStop`).
 
 The sweep lives under ``<run.storage_path>/<run.name>``: Tune's experiment state, each
 trial's GRPO run in ``grpo/<trial id>``, and at the end ``results.csv``, ``results.md``,
@@ -21,6 +21,9 @@ rerun with another search space or base config is refused (:mod:`mmrad.tune.resu
 from __future__ import annotations
 
 import logging
+import os
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +32,7 @@ from mmrad.config import validate_config, with_absolute_paths
 from mmrad.placement import Request, Shape, actor_shape, check_or_log
 from mmrad.ray_env import init_ray
 from mmrad.rl.config import GRPOJobConfig
+from mmrad.rl.coordinator import coordinator_name
 from mmrad.rl.job import grpo_records
 from mmrad.rl.resources import grpo_requests
 from mmrad.storage import Storage, join
@@ -42,6 +46,18 @@ from mmrad.tune.space import apply_params, to_tune_space
 log = logging.getLogger(__name__)
 
 TRIAL_RUNS = "grpo"  # each trial's GRPO run: <sweep>/grpo/<trial id>
+
+STOPPED = "the trial was stopped by the Tune scheduler"
+"""Why a stopped trial's GRPO run ends (what its coordinator's ``fail`` records)."""
+
+RESET_WAIT_S = 600
+"""How long Tune's reset of a reused trial process waits for the previous trial's thread
+(``TUNE_FUNCTION_THREAD_TIMEOUT_S``, 2 s unless set): a stopped trial's GRPO run ends at
+its learners' next batch, so within a GRPO step and the guard's seconds. A run that
+takes longer fails the reset: the next trial errors and Tune ends the process."""
+
+POLL_S = 1.0
+FAIL_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -60,7 +76,8 @@ def grpo_trial(
     """One trial: GRPO with ``params`` (dotted keys) set on ``base``, reporting each
     validation to Tune. A restarted trial resumes its GRPO run (same run name). With
     ``reuse_engines`` the rollout engines stay in this process for the next trial that
-    Tune runs on it (:mod:`mmrad.rl.kept_engines`)."""
+    Tune runs on it (:mod:`mmrad.rl.kept_engines`), and a trial that Tune stops while
+    its run goes on ends that run and returns (:class:`TrialStop`)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -77,7 +94,99 @@ def grpo_trial(
         "loggers": loggers,
     }
     job = validate_config(GRPOJobConfig, config, f"trial {trial_id} with {params}")
-    run_grpo(job, train_callbacks=[TuneReportCallback()], engines=KEPT if reuse_engines else None)
+    report = TuneReportCallback()
+    if not reuse_engines:  # Tune ends a stopped trial's process, and its run with it
+        run_grpo(job, train_callbacks=[report])
+        return
+    # Tune's reset of this process for the next trial (FunctionTrainable.reset_config)
+    # waits this long for this thread; the variable is read when the reset happens.
+    os.environ["TUNE_FUNCTION_THREAD_TIMEOUT_S"] = str(RESET_WAIT_S)
+    stop = TrialStop(trial_id)
+    try:
+        run_grpo(job, train_callbacks=[report], engines=KEPT)
+    except Exception as error:
+        if not stop.stopped.is_set():
+            raise
+        # Tune has moved on (the trial is TERMINATED): returning lets the reset go on.
+        log.info("trial %s: its GRPO run ended on the scheduler's stop (%s: %s)",
+                 trial_id, type(error).__name__, error)  # fmt: skip
+    finally:
+        stop.close()
+
+
+class TrialStop:
+    """Ends this trial's GRPO run (run name ``run_name``) once Tune stops the trial.
+
+    Tune tells a function trial to stop by setting its session's ``stop_event`` (which
+    Tune reads in its own thread only): when it hands the process of a stopped trial to
+    the next one (``reuse_actors``: ``reset_config``, which then waits for this trial's
+    thread), or before it ends the process (``Trainable.stop``). A GRPO run does not
+    look at it, so a daemon thread waits for it while the run goes on; then it
+
+    - records the stop (:attr:`stopped`: the trial thread returns instead of raising),
+    - has the run's coordinator ``fail`` with :data:`STOPPED`: the learners raise at
+      their next batch and the guard ends the run (:mod:`mmrad.rl.guard`), whose driver
+      leaves the kept engines alive for the next trial,
+    - takes the run's reports to Tune off their queue (Tune reads it no more; Tune's
+      report callback would block the run's Ray Train controller on the full queue).
+
+    A run past its last batch (exporting) is not cut short: it ends as it would have.
+
+    Must be made in the trial's thread, after the run's ``TuneReportCallback``.
+    """
+
+    def __init__(self, run_name: str):
+        from ray.train._internal.session import get_session
+
+        session = get_session()
+        self.run_name = run_name
+        self.stopped = threading.Event()
+        self._done = threading.Event()
+        # the session outlives the trial; its reset makes a new event and report queue
+        self._signal = session.stop_event
+        self._reports = session._get_or_create_inter_actor_queue()
+        threading.Thread(target=self._watch, name="trial-stop", daemon=True).start()
+
+    def close(self) -> None:
+        """The run has ended: stop watching (and dropping its reports)."""
+        self._done.set()
+
+    def _watch(self) -> None:
+        while not self._signal.wait(POLL_S):
+            if self._done.is_set():
+                return
+        if self._done.is_set():
+            return
+        self.stopped.set()
+        log.info("trial %s was stopped by the scheduler: ending its GRPO run", self.run_name)
+        failed = False
+        while not self._done.is_set():
+            if not failed:  # the coordinator may not be up yet: try again
+                failed = self._fail_run()
+            self._drop_reports()
+
+    def _fail_run(self) -> bool:
+        import ray
+
+        try:
+            coordinator = ray.get_actor(coordinator_name(self.run_name))
+            ray.get(coordinator.fail.remote(STOPPED), timeout=FAIL_TIMEOUT_S)
+        except Exception as error:
+            log.debug("trial %s: could not fail its coordinator yet: %s", self.run_name, error)
+            return False
+        return True
+
+    def _drop_reports(self) -> None:
+        """Take the run's reports off Tune's queue (waits up to :data:`POLL_S`)."""
+        from ray.util.queue import Empty
+
+        try:
+            self._reports.get(timeout=POLL_S)
+        except Empty:
+            pass
+        except Exception as error:  # the queue's actor is gone: nothing blocks on it
+            log.debug("trial %s: its report queue: %s", self.run_name, error)
+            time.sleep(POLL_S)
 
 
 def make_scheduler(job: TuneJobConfig, max_steps: int):
@@ -104,7 +213,7 @@ def make_tuner(
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    reuse = reuses_engines(job)
+    reuse = job.trial.reuse_engines
     trainable = tune.with_resources(
         tune.with_parameters(
             grpo_trial, base=base, runs_uri=trial_runs_uri(sweep_uri), reuse_engines=reuse
@@ -134,7 +243,7 @@ def make_tuner(
             search_alg=BasicVariantGenerator(
                 random_state=job.seed, max_concurrent=job.max_concurrent_trials
             ),
-            reuse_actors=reuse,  # the next trial runs in a finished one's process
+            reuse_actors=reuse,  # the next trial runs in a finished or stopped one's process
         ),
         run_config=tune.RunConfig(
             name=job.run.name,
@@ -144,16 +253,6 @@ def make_tuner(
             callbacks=list(callbacks),
         ),
     )
-
-
-def reuses_engines(job: TuneJobConfig) -> bool:
-    """Whether trials keep their engines for the next trial (``trial.reuse_engines``).
-    Only where no trial is stopped early: a trial that ASHA stops goes on running its
-    GRPO run in its process, and Tune's reset of that process for the next trial fails
-    (that trial errors) unless the run ends within seconds."""
-    if job.trial.reuse_engines and job.scheduler.kind != "fifo":
-        log.info("trial.reuse_engines applies to scheduler.kind=fifo only; engines not kept")
-    return job.trial.reuse_engines and job.scheduler.kind == "fifo"
 
 
 def trial_runs_uri(sweep_uri: str) -> str:

@@ -2,13 +2,17 @@
 Tune actor): a pool given kept engines resets them to version 0 with the starting
 weights (full weights and a LoRA adapter applied before are gone, by the engines' own
 log-probs), leaves them running when it shuts down, and a dead kept engine is replaced;
-a FIFO sweep's second trial runs on the first trial's engine processes, reset."""
+a FIFO sweep's second trial runs on the first trial's engine processes, reset, and so does
+an ASHA sweep's after ASHA stopped the first trial while its GRPO run went on (that run
+ends there, and the next trial's reset of the process succeeds)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +21,17 @@ import yaml
 
 from mmrad.config import LoraConfig, PixelBudget, load_config, read_yaml
 from mmrad.engine import InspectionInput
+from mmrad.rl.coordinator import coordinator_name
 from mmrad.rl.job import ENGINES_FILE
 from mmrad.rl.kept_engines import KeptEngines
 from mmrad.rl.pool import RolloutPool, WorkerSpec
 from mmrad.rl.rollout import RolloutPrompt, WeightUpdate, starting_weights
+from mmrad.storage import Storage
 from mmrad.task.prompt import PromptVariant
+from mmrad.train.metrics_log import read_metrics
 from mmrad.tune.config import TuneJobConfig
 from mmrad.tune.job import TRIAL_RUNS, run_tune
+from mmrad.tune.report import RESULTS_CSV
 from tests.helpers.engines import small_engine_config
 from tests.tune.test_tune_job import CONFIG, SESSION_GRPO
 
@@ -105,38 +113,92 @@ def test_kept_engines_come_back_at_version_0_with_the_starting_weights(ray_clust
         kept.end()
 
 
-def fifo_sweep(tmp_path: Path, model: str, manifest: str, address: str, reuse: bool) -> Path:
+def sweep_file(tmp_path: Path, model: str, manifest: str, address: str, **changes) -> Path:
+    """A sweep of 2 trials, one at a time, of 1-step GRPO runs that keep their engines;
+    ``changes`` replace top-level sections (``grpo_overrides`` add GRPO overrides). The
+    ASHA test below covers FIFO's case too: a trial that ends on its own hands its
+    engines on in the same way, and FIFO differs only in never stopping one."""
     data = read_yaml(CONFIG)
     data["ray"] = {"address": address}
     data["grpo"]["overrides"] += [
         f"model.path={model}", f"data.manifest={manifest}",
         f"run.storage_path={tmp_path / 'grpo'}", *SESSION_GRPO,
         "schedule.max_steps=1", "schedule.checkpoint_every=1",
+        *changes.pop("grpo_overrides", []),
     ]  # fmt: skip
     data["run"] = {"storage_path": str(tmp_path / "sweeps"), "name": "sweep", "loggers": []}
-    data.update(val_samples=2, num_samples=2, scheduler={"kind": "fifo"})
-    data["trial"] = {**data["trial"], "reuse_engines": reuse}
+    data.update(val_samples=2, num_samples=2, max_concurrent_trials=1, scheduler={"kind": "fifo"})
+    data["trial"] = {**data["trial"], "reuse_engines": True}
+    data.update(changes)
     path = tmp_path / "tune.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
 
 
+def runs_in_order(sweep: Path) -> list[Path]:
+    """The trials' GRPO run folders, first started first."""
+    return sorted((sweep / TRIAL_RUNS).iterdir(),
+                  key=lambda run: (run / "run_info.json").stat().st_mtime)  # fmt: skip
+
+
+def engine_reports(runs: list[Path]) -> list[list[dict]]:
+    return [json.loads((run / ENGINES_FILE).read_text()) for run in runs]
+
+
+STOPPED_AT = 2  # ASHA's max_t: the base config's steps (one validation each)
+STOPPED_STEPS = 10  # the first trial's GRPO run, if nothing stopped it
+GONE_WAIT_S = 60.0
+
+
+def live_coordinators(runs: list[Path]) -> list[str]:
+    from ray.util.state import list_actors
+
+    names = {coordinator_name(run.name) for run in runs}
+    alive = list_actors(filters=[("state", "=", "ALIVE")], limit=10_000,
+                        raise_on_missing_output=False)  # fmt: skip
+    return sorted(actor.name for actor in alive if actor.name in names)
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(900)
-def test_a_fifo_sweeps_next_trial_runs_on_the_same_engines_reset(
+def test_an_asha_stopped_trials_run_ends_and_the_next_trials_run_on_its_engines(
     ray_cluster, tiny_model, synthetic_local, tmp_path
 ):
+    """ASHA stops a trial at its validation of step 2 (``max_t`` comes from the base
+    config's 2 steps): the first trial runs 10 steps, so its process goes to the second
+    trial (1 step, which ends before ASHA's limit) while its GRPO run has steps left; the
+    third (1 step) takes the engines of the second, which ended on its own."""
     address = ray_cluster.get_runtime_context().gcs_address
-    config = fifo_sweep(tmp_path, tiny_model, synthetic_local, address, reuse=True)
+    config = sweep_file(
+        tmp_path, tiny_model, synthetic_local, address,
+        grpo_overrides=[f"schedule.max_steps={STOPPED_AT}", "schedule.checkpoint_every=1"],
+        search_space={"schedule.max_steps": {"grid": [STOPPED_STEPS, 1, 1]}}, num_samples=1,
+        scheduler={"kind": "asha", "grace_period": STOPPED_AT, "reduction_factor": 2},
+    )  # fmt: skip
     result = run_tune(load_config(TuneJobConfig, config))
 
-    assert result.trials == 2
-    runs = sorted((tmp_path / "sweeps" / "sweep" / TRIAL_RUNS).iterdir(),
-                  key=lambda run: (run / "run_info.json").stat().st_mtime)  # fmt: skip
-    first, second = (json.loads((run / ENGINES_FILE).read_text()) for run in runs)
-    assert [e["pid"] for e in second] == [e["pid"] for e in first]  # the same processes
-    assert all(e["version"] == 0 and e["adapter_dir"] is None for e in first + second)
+    assert result.trials == 3
+    sweep = tmp_path / "sweeps" / "sweep"
+    runs = runs_in_order(sweep)
+    with (sweep / RESULTS_CSV).open() as table:
+        rows = {row["trial"]: row for row in csv.DictReader(table)}
+    # no trial errored (the reset of the stopped trial's process succeeded); ASHA
+    # stopped the first at its limit, the others ended on their own
+    assert [(rows[run.name]["status"], rows[run.name]["validations"], rows[run.name]["steps"])
+            for run in runs] == [("done", str(STOPPED_AT), str(STOPPED_AT)),
+                                 ("done", "1", "1"), ("done", "1", "1")]  # fmt: skip
+    first, *later = engine_reports(runs)
+    for engines in later:
+        assert [e["pid"] for e in engines] == [e["pid"] for e in first]  # the same processes
+        assert all(e["reloaded"] for e in engines)  # the channel had replaced the weights
+    assert all(e["version"] == 0 and e["adapter_dir"] is None for e in first + sum(later, []))
     assert not any(e["reloaded"] for e in first)  # new engines
-    # the first trial's merged policy came over the weight channel: reloaded
-    assert all(e["reloaded"] for e in second)
-    assert all((run / "export" / "mmrad.json").exists() for run in runs)
+    # the stopped run ended soon after the stop, far from its own end; the next ran whole
+    steps = [row["step"] for row in read_metrics(Storage(), str(runs[0]))]
+    assert STOPPED_AT <= max(steps) < STOPPED_STEPS, steps
+    assert not (runs[0] / "export").exists()
+    assert all((run / "export" / "mmrad.json").exists() for run in runs[1:])
+    deadline = time.monotonic() + GONE_WAIT_S  # the last trial's process is being ended
+    while live_coordinators(runs) and time.monotonic() < deadline:
+        time.sleep(1.0)
+    assert not live_coordinators(runs)  # no GRPO run goes on
