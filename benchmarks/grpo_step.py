@@ -52,7 +52,10 @@ from mmrad.storage import Storage
 from mmrad.train.metrics_log import read_metrics
 
 SPLIT = ("time/rollout", "time/reward", "time/learner", "time/sync", "time/wait")
-OVERHEAD_PARTS = ("time/generation", "time/learner", "time/sync_critical", "time/overhead")
+OVERHEAD_PARTS = (
+    "time/generation", "time/learner", "time/sync_critical", "time/between_steps",
+    "time/overhead",
+)  # fmt: skip
 TOKEN_TOLERANCE = 0.10  # sampled lengths follow the policy, which overlap changes
 
 

@@ -213,7 +213,6 @@ def record_engines(coordinator, storage: Storage, run_uri: str) -> None:
     """Write what the kept engines reported when the run's pool reset them."""
     try:
         reused = ray.get(coordinator.engines.remote(), timeout=120)
-    except Exception as err:  # the run's own error matters more
-        log.warning("asking the GRPO coordinator about its engines: %s", err)
-        return
-    storage.write_text(join(run_uri, ENGINES_FILE), json.dumps(reused, indent=2))
+        storage.write_text(join(run_uri, ENGINES_FILE), json.dumps(reused, indent=2))
+    except Exception as err:  # the run's own error, and stopping its coordinator, matter more
+        log.warning("recording the GRPO run's kept engines: %s", err)

@@ -52,9 +52,12 @@ class KeptEngines:
         import ray
 
         actors, self._actors, self._spec = self._actors, [], None
+        actors = [actor for actor in actors if actor is not None]
+        # closed first, as the pool ends its own: vLLM frees its memory (a new engine's
+        # start-up on the same GPU checks what is free) and adapter folders are removed
+        ray.wait([a.close.remote() for a in actors], num_returns=len(actors), timeout=60)
         for actor in actors:
-            if actor is not None:
-                ray.kill(actor)
+            ray.kill(actor)
 
     def _start(self, spec: WorkerSpec, slot: int) -> Any:
         name = worker_name(slot, 0)

@@ -445,6 +445,8 @@ class GRPOLearner:
             "time/wait": waited,  # rank 0's: it pushes the weights the next batch waits for
             "time/learner": learned - computing,
             "time/sync_gather": synced - learned,
+            # the previous step's validation, checkpoint and reports: not this step's
+            "time/between_steps": started - self._step_end,
             "time/step": time.perf_counter() - self._step_end,
         })  # fmt: skip
         self._step_end = time.perf_counter()

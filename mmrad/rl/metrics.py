@@ -17,7 +17,8 @@ Per step (JSONL + TensorBoard through :class:`~mmrad.train.metrics_log.MetricsLo
   ``mismatch/mean_abs|max_abs|kl``, ``tis/mean_weight|capped_share``;
 - ``rollout/tokens_per_s``; ``time/rollout|reward|learner|sync|wait|step``,
   ``time/generation`` (the engines' own sampling time within ``time/rollout``),
-  ``time/sync_critical`` (:func:`critical_sync`), ``time/overhead``
+  ``time/sync_critical`` (:func:`critical_sync`), ``time/between_steps`` (the previous
+  step's validation, checkpoint and reports), ``time/overhead``
   (:func:`step_overhead`) and ``time/rollout_hidden_share``;
   ``version_lag`` (max) and ``version_lag/mean``;
 - every ``validation.every`` steps: ``val/<metric>`` (the evaluation job's rates on
@@ -128,18 +129,21 @@ def critical_sync(gather: float, apply: float, previous_gather: float, channel: 
     sent: the apply a batch logs came before it) outlasted that send. Over the channel the
     engines receive while the learners send, so only the receive's tail past
     ``previous_gather`` counts; through the object store the engines load after the
-    learners are done, so all of it does."""
+    learners are done, so all of it does. For ``max_staleness: 0``: with overlap the
+    apply a batch logs is of older weights, and on sync-check steps the check applies
+    the new weights within the step that sent them."""
     tail = max(0.0, apply - previous_gather) if channel else apply
     return gather + tail
 
 
 def step_overhead(metrics: Mapping[str, float]) -> float:
-    """Seconds of a step that are neither the engines' sampling, the learners' compute
-    nor the weight sync the learners wait through: the coordinator, Ray calls,
+    """Seconds of a step that are neither the engines' sampling, the learners' compute,
+    the weight sync the learners wait through nor the previous step's validation,
+    checkpoint and reports (``time/between_steps``): the coordinator, Ray calls,
     serialisation, prompt decoding and scoring. Meant for ``max_staleness: 0``, where
     these run one after another; with overlap, sampling hides behind learning and this
     goes negative."""
-    parts = ("time/generation", "time/learner", "time/sync_critical")
+    parts = ("time/generation", "time/learner", "time/sync_critical", "time/between_steps")
     return metrics["time/step"] - sum(metrics.get(key, 0.0) for key in parts)
 
 

@@ -254,6 +254,8 @@ class RolloutPool:
             else:
                 self.reused = self._on_each_worker(lambda w, fresh: w.actor.reset.remote())
         except Exception as error:
+            for worker in self._workers:  # half reset: no run may sample from them
+                worker.borrowed = False
             self.shutdown()
             raise RolloutError(f"rollout workers failed to start: {error}") from error
 

@@ -156,11 +156,21 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} in adapter_config is not JSON serialisable")
 
 
-def starting_weights(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """The named tensors of a model folder's safetensors files (HF names)."""
+def starting_weights(model: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """The named tensors of a model's safetensors files (HF names): a folder, or a hub
+    id from the local hub cache (vLLM downloaded it). Raises when there are none: an
+    engine reset to nothing would go on sampling the previous run's weights."""
     from safetensors import safe_open
 
-    for path in sorted(Path(model_dir).glob("*.safetensors")):
+    folder = Path(model)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(model, local_files_only=True))
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model}: no *.safetensors files to reset the engine to")
+    for path in files:
         with safe_open(str(path), framework="pt") as weights:
             for name in weights.keys():  # noqa: SIM118 (safe_open is no dict)
                 yield name, weights.get_tensor(name)
@@ -344,6 +354,7 @@ class RolloutWorker:
         loaded again from the model folder. Returns the worker's ``pid``, ``version``,
         ``adapter_dir`` and whether the weights were ``reloaded``."""
         self._drop_adapter()
+        self._engine.leave_channel()  # the previous run's learners are gone
         reloaded = self._changed_base
         if reloaded:
             self._engine.update_weights(starting_weights(self._engine.model_path), 0)

@@ -127,6 +127,7 @@ def test_full_sync_overlap_and_logging(short_run):
         "clip_ratio/region_mean", "completions/mean_length", "completions/max_length",
         "rollout/tokens_per_s", "time/rollout", "time/reward", "time/learner", "time/sync",
         "time/wait", "time/generation", "time/sync_critical", "time/overhead",
+        "time/between_steps",
         "mismatch/mean_abs", "mismatch/max_abs", "version_lag", "loss/policy",
         "tis/mean_weight", "sync/logprob_max_abs_diff",
         # the names SFT logs too
