@@ -262,11 +262,12 @@ class Coordinator:
         Takes no coordinator lock: it answers while a batch is being made."""
         return self.pool.channel_failure(name)
 
-    def fail(self, reason: str) -> None:
+    def fail(self, reason: str, requested: bool = False) -> None:
         """End the run: the learners found a fault that restarting them cannot fix (the
-        engines do not hold their weights); a restarted learner group's :meth:`start`
-        raises ``reason``."""
-        log.error("%s", reason)
+        engines do not hold their weights), or someone asked (``requested``: a sweep's
+        scheduler stopped the trial; no error then); a restarted learner group's
+        :meth:`start` raises ``reason``."""
+        log.log(logging.INFO if requested else logging.ERROR, "%s", reason)
         with self._cond:
             self._fatal = reason
             self._cond.notify_all()  # the other learners' calls leave too

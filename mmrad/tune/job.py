@@ -170,7 +170,7 @@ class TrialStop:
 
         try:
             coordinator = ray.get_actor(coordinator_name(self.run_name))
-            ray.get(coordinator.fail.remote(STOPPED), timeout=FAIL_TIMEOUT_S)
+            ray.get(coordinator.fail.remote(STOPPED, requested=True), timeout=FAIL_TIMEOUT_S)
         except Exception as error:
             log.debug("trial %s: could not fail its coordinator yet: %s", self.run_name, error)
             return False
@@ -194,11 +194,14 @@ def make_scheduler(job: TuneJobConfig, max_steps: int):
 
     if job.scheduler.kind == "fifo":
         return FIFOScheduler()
-    validations = -(-max_steps // job.validate_every)
+    # in GRPO steps, which every report carries: Tune's training_iteration also counts
+    # the checkpoint reports, which would move the rungs (and max_t) wherever
+    # checkpoint_every and validate_every do not line up
+    grace = job.scheduler.grace_period * job.validate_every
     return ASHAScheduler(
-        time_attr="training_iteration",
-        max_t=max(validations, job.scheduler.grace_period),
-        grace_period=job.scheduler.grace_period,
+        time_attr="step",
+        max_t=max(max_steps, grace),
+        grace_period=grace,
         reduction_factor=job.scheduler.reduction_factor,
     )
 

@@ -62,3 +62,19 @@ def test_a_resumed_sweep_with_another_space_or_base_is_refused(tmp_path, space, 
     assert message in str(refused.value)
     assert "choose a new run.name" in str(refused.value)
     assert json.loads((tmp_path / "sweep" / SWEEP_FILE).read_text())["base"] == BASE  # kept
+
+
+def test_asha_counts_grpo_steps_not_reports():
+    """Checkpoint reports advance Tune's training_iteration too: the rungs are in the
+    steps every report carries, so checkpoints between validations move nothing."""
+    from mmrad.tune.config import TuneJobConfig
+    from mmrad.tune.job import make_scheduler
+
+    job = TuneJobConfig.model_validate({
+        "validate_every": 2, "scheduler": {"kind": "asha", "grace_period": 2},
+        "search_space": {"optimizer.lr": {"choice": [1e-4]}},
+    })  # fmt: skip
+    asha = make_scheduler(job, max_steps=10)
+    assert (asha._time_attr, asha._max_t) == ("step", 10)
+    # rungs at 2 validations (step 4) and twice that, whatever checkpoints come between
+    assert sorted(milestone for milestone, _ in asha._brackets[0]._rungs) == [4, 8]
