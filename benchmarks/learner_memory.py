@@ -76,7 +76,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from record import Arm, compare, publish
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -1007,6 +1006,10 @@ def results_json(m: Measurements, counts: ParameterCounts, rows: list[Row]) -> d
 def publish_checkpointing(m: Measurements) -> None:
     """The bytes a LoRA decoder layer keeps for backward per token, checkpointed against
     plain: both measured on the same layer and the same tokens."""
+    # here, not at the top: scripts/gpu_check.py imports this module as
+    # benchmarks.learner_memory, where the scripts' sibling module is not on the path
+    from record import Arm, compare, publish
+
     lora = next(block for key, block in m.decoder.items() if key.startswith("lora"))
     work = {"tokens": lora.measured_at, "layers": 1}
     publish(
