@@ -35,7 +35,7 @@ LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "ray_jobs": (("ray_jobs",), (*DRIVERS, *JOBS, "runtime", *CORE, *INPUTS, *BASE)),
     # the command line and what every entry point shares (job args, the README reference)
     "cli": (
-        ("mmrad.cli", "mmrad.jobs", "mmrad.config_docs"),
+        ("mmrad.cli", "mmrad.jobs", "mmrad.config_docs", "mmrad.kubernetes"),
         ("pipeline", "tune", *JOBS, "runtime", *CORE, *INPUTS, *BASE),
     ),
     "pipeline": (("mmrad.pipeline",), ("tune", *JOBS, "runtime", *CORE, *INPUTS, *BASE)),
