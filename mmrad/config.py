@@ -312,6 +312,11 @@ class PixelBudget(Section):
             raise ValueError(f"min_pixels {self.min_pixels} > max_pixels {self.max_pixels}")
         return self
 
+    def processor_size(self) -> dict[str, int]:
+        """The budget as an image processor's ``size`` (transformers 5 and vLLM's
+        ``mm_processor_kwargs`` take it; ``min_pixels``/``max_pixels`` are deprecated)."""
+        return {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
+
 
 DEFAULT_MAX_BAD_FRACTION = 0.01
 
@@ -669,6 +674,12 @@ class EngineConfig(Section):
     max_num_seqs: int = Field(64, ge=1)
     enable_lora: bool = Field(False)
     max_lora_rank: int = Field(64, ge=1)
+    max_loras: int = Field(
+        1,
+        ge=1,
+        description="LoRA adapters in one batch, and kept loaded (least recently used "
+        "dropped first, reloaded from their folder when asked for again).",
+    )
     max_images: int = Field(2, ge=1, description="Images per prompt.")
     seed: int = 0
     multiprocess: bool | None = Field(

@@ -38,7 +38,11 @@ class AsyncEngine:
 
     Safe to call from many coroutines of one event loop at once (that is the point).
     Cancelling a caller (a client that hung up) aborts its request in the engine.
-    ``log_stats`` turns on vLLM's periodic throughput log lines.
+    ``log_stats`` turns on vLLM's periodic throughput log lines; ``ray_metrics`` exports
+    vLLM's engine metrics (time to first token, queue length, KV-cache use, ...) through
+    Ray's metrics agent, so they reach Ray's Prometheus endpoint. Images are resized to
+    ``pixels`` whichever way they arrive (a prompt from :meth:`request`, or vLLM's own
+    chat rendering).
     """
 
     def __init__(
@@ -49,7 +53,9 @@ class AsyncEngine:
         variant: PromptVariant = PromptVariant(),  # noqa: B008 (frozen, safe to share)
         *,
         log_stats: bool = False,
+        ray_metrics: bool = False,
     ):
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -63,11 +69,22 @@ class AsyncEngine:
         if not on_gpu:
             prepare_cpu_environment()  # the model runs in the core process: 2 processes, not 3
         args = AsyncEngineArgs(
-            **engine_kwargs(config, self.model_path, on_gpu=on_gpu), disable_log_stats=not log_stats
+            **engine_kwargs(config, self.model_path, on_gpu=on_gpu),
+            mm_processor_kwargs={"size": pixels.processor_size()},
+            # JSON answers (response_format) compact: a model cannot loop on whitespace.
+            structured_outputs_config=StructuredOutputsConfig(
+                backend="xgrammar", disable_any_whitespace=True
+            ),
+            disable_log_stats=not log_stats,
         )
-        self._llm: Any = AsyncLLM.from_engine_args(args)
+        self._llm: Any = AsyncLLM.from_engine_args(args, stat_loggers=_stat_loggers(ray_metrics))
 
     # -- prompts ----------------------------------------------------------------------
+
+    @property
+    def client(self) -> Any:
+        """The vLLM ``AsyncLLM`` (an ``EngineClient``: what vLLM's serving classes take)."""
+        return self._vllm()
 
     @property
     def processor(self) -> Any:
@@ -86,24 +103,28 @@ class AsyncEngine:
     # -- sampling ---------------------------------------------------------------------
 
     async def outputs(
-        self, item: Prompt, sampling: Sampling, *, stream: bool = False
+        self, item: Prompt, sampling: Sampling, *, stream: bool = False, lora: Any = None
     ) -> AsyncIterator[Any]:
         """vLLM ``RequestOutput``s of one prompt: with ``stream``, one per engine step
         holding what each of the ``sampling.n`` completions added (``outputs[i].index``
-        says which), else a single final one holding all of them."""
+        says which), else a single final one holding all of them. ``lora``: a vLLM
+        ``LoRARequest`` to answer with (``None``: the base weights)."""
         from vllm.sampling_params import RequestOutputKind
 
         params = sampling.to_vllm()
         params.output_kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
         prompt = self.request(item)
-        async for output in self._vllm().generate(prompt, params, uuid.uuid4().hex):
+        request_id = uuid.uuid4().hex
+        async for output in self._vllm().generate(prompt, params, request_id, lora_request=lora):
             yield output
 
-    async def generate(self, item: Prompt, sampling: Sampling) -> list[Completion]:
+    async def generate(
+        self, item: Prompt, sampling: Sampling, lora: Any = None
+    ) -> list[Completion]:
         """``sampling.n`` completions of one prompt (with scores when log-probs are
         asked for), in index order."""
         final = None
-        async for output in self.outputs(item, sampling):
+        async for output in self.outputs(item, sampling, lora=lora):
             final = output
         if final is None:
             raise RuntimeError("the engine returned no output")
@@ -125,3 +146,12 @@ class AsyncEngine:
         if self._llm is None:
             raise RuntimeError("the engine is closed")
         return self._llm
+
+
+def _stat_loggers(ray_metrics: bool) -> list[Any] | None:
+    """vLLM's Ray stat logger (its metrics through ``ray.util.metrics``), or none."""
+    if not ray_metrics:
+        return None
+    from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+    return [RayPrometheusStatLogger]

@@ -28,11 +28,6 @@ WORKER_EXTENSION = "mmrad.engine.worker_extension.WeightReceiver"
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """The ``max_lora_rank`` values vLLM 0.32 accepts (``vllm.config.lora.MaxLoRARanks``)."""
 
-MAX_LORAS = 1
-"""Adapters in one batch: :class:`~mmrad.engine.engine.Engine` runs one adapter per
-``generate`` call, so one slot is enough (older versions are evicted, least recently
-used first, and reloaded from their directory if asked for again)."""
-
 
 def on_gpu_default() -> bool:
     """Whether vLLM will run on a GPU here."""
@@ -98,7 +93,8 @@ def engine_kwargs(
         kwargs |= {
             "enable_lora": True,
             "max_lora_rank": lora_rank_slot(config.max_lora_rank),
-            "max_loras": MAX_LORAS,
+            "max_loras": config.max_loras,
+            "max_cpu_loras": config.max_loras,
         }
     return kwargs
 

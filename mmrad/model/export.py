@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from mmrad.config import LoraConfig, PixelBudget, PromptConfig
-from mmrad.model.loading import EXPORT_IN_PROGRESS, load_model, load_processor, pixel_size
+from mmrad.model.loading import EXPORT_IN_PROGRESS, load_model, load_processor
 from mmrad.model.lora import ADAPTER_NAME, apply_lora, is_peft
 from mmrad.storage import Storage, StorageError, is_remote, join, local_path
 
@@ -222,7 +222,7 @@ def _save_processor(processor, pixels: PixelBudget, staging: Path) -> None:
     for name in ("image_processor", "video_processor"):
         part = getattr(processor, name, None)
         if part is not None and hasattr(part, "size"):
-            part.size = SizeDict(**pixel_size(pixels))
+            part.size = SizeDict(**pixels.processor_size())
     processor.save_pretrained(staging)
 
 

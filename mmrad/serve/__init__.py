@@ -5,8 +5,10 @@
 - ``app``: the application (``import_path: mmrad.serve.app:app_builder``): one FastAPI
   ingress deployment whose replicas each own an
   :class:`~mmrad.engine.async_engine.AsyncEngine`.
-- ``api`` / ``detect`` / ``overlay``: ``POST /v1/detect``; ``openai_api``: the
-  OpenAI-compatible ``/v1/chat/completions`` and ``/v1/models``.
+- ``api`` / ``detect`` / ``overlay``: ``POST /v1/detect``.
+- ``vllm_api``: vLLM's own OpenAI serving classes on the replica's engine (chat and
+  completions); ``openai_api``: the checks in front of them and ``/v1/models``.
+- ``adapters``: one LoRA adapter per production line, chosen by the request's ``model``.
 - ``images`` / ``errors``: limits and checks at the edge, JSON errors.
 - ``deploy``: deploying a config file as ``serve run FILE`` does.
 - ``metrics``: mmrad's Prometheus counters beside Ray Serve's.

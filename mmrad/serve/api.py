@@ -5,9 +5,9 @@ the bearer token are checked before anything is parsed, and every problem comes 
 a JSON error naming the field (see :mod:`mmrad.serve.errors`).
 
 Multipart fields: ``image`` (file, required), ``reference`` (file), ``category``,
-``threshold``, ``overlay``. JSON: the same keys, images as base64 or
-``data:image/...;base64,`` URIs. ``category``, ``threshold`` and ``overlay`` may also be
-query parameters (the body wins).
+``threshold``, ``overlay``, ``model`` (an adapter's name; default the base model). JSON:
+the same keys, images as base64 or ``data:image/...;base64,`` URIs. ``category``,
+``threshold``, ``overlay`` and ``model`` may also be query parameters (the body wins).
 """
 
 from __future__ import annotations
@@ -40,6 +40,11 @@ class DetectOptions(BaseModel):
         None, ge=0.0, le=1.0, description="anomalous = score >= threshold (else the answer)."
     )
     overlay: bool = Field(False, description="Also return a PNG with the boxes drawn.")
+    model: str | None = Field(
+        None,
+        max_length=200,
+        description="Adapter (production line) to answer with; default: the base model.",
+    )
 
 
 class DetectJSON(DetectOptions):

@@ -19,18 +19,18 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mmrad.config import ConfigError, validate_config
 from mmrad.engine.requests import grid_of
+from mmrad.serve.admission import RETRY_AFTER_S
 from mmrad.serve.api import (
     JSON_TYPE,
     DetectResponse,
@@ -41,16 +41,16 @@ from mmrad.serve.api import (
 )
 from mmrad.serve.config import DEPLOYMENT_NAME, ServeArgs, resolve_auth_token
 from mmrad.serve.detect import detect_sampling, detection, inspection
-from mmrad.serve.errors import ApiError, error_body, validation_error
+from mmrad.serve.errors import ApiError, error_body
 from mmrad.serve.images import ImageLimits, png_base64
 from mmrad.serve.openai_api import (
-    ChatRequest,
-    ResponseMeta,
-    chat_messages,
-    chat_response,
-    chat_stream,
-    check_model,
+    check_chat_images,
+    check_request_fields,
     model_list,
+    requested_model,
+    sequences,
+    validated,
+    with_default_max_tokens,
 )
 
 log = logging.getLogger(__name__)
@@ -80,27 +80,41 @@ async def _validation_error(request: Request, err: RequestValidationError) -> JS
 def engine_error(err: Exception) -> Exception:
     """An engine failure as the client should see it: the request's own fault → 400,
     a dead engine → 503 (Serve's health check then replaces the replica), else as is."""
-    from vllm.exceptions import VLLMClientError
+    from vllm.exceptions import GracefulHTTPError, VLLMClientError
     from vllm.v1.engine.exceptions import EngineDeadError
 
     if isinstance(err, ApiError):
         return err
     if isinstance(err, EngineDeadError):
         return ApiError(503, "the engine stopped; this replica is being replaced")
+    if isinstance(err, GracefulHTTPError):  # vLLM's own queue bounds (none set by mmrad)
+        return ApiError(err.http_status, err.message, headers={"Retry-After": RETRY_AFTER_S})
     cause = err.__cause__ if err.__cause__ is not None else err
     if isinstance(cause, VLLMClientError | ValueError | TypeError):
-        return ApiError(400, f"the engine refused the request: {cause}")
+        return ApiError(400, f"the engine refused the request: {cause}",
+                        getattr(cause, "parameter", None))  # fmt: skip
     return err
 
 
-def _chat_request(body: bytes) -> ChatRequest:
+def _json_object(body: bytes) -> dict[str, Any]:
     data = parse_json(body)
     if not isinstance(data, dict):
         raise ApiError(422, "request body must be a JSON object")
-    try:
-        return ChatRequest.model_validate(data)
-    except ValidationError as err:
-        raise validation_error(err) from None
+    return data
+
+
+def vllm_response(result: Any, ticket: Any) -> Any:
+    """The HTTP response of a vLLM serving call: its error as JSON with its status, a
+    whole response as JSON, or its server-sent events, holding ``ticket`` until they end."""
+    from pydantic import BaseModel
+
+    from mmrad.serve.vllm_api import ErrorResponse
+
+    if isinstance(result, ErrorResponse):
+        return JSONResponse(result.model_dump(), status_code=result.error.code)
+    if isinstance(result, BaseModel):
+        return JSONResponse(result.model_dump())
+    return StreamingResponse(ticket.keep_for(result), media_type="text/event-stream")
 
 
 def _overlay(image: Any, verdict: Any) -> str:
@@ -120,21 +134,33 @@ def _overlay(image: Any, verdict: Any) -> str:
 class MMRADServer:
     """One replica: the model's engine behind the HTTP API."""
 
-    def __init__(self, args: Mapping[str, Any]):
+    async def __init__(self, args: Mapping[str, Any]):
         from mmrad.engine.async_engine import AsyncEngine
+        from mmrad.serve.admission import Admission
         from mmrad.serve.metrics import ServeMetrics
-        from mmrad.serve.model import load_served_model
+        from mmrad.serve.model import (
+            in_flight_limit,
+            load_served_model,
+            served_adapters,
+            served_engine,
+        )
+        from mmrad.serve.vllm_api import serving_state
 
         self.args = ServeArgs.model_validate(dict(args))
         self._token = resolve_auth_token(self.args)
         self.model = load_served_model(self.args)
-        self.engine = AsyncEngine(
-            self.model.path, self.args.engine, self.model.pixels, self.model.variant
-        )
+        engine_config = served_engine(self.args)
+        self.engine = AsyncEngine(self.model.path, engine_config, self.model.pixels,
+                                  self.model.variant, ray_metrics=True)  # fmt: skip
+        self.serving = await serving_state(self.engine.client, self.model.path,
+                                           self.args.model_name)  # fmt: skip
+        self.adapters = await served_adapters(self.args, self.model, self.serving.models)
+        self.admission = Admission(in_flight_limit(self.args))
         self.limits = ImageLimits(self.args.max_upload_bytes, self.args.max_pixels)
         self.metrics = ServeMetrics()
         self.created = int(time.time())
-        log.info("serving %s from %s (auth %s)", self.args.model_name, self.model.path,
+        log.info("serving %s from %s with adapters %s (auth %s)", self.args.model_name,
+                 self.model.path, sorted(self.args.adapters) or "none",
                  "on" if self._token else "off")  # fmt: skip
 
     # -- routes ---------------------------------------------------------------------------
@@ -151,7 +177,8 @@ class MMRADServer:
     async def models(self, request: Request) -> dict[str, Any]:
         async with self.metrics.track("/v1/models"):
             self._authorize(request)
-            return model_list(self.args.model_name, self.created, self.model.contract.record())
+            return model_list(self.args.model_name, self.created, self.model.contract.record(),
+                              self.args.adapters, await self.adapters.loaded())  # fmt: skip
 
     @api.post("/v1/detect", response_model=DetectResponse)
     async def detect(self, request: Request) -> DetectResponse:
@@ -167,13 +194,16 @@ class MMRADServer:
                 dict(request.query_params),
                 self.limits,
             )
+            model = parsed.options.model or self.args.model_name
+            lora = await self.adapters.resolve(model)
             item = inspection(parsed.image, parsed.reference, parsed.options.category,
                               self.model.contract)  # fmt: skip
             prompt = await asyncio.to_thread(self.engine.request, item)
             try:
-                [completion] = await self.engine.generate(
-                    prompt, detect_sampling(self.args.max_tokens)
-                )
+                with self.admission.admit(1):
+                    [completion] = await self.engine.generate(
+                        prompt, detect_sampling(self.args.max_tokens), lora=lora
+                    )
             except Exception as err:
                 raise engine_error(err) from err
             self.metrics.generated("/v1/detect", len(completion.token_ids))
@@ -199,33 +229,35 @@ class MMRADServer:
                 completion=result.completion,
                 width=parsed.image.width,
                 height=parsed.image.height,
-                model=self.args.model_name,
+                model=model,
                 latency_ms=1000 * (time.perf_counter() - start),
                 overlay_png=overlay,
             )
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:
-        """OpenAI chat completions (see :mod:`mmrad.serve.openai_api`)."""
+        """OpenAI chat completions, answered by vLLM's own serving layer (see
+        :mod:`mmrad.serve.openai_api` for what is checked in front of it)."""
+        from mmrad.serve.vllm_api import ChatCompletionRequest
+
         async with self.metrics.track("/v1/chat/completions"):
-            self._authorize(request)
-            body = await read_body(request, self.args.max_upload_bytes)
-            if media_type(request.headers.get("content-type")) != JSON_TYPE:
-                raise ApiError(415, f"content type must be {JSON_TYPE}")
-            chat = await asyncio.to_thread(_chat_request, body)
-            check_model(chat.model, self.args.model_name)
-            prompt = await asyncio.to_thread(self._chat_prompt, chat)
-            sampling = chat.sampling(self.args.max_tokens)
-            meta = ResponseMeta(model=self.args.model_name, top_logprobs=chat.top_logprobs or 0)
-            if not chat.stream:
-                final = await self._final_output(prompt, sampling)
-                self.metrics.generated(
-                    "/v1/chat/completions", sum(len(o.token_ids) for o in final.outputs)
-                )
-                return JSONResponse(chat_response(final, meta))
-            deltas = await self._started_stream(prompt, sampling)
-            events = chat_stream(deltas, meta, chat.n, chat.include_usage)
-            return StreamingResponse(events, media_type="text/event-stream")
+            data = await self._openai_body(request, ChatCompletionRequest)
+            await asyncio.to_thread(check_chat_images, data, self.limits,
+                                    self.args.engine.max_images)  # fmt: skip
+            create = self.serving.chat.create_chat_completion
+            return await self._generate("/v1/chat/completions", request, data,
+                                        ChatCompletionRequest, create)  # fmt: skip
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Any:
+        """OpenAI (legacy) completions on a text prompt, by vLLM's serving layer."""
+        from mmrad.serve.vllm_api import CompletionRequest
+
+        async with self.metrics.track("/v1/completions"):
+            data = await self._openai_body(request, CompletionRequest)
+            create = self.serving.completion.create_completion
+            return await self._generate("/v1/completions", request, data, CompletionRequest,
+                                        create)  # fmt: skip
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -251,39 +283,33 @@ class MMRADServer:
         raise ApiError(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
                        headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
 
-    def _chat_prompt(self, chat: ChatRequest) -> dict[str, Any]:
-        messages, images = chat_messages(chat, self.limits, self.args.engine.max_images)
-        return self.engine.chat_request(messages, images)
+    async def _openai_body(self, request: Request, request_type: type) -> dict[str, Any]:
+        """An authorised OpenAI request's JSON object: within the byte limit, no fields
+        this server does not support, ``max_tokens`` defaulted."""
+        self._authorize(request)
+        body = await read_body(request, self.args.max_upload_bytes)
+        if media_type(request.headers.get("content-type")) != JSON_TYPE:
+            raise ApiError(415, f"content type must be {JSON_TYPE}")
+        data = await asyncio.to_thread(_json_object, body)
+        check_request_fields(data, request_type)
+        return with_default_max_tokens(data, self.args.max_tokens)
 
-    async def _final_output(self, prompt: dict[str, Any], sampling: Any) -> Any:
-        final = None
-        try:
-            async for output in self.engine.outputs(prompt, sampling):
-                final = output
-        except Exception as err:
-            raise engine_error(err) from err
-        if final is None:
-            raise ApiError(500, "the engine returned no output")
-        return final
-
-    async def _started_stream(self, prompt: dict[str, Any], sampling: Any) -> AsyncIterator[Any]:
-        """The engine's delta stream, started here so that a request the engine refuses
-        (a prompt too long, say) gets its 4xx before the 200 of a stream is sent."""
-        stream = self.engine.outputs(prompt, sampling, stream=True)
-        try:
-            first = await anext(stream)
-        except Exception as err:
-            raise engine_error(err) from err
-
-        async def rest() -> AsyncIterator[Any]:
-            yield first
+    async def _generate(
+        self, route: str, request: Request, data: dict[str, Any], request_type: type, create: Any
+    ) -> Any:
+        """Run a vLLM serving call (``create``) on the request ``data`` names the model
+        (or adapter) of, within this replica's admission limit."""
+        await self.adapters.resolve(requested_model(data))
+        with self.admission.admit(sequences(data)) as ticket:
             try:
-                async for output in stream:
-                    yield output
+                parsed = validated(request_type, data)  # vLLM's own checks raise its errors
+                result = await create(parsed, request)
             except Exception as err:
                 raise engine_error(err) from err
-
-        return rest()
+            usage = getattr(result, "usage", None)
+            if usage is not None:
+                self.metrics.generated(route, usage.completion_tokens or 0)
+            return vllm_response(result, ticket)
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,7 @@ from mmrad.config import (
 )
 
 IMPORT_PATH = "mmrad.serve.app:app_builder"
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 DEPLOYMENT_NAME = "MMRADServer"
 
 
@@ -104,6 +106,25 @@ class ServeArgs(Section):
     max_tokens: int = Field(
         512, ge=1, description="Tokens /v1/detect generates; chat's default max_tokens."
     )
+    adapters: dict[str, str] = Field(
+        default_factory=dict,
+        description="LoRA adapters over the one base model, by name: {production-line: "
+        "local folder or s3:// prefix of a peft adapter}. A request names one in `model` "
+        "(chat, completions) or the `model` field (/v1/detect); loaded on first use.",
+    )
+    max_loaded_adapters: int = Field(
+        4,
+        ge=1,
+        description="Adapters each replica keeps loaded (and batches together); the least "
+        "recently used is dropped beyond it and reloaded when asked for again.",
+    )
+    max_queued_requests: int | None = Field(
+        None,
+        ge=0,
+        description="Sequences a replica holds waiting beyond the engine.max_num_seqs it "
+        "runs; more get 503 (JSON, Retry-After). None: no bound. Takes effect while the "
+        "deployment's max_ongoing_requests lets more than max_num_seqs + this in.",
+    )
 
     _null_prompt = field_validator("prompt", mode="before")(null_is_no_overrides)
 
@@ -123,6 +144,22 @@ class ServeArgs(Section):
     def _one_token_source(self) -> ServeArgs:
         if self.auth_token_env is not None and self.auth_token is not None:
             raise ValueError("give auth_token_env or auth_token, not both")
+        return self
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_names(cls, adapters: dict[str, str]) -> dict[str, str]:
+        for name, uri in adapters.items():
+            if not ADAPTER_NAME.fullmatch(name):
+                raise ValueError(f"adapter name {name!r}: use letters, digits, '.', '_', '-'")
+            if not uri:
+                raise ValueError(f"adapter {name!r}: empty folder")
+        return adapters
+
+    @model_validator(mode="after")
+    def _adapters_not_the_base(self) -> ServeArgs:
+        if self.model_name in self.adapters:
+            raise ValueError(f"adapter {self.model_name!r} has the base model's name (model_name)")
         return self
 
 

@@ -54,6 +54,19 @@ def decode_image(
     data: bytes, field: str, limits: ImageLimits, content_type: str | None = None
 ) -> Image.Image:
     """An RGB image from untrusted bytes, or an :class:`ApiError` naming ``field``."""
+    image = open_image(data, field, limits, content_type)
+    try:
+        image.load()
+        return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
+        raise ApiError(400, f"field {field!r}: corrupt or truncated image ({err})", field) from None
+
+
+def open_image(
+    data: bytes, field: str, limits: ImageLimits, content_type: str | None = None
+) -> Image.Image:
+    """Untrusted bytes opened as an image after every check that needs no decoding
+    (type, byte size, format, pixel count from the header); pixels not yet decoded."""
     check_content_type(content_type, field)
     if not data:
         raise ApiError(400, f"field {field!r}: empty image", field)
@@ -71,11 +84,7 @@ def decode_image(
         accepted = ", ".join(sorted(ACCEPTED_FORMATS))
         raise ApiError(415, f"field {field!r}: {image.format} images are not accepted ({accepted})",
                        field)  # fmt: skip
-    try:
-        image.load()
-        return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError, EOFError) as err:
-        raise ApiError(400, f"field {field!r}: corrupt or truncated image ({err})", field) from None
+    return image
 
 
 def check_pixels(size: tuple[int, int], field: str, max_pixels: int) -> None:
@@ -92,6 +101,19 @@ def check_pixels(size: tuple[int, int], field: str, max_pixels: int) -> None:
 
 def decode_base64_image(text: str, field: str, limits: ImageLimits) -> Image.Image:
     """An image from base64 text or a ``data:image/...;base64,`` URI."""
+    data, content_type = _base64_bytes(text, field, limits)
+    return decode_image(data, field, limits, content_type)
+
+
+def check_base64_image(text: str, field: str, limits: ImageLimits) -> None:
+    """:func:`decode_base64_image`'s checks without decoding the pixels (for images that
+    vLLM decodes itself)."""
+    data, content_type = _base64_bytes(text, field, limits)
+    open_image(data, field, limits, content_type).close()
+
+
+def _base64_bytes(text: str, field: str, limits: ImageLimits) -> tuple[bytes, str | None]:
+    """The bytes of base64 text or a data URI, and the URI's content type."""
     content_type = None
     if text.startswith("data:"):
         header, sep, text = text.partition(",")
@@ -102,10 +124,9 @@ def decode_base64_image(text: str, field: str, limits: ImageLimits) -> Image.Ima
     if len(text) * 3 // 4 > limits.max_bytes:
         raise ApiError(413, f"field {field!r}: more than {limits.max_bytes} bytes", field)
     try:
-        data = base64.b64decode(text, validate=True)
+        return base64.b64decode(text, validate=True), content_type
     except (binascii.Error, ValueError):
         raise ApiError(400, f"field {field!r}: not valid base64", field) from None
-    return decode_image(data, field, limits, content_type)
 
 
 def png_base64(image: Image.Image) -> str:

@@ -35,7 +35,7 @@ from mmrad.serve.errors import ApiError
 from mmrad.serve.images import ImageLimits, decode_base64_image, decode_image
 from mmrad.serve.overlay import BOX_COLOUR, draw_boxes
 from mmrad.task.answer import parse_answer
-from mmrad.task.prompt import IMAGE_PLACEHOLDER, PromptVariant, build_messages
+from mmrad.task.prompt import IMAGE_PLACEHOLDER, build_messages
 
 LIMITS = ImageLimits(max_bytes=2 * 2**20, max_pixels=4_000_000)
 
@@ -164,6 +164,83 @@ def test_image_checks_refuse_before_decoding():
     )
 
 
+def test_openai_requests_are_checked_in_front_of_vllm():
+    from mmrad.serve.openai_api import (
+        check_chat_images,
+        check_request_fields,
+        with_default_max_tokens,
+    )
+    from mmrad.serve.vllm_api import ChatCompletionRequest, CompletionRequest
+
+    supported = {"model": "m", "messages": [], "response_format": {"type": "json_object"},
+                 "presence_penalty": 1.0, "max_completion_tokens": 3}  # fmt: skip
+    check_request_fields(supported, ChatCompletionRequest)
+    check_request_fields({"model": "m", "prompt": "x", "echo": True}, CompletionRequest)
+    expect_api_error(400, "'colour'", check_request_fields, {**supported, "colour": 1},
+                     ChatCompletionRequest)  # fmt: skip
+    expect_api_error(400, "'messages'", check_request_fields, {"model": "m", "messages": []},
+                     CompletionRequest)  # fmt: skip
+    assert with_default_max_tokens({"model": "m"}, 64)["max_tokens"] == 64
+    assert "max_tokens" not in with_default_max_tokens({"max_completion_tokens": 5}, 64)
+
+    good = data_uri(png_bytes(noise_image(30, 20)))
+    bomb = data_uri(bomb_png(3000, 3000))
+
+    def chat_with(*parts):
+        return {"messages": [{"role": "user", "content": list(parts)}]}
+
+    def image(url):
+        return {"type": "image_url", "image_url": {"url": url}}
+
+    check_chat_images(chat_with(image(good), {"type": "text", "text": "hi"}), LIMITS, 2)
+    expect_api_error(413, "decoded pixels", check_chat_images, chat_with(image(bomb)), LIMITS, 2)
+    expect_api_error(400, "only data: URIs", check_chat_images,
+                     chat_with(image("file:///etc/passwd")), LIMITS, 2)  # fmt: skip
+    expect_api_error(400, "more than 1 images", check_chat_images,
+                     chat_with(image(good), image(good)), LIMITS, 1)  # fmt: skip
+    video = {"type": "video_url", "video_url": {"url": good}}
+    expect_api_error(400, "'video_url' parts", check_chat_images, chat_with(video), LIMITS, 2)
+
+
+def test_admission_holds_sequences_until_answers_and_streams_end():
+    import asyncio
+
+    from mmrad.serve.admission import Admission
+
+    admission = Admission(capacity=3)
+    with admission.admit(2):
+        expect_api_error(503, "limit 3", admission.admit, 2)
+        with admission.admit(1):
+            assert admission.held == 3
+    assert admission.held == 0
+
+    async def events():
+        yield "a"
+        yield "b"
+
+    async def drain(stream):
+        return [event async for event in stream]
+
+    with admission.admit(3) as ticket:
+        stream = ticket.keep_for(events())
+    assert admission.held == 3  # handed to the stream: held until it ends
+    assert asyncio.run(drain(stream)) == ["a", "b"] and admission.held == 0
+    with pytest.raises(RuntimeError), admission.admit(3) as ticket:
+        ticket.keep_for(events())
+        raise RuntimeError("the response never started")
+    assert admission.held == 0
+    assert Admission(capacity=None).admit(10**6)
+
+
+def test_adapter_names_are_checked_and_never_the_base_models():
+    args = ServeArgs(model_dir="/m", model_name="base", adapters={"line-1": "s3://b/a"})
+    assert args.adapters == {"line-1": "s3://b/a"}
+    for adapters, words in [({"base": "/a"}, "base model's name"), ({"a b": "/a"}, "'a b'"),
+                            ({"line": ""}, "empty folder")]:  # fmt: skip
+        with pytest.raises(ValueError, match=words):
+            ServeArgs(model_dir="/m", model_name="base", adapters=adapters)
+
+
 def test_overlay_outlines_boxes_and_leaves_the_rest():
     image = Image.new("RGB", (100, 80), (10, 200, 10))
     drawn = np.asarray(draw_boxes(image, [[20, 30, 60, 70]], [""]))
@@ -179,31 +256,6 @@ def test_threshold_rule():
 
 
 # -- the running application (integration) ------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def inspection(synthetic_local, serve_endpoint, sft_trained):
-    """An anomalous training record upscaled to 224 x 224 (its model grid stays the
-    112 x 112 the model was trained on, so boxes come back scaled by 2), its reference,
-    and the export's prompt variant and pixel budget."""
-    from mmrad.config import PixelBudget
-    from mmrad.data.manifest import read_manifest
-    from mmrad.model.export import read_export_info
-    from mmrad.storage import Storage
-
-    storage = Storage()
-    records = [r for r in read_manifest(storage, synthetic_local) if r["split"] == "train"]
-    record = next(r for r in records if r["is_anomalous"] and r["reference_uri"])
-    image = Image.open(io.BytesIO(storage.read_bytes(record["image_uri"]))).convert("RGB")
-    reference = Image.open(io.BytesIO(storage.read_bytes(record["reference_uri"]))).convert("RGB")
-    info = read_export_info(sft_trained.export_uri, storage)
-    return {
-        "image": image.resize((224, 224)),
-        "reference": reference,
-        "category": record["category"],
-        "variant": PromptVariant(**info["prompt"]),
-        "pixels": PixelBudget(**info["pixels"]),
-    }
 
 
 def auth(endpoint) -> dict[str, str]:
@@ -296,7 +348,7 @@ def test_chat_completions_with_the_openai_client(serve_endpoint, inspection):
     client = openai.OpenAI(
         base_url=f"{endpoint.base_url}/v1", api_key=endpoint.api_key, max_retries=0, timeout=300
     )
-    assert [m.id for m in client.models.list()] == [endpoint.model]
+    assert [m.id for m in client.models.list()][0] == endpoint.model
     listed = httpx.get(f"{endpoint.base_url}/v1/models", headers=auth(endpoint), timeout=30)
     contract = listed.json()["data"][0]["mmrad_contract"]  # how the export says to prompt
     assert contract["prompt"] == asdict(case["variant"]) and contract["overrides"] == {}
@@ -478,20 +530,20 @@ def test_bad_requests_get_4xx_json_and_the_replica_keeps_serving(serve_endpoint,
             ),
         ),
         "no messages": (
-            422,
-            "'messages'",
+            400,
+            "empty conversation",
             chat({"model": endpoint.model, "messages": []}, headers=headers),
         ),
         "top without logprobs": (
-            422,
-            "top_logprobs needs logprobs",
+            400,
+            "logprobs",
             chat(
                 {"model": endpoint.model, "messages": chat_text, "top_logprobs": 3}, headers=headers
             ),
         ),
         "prompt too long": (
             400,
-            "engine refused",
+            "context length",
             chat(
                 {
                     "model": endpoint.model,
@@ -572,7 +624,13 @@ def test_metrics_reach_prometheus(serve_endpoint):
     import ray
 
     port = ray.nodes()[0]["MetricsExportPort"]
-    wanted = ("ray_serve_num_http_requests_total", "mmrad_serve_requests_total")
+    wanted = (
+        "ray_serve_num_http_requests_total",
+        "mmrad_serve_requests_total",
+        "ray_vllm_time_to_first_token_seconds",  # vLLM's engine metrics, through Ray
+        "ray_vllm_num_requests_waiting",
+        "ray_vllm_kv_cache_usage_perc",
+    )
     text = {"body": ""}
 
     def exported() -> bool:
