@@ -57,6 +57,7 @@ class LocalS3:
             f"-s3.port={self.port}",
             "-admin.ui=false",
             "-webdav=false",
+            "-master.telemetry=false",  # weed reports usage to a remote server by default
         ]
         log_file = open(self.data_dir / "weed.log", "ab")  # noqa: SIM115 (lives with the process)
         self.process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
