@@ -1,8 +1,10 @@
 """``mmrad data build``: run a builder, copy its images, assign splits, write the manifest.
 
 The manifest is written last and atomically, so an interrupted or failed build never
-leaves a manifest that points at missing images, and an older manifest at the same place
-stays intact until the new one is complete.
+leaves a manifest that points at missing images. A folder that already holds a manifest
+is refused before anything is written (:func:`check_out_is_free`): a new build would
+overwrite images the old manifest still points at. A folder with images but no manifest
+(a build cut short) is built into again.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ import mmrad.data.builders  # noqa: F401  (registers the builders)
 from mmrad.config import DataBuildConfig
 from mmrad.data.builders.base import BUILDERS, BuildLog, DataBuildError, Draft
 from mmrad.data.builders.synthetic import SOURCE as SYNTHETIC
-from mmrad.data.manifest import write_manifest
+from mmrad.data.manifest import manifest_uri, write_manifest
 from mmrad.data.schema import validate_records
 from mmrad.data.splits import assign_splits, category_key, is_unused, unmatched_held_out
-from mmrad.storage import Storage, join
+from mmrad.storage import ObjectMissing, Storage, join
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ class BuildResult:
 
 
 def build_dataset(config: DataBuildConfig, storage: Storage, progress: bool = True) -> BuildResult:
+    check_out_is_free(config.out, storage)
     build_log = BuildLog(policy=config.on_bad_image)
     written: set[str] = set()
     ids: set[str] = set()
@@ -72,6 +75,26 @@ def build_dataset(config: DataBuildConfig, storage: Storage, progress: bool = Tr
     if unused:
         log.info("left out %d training images of held-out categories", unused)
     return BuildResult(uri, len(records), dict(build_log.skipped), unused)
+
+
+def holds_data_set(out: str, storage: Storage) -> bool:
+    """Whether ``out`` holds a manifest (a data set built there)."""
+    try:
+        return storage.exists(manifest_uri(out))
+    except ObjectMissing:  # no bucket yet: nothing built there
+        return False
+
+
+def check_out_is_free(out: str, storage: Storage) -> None:
+    """Refuse ``out`` when it already holds a manifest (a data set built before): the new
+    images would overwrite the ones it points at, mixing two data sets under it."""
+    target = manifest_uri(out)
+    if holds_data_set(out, storage):
+        raise DataBuildError(
+            f"data.out {out}: this folder already holds a data set ({target}); building "
+            "into it would overwrite images that manifest points at. Build into a new "
+            "folder (data.out), or delete this one first"
+        )
 
 
 def drafts_to_write(config: DataBuildConfig, build_log: BuildLog, bar: Progress) -> Iterable[Draft]:

@@ -8,10 +8,15 @@ downloaded once per node into that node's cache folder (:func:`node_cache_dir`),
 every worker of the node takes the same file lock, the first one downloads into a temporary
 directory and renames it into place with a completion marker, the others wait and reuse
 it. A download cut short (a killed worker) leaves no marker and is never used. The marker
-keeps a fingerprint of the objects (keys and each store's version of them:
-:meth:`~mmrad.storage.Storage.versions`, size and ETag on S3, size, modification time and
-the service's tag on GCS and Azure), so a directory re-exported to the same URI is
-downloaded again instead of silently serving stale weights.
+(written last, atomically) records each file's size on disk and the store's version of its
+object (:meth:`~mmrad.storage.Storage.versions`: size and ETag on S3, size, modification
+time and the service's tag on GCS and Azure). Each reuse compares it with the remote
+listing and the files on disk: a file cut short, grown or missing, or an object rewritten
+(a directory re-exported to the same URI), refreshes the copy (the files still verified
+are kept as hard links, the others downloaded again) instead of silently serving stale
+or broken weights. Keys that would land outside the cache folder (``..``, ``.`` or empty
+segments, a leading ``/``) are refused before anything is written
+(:func:`~mmrad.storage.local_target`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -29,12 +35,20 @@ from typing import Any
 
 from mmrad.config import PixelBudget, StorageConfig
 from mmrad.model.hf import ATTN_IMPLEMENTATION, load_model  # noqa: F401  (their home for callers)
-from mmrad.storage import Storage, StorageError, is_remote, local_path
+from mmrad.storage import (
+    Storage,
+    StorageError,
+    atomic_write_local,
+    is_remote,
+    local_path,
+    local_target,
+)
 
 COMPLETE_MARKER = ".mmrad-download.json"
 EXPORT_IN_PROGRESS = ".mmrad-export-in-progress"
 """Present in an object-store export while it is being (re)written; downloads refuse it."""
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+log = logging.getLogger(__name__)
 
 
 NODE_CACHE_ENV = "MMRAD_NODE_CACHE"
@@ -139,16 +153,27 @@ def _download_cached(uri: str, storage: Storage, cache_dir: Path, required: str)
     fingerprint = hashlib.sha256(json.dumps(objects, sort_keys=True).encode()).hexdigest()
     with open(cache_dir / f"{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
-        if _marker_fingerprint(target) == fingerprint:
+        cached = _verified_files(target, objects)
+        if cached == set(objects):
             return target
+        if target.exists():
+            log.warning(
+                "%s: the node cache %s is stale or incomplete (%d of %d files verified); "
+                "refreshing it", uri, target, len(cached), len(objects),
+            )  # fmt: skip
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache_dir))
         try:
-            for relative in objects:
-                destination = tmp / relative
+            files = {}
+            for relative, version in objects.items():
+                destination = local_target(uri, f"{uri}/{relative}", tmp)
                 destination.parent.mkdir(parents=True, exist_ok=True)
-                _download_file(storage, f"{uri}/{relative}", destination)
-            marker = {"uri": uri, "fingerprint": fingerprint, "files": sorted(objects)}
-            (tmp / COMPLETE_MARKER).write_text(json.dumps(marker, indent=2))
+                if relative in cached:  # verified: kept (a hard link), not downloaded again
+                    _link_or_copy(target / relative, destination)
+                else:
+                    _download_file(storage, f"{uri}/{relative}", destination)
+                files[relative] = _checked_entry(uri, relative, version, destination)
+            marker = {"uri": uri, "fingerprint": fingerprint, "files": files}
+            atomic_write_local(tmp / COMPLETE_MARKER, json.dumps(marker, indent=2).encode())
             if target.exists():  # stale or half-finished: swap it out, then drop it
                 old = Path(tempfile.mkdtemp(prefix=f".{key}.old.", dir=cache_dir))
                 os.replace(target, old / key)
@@ -160,8 +185,14 @@ def _download_cached(uri: str, storage: Storage, cache_dir: Path, required: str)
 
 
 def _list_objects(uri: str, storage: Storage, required: str) -> dict[str, list[Any]]:
-    """``{relative key: the store's version of it}`` of every object below ``uri``."""
-    found = {item[len(uri) + 1 :]: version for item, version in storage.versions(uri).items()}
+    """``{relative key: the store's version of it}`` of every object below ``uri``. Every
+    key is checked to be a path inside the cache folder first
+    (:func:`~mmrad.storage.local_target`: no ``..``, ``.`` or empty segment, no leading
+    ``/``): one that is not refuses the download before anything is written."""
+    found = {}
+    for item, version in storage.versions(uri).items():
+        local_target(uri, item, ".")  # raises UnsafeKey naming the key and ``uri``
+        found[item[len(uri) + 1 :]] = version
     if EXPORT_IN_PROGRESS in found:
         raise StorageError(f"{uri}: an export is being written there; try again when it is done")
     if required not in found:
@@ -174,24 +205,56 @@ def _download_file(storage: Storage, uri: str, destination: Path) -> None:
     storage.download_file(uri, destination)
 
 
-def _marker_fingerprint(directory: Path) -> str | None:
+def _checked_entry(uri: str, relative: str, version: list[Any], path: Path) -> dict[str, Any]:
+    """The marker's entry of one cached file: its size on disk and the store's version
+    (S3: ``[size, ETag]``) as listed. A file whose size is not the listed one (the object
+    rewritten while it was read, a download cut short) is refused, naming the object."""
+    size = path.stat().st_size
+    listed = version[0] if version else None
+    if isinstance(listed, int) and size != listed:
+        raise StorageError(
+            f"{uri}/{relative}: downloaded {size} bytes, the listing said {listed} "
+            "(rewritten while it was downloaded?); try again"
+        )
+    return {"size": size, "version": version}
+
+
+def _verified_files(directory: Path, objects: dict[str, list[Any]]) -> set[str]:
+    """The files of the cached copy in ``directory`` that can be used as they are: its
+    completion marker records them with the version the store lists now (S3: size and
+    ETag) and the file on disk has the recorded size. A copy whose set is not every
+    object's is refreshed: a file missing, cut short or grown, or rewritten remotely."""
     try:
-        return json.loads((directory / COMPLETE_MARKER).read_text())["fingerprint"]
-    except (OSError, ValueError, KeyError):
-        return None
+        recorded = json.loads((directory / COMPLETE_MARKER).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    if not isinstance(recorded, dict):  # a marker of an older mmrad: a list of names
+        return set()
+    verified = set()
+    for relative, version in objects.items():
+        entry = recorded.get(relative)
+        if not isinstance(entry, dict) or entry.get("version") != version:
+            continue
+        try:
+            if (directory / relative).stat().st_size == entry.get("size"):
+                verified.add(relative)
+        except OSError:
+            continue
+    return verified
 
 
-def pixel_size(pixels: PixelBudget) -> dict[str, int]:
-    """The pixel budget as transformers 5 image processors take it (``min_pixels`` and
-    ``max_pixels`` keyword arguments are deprecated there)."""
-    return {"shortest_edge": pixels.min_pixels, "longest_edge": pixels.max_pixels}
+def _link_or_copy(source: Path, destination: Path) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
 
 
 def load_processor(path: str, pixels: PixelBudget):
     """The model's processor with its resize budget replaced by ``pixels``."""
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(path, size=pixel_size(pixels))
+    processor = AutoProcessor.from_pretrained(path, size=pixels.processor_size())
     image_processor = processor.image_processor
     factor = image_processor.patch_size * image_processor.merge_size
     if factor != pixels.factor:

@@ -15,8 +15,10 @@ Credentials come from each service's standard chain and are never logged. Transi
 faults (connection resets, timeouts, a body cut off, 5xx, SlowDown and throttling
 answers) are retried with backoff for up to ``storage.outage_timeout_s``, then
 :class:`StorageUnavailable`. Permanent errors raise at once: :class:`ObjectMissing` (no
-such bucket or object), :class:`AccessDenied`, or :class:`StorageError` (an unknown
-scheme, a filesystem not installed, a malformed URI); each names the URI.
+such bucket or object), :class:`AccessDenied`, :class:`UnsafeKey` (a listed key that
+cannot be a local path below the download folder: :func:`local_target`), or
+:class:`StorageError` (an unknown scheme, a filesystem not installed, a malformed URI);
+each names the URI.
 """
 
 from mmrad.storage.arrow_fs import AzureSettings, GcsSettings
@@ -26,6 +28,7 @@ from mmrad.storage.errors import (
     ObjectMissing,
     StorageError,
     StorageUnavailable,
+    UnsafeKey,
     backoff_delays,
     is_transient,
 )
@@ -38,6 +41,7 @@ from mmrad.storage.uris import (
     is_s3,
     join,
     local_path,
+    local_target,
     parent,
     resolve,
     scheme_of,
@@ -46,7 +50,7 @@ from mmrad.storage.uris import (
 
 __all__ = [
     "FILE_SCHEME", "S3_SCHEME", "AccessDenied", "AzureSettings", "GcsSettings",
-    "ObjectMissing", "Storage", "StorageError", "StorageUnavailable", "absolute",
+    "ObjectMissing", "Storage", "StorageError", "StorageUnavailable", "UnsafeKey", "absolute",
     "atomic_write_local", "backoff_delays", "is_remote", "is_s3", "is_transient", "join",
-    "local_path", "parent", "resolve", "scheme_of", "split_s3",
+    "local_path", "local_target", "parent", "resolve", "scheme_of", "split_s3",
 ]  # fmt: skip

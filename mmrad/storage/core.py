@@ -13,7 +13,7 @@ from mmrad.storage.arrow import ArrowBackend
 from mmrad.storage.arrow_fs import AzureSettings, GcsSettings
 from mmrad.storage.local import LocalBackend, atomic_write_local
 from mmrad.storage.s3 import S3Backend
-from mmrad.storage.uris import ARROW_SCHEMES, join, scheme_of, unknown_scheme
+from mmrad.storage.uris import ARROW_SCHEMES, join, local_target, scheme_of, unknown_scheme
 
 
 class Backend(Protocol):
@@ -129,11 +129,15 @@ class Storage:
             self.write_bytes(join(uri, path.relative_to(local_dir).as_posix()), path.read_bytes())
 
     def download_dir(self, uri: str, local_dir: str | Path) -> Path:
+        """Every object below ``uri`` into ``local_dir`` (each file written atomically).
+        Every key is checked first (:func:`~mmrad.storage.uris.local_target`): one that
+        would land outside ``local_dir`` refuses the whole download before a file is
+        written."""
         local_dir = Path(local_dir)
         base = uri.rstrip("/")
-        for item in self.list(base):
-            relative = item[len(base) :].lstrip("/")
-            atomic_write_local(local_dir / relative, self.read_bytes(item))
+        targets = [(item, local_target(base, item, local_dir)) for item in self.list(base)]
+        for item, target in targets:
+            atomic_write_local(target, self.read_bytes(item))
         return local_dir
 
     # -- Arrow ---------------------------------------------------------------------------

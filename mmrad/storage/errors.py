@@ -43,6 +43,11 @@ class AccessDenied(StorageError):
     """The credentials may not do this (permanent)."""
 
 
+class UnsafeKey(StorageError):
+    """An object's key cannot be a local path below the download folder (a ``..``, ``.``
+    or empty segment, or an absolute path): refused, nothing written (permanent)."""
+
+
 class StorageUnavailable(StorageError):
     """Object storage stayed unreachable for the whole outage budget."""
 

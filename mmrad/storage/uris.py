@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from urllib.parse import urlparse
 
-from mmrad.storage.errors import StorageError
+from mmrad.storage.errors import StorageError, UnsafeKey
 
 FILE_SCHEME = "file://"
 S3_SCHEME = "s3://"
@@ -59,6 +59,47 @@ def split_s3(uri: str) -> tuple[str, str]:
 
 def local_path(uri: str) -> Path:
     return Path(uri[len(FILE_SCHEME) :] if uri.startswith(FILE_SCHEME) else uri)
+
+
+def local_target(prefix: str, uri: str, local_dir: str | Path) -> Path:
+    """Where the object ``uri``, listed below ``prefix``, goes in ``local_dir``: its key
+    below the prefix, split on ``/``, becomes the path below ``local_dir``. Every place
+    that turns listed keys into local files goes through here. A key whose part below the
+    prefix is absolute (starts with ``/``), has an empty (``a//b``), ``.`` or ``..``
+    segment, or a NUL byte could land outside ``local_dir`` (or two keys on one file):
+    :class:`~mmrad.storage.errors.UnsafeKey` naming the key and the prefix."""
+    base = prefix.rstrip("/")
+    if not uri.startswith(base + "/"):
+        raise UnsafeKey(f"object {uri!r} is not below the prefix {prefix!r}")
+    relative = uri[len(base) + 1 :]
+    why = _unsafe_reason(relative)
+    if why:
+        raise UnsafeKey(
+            f"object key {uri!r} below the prefix {prefix!r}: {why}; refusing to map it "
+            f"to a local path under {str(local_dir)!r}"
+        )
+    root = os.path.normpath(os.path.abspath(local_dir))
+    target = os.path.normpath(os.path.join(root, *relative.split("/")))
+    if not target.startswith(root + os.sep):  # unreachable after the checks; kept as a guard
+        raise UnsafeKey(f"object key {uri!r} below the prefix {prefix!r}: lands outside {root!r}")
+    return Path(local_dir) / relative
+
+
+def _unsafe_reason(relative: str) -> str | None:
+    if not relative:
+        return "no name below the prefix"
+    if relative.startswith("/"):
+        return "an absolute path (a leading '/')"
+    if "\0" in relative:
+        return "a NUL byte"
+    parts = relative.split("/")
+    if "" in parts:
+        return "an empty path segment ('//' or a trailing '/')"
+    if ".." in parts:
+        return "a '..' segment"
+    if "." in parts:
+        return "a '.' segment"
+    return None
 
 
 def join(base: str, *parts: str) -> str:

@@ -9,7 +9,9 @@ With LoRA only the adapter is saved: the frozen base comes from the model path a
 from __future__ import annotations
 
 import json
+import pickle
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -81,10 +83,18 @@ def rng_file(rank: int) -> str:
 
 def rng_states() -> dict[str, Any]:
     """Every generator a step may draw from: Python's, NumPy's, torch's CPU one and, on
-    GPUs, each device's."""
+    GPUs, each device's; as tensors and plain Python containers only, so the file loads
+    with ``torch.load(weights_only=True)`` (no pickled classes)."""
+    numpy_state = np.random.get_state(legacy=False)
     states = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": {
+            "bit_generator": numpy_state["bit_generator"],
+            "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+            "pos": int(numpy_state["state"]["pos"]),
+            "has_gauss": int(numpy_state["has_gauss"]),
+            "gauss": float(numpy_state["gauss"]),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -94,10 +104,32 @@ def rng_states() -> dict[str, Any]:
 
 def set_rng_states(states: dict[str, Any]) -> None:
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    saved = states["numpy"]
+    np.random.set_state({
+        "bit_generator": saved["bit_generator"],
+        "state": {"key": saved["key"].numpy().astype(np.uint32), "pos": saved["pos"]},
+        "has_gauss": saved["has_gauss"],
+        "gauss": saved["gauss"],
+    })  # fmt: skip
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def load_tensors(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only, never
+    an arbitrary pickled object; a file that holds one (a checkpoint of an older mmrad,
+    or one not written by mmrad) is refused, naming the file."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        what = f" ({found.group(1)})" if found else ""
+        raise ValueError(
+            f"{path}: holds objects other than tensors and plain containers{what}; refused "
+            "(read with torch.load weights_only=True: a checkpoint of an older mmrad, or not "
+            "written by mmrad)"
+        ) from None
 
 
 def load_checkpoint(
@@ -121,10 +153,10 @@ def load_checkpoint(
         optim_state_dict=loaded["optim"],
         options=StateDictOptions(strict=not only_trainable),
     )
-    scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, weights_only=False))
+    scheduler.load_state_dict(load_tensors(folder / SCHEDULER_FILE))
     rng = folder / rng_file(rank)
     if rng.exists():  # absent when the world size changed: a rank of its own has no past
-        set_rng_states(torch.load(rng, weights_only=False))
+        set_rng_states(load_tensors(rng))
     return step, extra
 
 

@@ -45,11 +45,11 @@ def read_checkpoint(storage: Storage, uri: str) -> dict[str, Any]:
         else:
             folder = Path(uri)
         dcp_to_torch_save(folder / "weights", Path(scratch) / "whole.pt")
-        whole = torch.load(Path(scratch) / "whole.pt", weights_only=False)
+        whole = torch.load(Path(scratch) / "whole.pt", weights_only=True)
         flat = flatten(whole)
-        flat["scheduler"] = torch.load(folder / "scheduler.pt", weights_only=False)
+        flat["scheduler"] = torch.load(folder / "scheduler.pt", weights_only=True)
         for rng in sorted(folder.glob("rng_rank*.pt")):
-            flat[rng.stem] = torch.load(rng, weights_only=False)
+            flat[rng.stem] = torch.load(rng, weights_only=True)
         flat["trainer_state"] = json.loads((folder / "trainer_state.json").read_text())
     return flat
 
@@ -97,7 +97,7 @@ def drop_optimizer_state(folder: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="mmrad-ckpt-edit-") as scratch:
         whole_file = Path(scratch) / "whole.pt"
         dcp_to_torch_save(folder / "weights", whole_file)
-        whole = torch.load(whole_file, weights_only=False)
+        whole = torch.load(whole_file, weights_only=True)
         for state in whole["optim"]["state"].values():
             for name, value in state.items():
                 state[name] = torch.zeros_like(value)
