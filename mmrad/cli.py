@@ -400,8 +400,9 @@ def serve_cmd(
         bool, typer.Option("--print-config", help="Print the resolved Serve file and exit.")
     ] = False,
 ) -> None:
-    """Deploy a Serve config file (as `serve run FILE`) and block until Ctrl-C. Overrides
-    enter lists by index or name: applications.mmrad.args.model_dir=DIR."""
+    """Deploy a Serve config file (as `serve run FILE`) and block until Ctrl-C or SIGTERM
+    (then stops within about 10 s, with the local Ray it started). Overrides enter lists by
+    index or name: applications.mmrad.args.model_dir=DIR."""
     from mmrad.config import RayConfig
     from mmrad.serve.config import load_serve_file
     from mmrad.serve.deploy import dump_serve_file, run_serve

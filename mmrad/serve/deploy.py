@@ -26,10 +26,13 @@ application built elsewhere, so their ``deployments`` entries could not apply).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import logging
+import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -191,10 +194,13 @@ def start_options(config: Mapping[str, Any]) -> dict[str, Any]:
 # -- deploying and waiting ----------------------------------------------------------------
 
 
-def deploy(file: ServeFile, *, timeout_s: float = DEPLOY_TIMEOUT_S) -> dict[str, str]:
+def deploy(
+    file: ServeFile, *, timeout_s: float = DEPLOY_TIMEOUT_S, stop: threading.Event | None = None
+) -> dict[str, str]:
     """Deploy every application of ``file`` on the connected Ray cluster and wait until
     all are RUNNING; returns ``{application: base URL}``. Raises :class:`DeployError`
-    with Serve's message when one fails or the deadline passes."""
+    with Serve's message when one fails or the deadline passes, and
+    :class:`StopRequested` as soon as ``stop`` is set."""
     from ray import serve
 
     targets = app_targets(file)
@@ -205,7 +211,11 @@ def deploy(file: ServeFile, *, timeout_s: float = DEPLOY_TIMEOUT_S) -> dict[str,
     deploying = threading.Thread(target=run_each, args=(targets, failures), daemon=True,
                                  name="mmrad-serve-run")  # fmt: skip
     deploying.start()
-    deploying.join(timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while deploying.is_alive() and time.monotonic() < deadline:
+        if stop is not None and stop.is_set():
+            raise StopRequested
+        deploying.join(min(0.5, max(0.0, deadline - time.monotonic())))
     names = [target.name for target in targets]
     if deploying.is_alive():
         raise DeployError(f"not RUNNING after {timeout_s:.0f} s: {status_summary(names)}")
@@ -252,39 +262,149 @@ def failure_reason(name: str, app: Any) -> str:
     return " ".join(parts)
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+DELETE_TIMEOUT_S = 10.0
+"""How long a stop of a process joined to a cluster waits for ``serve.delete``: replicas
+finish their in-flight requests and shut their engines down (Serve checks every 2 s)."""
+SHUTDOWN_TIMEOUT_S = 4.0
+"""How long a stop waits for ``ray.shutdown`` of a local Ray it started."""
+KILL_GRACE_S = 1.5
+"""Between SIGTERM and SIGKILL for a started process still alive after ``ray.shutdown``."""
+
+
+class StopRequested(Exception):
+    """A stop signal arrived before the applications were RUNNING."""
+
+
+def bounded(call: Callable[[], object], timeout_s: float, what: str) -> bool:
+    """Run ``call`` in a daemon thread and wait at most ``timeout_s``; False (logged)
+    when it raised or had not returned by then (it is left behind: a Ray call to a dead
+    GCS retries for a minute)."""
+    outcome: list[bool] = []
+
+    def target() -> None:
+        try:
+            call()
+            outcome.append(True)
+        except Exception as err:  # a stop goes on regardless
+            log.warning("%s failed: %s", what, err)
+            outcome.append(False)
+
+    worker = threading.Thread(target=target, daemon=True, name="mmrad-serve-stop")
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        log.warning("%s did not return within %.0f s; going on", what, timeout_s)
+        return False
+    return outcome == [True]
+
+
+def descendants() -> list[Any]:
+    """This process's descendants (psutil processes): the local Ray it started, Ray's
+    workers (replicas) and theirs (vLLM's ``EngineCore``)."""
+    import psutil
+
+    return psutil.Process().children(recursive=True)
+
+
+def end_processes(processes: list[Any], grace_s: float = KILL_GRACE_S) -> int:
+    """SIGTERM the processes still alive (by pid, as psutil checks it is the same
+    process), SIGKILL those alive ``grace_s`` later; returns how many needed ending."""
+    import psutil
+
+    alive = [p for p in {p.pid: p for p in processes}.values() if p.is_running()]
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, stubborn = psutil.wait_procs(alive, timeout=grace_s)
+    for process in stubborn:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(stubborn, timeout=grace_s)
+    return len(alive)
+
+
+def stop_local_ray() -> bool:
+    """Shut down the local Ray this process started (bounded) and end, by pid, every
+    process it started that is still alive then: Ray's own processes when ``ray.shutdown``
+    hung on a GCS that a group-wide signal had stopped, a replica's vLLM ``EngineCore``.
+    Deleting the applications first would gain nothing here and can block: with the GCS
+    gone the call retries for a minute, and a call still running after ``ray.shutdown``
+    starts a new Ray. False when ``ray.shutdown`` did not return in time."""
+    import ray
+
+    started = descendants()
+    clean = bounded(ray.shutdown, SHUTDOWN_TIMEOUT_S, "ray.shutdown")
+    ended = end_processes([*started, *descendants()])
+    if ended:
+        log.info("ended %d process(es) still alive after ray.shutdown", ended)
+    return clean
+
+
 def serve_until_stopped(
-    file: ServeFile, *, announce: Callable[[str], None] = print, poll_s: float = 5.0
-) -> None:
-    """Deploy ``file``, print where each application listens, and block until Ctrl-C or
-    SIGTERM (``ray job stop``); then delete the applications this file deployed."""
+    file: ServeFile,
+    *,
+    announce: Callable[[str], None] = print,
+    poll_s: float = 5.0,
+    owns_ray: bool = False,
+) -> bool:
+    """Deploy ``file``, print where each application listens, and block until SIGINT
+    (Ctrl-C) or SIGTERM (``ray job stop``, ``kill``, a signal to the whole process
+    group); then delete the applications this file deployed. A signal during the deploy
+    stops it too.
+
+    Every step of the stop is bounded, so it ends within about 10 s however Ray fares:
+    a signal sent to the process group reaches Ray's own processes as well, and calls to
+    a Ray whose GCS is gone would block for a minute. With ``owns_ray`` (the local Ray
+    this process started) Ray is shut down and any process this one started that is
+    still alive after it is ended by pid (:func:`stop_local_ray`); otherwise the file's
+    applications are deleted and the cluster stays. Returns False when a step did not
+    return in time (the caller should then exit at once: an exit handler would call into
+    Ray again)."""
     from ray import serve
 
-    urls = deploy(file)
-    for name, url in urls.items():
-        announce(f"{name}: {url}  (POST /v1/detect, /v1/chat/completions; GET /healthz)")
-    stop = {"now": False}
+    stop = threading.Event()
 
     def request_stop(*_: object) -> None:
-        stop["now"] = True
+        stop.set()
 
-    previous = signal.signal(signal.SIGTERM, request_stop)
+    names = [target.name for target in app_targets(file)]
+    previous = {sig: signal.signal(sig, request_stop) for sig in STOP_SIGNALS}
+    clean, stopping = True, False  # a failed deploy leaves a joined cluster's apps as they are
     try:
-        while not stop["now"]:
-            time.sleep(poll_s)
-    except KeyboardInterrupt:
-        pass
+        urls = deploy(file, stop=stop)
+        stopping = True
+        for name, url in urls.items():
+            announce(f"{name}: {url}  (POST /v1/detect, /v1/chat/completions; GET /healthz)")
+        while not stop.wait(poll_s):
+            pass
+    except StopRequested:
+        stopping = True
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        for name in urls:
-            serve.delete(name)
-        announce("stopped: " + ", ".join(urls))
+        if owns_ray:  # Ray goes, and the applications with it
+            clean = stop_local_ray()
+        elif stopping:
+            clean = bounded(lambda: [serve.delete(name) for name in names], DELETE_TIMEOUT_S,
+                            f"deleting {', '.join(names)}")  # fmt: skip
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if stopping:
+            announce("stopped: " + ", ".join(names))
+    return clean
 
 
 def run_serve(file: ServeFile, ray: RayConfig, announce: Callable[[str], None] = print) -> None:
     """``mmrad serve`` and ``python -m ray_jobs.serve``: refuse a file the public API
-    cannot deploy, then start or join Ray and :func:`serve_until_stopped`."""
-    from mmrad.ray_env import init_ray
+    cannot deploy, then start or join Ray and :func:`serve_until_stopped`. A local Ray
+    started here is shut down when it stops; when a step of the stop hung (Ray's
+    processes were signalled too), the process exits at once rather than block in Ray's
+    exit handler."""
+    from mmrad.ray_env import init_ray, joining_existing_cluster
 
     app_targets(file)  # fails before Ray starts
     init_ray(ray)
-    serve_until_stopped(file, announce=announce)
+    owns_ray = not joining_existing_cluster(ray)
+    if not serve_until_stopped(file, announce=announce, owns_ray=owns_ray):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

@@ -1,0 +1,113 @@
+"""``mmrad serve`` stops cleanly: within 15 s of SIGTERM or SIGINT, sent to the process
+or to its whole process group, and nothing it started (the local Ray, its workers and
+Serve replicas, vLLM's ``EngineCore``) is left running. Real processes: ``mmrad serve``
+in a session of its own, serving the tiny model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+pytestmark = pytest.mark.integration
+
+STOP_WITHIN_S = 15.0
+START_WITHIN_S = 300.0
+CASES = {"SIGTERM to the process group": (signal.SIGTERM, True),
+         "SIGINT to the process": (signal.SIGINT, False)}  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serve_file(tiny_model: str, folder: Path, port: int) -> Path:
+    config = {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [{
+            "name": "mmrad", "route_prefix": "/", "import_path": "mmrad.serve.app:app_builder",
+            "args": {"model_dir": tiny_model, "model_name": "mmrad-tiny", "max_tokens": 32,
+                     "engine": {"max_model_len": 4096, "kv_cache_bytes": 64 * 2**20,
+                                "max_num_seqs": 4}},
+            "deployments": [{"name": "MMRADServer", "num_replicas": 1,
+                             "ray_actor_options": {"num_cpus": 0.5}}],
+        }],
+    }  # fmt: skip
+    path = folder / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def wait_until_serving(process: subprocess.Popen, log: Path, port: int) -> None:
+    """``/healthz`` answers and ``mmrad serve`` has announced its URL (deploy returned)."""
+    import httpx
+
+    deadline = time.monotonic() + START_WITHIN_S
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"mmrad serve exited:\n{log.read_text()[-4000:]}"
+        try:
+            healthy = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            healthy = False
+        if healthy and f"mmrad: http://127.0.0.1:{port}" in log.read_text():
+            return
+        time.sleep(0.5)
+    pytest.fail(f"mmrad serve not serving after {START_WITHIN_S:.0f} s:\n{log.read_text()[-4000:]}")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_mmrad_serve_stops_within_15_s_and_leaves_no_process(case, tiny_model, tmp_path):
+    sig, whole_group = CASES[case]
+    port = free_port()
+    config = serve_file(tiny_model, tmp_path, port)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # a Ray of its own
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mmrad.cli", "serve", "--config", str(config)],
+            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    started: list[psutil.Process] = []
+    try:
+        wait_until_serving(process, log, port)
+        started = psutil.Process(process.pid).children(recursive=True)
+        names = {p.name() for p in started}
+        assert {"raylet", "gcs_server", "VLLM::EngineCore"} <= names, names
+
+        signalled = time.monotonic()
+        if whole_group:
+            os.killpg(process.pid, sig)
+        else:
+            process.send_signal(sig)
+        try:
+            code = process.wait(timeout=STOP_WITHIN_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{case}: still running after {STOP_WITHIN_S:.0f} s:\n"
+                        f"{log.read_text()[-4000:]}")  # fmt: skip
+        exited = time.monotonic() - signalled
+        _, alive = psutil.wait_procs(started, timeout=max(0.0, STOP_WITHIN_S - exited))
+        gone = time.monotonic() - signalled
+        print(f"\n{case}: mmrad serve exited {code} after {exited:.1f} s, "
+              f"its {len(started)} processes gone after {gone:.1f} s")  # fmt: skip
+        left = [(p.pid, p.name()) for p in alive if p.is_running()]
+        assert not left, f"{case}: left running: {left}\n{log.read_text()[-4000:]}"
+        assert code == 0, log.read_text()[-4000:]
+        assert "stopped: mmrad" in log.read_text()
+    finally:  # leftovers of a failed run, by pid
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for leftover in started:
+            if leftover.is_running():
+                leftover.kill()
