@@ -258,8 +258,13 @@ def add_data(planner: Planner) -> None:
         return {"data.out": folder}, {"manifest": join(folder, "manifest.parquet")}
 
     def work(job: DataJobConfig, storage: Storage) -> None:
-        from mmrad.data.build import build_dataset
+        from mmrad.data.build import build_dataset, holds_data_set
 
+        # The folder is named by the config's hash: a manifest there is this very data
+        # set, built by a run killed before it recorded the stage (the build refuses to
+        # write over a manifest).
+        if holds_data_set(job.data.out, storage):
+            return
         build_dataset(job.data, storage)
 
     planner.add("data", DataJobConfig, _wired(planner, stage, {}), (), place, work,
@@ -458,6 +463,17 @@ def add_serve(planner: Planner) -> None:
                 lambda job: [SMOKE_SPLIT_READ])  # fmt: skip
 
 
+def remove_leftover_smoke_app(stages: Sequence[PlannedStage]) -> None:
+    """Delete the smoke app a killed run's serve stage left deployed (its ``finally`` did
+    not run), whether or not this run's serve stage runs; the stage's own name for it
+    (:func:`mmrad.serve.smoke.smoke_app_name`), so other applications stay."""
+    from mmrad.serve.smoke import remove_leftover
+
+    for stage in stages:
+        if isinstance(stage.job, ServeSmokeJob):
+            remove_leftover(stage.job.serve_config)
+
+
 def _single_mmrad_app(file: Any) -> str:
     if len(file.apps) != 1:
         raise ConfigError(
@@ -542,6 +558,7 @@ def run_pipeline(config: PipelineConfig) -> PipelineResult:
     stages = plan(config, run_uri)  # every config validated before anything starts
     drop_stale_latest(absolute(config.run.storage_path), stages)
     init_ray(config.ray)
+    remove_leftover_smoke_app(stages)
     write_run_info(storage, run_uri, config, seed=0)
     ledger = Ledger(storage, run_uri)
     result = PipelineResult(run_uri=run_uri)

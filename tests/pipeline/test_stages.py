@@ -216,3 +216,21 @@ def test_cluster_pipeline_plans_every_stage_from_the_cluster_configs():
     for name in ("eval_base", "eval_sft", "eval"):  # one test split for every row
         assert stages[name].job.data == stages["eval"].job.data
     assert all(s.folder.startswith("s3://my-mmrad-bucket/") for s in stages.values())
+
+
+def test_a_data_stage_killed_before_its_record_keeps_its_data_set(tmp_path):
+    """The data stage's folder is named by its config's hash: a manifest there (a run
+    killed after the build, before recording the stage) is that data set, kept as it is;
+    the build itself refuses to write over a manifest."""
+    from mmrad.data.build import DataBuildError
+
+    config = load_config(PipelineConfig, "configs/local/pipeline.yaml",
+                         [f"run.storage_path={tmp_path}"])  # fmt: skip
+    data = next(s for s in plan(config, str(tmp_path / config.run.name)) if s.name == "data")
+    build_dataset(data.job.data, Storage(), progress=False)
+    manifest = Path(data.outputs["manifest"])
+    built = manifest.stat().st_mtime_ns
+    data.work(data.job, Storage())  # the rerun's data stage
+    assert manifest.stat().st_mtime_ns == built
+    with pytest.raises(DataBuildError, match="already holds a data set"):
+        build_dataset(data.job.data, Storage(), progress=False)
