@@ -14,20 +14,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mmrad.serve.errors import ApiError, validation_error
-from mmrad.serve.images import ImageLimits, decode_base64_image, decode_image
+from mmrad.serve.images import EncodedImage, ImageLimits, checked_base64_image, checked_image
 
 JSON_TYPE = "application/json"
 MULTIPART_TYPE = "multipart/form-data"
 IMAGE_FIELDS = ("image", "reference")
 MAX_FORM_FIELDS = 16
+MAX_JSON_DEPTH = 64
+"""Deeper bodies are refused before parsing (a chat request nests 5 levels; a JSON
+schema in ``response_format`` some more)."""
 
 
 class DetectOptions(BaseModel):
@@ -70,8 +74,11 @@ class DetectResponse(BaseModel):
 
 @dataclass(frozen=True)
 class DetectInput:
-    image: Image.Image
-    reference: Image.Image | None
+    """A detection request, its images checked but not decoded (see
+    :mod:`mmrad.serve.decoding`)."""
+
+    image: EncodedImage
+    reference: EncodedImage | None
     options: DetectOptions
 
 
@@ -94,8 +101,30 @@ async def read_body(request: Any, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def json_depth(body: bytes) -> int:
+    """How deep ``body``'s arrays and objects nest, counted without parsing it: escape
+    pairs and then strings are dropped, and the brackets left are summed up, all in C
+    (a base64 image is one long string, so a 20 MB body leaves almost nothing to sum)."""
+    structure = _STRING.sub(b"", _ESCAPE_PAIR.sub(b"", body)).translate(None, _NOT_BRACKET)
+    steps = np.frombuffer(structure, dtype=np.uint8)
+    if steps.size == 0:
+        return 0
+    return int(np.cumsum(np.where(np.isin(steps, _OPENING), 1, -1)).max())
+
+
+_ESCAPE_PAIR = re.compile(rb"\\.", re.DOTALL)
+_STRING = re.compile(rb'"[^"]*"')
+_OPENING = np.frombuffer(b"[{", dtype=np.uint8)
+_NOT_BRACKET = bytes(sorted(set(range(256)) - set(b"[]{}")))
+
+
 def parse_json(body: bytes) -> Any:
-    """400 naming the position of a syntax error."""
+    """A JSON body, or a 400 naming the position of a syntax error or the nesting depth
+    beyond :data:`MAX_JSON_DEPTH` (checked first: deep nesting exhausts the parser's stack)."""
+    depth = json_depth(body)
+    if depth > MAX_JSON_DEPTH:
+        raise ApiError(400, f"request body nests arrays and objects {depth} levels deep; "
+                       f"the limit is {MAX_JSON_DEPTH}")  # fmt: skip
     try:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -110,7 +139,7 @@ async def parse_detect(
     limits: ImageLimits,
 ) -> DetectInput:
     """A detection request from its body (multipart or JSON) and query parameters.
-    Decoding runs in a worker thread, so a large image does not stall other requests."""
+    Parsing runs in a worker thread, so a large body does not stall other requests."""
     kind = media_type(content_type)
     if kind == JSON_TYPE:
         return await asyncio.to_thread(_detect_from_json, body, query, limits)
@@ -127,9 +156,9 @@ def _detect_from_json(body: bytes, query: Mapping[str, str], limits: ImageLimits
         request = DetectJSON.model_validate({**query, **data})
     except ValidationError as err:
         raise validation_error(err) from None
-    image = decode_base64_image(request.image, "image", limits)
+    image = checked_base64_image(request.image, "image", limits)
     reference = (
-        decode_base64_image(request.reference, "reference", limits) if request.reference else None
+        checked_base64_image(request.reference, "reference", limits) if request.reference else None
     )
     options = DetectOptions.model_validate(request.model_dump(exclude=set(IMAGE_FIELDS)))
     return DetectInput(image, reference, options)
@@ -166,13 +195,13 @@ async def _detect_from_form(
             options = DetectOptions.model_validate(fields)
         except ValidationError as err:
             raise validation_error(err) from None
-        images = await asyncio.to_thread(_decode_files, files, limits)
+        images = await asyncio.to_thread(_check_files, files, limits)
         return DetectInput(images["image"], images.get("reference"), options)
     finally:
         await form.close()
 
 
-def _decode_files(
+def _check_files(
     files: Mapping[str, tuple[bytes, str | None]], limits: ImageLimits
-) -> dict[str, Image.Image]:
-    return {key: decode_image(data, key, limits, kind) for key, (data, kind) in files.items()}
+) -> dict[str, EncodedImage]:
+    return {key: checked_image(data, key, limits, kind) for key, (data, kind) in files.items()}

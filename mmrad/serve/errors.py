@@ -4,9 +4,13 @@ problem, in the shape OpenAI clients parse (``{"error": {"message", "type", "par
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
+from typing import Any
 
 from pydantic import ValidationError
+
+log = logging.getLogger(__name__)
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -55,3 +59,41 @@ def validation_error(err: ValidationError, prefix: str = "") -> ApiError:
     first = err.errors()[0]["loc"] if err.errors() else ()
     param = ".".join(str(part) for part in first) or None
     return ApiError(422, "; ".join(problems), param=param)
+
+
+class JSONServerErrors:
+    """ASGI middleware: an exception no handler turned into a response becomes a 500 with
+    a JSON body (Starlette's own answer is plain text), logged with its traceback. Once a
+    response has started (a stream), the exception goes on up: its status is sent."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked_send)
+        except Exception as err:
+            if started:
+                raise
+            log.exception("%s %s failed", scope.get("method"), scope.get("path"))
+            message = f"internal server error ({type(err).__name__})"
+            await _send_json(send, 500, error_body(500, message))
+
+
+async def _send_json(send: Any, status: int, body: dict) -> None:
+    from starlette.responses import JSONResponse
+
+    response = JSONResponse(body, status_code=status)
+    await send({"type": "http.response.start", "status": status,
+                "headers": response.raw_headers})  # fmt: skip
+    await send({"type": "http.response.body", "body": response.body})

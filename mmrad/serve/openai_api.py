@@ -5,11 +5,13 @@ completions, ``n``, sampling parameters, ``stop``, ``seed``, log-probs, ``stream
 usage, ``response_format`` (JSON object and JSON schema), penalties, ``logit_bias``.
 What stays in front, because vLLM's server would accept it:
 
-- fields vLLM does not know are refused with a 400 naming them (vLLM only logs them), so
-  a client never gets an answer that silently ignored what it asked for;
+- fields vLLM does not know are refused with a 400 naming them (vLLM only logs them), and
+  so are ``tools`` and ``functions`` (tool calling is not enabled), so a client never gets
+  an answer that silently ignored what it asked for;
 - images: ``data:`` URIs only (the server fetches nothing), at most ``max_images`` per
-  request, each checked for type, bytes and decoded pixels from its header before vLLM
-  decodes it (:mod:`mmrad.serve.images`); part types other than text and images refused;
+  request, each checked for type, bytes and decoded pixels from its header, then decoded
+  within the replica's decode budget and handed to vLLM as a PNG on its model grid
+  (:mod:`mmrad.serve.decoding`); part types other than text and images refused;
 - ``max_tokens`` defaults to the app's ``max_tokens`` instead of the rest of the context.
 """
 
@@ -21,7 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from mmrad.serve.errors import ApiError, validation_error
-from mmrad.serve.images import ImageLimits, check_base64_image
+from mmrad.serve.images import EncodedImage, ImageLimits, checked_base64_image
 
 CONTENT_PART_TYPES = ("text", "image_url")
 
@@ -34,17 +36,29 @@ def unknown_fields(data: Mapping[str, Any], request_type: type[BaseModel]) -> li
     return sorted(key for key in data if key not in known)
 
 
+UNSERVED_FIELDS = {"tools": "tool calling", "functions": "function calling"}
+"""Fields vLLM knows but answers without when its server was not started for them (the
+chat template may still render the tools into the prompt): refused when not empty."""
+
+
 def check_request_fields(data: Mapping[str, Any], request_type: type[BaseModel]) -> None:
     """400 naming the first field this server does not support."""
     unknown = unknown_fields(data, request_type)
     if unknown:
         raise ApiError(400, f"field {unknown[0]!r} is not supported by this server "
                        f"(unknown: {', '.join(unknown)})", unknown[0])  # fmt: skip
+    for name, feature in UNSERVED_FIELDS.items():
+        if data.get(name):
+            raise ApiError(400, f"field {name!r}: {feature} is not enabled on this server", name)
 
 
-def check_chat_images(data: Mapping[str, Any], limits: ImageLimits, max_images: int) -> None:
+def check_chat_images(
+    data: Mapping[str, Any], limits: ImageLimits, max_images: int
+) -> list[tuple[dict[str, Any], EncodedImage]]:
     """Every content part a text or a ``data:`` image within the limits (see the module
-    docstring); malformed messages are left to the request's own validation."""
+    docstring), and each image part with its image, not yet decoded; malformed messages
+    are left to the request's own validation."""
+    images: list[tuple[dict[str, Any], EncodedImage]] = []
     count = 0
     messages = data.get("messages")
     for m, message in enumerate(messages if isinstance(messages, list) else []):
@@ -61,17 +75,24 @@ def check_chat_images(data: Mapping[str, Any], limits: ImageLimits, max_images: 
                 count += 1
                 if count > max_images:
                     raise ApiError(400, f"field {where!r}: more than {max_images} images", where)
-                check_image_part(part, f"{where}.image_url.url", limits)
+                images.append((part, check_image_part(part, f"{where}.image_url.url", limits)))
+    return images
 
 
-def check_image_part(part: Mapping[str, Any], where: str, limits: ImageLimits) -> None:
+def check_image_part(part: Mapping[str, Any], where: str, limits: ImageLimits) -> EncodedImage:
     image_url = part.get("image_url")
     url = image_url.get("url") if isinstance(image_url, dict) else image_url
     if not isinstance(url, str):
         raise ApiError(400, f"field {where!r}: expected a data: URI", where)
     if not url.startswith("data:"):
         raise ApiError(400, f"field {where!r}: only data: URIs are accepted", where)
-    check_base64_image(url, where, limits)
+    return checked_base64_image(url, where, limits)
+
+
+def replace_image_url(part: dict[str, Any], url: str) -> None:
+    """Point an ``image_url`` part at ``url``, keeping its other keys (``detail``)."""
+    image_url = part.get("image_url")
+    part["image_url"] = {**(image_url if isinstance(image_url, dict) else {}), "url": url}
 
 
 def with_default_max_tokens(data: Mapping[str, Any], max_tokens: int) -> dict[str, Any]:
