@@ -130,6 +130,11 @@ class AsyncEngine:
             raise RuntimeError("the engine returned no output")
         return [completion_from_output(o) for o in sorted(final.outputs, key=lambda o: o.index)]
 
+    def unfinished_requests(self) -> int:
+        """Requests the engine holds (running or waiting): a client that hung up must
+        not leave its request here."""
+        return self._vllm().get_num_unfinished_requests()
+
     # -- life cycle -------------------------------------------------------------------
 
     async def check_health(self) -> None:

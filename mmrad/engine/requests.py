@@ -65,7 +65,11 @@ def grid_for(size: Size, pixels: PixelBudget) -> Size:
 
 def grid_of(item: InspectionInput, pixels: PixelBudget) -> QueryGrid:
     """Where the query lands on the model grid under ``pixels``."""
-    size = image_size(item.image)
+    return query_grid(image_size(item.image), pixels)
+
+
+def query_grid(size: Size, pixels: PixelBudget) -> QueryGrid:
+    """Where a query image of ``size`` lands on the model grid under ``pixels``."""
     grid = grid_for(size, pixels)
     return QueryGrid(size=size, grid=grid, scale=grid_scale(size, grid))
 

@@ -4,9 +4,11 @@
 Routes: ``POST /v1/detect``, ``POST /v1/chat/completions`` (OpenAI-compatible),
 ``GET /v1/models``, ``GET /healthz`` (no token; 503 when the engine died). With a token
 configured every ``/v1`` route needs ``Authorization: Bearer <token>`` (401 otherwise).
-Every refusal is a JSON error (:mod:`mmrad.serve.errors`); nothing a client sends can
-take a replica down: bodies are size-capped before parsing, images are checked before
-decoding (:mod:`mmrad.serve.images`), engine errors caused by a request become 4xx.
+Every refusal is a JSON error (:mod:`mmrad.serve.errors`), and so is a server fault;
+nothing a client sends can take a replica down: bodies are size-capped and their JSON
+nesting bounded before parsing, images are checked before decoding
+(:mod:`mmrad.serve.images`) and decoded within a memory budget
+(:mod:`mmrad.serve.decoding`), engine errors caused by a request become 4xx.
 
 ``import_path: mmrad.serve.app:app_builder`` in a Serve config (see
 :mod:`mmrad.serve.config`); the file's ``deployments`` entry for ``MMRADServer`` sets
@@ -29,7 +31,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mmrad.config import ConfigError, validate_config
-from mmrad.engine.requests import grid_of
+from mmrad.engine.requests import query_grid
 from mmrad.serve.admission import RETRY_AFTER_S
 from mmrad.serve.api import (
     JSON_TYPE,
@@ -40,13 +42,21 @@ from mmrad.serve.api import (
     read_body,
 )
 from mmrad.serve.config import DEPLOYMENT_NAME, ServeArgs, resolve_auth_token
+from mmrad.serve.decoding import (
+    DecodedImage,
+    DecodeSlots,
+    decode_budget_bytes,
+    decode_for_model,
+    grid_png_uri,
+)
 from mmrad.serve.detect import detect_sampling, detection, inspection
-from mmrad.serve.errors import ApiError, error_body
+from mmrad.serve.errors import ApiError, JSONServerErrors, error_body
 from mmrad.serve.images import ImageLimits, png_base64
 from mmrad.serve.openai_api import (
     check_chat_images,
     check_request_fields,
     model_list,
+    replace_image_url,
     requested_model,
     sequences,
     validated,
@@ -56,6 +66,7 @@ from mmrad.serve.openai_api import (
 log = logging.getLogger(__name__)
 
 api = FastAPI(title="mmrad", summary="Industrial anomaly detection with a reasoning VLM.")
+api.add_middleware(JSONServerErrors)
 
 
 @api.exception_handler(ApiError)
@@ -117,10 +128,10 @@ def vllm_response(result: Any, ticket: Any) -> Any:
     return StreamingResponse(ticket.keep_for(result), media_type="text/event-stream")
 
 
-def _overlay(image: Any, verdict: Any) -> str:
-    from mmrad.serve.overlay import draw_boxes
+def _overlay(query: DecodedImage, verdict: Any) -> str:
+    from mmrad.serve.overlay import draw_on_preview
 
-    return png_base64(draw_boxes(image, verdict.boxes, verdict.labels))
+    return png_base64(draw_on_preview(query.preview, query.size, verdict.boxes, verdict.labels))
 
 
 @serve.deployment(
@@ -157,11 +168,14 @@ class MMRADServer:
         self.adapters = await served_adapters(self.args, self.model, self.serving.models)
         self.admission = Admission(in_flight_limit(self.args))
         self.limits = ImageLimits(self.args.max_upload_bytes, self.args.max_pixels)
+        self.decodes = DecodeSlots(self.args.max_concurrent_decodes)
         self.metrics = ServeMetrics()
         self.created = int(time.time())
-        log.info("serving %s from %s with adapters %s (auth %s)", self.args.model_name,
-                 self.model.path, sorted(self.args.adapters) or "none",
-                 "on" if self._token else "off")  # fmt: skip
+        budget = decode_budget_bytes(self.args.max_pixels, self.args.max_concurrent_decodes)
+        log.info("serving %s from %s with adapters %s (auth %s); image decodes take at most "
+                 "%.0f MiB", self.args.model_name, self.model.path,
+                 sorted(self.args.adapters) or "none", "on" if self._token else "off",
+                 budget / 2**20)  # fmt: skip
 
     # -- routes ---------------------------------------------------------------------------
 
@@ -171,7 +185,9 @@ class MMRADServer:
             await self.engine.check_health()
         except Exception as err:
             return JSONResponse(error_body(503, f"engine unhealthy: {err}"), status_code=503)
-        return JSONResponse({"status": "ok", "model": self.args.model_name})
+        return JSONResponse({"status": "ok", "model": self.args.model_name,
+                             "engine_requests": self.engine.unfinished_requests(),
+                             "admitted_sequences": self.admission.held})  # fmt: skip
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:
@@ -196,7 +212,11 @@ class MMRADServer:
             )
             model = parsed.options.model or self.args.model_name
             lora = await self.adapters.resolve(model)
-            item = inspection(parsed.image, parsed.reference, parsed.options.category,
+            query = await self._decode(parsed.image, preview=parsed.options.overlay)
+            reference = None
+            if parsed.reference is not None:
+                reference = (await self._decode(parsed.reference)).on_grid
+            item = inspection(query.on_grid, reference, parsed.options.category,
                               self.model.contract)  # fmt: skip
             prompt = await asyncio.to_thread(self.engine.request, item)
             try:
@@ -210,14 +230,14 @@ class MMRADServer:
             threshold = parsed.options.threshold
             result = detection(
                 completion,
-                grid_of(item, self.model.pixels),
+                query_grid(query.size, self.model.pixels),
                 reasoning=self.model.variant.reasoning,
                 threshold=self.args.threshold if threshold is None else threshold,
             )
             self.metrics.detected(result.anomalous)
             overlay = None
             if parsed.options.overlay:
-                overlay = await asyncio.to_thread(_overlay, parsed.image, result.verdict)
+                overlay = await asyncio.to_thread(_overlay, query, result.verdict)
             return DetectResponse(
                 anomalous=result.anomalous,
                 score=result.score,
@@ -227,8 +247,8 @@ class MMRADServer:
                 format_ok=result.verdict.format_ok,
                 threshold=result.threshold,
                 completion=result.completion,
-                width=parsed.image.width,
-                height=parsed.image.height,
+                width=query.size[0],
+                height=query.size[1],
                 model=model,
                 latency_ms=1000 * (time.perf_counter() - start),
                 overlay_png=overlay,
@@ -242,8 +262,11 @@ class MMRADServer:
 
         async with self.metrics.track("/v1/chat/completions"):
             data = await self._openai_body(request, ChatCompletionRequest)
-            await asyncio.to_thread(check_chat_images, data, self.limits,
-                                    self.args.engine.max_images)  # fmt: skip
+            images = await asyncio.to_thread(check_chat_images, data, self.limits,
+                                             self.args.engine.max_images)  # fmt: skip
+            for part, image in images:
+                uri = await self.decodes.run(grid_png_uri, image, self.limits, self.model.pixels)
+                replace_image_url(part, uri)
             create = self.serving.chat.create_chat_completion
             return await self._generate("/v1/chat/completions", request, data,
                                         ChatCompletionRequest, create)  # fmt: skip
@@ -282,6 +305,11 @@ class MMRADServer:
             return
         raise ApiError(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
                        headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+
+    async def _decode(self, image: Any, preview: bool = False) -> DecodedImage:
+        """``image`` decoded within the replica's decode budget (:mod:`mmrad.serve.decoding`)."""
+        return await self.decodes.run(decode_for_model, image, self.limits, self.model.pixels,
+                                      preview)  # fmt: skip
 
     async def _openai_body(self, request: Request, request_type: type) -> dict[str, Any]:
         """An authorised OpenAI request's JSON object: within the byte limit, no fields

@@ -94,7 +94,14 @@ class ServeArgs(Section):
         40_000_000,
         ge=28 * 28,
         description="Most decoded pixels per image, checked from the header before decoding "
-        "(decompression bombs; 413 above).",
+        "(decompression bombs; 413 above). The default takes 40 MP camera photos.",
+    )
+    max_concurrent_decodes: int = Field(
+        2,
+        ge=1,
+        description="Images a replica decodes at once; each is shrunk to its model grid "
+        "before the next may start, so peak decode memory per replica is this x "
+        "max_pixels x 8 bytes (logged at start), however many requests are in flight.",
     )
     threshold: float | None = Field(
         None,

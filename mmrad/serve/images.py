@@ -39,6 +39,18 @@ class ImageLimits:
     max_pixels: int
 
 
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image as the client sent it, its cheap checks passed, not yet decoded."""
+
+    field: str
+    data: bytes
+    content_type: str | None = None
+
+    def decode(self, limits: ImageLimits) -> Image.Image:
+        return decode_image(self.data, self.field, limits, self.content_type)
+
+
 def check_content_type(content_type: str | None, field: str) -> None:
     """415 unless ``content_type`` is an accepted image type (or says nothing)."""
     kind = (content_type or "").split(";")[0].strip().lower()
@@ -57,7 +69,7 @@ def decode_image(
     image = open_image(data, field, limits, content_type)
     try:
         image.load()
-        return image.convert("RGB")
+        return image if image.mode == "RGB" else image.convert("RGB")
     except (OSError, ValueError, SyntaxError, EOFError) as err:
         raise ApiError(400, f"field {field!r}: corrupt or truncated image ({err})", field) from None
 
@@ -105,11 +117,18 @@ def decode_base64_image(text: str, field: str, limits: ImageLimits) -> Image.Ima
     return decode_image(data, field, limits, content_type)
 
 
-def check_base64_image(text: str, field: str, limits: ImageLimits) -> None:
-    """:func:`decode_base64_image`'s checks without decoding the pixels (for images that
-    vLLM decodes itself)."""
-    data, content_type = _base64_bytes(text, field, limits)
+def checked_image(
+    data: bytes, field: str, limits: ImageLimits, content_type: str | None = None
+) -> EncodedImage:
+    """Untrusted bytes after :func:`open_image`'s checks, to be decoded later."""
     open_image(data, field, limits, content_type).close()
+    return EncodedImage(field, data, content_type)
+
+
+def checked_base64_image(text: str, field: str, limits: ImageLimits) -> EncodedImage:
+    """Base64 text or a data URI after :func:`open_image`'s checks, not yet decoded."""
+    data, content_type = _base64_bytes(text, field, limits)
+    return checked_image(data, field, limits, content_type)
 
 
 def _base64_bytes(text: str, field: str, limits: ImageLimits) -> tuple[bytes, str | None]:

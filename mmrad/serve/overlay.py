@@ -36,3 +36,17 @@ def draw_boxes(
             )
             draw.text((x1 + width, text_y), label, fill=TEXT_COLOUR)
     return out
+
+
+def draw_on_preview(
+    preview: Image.Image,
+    size: tuple[int, int],
+    boxes: Sequence[Sequence[float]],
+    labels: Sequence[str],
+) -> Image.Image:
+    """:func:`draw_boxes` on a smaller ``preview`` of an image of ``size``, the boxes
+    (in that image's pixels) scaled to it."""
+    scale_x, scale_y = preview.width / size[0], preview.height / size[1]
+    scaled = [[x1 * scale_x, y1 * scale_y, x2 * scale_x, y2 * scale_y]
+              for x1, y1, x2, y2 in boxes]  # fmt: skip
+    return draw_boxes(preview, scaled, labels)

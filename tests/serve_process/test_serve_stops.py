@@ -1,7 +1,8 @@
 """``mmrad serve`` stops cleanly: within 15 s of SIGTERM or SIGINT, sent to the process
 or to its whole process group, and nothing it started (the local Ray, its workers and
-Serve replicas, vLLM's ``EngineCore``) is left running. Real processes: ``mmrad serve``
-in a session of its own, serving the tiny model."""
+Serve replicas, vLLM's ``EngineCore``) is left running; Ray's own ``serve run`` on the
+same file ends its replica and engine core on Ctrl-C. Real processes, each in a session
+of its own, serving the tiny model."""
 
 from __future__ import annotations
 
@@ -51,21 +52,48 @@ def serve_file(tiny_model: str, folder: Path, port: int) -> Path:
     return path
 
 
-def wait_until_serving(process: subprocess.Popen, log: Path, port: int) -> None:
-    """``/healthz`` answers and ``mmrad serve`` has announced its URL (deploy returned)."""
+def wait_until_serving(process: subprocess.Popen, log: Path, port: int, announced: str) -> None:
+    """``/healthz`` answers and the command has logged ``announced`` (deploy returned)."""
     import httpx
 
     deadline = time.monotonic() + START_WITHIN_S
     while time.monotonic() < deadline:
-        assert process.poll() is None, f"mmrad serve exited:\n{log.read_text()[-4000:]}"
+        assert process.poll() is None, f"the server exited:\n{log.read_text()[-4000:]}"
         try:
-            healthy = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
-        except httpx.HTTPError:
+            reply = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+            healthy = reply.status_code == 200 and reply.json().get("status") == "ok"
+        except (httpx.HTTPError, ValueError):
             healthy = False
-        if healthy and f"mmrad: http://127.0.0.1:{port}" in log.read_text():
+        if healthy and announced in log.read_text():
             return
         time.sleep(0.5)
-    pytest.fail(f"mmrad serve not serving after {START_WITHIN_S:.0f} s:\n{log.read_text()[-4000:]}")
+    pytest.fail(f"not serving after {START_WITHIN_S:.0f} s:\n{log.read_text()[-4000:]}")
+
+
+@contextlib.contextmanager
+def serving(command: list[str], tiny_model: str, folder: Path, announced: str):
+    """``command`` + the Serve file, started in a session of its own with a Ray of its
+    own, once serving: ``(process, log, port, its processes)``; leftovers of a failed
+    run are killed by pid."""
+    port = free_port()
+    config = serve_file(tiny_model, folder, port)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    log = folder / "serve.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen([*command, str(config)], cwd=folder, env=env, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    started: list[psutil.Process] = []
+    try:
+        wait_until_serving(process, log, port, announced.format(port=port))
+        started = started_processes(process.pid)
+        yield process, log, started
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for leftover in started:
+            with contextlib.suppress(psutil.Error):
+                leftover.kill()
 
 
 def started_processes(pid: int) -> list[psutil.Process]:
@@ -80,7 +108,8 @@ def started_processes(pid: int) -> list[psutil.Process]:
             with contextlib.suppress(psutil.Error):
                 names.add(child.name())
         if wanted <= names or time.monotonic() > deadline:
-            assert wanted <= names, names
+            tree = [(p.pid, p.ppid(), p.name()) for p in started if p.is_running()]
+            assert wanted <= names, f"missing {wanted - names} under {pid}: {tree}"
             return started
         time.sleep(0.5)
 
@@ -88,20 +117,9 @@ def started_processes(pid: int) -> list[psutil.Process]:
 @pytest.mark.parametrize("case", list(CASES))
 def test_mmrad_serve_stops_within_15_s_and_leaves_no_process(case, tiny_model, tmp_path):
     sig, whole_group = CASES[case]
-    port = free_port()
-    config = serve_file(tiny_model, tmp_path, port)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # a Ray of its own
-    log = tmp_path / "serve.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "mmrad.cli", "serve", "--config", str(config)],
-            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    started: list[psutil.Process] = []
-    try:
-        wait_until_serving(process, log, port)
-        started = started_processes(process.pid)
-
+    command = [sys.executable, "-m", "mmrad.cli", "serve", "--config"]
+    with serving(command, tiny_model, tmp_path, "mmrad: http://127.0.0.1:{port}") as running:
+        process, log, started = running
         signalled = time.monotonic()
         if whole_group:
             os.killpg(process.pid, sig)
@@ -121,10 +139,29 @@ def test_mmrad_serve_stops_within_15_s_and_leaves_no_process(case, tiny_model, t
         assert not left, f"{case}: left running: {left}\n{log.read_text()[-4000:]}"
         assert code == 0, log.read_text()[-4000:]
         assert "stopped: mmrad" in log.read_text()
-    finally:  # leftovers of a failed run, by pid
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        for leftover in started:
-            if leftover.is_running():
-                leftover.kill()
+
+
+def test_ctrl_c_to_serve_run_ends_its_replica_and_engine_core(tiny_model, tmp_path):
+    """Ray's own ``serve run`` on the same file, Ctrl-C (SIGINT to its process group):
+    the replica and its vLLM engine core are gone within 15 s (Ray's own processes are
+    Ray's to stop)."""
+    command = [str(Path(sys.executable).with_name("serve")), "run"]
+    with serving(command, tiny_model, tmp_path, "Submitted deploy config") as running:
+        process, log, started = running
+        ours = [p for p in started if _is_replica_or_engine(p)]
+        assert len(ours) == 2, [p.name() for p in started]
+        signalled = time.monotonic()
+        os.killpg(process.pid, signal.SIGINT)
+        _, alive = psutil.wait_procs(ours, timeout=STOP_WITHIN_S)
+        print(f"\nserve run: replica and engine core gone after "
+              f"{time.monotonic() - signalled:.1f} s")  # fmt: skip
+        left = [(p.pid, p.name()) for p in alive if p.is_running()]
+        assert not left, f"left running: {left}\n{log.read_text()[-4000:]}"
+
+
+def _is_replica_or_engine(process: psutil.Process) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return process.name() == "VLLM::EngineCore" or "ServeReplica:" in " ".join(
+            process.cmdline()
+        )
+    return False
