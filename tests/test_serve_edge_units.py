@@ -209,3 +209,15 @@ def test_overlay_boxes_are_scaled_to_the_preview():
     red = np.all(drawn == BOX_COLOUR, axis=2)
     ys, xs = np.nonzero(red)
     assert (xs.min(), ys.min(), xs.max(), ys.max()) == (100, 50, 499, 249)
+
+
+def test_a_checked_image_knows_its_size_and_whether_it_needs_a_grid_copy():
+    from mmrad.engine.requests import on_grid
+    from mmrad.serve.images import checked_base64_image
+
+    for size in [(3000, 2000), grid_for((3000, 2000), PIXELS)]:
+        data = encoded(gradient(*size)).data
+        uri = "data:image/png;base64," + base64.b64encode(data).decode()
+        image = checked_base64_image(uri, "messages.0.content.0", LIMITS)
+        assert image.size == size and image.data == data
+        assert on_grid(size, PIXELS) == (size == grid_for(size, PIXELS))

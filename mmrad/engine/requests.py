@@ -74,11 +74,15 @@ def query_grid(size: Size, pixels: PixelBudget) -> QueryGrid:
     return QueryGrid(size=size, grid=grid, scale=grid_scale(size, grid))
 
 
+def on_grid(size: Size, pixels: PixelBudget) -> bool:
+    """Whether an image of ``size`` is already on its model grid (needs no resizing)."""
+    return grid_for(size, pixels) == size
+
+
 def to_grid_image(image: ImageLike, pixels: PixelBudget) -> Image.Image:
     """An RGB PIL image resized to its model grid (unchanged when already on it)."""
     pil = as_pil(image)
-    grid = grid_for(pil.size, pixels)
-    return pil if pil.size == grid else pil.resize(grid, RESAMPLE)
+    return pil if on_grid(pil.size, pixels) else pil.resize(grid_for(pil.size, pixels), RESAMPLE)
 
 
 def as_pil(image: ImageLike) -> Image.Image:

@@ -31,7 +31,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mmrad.config import ConfigError, validate_config
-from mmrad.engine.requests import query_grid
+from mmrad.engine.requests import on_grid, query_grid
 from mmrad.serve.admission import RETRY_AFTER_S
 from mmrad.serve.api import (
     JSON_TYPE,
@@ -265,8 +265,10 @@ class MMRADServer:
             images = await asyncio.to_thread(check_chat_images, data, self.limits,
                                              self.args.engine.max_images)  # fmt: skip
             for part, image in images:
-                uri = await self.decodes.run(grid_png_uri, image, self.limits, self.model.pixels)
-                replace_image_url(part, uri)
+                if not on_grid(image.size, self.model.pixels):  # else vLLM decodes it as sent
+                    uri = await self.decodes.run(grid_png_uri, image, self.limits,
+                                                 self.model.pixels)  # fmt: skip
+                    replace_image_url(part, uri)
             create = self.serving.chat.create_chat_completion
             return await self._generate("/v1/chat/completions", request, data,
                                         ChatCompletionRequest, create)  # fmt: skip

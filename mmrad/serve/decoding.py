@@ -6,6 +6,8 @@ decode runs in one of ``max_concurrent_decodes`` slots per replica, and the deco
 is shrunk to its model grid (and to an overlay preview, when one was asked for) before
 the slot is freed, so full-size pixels never outlive their slot. Peak decode memory per
 replica is therefore :func:`decode_budget_bytes`, however many requests are in flight.
+A chat image already on its model grid (what mmrad's own clients send) skips all this:
+vLLM decodes it as sent, and the model's pixel budget bounds it.
 """
 
 from __future__ import annotations

@@ -46,6 +46,8 @@ class EncodedImage:
     field: str
     data: bytes
     content_type: str | None = None
+    size: tuple[int, int] = (0, 0)
+    """``(width, height)`` from the header."""
 
     def decode(self, limits: ImageLimits) -> Image.Image:
         return decode_image(self.data, self.field, limits, self.content_type)
@@ -121,8 +123,8 @@ def checked_image(
     data: bytes, field: str, limits: ImageLimits, content_type: str | None = None
 ) -> EncodedImage:
     """Untrusted bytes after :func:`open_image`'s checks, to be decoded later."""
-    open_image(data, field, limits, content_type).close()
-    return EncodedImage(field, data, content_type)
+    with open_image(data, field, limits, content_type) as image:
+        return EncodedImage(field, data, content_type, image.size)
 
 
 def checked_base64_image(text: str, field: str, limits: ImageLimits) -> EncodedImage:
