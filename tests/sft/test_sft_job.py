@@ -5,6 +5,7 @@ run (tests/sft/test_sft_quality.py)."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,24 @@ def uninterrupted(ray_cluster, tiny_model, synthetic_local, tmp_path_factory):
     return final_checkpoint(run_sft(job).run_uri)
 
 
+@pytest.fixture(scope="module")
+def stopped_local(ray_cluster, tiny_model, synthetic_local, tmp_path_factory):
+    """One local run stopped after its step-4 checkpoint (:func:`stopped_at_step_4`), run
+    once for the two tests that rerun it on local disk: the rerun test continues it where
+    it is; a copy of it, made right after the stop, is what the negative control reruns
+    (the same run name in a folder of its own: its checkpoints, metrics and run files
+    as the stop left them). Returns the run's storage folder, the copy's, and the
+    metrics rows of its committed steps."""
+    storage = tmp_path_factory.mktemp("stopped")
+    before = stopped_at_step_4(tiny_model, synthetic_local, str(storage), STOPPED)
+    pristine = tmp_path_factory.mktemp("stopped-copy")
+    shutil.copytree(storage / STOPPED, pristine / STOPPED, symlinks=True)
+    return storage, pristine, before
+
+
+STOPPED = "again"
+
+
 def assert_same_as_uninterrupted(resumed: dict, uninterrupted: dict) -> None:
     """Exactly equal on CPU (float32, gloo, one thread order): the weights, AdamW's
     moments and step counts, the scheduler and its learning rate, every rank's RNG
@@ -108,14 +127,14 @@ def assert_same_as_uninterrupted(resumed: dict, uninterrupted: dict) -> None:
     assert differences(resumed, uninterrupted) == []
 
 
-def test_rerun_and_a_killed_worker_continue_exactly(uninterrupted, tiny_model, synthetic_local,
-                                                     tmp_path):  # fmt: skip
+def test_rerun_and_a_killed_worker_continue_exactly(uninterrupted, stopped_local, tiny_model,
+                                                     synthetic_local):  # fmt: skip
     """One run interrupted twice, on local disk: it stops after its step-4 checkpoint and
     is rerun under the same name, and during the rerun a Train worker is SIGKILLed after
     the step-6 checkpoint (Ray Train restarts the group from it). The final state equals
     the uninterrupted run's, and the metrics hold each step once."""
-    before = stopped_at_step_4(tiny_model, synthetic_local, str(tmp_path), "again")
-    job = sft_config(tiny_model, synthetic_local, str(tmp_path), "again", *RESUME)
+    storage, _, before = stopped_local
+    job = sft_config(tiny_model, synthetic_local, str(storage), STOPPED, *RESUME)
     result = run_with_a_kill(job, 6)
     assert_resumed_from(before, result.run_uri)
     assert_same_as_uninterrupted(final_checkpoint(result.run_uri), uninterrupted)
@@ -124,7 +143,7 @@ def test_rerun_and_a_killed_worker_continue_exactly(uninterrupted, tiny_model, s
     assert tracked.data.params["schedule.max_steps"] == str(STEPS)
     assert {"metrics.jsonl", "config.yaml", "run_info.json"} <= artifact_names(tracked.info.run_id)
 
-    other_order = sft_config(tiny_model, synthetic_local, str(tmp_path), "again", *RESUME,
+    other_order = sft_config(tiny_model, synthetic_local, str(storage), STOPPED, *RESUME,
                              "learners.micro_batch_size=2")  # fmt: skip
     with pytest.raises(ConfigError, match=r"another data order \(micro_batch_size 4 -> 2\)"):
         run_sft(other_order)
@@ -169,14 +188,16 @@ def test_a_resume_on_s3_under_s3_faults_continues_exactly_and_keeps_every_row(
     )
 
 
-def test_a_resume_without_the_optimizer_state_is_caught(uninterrupted, tiny_model,
+def test_a_resume_without_the_optimizer_state_is_caught(uninterrupted, stopped_local, tiny_model,
                                                          synthetic_local, tmp_path):  # fmt: skip
-    """The negative control: the same stop and rerun, but the resumed checkpoint's AdamW
-    state zeroed in between (as a resume that re-initialised the optimizer). The comparison
-    that passes above must fail here, in the moments and in the weights they move."""
-    before = stopped_at_step_4(tiny_model, synthetic_local, str(tmp_path), "amnesia")
-    drop_optimizer_state(Path(latest_checkpoint(Storage(), str(tmp_path / "amnesia"))))
-    result = run_sft(sft_config(tiny_model, synthetic_local, str(tmp_path), "amnesia", *RESUME))
+    """The negative control: the same stop and rerun (of a copy of the stopped run), but
+    the resumed checkpoint's AdamW state zeroed in between (as a resume that
+    re-initialised the optimizer). The comparison that passes above must fail here, in
+    the moments and in the weights they move."""
+    _, pristine, before = stopped_local
+    shutil.copytree(pristine / STOPPED, tmp_path / STOPPED, symlinks=True)
+    drop_optimizer_state(Path(latest_checkpoint(Storage(), str(tmp_path / STOPPED))))
+    result = run_sft(sft_config(tiny_model, synthetic_local, str(tmp_path), STOPPED, *RESUME))
     assert_resumed_from(before, result.run_uri)
     resumed = final_checkpoint(result.run_uri)
     differ = differences(resumed, uninterrupted)
