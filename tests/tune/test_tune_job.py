@@ -109,6 +109,9 @@ def started(trial: Path) -> float:
 TUNE_SNAPSHOT_S = 3.0
 """Time for Tune's driver to save its experiment state after it handled a result
 (``TUNE_GLOBAL_CHECKPOINT_S`` is 1 s here, plus a turn of its loop)."""
+LEARNER_SLICE_S = 0.1
+"""How long the later trial's learners run between two looks at its checkpoints (a
+GRPO step's learner part takes longer)."""
 
 
 def tune_has_step_1(trial_id: str) -> bool:
@@ -128,37 +131,41 @@ def kill_driver_mid_trial(
 ) -> tuple[Path, list[dict], dict[str, float]]:
     """SIGKILL the sweep's driver once a trial has finished (its GRPO export is written)
     and a later one has committed its step-1 GRPO checkpoint and Tune has saved its
-    step-1 result. A GRPO step here can take a second, so the later trial's learners
-    are stopped (SIGSTOP) at its step-1 checkpoint until the driver is dead: it cannot
-    finish step 2 in between. Returns that trial's run folder, its metrics rows of the
-    committed step, and the start times of the trials finished before."""
+    step-1 result. A GRPO step here can take under a second (the checkpoints of steps
+    1 and 2 were written 0.7 s apart), so from the later trial's start its learners run
+    only in slices of :data:`LEARNER_SLICE_S`: they are stopped (SIGSTOP) whenever its
+    checkpoints are looked at, and stay stopped from the look that finds its step-1
+    checkpoint committed until the driver is dead. Ray Train commits a checkpoint when
+    its controller takes the report from the learner, which a stopped learner cannot
+    give: step 2 cannot be committed in between. Returns that trial's run folder, its
+    metrics rows of the committed step, and the start times of the trials finished
+    before."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         trials = [t for t in trial_dirs(sweep) if (t / "run_info.json").exists()]
         done = [t for t in trials if finished(t)]
         newest = max(trials, key=started, default=None)
-        if (
-            done
-            and not finished(newest)
-            and started(newest) > max(map(started, done))
-            and committed_step(Storage(), str(newest)) == 1
-        ):
-            learners = train_workers()
+        if done and not finished(newest) and started(newest) > max(map(started, done)):
+            learners = train_workers()  # a learner started since cannot be at step 2
             signal_each(learners, signal.SIGSTOP)
-            while not tune_has_step_1(newest.name) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            time.sleep(TUNE_SNAPSHOT_S)
-            done_before = {t.name: started(t) for t in done}
-            driver.send_signal(signal.SIGKILL)
-            driver.wait(timeout=60)
-            signal_each(learners, signal.SIGKILL)  # Ray ends the rest of the trial
-            assert not finished(newest), "the trial finished before its driver was killed"
-            step = committed_step(Storage(), str(newest))
-            rows = [r for r in read_metrics(Storage(), str(newest)) if r["step"] <= step]
-            return newest, rows, done_before
+            if committed_step(Storage(), str(newest)) == 1:  # stopped: step 2 is not done
+                while not tune_has_step_1(newest.name) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                time.sleep(TUNE_SNAPSHOT_S)
+                done_before = {t.name: started(t) for t in done}
+                driver.send_signal(signal.SIGKILL)
+                driver.wait(timeout=60)
+                signal_each(learners, signal.SIGKILL)  # Ray ends the rest of the trial
+                assert not finished(newest), "the trial finished before its driver was killed"
+                step = committed_step(Storage(), str(newest))
+                rows = [r for r in read_metrics(Storage(), str(newest)) if r["step"] <= step]
+                return newest, rows, done_before
+            signal_each(learners, signal.SIGCONT)
+            time.sleep(LEARNER_SLICE_S)
+        else:
+            time.sleep(0.2)
         if driver.poll() is not None:
             pytest.fail(f"the sweep ended before it could be killed:\n{log.read_text()[-4000:]}")
-        time.sleep(0.2)
     driver.kill()
     pytest.fail(f"no trial finished in time:\n{log.read_text()[-4000:]}")
 
