@@ -50,6 +50,7 @@ def edges(serve_endpoint, sft_trained) -> str:
             "engine": {"kv_cache_bytes": 64 * 2**20, "max_num_seqs": RUNNING,
                        "max_model_len": LONG + 384}}  # fmt: skip
     app = application(args, name=APP, route_prefix=f"/{APP}", max_ongoing_requests=32)
+    app["deployments"][0]["health_check_period_s"] = 2  # a dead engine found in ~6 s, not 30
     urls = deploy(validate_serve_config(serve_config([app]), APP), timeout_s=600)
     yield urls[APP]
     serve.delete(APP)
