@@ -51,14 +51,9 @@ class DecodedImage:
 def decode_for_model(
     image: EncodedImage, limits: ImageLimits, pixels: PixelBudget, preview: bool = False
 ) -> DecodedImage:
+    """``image`` decoded, then kept only on its model grid (and as a preview if asked)."""
     full = image.decode(limits)
-    small = None
-    if preview:
-        small = (
-            full.copy()
-            if max(full.size) <= PREVIEW_MAX_SIDE
-            else full.resize(preview_size(full.size), Image.Resampling.BILINEAR)
-        )
+    small = full.resize(preview_size(full.size), Image.Resampling.BILINEAR) if preview else None
     return DecodedImage(to_grid_image(full, pixels), full.size, small)
 
 
