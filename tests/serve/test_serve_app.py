@@ -634,13 +634,25 @@ def test_metrics_reach_prometheus(serve_endpoint):
     text = {"body": ""}
 
     def exported() -> bool:
+        # vLLM sets its gauges only while its engine steps; after earlier tests removed
+        # replicas they were seen missing from an idle engine's export, so each look
+        # follows a request the engine works on.
+        body = {"model": serve_endpoint.model, "max_tokens": 2,
+                "messages": [{"role": "user", "content": "Hi."}]}  # fmt: skip
+        httpx.post(f"{serve_endpoint.base_url}/v1/chat/completions", json=body,
+                   headers=auth(serve_endpoint), timeout=60)  # fmt: skip
         text["body"] = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
-        return all(name in text["body"] for name in wanted)
+        return all(name in text["body"] for name in wanted) and models_counted(text["body"])
+
+    def models_counted(body: str) -> bool:
+        lines = [line for line in body.splitlines() if "mmrad_serve_requests_total{" in line]
+        return any('route="/v1/models"' in line and 'outcome="ok"' in line for line in lines)
 
     httpx.get(f"{serve_endpoint.base_url}/v1/models", headers=auth(serve_endpoint), timeout=30)
-    assert poll(exported, 90, every_s=3), [n for n in wanted if n not in text["body"]]
-    lines = [line for line in text["body"].splitlines() if "mmrad_serve_requests_total{" in line]
-    assert any('route="/v1/models"' in line and 'outcome="ok"' in line for line in lines)
+    assert poll(exported, 90, every_s=3), (
+        [name for name in wanted if name not in text["body"]],
+        models_counted(text["body"]),
+    )
 
 
 def test_application_entry_round_trips_through_the_validator():
