@@ -106,11 +106,20 @@ def started_processes(pid: int) -> list[psutil.Process]:
         for child in started:
             with contextlib.suppress(psutil.Error):
                 names.add(child.name())
-        if wanted <= names or time.monotonic() > deadline:
-            tree = [(p.pid, p.ppid(), p.name()) for p in started if p.is_running()]
-            assert wanted <= names, f"missing {wanted - names} under {pid}: {tree}"
+        if wanted <= names:
             return started
+        if time.monotonic() > deadline:
+            pytest.fail(f"missing {wanted - names} under {pid}: {process_tree(started)}")
         time.sleep(0.5)
+
+
+def process_tree(processes: list[psutil.Process]) -> list[tuple[int, int, str]]:
+    """``(pid, parent pid, name)`` of each process still there (for a failure message)."""
+    tree = []
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            tree.append((process.pid, process.ppid(), process.name()))
+    return tree
 
 
 @pytest.mark.parametrize("case", list(CASES))
