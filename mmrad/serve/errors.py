@@ -86,14 +86,7 @@ class JSONServerErrors:
             if started:
                 raise
             log.exception("%s %s failed", scope.get("method"), scope.get("path"))
+            from starlette.responses import JSONResponse
+
             message = f"internal server error ({type(err).__name__})"
-            await _send_json(send, 500, error_body(500, message))
-
-
-async def _send_json(send: Any, status: int, body: dict) -> None:
-    from starlette.responses import JSONResponse
-
-    response = JSONResponse(body, status_code=status)
-    await send({"type": "http.response.start", "status": status,
-                "headers": response.raw_headers})  # fmt: skip
-    await send({"type": "http.response.body", "body": response.body})
+            await JSONResponse(error_body(500, message), status_code=500)(scope, receive, send)
