@@ -1,6 +1,7 @@
 """``mmrad serve`` stops cleanly: within 15 s of SIGTERM or SIGINT, sent to the process
 or to its whole process group, and nothing it started (the local Ray, its workers and
-Serve replicas, vLLM's ``EngineCore``) is left running. Real processes, each in a
+Serve replicas, vLLM's ``EngineCore``) is left running; Ray's own ``serve run`` on the
+same file ends its replica and engine core within 15 s. Real processes, each in a
 session of its own, serving the tiny model."""
 
 from __future__ import annotations
@@ -147,3 +148,39 @@ def test_mmrad_serve_stops_within_15_s_and_leaves_no_process(case, tiny_model, t
         assert not left, f"{case}: left running: {left}\n{log.read_text()[-4000:]}"
         assert code == 0, log.read_text()[-4000:]
         assert "stopped: mmrad" in log.read_text()
+
+
+
+SERVE_RUN_CASES = {"Ctrl-C (SIGINT to the process group)": (signal.SIGINT, True),
+                   "SIGTERM to the process": (signal.SIGTERM, False)}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(SERVE_RUN_CASES))
+def test_serve_run_ends_its_replica_and_engine_core_within_15_s(case, tiny_model, tmp_path):
+    """Ray's own ``serve run`` on the same file: its replica and the replica's vLLM engine
+    core are gone within 15 s (Ray's own processes are Ray's to stop). The two signal
+    cases ``mmrad serve``'s test does not send."""
+    sig, whole_group = SERVE_RUN_CASES[case]
+    command = [str(Path(sys.executable).with_name("serve")), "run"]
+    with serving(command, tiny_model, tmp_path, "Submitted deploy config") as running:
+        process, log, started = running
+        ours = [p for p in started if is_replica_or_engine_core(p)]
+        assert len(ours) == 2, process_tree(started)
+        signalled = time.monotonic()
+        if whole_group:
+            os.killpg(process.pid, sig)
+        else:
+            process.send_signal(sig)
+        _, alive = psutil.wait_procs(ours, timeout=STOP_WITHIN_S)
+        print(f"\nserve run, {case}: replica and engine core gone after "
+              f"{time.monotonic() - signalled:.1f} s")  # fmt: skip
+        left = process_tree([p for p in alive if p.is_running()])
+        assert not left, f"{case}: left running: {left}\n{log.read_text()[-4000:]}"
+
+
+def is_replica_or_engine_core(process: psutil.Process) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return process.name() == "VLLM::EngineCore" or "ServeReplica:" in " ".join(
+            process.cmdline()
+        )
+    return False
