@@ -150,7 +150,6 @@ def test_mmrad_serve_stops_within_15_s_and_leaves_no_process(case, tiny_model, t
         assert "stopped: mmrad" in log.read_text()
 
 
-
 SERVE_RUN_CASES = {"Ctrl-C (SIGINT to the process group)": (signal.SIGINT, True),
                    "SIGTERM to the process": (signal.SIGTERM, False)}  # fmt: skip
 
