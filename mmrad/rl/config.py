@@ -48,6 +48,12 @@ class GRPODataConfig(DataLoadConfig):
         gt=0,
         description="CPUs per Ray Data decode task (small: engines and learners hold most).",
     )
+    decode_tasks: int = Field(
+        2,
+        ge=1,
+        description="Decode tasks in flight at once: a step needs only a few batches, and "
+        "each task beyond the first few starts a Ray worker process of its own.",
+    )
 
 
 class GRPOModelConfig(ModelConfig):

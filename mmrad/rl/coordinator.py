@@ -477,6 +477,7 @@ class Coordinator:
             seed=self.job.data.seed,
             knowledge=knowledge,
             decode_cpus=self.job.data.decode_cpus,
+            decode_tasks=self.job.data.decode_tasks,
             batch_size=self.job.data.batch_size,
             resources=worker_resources(self.job.ray),
         )

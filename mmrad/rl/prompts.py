@@ -114,7 +114,9 @@ class PromptStream:
 
     One Ray Data pipeline per epoch (from the current position on), read lazily: the
     decode tasks run ahead of the consumer with Ray Data's own back-pressure, at
-    ``decode_cpus`` each so they fit beside engines and learners on a small machine.
+    ``decode_cpus`` each so they fit beside engines and learners on a small machine, at
+    most ``decode_tasks`` at once (uncapped, Ray Data would start as many tasks as the
+    CPUs allow, each in a new worker process, before the first batch arrives).
     """
 
     def __init__(
@@ -125,6 +127,7 @@ class PromptStream:
         seed: int,
         knowledge: Knowledge | None = None,
         decode_cpus: float = 0.25,
+        decode_tasks: int = 2,
         batch_size: int = 8,
         position: DataPosition = DataPosition(),  # noqa: B008 (frozen)
         resources: Mapping[str, float] | None = None,
@@ -136,6 +139,7 @@ class PromptStream:
         self.seed = seed
         self.knowledge = dict(knowledge or {})
         self.decode_cpus = decode_cpus
+        self.decode_tasks = decode_tasks
         self.batch_size = batch_size
         self.resources = dict(resources or {})  # custom ones of each decode task
         self.skips = SkipLog(spec.bad_image_budget(len(self.records)))  # ids are unique
@@ -188,4 +192,5 @@ class PromptStream:
             batch_format="pyarrow",
             num_cpus=self.decode_cpus,
             resources=self.resources,
+            compute=ray.data.TaskPoolStrategy(size=self.decode_tasks),
         )
