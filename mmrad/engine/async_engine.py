@@ -29,7 +29,12 @@ from typing import Any
 from mmrad.config import EngineConfig, PixelBudget
 from mmrad.engine.requests import ImageLike, ModelPrompts, Prompt, chat_request
 from mmrad.engine.sampling import Completion, Sampling, completion_from_output
-from mmrad.engine.settings import engine_kwargs, on_gpu_default, prepare_cpu_environment
+from mmrad.engine.settings import (
+    engine_kwargs,
+    freeze_startup_heap,
+    on_gpu_default,
+    prepare_cpu_environment,
+)
 from mmrad.task.prompt import PromptVariant
 
 
@@ -77,6 +82,7 @@ class AsyncEngine:
             ),
             disable_log_stats=not log_stats,
         )
+        freeze_startup_heap()
         self._llm: Any = AsyncLLM.from_engine_args(args, stat_loggers=_stat_loggers(ray_metrics))
 
     # -- prompts ----------------------------------------------------------------------

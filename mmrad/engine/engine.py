@@ -47,6 +47,7 @@ from mmrad.engine.sampling import Completion, Sampling, completion_from_output
 from mmrad.engine.settings import (
     child_process,
     engine_kwargs,
+    freeze_startup_heap,
     layout_environment,
     on_gpu_default,
 )
@@ -147,6 +148,7 @@ class Engine:
         before = dict(os.environ)
         from vllm import LLM
 
+        freeze_startup_heap()
         self._llm = LLM(**engine_kwargs(config, self.model_path, on_gpu=on_gpu))
         self._environ_set = _environ_changes(before, dict(os.environ))
         self._closing = threading.Event()

@@ -110,3 +110,14 @@ def lora_rank_slot(rank: int) -> int:
 def prepare_cpu_environment() -> None:
     """Set :data:`CPU_ENVIRONMENT` in this process; call before the engine is created."""
     os.environ.update(CPU_ENVIRONMENT)
+
+
+def freeze_startup_heap() -> None:
+    """Put every object alive now (the imported modules, mostly) out of the garbage
+    collector's reach; call after importing vLLM, before creating an engine. vLLM runs
+    full collections while it loads the model: over the heap of torch, transformers and
+    vLLM each took 0.27 s (1.3 s of a CPU engine's start), frozen 0.03 s. vLLM freezes its
+    own heap the same way once started; objects created later are collected as before."""
+    import gc
+
+    gc.freeze()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import subprocess
+import sys
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -528,3 +530,24 @@ def test_request_carries_the_hint_after_the_prompt(processor):
     before, _, after = hinted["prompt"].partition(" HINT-TEXT")
     assert before + after == plain["prompt"]
     assert len(hinted["multi_modal_data"]["image"]) == 2
+
+
+def test_the_startup_heap_is_frozen_and_later_garbage_is_still_collected():
+    """What an engine's start freezes is out of the collector's reach (its full
+    collections no longer walk it); cycles made afterwards are still collected. In a
+    process of its own: freezing this one would outlive the test."""
+    code = (
+        "import gc, weakref\n"
+        "from mmrad.engine.settings import freeze_startup_heap\n"
+        "class Node: pass\n"
+        "startup = Node(); startup.me = startup\n"
+        "tracked = len(gc.get_objects())\n"
+        "freeze_startup_heap()\n"
+        "assert gc.get_freeze_count() >= tracked, (gc.get_freeze_count(), tracked)\n"
+        "assert not any(o is startup for o in gc.get_objects())\n"
+        "later = Node(); later.me = later; gone = weakref.ref(later); del later\n"
+        "gc.collect()\n"
+        "assert gone() is None\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
