@@ -33,6 +33,9 @@ os.environ["WANDB_MODE"] = "offline"  # W&B never goes online from a test
 # abfs:// tests sign in to Azurite with its published development key (no secret), from
 # the environment as every Azure key is read; set before Ray workers start.
 os.environ["AZURE_STORAGE_ACCOUNT_KEY"] = AZURITE_KEY
+# Ray Train's controller polls its workers every 2 s by default, so each of the suite's
+# training runs ended (or noticed a dead worker) up to 2 s late; Ray workers inherit this.
+os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
 
 TEST_BUCKET = "mmrad-test"
 WARM_WORKERS = 6
