@@ -196,10 +196,15 @@ def tracked(
     final_rows: Callable[[], Iterable[Mapping[str, Any]]] | None = None,
     resume: bool = True,
 ) -> Iterator[RunTracking]:
-    """Open the run's trackers (see :func:`open_tracking`); at the end, also when the run
-    fails, log the rows of ``final_rows`` a tracker has not had, the run directory's
-    files, and the outcome."""
+    """Open the run's trackers (see :func:`open_tracking`) and, for a rerun, log the rows
+    of ``final_rows`` a tracker lacks (a driver killed before it forwarded them: the
+    table's rows before its restart row never reach the live rows); at the end, also when
+    the run fails, log the rows a tracker has not had, the run directory's files, and
+    the outcome."""
     tracking = open_tracking(run, job, run_uri, config, storage, resume)
+    if tracking.trackers and final_rows is not None and resume:
+        with contextlib.suppress(Exception):  # no table yet: a new run
+            tracking.log_rows(final_rows())
     failed = True
     try:
         yield tracking

@@ -101,6 +101,31 @@ def test_mlflow_logs_each_step_once_and_a_resume_logs_the_steps_it_runs_again(tm
     assert experiment.artifact_location == (tmp_path / "mlartifacts").as_uri()
 
 
+def test_a_rerun_logs_the_rows_its_killed_driver_never_forwarded(tmp_path):
+    """A driver killed after its workers wrote step 2's validation row but before it
+    forwarded the row to MLflow: the rerun's live rows start after its restart row, so
+    the row reaches MLflow only when the rerun opens its run (its last pass would skip
+    it: by then MLflow has the key at a later step)."""
+    run = section(tmp_path)
+    run_dir = tmp_path / "runs" / "sft" / "killed"
+    run_dir.mkdir(parents=True)
+    config = load_config(SFTJobConfig, None, [])
+    validation = {"step": 2, "time": 1e9 + 2, "val/loss": 6.0}
+    table = [*rows(1, 2), validation]
+    killed = open_tracking(run, "sft", str(run_dir), config, Storage())
+    killed.log_rows(rows(1, 2))  # then SIGKILL: no last pass, the validation row unsent
+    table += [{"step": 2, RESTART_ROW: 2}, *rows(3, 4), {**validation, "step": 4}]
+    with tracked(run, "sft", str(run_dir), config, Storage(), lambda: table) as tracking:
+        tracking.log_rows(table[3:])  # what the rerun's workers post
+
+    client = mlflow_of(run)
+    (found,) = client.search_runs([client.get_experiment_by_name("mmrad-sft").experiment_id])
+    assert points(client, found.info.run_id, "val/loss") == [(2, 6.0), (4, 6.0)]
+    assert latest_by_step(client.get_metric_history(found.info.run_id, "loss")) == {
+        s: 1.0 / s for s in (1, 2, 3, 4)
+    }
+
+
 def test_a_failed_run_is_marked_failed_with_its_rows_and_its_own_files(tmp_path):
     run = section(tmp_path)
     run_dir = tmp_path / "runs" / "sft" / "broken"
