@@ -111,15 +111,22 @@ def submit(env: dict[str, str], *entrypoint: str) -> str:
 
 
 def wait_for_job(env: dict[str, str], job_id: str) -> tuple[str, str]:
-    """Wait for the job's end; returns its final status line and its logs."""
+    """Wait for the job's end; returns its final status (lower case) and its logs. The
+    status is polled over the Jobs REST API (``ray job status`` would start a Python
+    process every poll, a core-second each on a 2-core machine running the job)."""
+    import httpx
+
+    token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    headers = {"authorization": f"Bearer {token}"}
     deadline = time.monotonic() + 1500
     status = ""
     while time.monotonic() < deadline:
-        answer = ray_cli(env, "job", "status", f"--address={JOBS_ADDRESS}", job_id)
-        status = (answer.stdout + answer.stderr).lower()  # logged to stderr, in lower case
-        if any(word in status for word in ("succeeded", "failed", "stopped")):
+        reply = httpx.get(f"{JOBS_ADDRESS}/api/jobs/{job_id}", headers=headers, timeout=30)
+        reply.raise_for_status()
+        status = reply.json()["status"].lower()
+        if status in ("succeeded", "failed", "stopped"):
             break
-        time.sleep(5)
+        time.sleep(1)
     answer = ray_cli(env, "job", "logs", f"--address={JOBS_ADDRESS}", job_id)
     return status, answer.stdout + answer.stderr
 
