@@ -51,8 +51,8 @@ class GRPODataConfig(DataLoadConfig):
     decode_tasks: int = Field(
         2,
         ge=1,
-        description="Decode tasks in flight at once: a step needs only a few batches, and "
-        "each task beyond the first few starts a Ray worker process of its own.",
+        description="Decode tasks in flight at once (a step needs a batch or two; uncapped, "
+        "Ray Data starts as many as the CPUs allow, each in a worker process of its own).",
     )
 
 
