@@ -4,7 +4,8 @@ Each trial runs a short GRPO (:func:`mmrad.rl.job.run_grpo`, its own ``TorchTrai
 of learners and vLLM rollout pool inside the trial, the Train V2 way) from the shared SFT
 export, with the trial's values of the search space set on the GRPO config. The GRPO run
 validates every ``validate_every`` steps; ``TuneReportCallback`` hands those reports to
-Tune, so ASHA stops weak trials on ``val/objective`` while they run. With
+Tune, so ASHA stops weak trials on ``val/objective`` while they run (never at their last
+step: :mod:`mmrad.tune.scheduler`). With
 ``trial.reuse_engines`` Tune runs the next trial in a finished or stopped trial's process
 (``reuse_actors``), which keeps its vLLM engines for it, reset to the starting weights
 (:mod:`mmrad.rl.kept_engines`): one engine start per concurrent trial instead of one per
@@ -189,23 +190,6 @@ class TrialStop:
             time.sleep(POLL_S)
 
 
-def make_scheduler(job: TuneJobConfig, max_steps: int):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    if job.scheduler.kind == "fifo":
-        return FIFOScheduler()
-    # in GRPO steps, which every report carries: Tune's training_iteration also counts
-    # the checkpoint reports, which would move the rungs (and max_t) wherever
-    # checkpoint_every and validate_every do not line up
-    grace = job.scheduler.grace_period * job.validate_every
-    return ASHAScheduler(
-        time_attr="step",
-        max_t=max(max_steps, grace),
-        grace_period=grace,
-        reduction_factor=job.scheduler.reduction_factor,
-    )
-
-
 def make_tuner(
     job: TuneJobConfig,
     base: dict[str, Any],
@@ -215,6 +199,8 @@ def make_tuner(
 ):
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from mmrad.tune.scheduler import make_scheduler
 
     reuse = job.trial.reuse_engines
     trainable = tune.with_resources(

@@ -68,7 +68,7 @@ def test_asha_counts_grpo_steps_not_reports():
     """Checkpoint reports advance Tune's training_iteration too: the rungs are in the
     steps every report carries, so checkpoints between validations move nothing."""
     from mmrad.tune.config import TuneJobConfig
-    from mmrad.tune.job import make_scheduler
+    from mmrad.tune.scheduler import make_scheduler
 
     job = TuneJobConfig.model_validate({
         "validate_every": 2, "scheduler": {"kind": "asha", "grace_period": 2},
@@ -78,3 +78,30 @@ def test_asha_counts_grpo_steps_not_reports():
     assert (asha._time_attr, asha._max_t) == ("step", 10)
     # rungs at 2 validations (step 4) and twice that, whatever checkpoints come between
     assert sorted(milestone for milestone, _ in asha._brackets[0]._rungs) == [4, 8]
+
+
+def test_asha_lets_a_trial_at_its_last_step_finish():
+    """A trial's last report comes before its run's export: stopping it there (ASHA's
+    max_t) would end its process mid-export. It goes on; the rungs before still cut."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from mmrad.tune.config import TuneJobConfig
+    from mmrad.tune.scheduler import make_scheduler
+
+    job = TuneJobConfig.model_validate({
+        "validate_every": 1, "scheduler": {"kind": "asha", "grace_period": 1},
+        "search_space": {"optimizer.lr": {"choice": [1e-4]}},
+    })  # fmt: skip
+    asha = make_scheduler(job, max_steps=2)
+    asha.set_search_properties("val/objective", "max")
+    best, weak = (Trial("__fake", stub=True, config={}) for _ in range(2))
+    for trial in (best, weak):
+        asha.on_trial_add(None, trial)
+
+    def decide(trial, step, objective):
+        return asha.on_trial_result(None, trial, {"step": step, "val/objective": objective})
+
+    assert decide(best, 1, 0.9) == TrialScheduler.CONTINUE
+    assert decide(weak, 1, 0.1) == TrialScheduler.STOP  # cut at the step-1 rung
+    assert decide(best, 2, 0.9) == TrialScheduler.CONTINUE  # max_t: it ends by itself
