@@ -140,6 +140,9 @@ def _overlay(query: DecodedImage, verdict: Any) -> str:
     ray_actor_options={"num_cpus": 0.5},
     health_check_period_s=10,
     health_check_timeout_s=30,
+    # a stopping replica looks for requests in flight this often (Serve's 2 s default
+    # is also how long an idle replica waited before it stopped)
+    graceful_shutdown_wait_loop_s=0.5,
 )
 @serve.ingress(api)
 class MMRADServer:

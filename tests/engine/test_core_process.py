@@ -1,0 +1,81 @@
+"""mmrad's vLLM plugin in the processes vLLM starts (the GPU layout;
+:mod:`mmrad.engine.core_process`): the engine core ends when the process that started
+it is SIGKILLed (without the plugin it outlives it); the engine core and its workers
+freeze their heap at exit; in any other process the plugin does nothing."""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from mmrad.engine.core_process import ENGINE_CORE
+
+ENDS_WITHIN_S = 20.0
+OWNER = """
+import sys, time
+from mmrad.config import PixelBudget
+from mmrad.engine.engine import Engine
+from tests.helpers.engines import small_engine_config
+
+config = small_engine_config(max_model_len=1024, max_num_seqs=4, multiprocess=True)
+Engine(sys.argv[1], config, PixelBudget())
+print("\\nready", flush=True)
+time.sleep(600)
+"""
+
+
+def engine_cores_under(pid: int) -> list[psutil.Process]:
+    return [p for p in psutil.Process(pid).children(recursive=True)
+            if p.name() == "VLLM::EngineCore"]  # fmt: skip
+
+
+@pytest.mark.integration
+def test_an_engine_core_ends_when_its_owner_is_sigkilled(tiny_model):
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, tiny_model],
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    cores: list[psutil.Process] = []
+    try:
+        assert "ready" in (line.strip() for line in owner.stdout), "the engine did not start"
+        cores = engine_cores_under(owner.pid)
+        assert len(cores) == 1
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+        _, alive = psutil.wait_procs(cores, timeout=ENDS_WITHIN_S)
+        assert not alive, f"engine core {cores[0].pid} outlived its owner by {ENDS_WITHIN_S} s"
+    finally:
+        owner.kill()
+        for core in cores:
+            if core.is_running():
+                core.kill()
+
+
+def _report(queue) -> None:
+    import atexit
+    import threading
+
+    from mmrad.engine.core_process import prepare_engine_core
+
+    registered = atexit._ncallbacks()
+    prepare_engine_core()
+    prepare_engine_core()  # vLLM may load its plugins more than once
+    threads = [t.name for t in threading.enumerate() if t.name.startswith("mmrad")]
+    queue.put((atexit._ncallbacks() - registered, threads))
+
+
+@pytest.mark.parametrize("name, at_exit, watchers", [
+    (ENGINE_CORE, 1, ["mmrad-end-with-parent"]),  # the heap frozen at exit; the watch
+    ("VllmWorker-0", 1, []),  # its engine core closes its death pipe
+    ("MainProcess", 0, []),  # a process of the user's, or a Ray worker's child
+])  # fmt: skip
+def test_the_plugin_acts_in_vllms_children_alone(name, at_exit, watchers):
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=_report, args=(queue,), name=name)
+    child.start()
+    assert queue.get(timeout=60) == (at_exit, watchers)
+    child.join(timeout=60)
