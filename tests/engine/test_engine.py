@@ -73,7 +73,7 @@ def test_cpu_settings():
         "limit_mm_per_prompt": {"image": 3},
         "worker_extension_cls": "mmrad.engine.worker_extension.WeightReceiver",
         "dtype": "float32",
-        "distributed_executor_backend": "uni",
+        "distributed_executor_backend": "vllm.v1.executor.uniproc_executor.UniProcExecutor",
         "enforce_eager": True,
         "kv_cache_memory_bytes": 2**28,
     }

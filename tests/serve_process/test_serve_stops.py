@@ -78,6 +78,7 @@ def serving(command: list[str], tiny_model: str, folder: Path, announced: str):
     port = free_port()
     config = serve_file(tiny_model, folder, port)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["PYTHONUNBUFFERED"] = "1"  # its log up to the signal, for a failure's message
     log = folder / "serve.log"
     with log.open("wb") as out:
         process = subprocess.Popen([*command, str(config)], cwd=folder, env=env, stdout=out,
@@ -175,7 +176,19 @@ def test_serve_run_ends_its_replica_and_engine_core_within_15_s(case, tiny_model
         print(f"\nserve run, {case}: replica and engine core gone after "
               f"{time.monotonic() - signalled:.1f} s")  # fmt: skip
         left = process_tree([p for p in alive if p.is_running()])
-        assert not left, f"{case}: left running: {left}\n{log.read_text()[-4000:]}"
+        assert not left, (f"{case}: left running: {left}\n{log.read_text()[-4000:]}\n"
+                          f"{stacks([process.pid, *(pid for pid, _, _ in left)])}")  # fmt: skip
+
+
+def stacks(pids: list[int]) -> str:
+    """The Python stacks of ``pids`` (py-spy), for a failure's message."""
+    spy = Path(sys.executable).with_name("py-spy")
+    dumps = []
+    for pid in pids:
+        done = subprocess.run([str(spy), "dump", "--pid", str(pid)], capture_output=True,
+                              text=True, timeout=30, check=False)  # fmt: skip
+        dumps.append(f"--- {pid}\n{done.stdout[-3000:]}{done.stderr[-500:]}")
+    return "\n".join(dumps)
 
 
 def is_replica_or_engine_core(process: psutil.Process) -> bool:
