@@ -141,11 +141,8 @@ def _overlay(query: DecodedImage, verdict: Any) -> str:
     health_check_period_s=10,
     health_check_timeout_s=30,
     # a stopping replica looks for requests in flight this often (Serve's 2 s default
-    # is also how long an idle replica waited before it stopped), and is ended after
-    # 10 s (Serve's default: 20), so that Ctrl-C to `serve run` ends it within 15 s; a
-    # Serve config's deployment options set others
+    # is also how long an idle replica waited before it stopped)
     graceful_shutdown_wait_loop_s=0.5,
-    graceful_shutdown_timeout_s=10,
 )
 @serve.ingress(api)
 class MMRADServer:

@@ -52,6 +52,19 @@ def serve_file(tiny_model: str, folder: Path, port: int) -> Path:
     return path
 
 
+AS_A_SHELL_STARTS_IT = (
+    "import os, signal, sys\n"
+    "for sig in (signal.SIGINT, signal.SIGQUIT):\n"
+    "    signal.signal(sig, signal.SIG_DFL)\n"
+    "signal.pthread_sigmask(signal.SIG_SETMASK, [])\n"
+    "os.execv(sys.argv[1], sys.argv[1:])\n"
+)
+"""Run the rest of the command line as a terminal's shell starts a command: SIGINT and
+SIGQUIT at their defaults, nothing blocked. A test run started in the background by a
+shell without job control (``make test &``, CI scripts) ignores both, and every process
+it starts inherits that: ``serve run`` then never sees Ctrl-C."""
+
+
 def wait_until_serving(process: subprocess.Popen, log: Path, port: int, announced: str) -> None:
     """``/healthz`` answers and the command has logged ``announced`` (deploy returned)."""
     import httpx
@@ -72,17 +85,20 @@ def wait_until_serving(process: subprocess.Popen, log: Path, port: int, announce
 
 @contextlib.contextmanager
 def serving(command: list[str], tiny_model: str, folder: Path, announced: str):
-    """``command`` + the Serve file, started in a session of its own with a Ray of its
-    own, once serving: ``(process, log, port, its processes)``; leftovers of a failed
-    run are killed by pid."""
+    """``command`` + the Serve file, started as a shell starts it
+    (:data:`AS_A_SHELL_STARTS_IT`) in a session of its own with a Ray of its own, once
+    serving: ``(process, log, port, its processes)``; leftovers of a failed run are
+    killed by pid."""
     port = free_port()
     config = serve_file(tiny_model, folder, port)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["PYTHONUNBUFFERED"] = "1"  # its log up to the signal, for a failure's message
     log = folder / "serve.log"
     with log.open("wb") as out:
-        process = subprocess.Popen([*command, str(config)], cwd=folder, env=env, stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        process = subprocess.Popen(
+            [sys.executable, "-c", AS_A_SHELL_STARTS_IT, *command, str(config)], cwd=folder,
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
     started: list[psutil.Process] = []
     try:
         wait_until_serving(process, log, port, announced.format(port=port))
