@@ -39,6 +39,11 @@ from mmrad.task.metrics import RATE_KEYS, check_rate_names
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
+LAST_STEP = "last_step"
+"""Each of a GRPO run's reports to Ray Train (and Tune) carries its last step under this
+key: a sweep's scheduler lets that step finish (:mod:`mmrad.tune.scheduler`)."""
+
+
 class GRPODataConfig(DataLoadConfig):
     """Prompts: records of one split, in a per-epoch order fixed by ``seed``."""
 

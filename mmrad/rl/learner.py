@@ -49,7 +49,7 @@ from mmrad.config import PromptConfig
 from mmrad.engine.channel import ChannelFailed, ChannelTimedOut
 from mmrad.engine.settings import engine_dtype
 from mmrad.rl.batch import LearnerShard, Probe
-from mmrad.rl.config import GRPOJobConfig
+from mmrad.rl.config import LAST_STEP, GRPOJobConfig
 from mmrad.rl.grpo import (
     aggregate,
     kl_penalty,
@@ -539,6 +539,7 @@ class GRPOLearner:
                 summary = f"reward {metrics.get('reward/total/mean', 0.0):.3f}"
                 report_progress(self.job.run.name, step, schedule.max_steps, summary)
             reported = {k: v for k, v in metrics.items() if k.startswith(REPORTED_PREFIXES)}
+            reported[LAST_STEP] = schedule.max_steps
             if step % schedule.checkpoint_every == 0 or last:
                 self.save(reported)
             elif validated:  # an intermediate result for Tune's schedulers

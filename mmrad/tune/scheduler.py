@@ -3,13 +3,17 @@ step finish (:class:`ASHAToTheEnd`)."""
 
 from __future__ import annotations
 
+import math
+
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
+from mmrad.rl.config import LAST_STEP
 from mmrad.tune.config import TuneJobConfig
 
 
 class ASHAToTheEnd(ASHAScheduler):
-    """ASHA that never stops a trial at its run's last step (``last_step``).
+    """ASHA that never stops a trial at its run's last step (each report's
+    :data:`~mmrad.rl.config.LAST_STEP`; a sweep may vary ``schedule.max_steps``).
 
     A GRPO run reports its last step before it writes its export, and a trial that Tune
     stops while no other trial waits for its process has that process ended within
@@ -17,13 +21,9 @@ class ASHAToTheEnd(ASHAScheduler):
     of a run that completed. Such a trial goes on instead, and ends when its run
     returns."""
 
-    def __init__(self, *, last_step: int, **asha):
-        super().__init__(**asha)
-        self.last_step = last_step
-
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         decision = super().on_trial_result(tune_controller, trial, result)
-        if result.get(self._time_attr, 0) >= self.last_step:
+        if result.get(self._time_attr, 0) >= result.get(LAST_STEP, math.inf):
             return TrialScheduler.CONTINUE
         return decision
 
@@ -36,7 +36,6 @@ def make_scheduler(job: TuneJobConfig, max_steps: int) -> TrialScheduler:
     # checkpoint_every and validate_every do not line up
     grace = job.scheduler.grace_period * job.validate_every
     return ASHAToTheEnd(
-        last_step=max_steps,
         time_attr="step",
         max_t=max(max_steps, grace),
         grace_period=grace,

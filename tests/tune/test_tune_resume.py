@@ -86,6 +86,7 @@ def test_asha_lets_a_trial_at_its_last_step_finish():
     from ray.tune.experiment import Trial
     from ray.tune.schedulers import TrialScheduler
 
+    from mmrad.rl.config import LAST_STEP
     from mmrad.tune.config import TuneJobConfig
     from mmrad.tune.scheduler import make_scheduler
 
@@ -99,9 +100,15 @@ def test_asha_lets_a_trial_at_its_last_step_finish():
     for trial in (best, weak):
         asha.on_trial_add(None, trial)
 
-    def decide(trial, step, objective):
-        return asha.on_trial_result(None, trial, {"step": step, "val/objective": objective})
+    def decide(trial, step, objective, last_step=2):
+        result = {"step": step, "val/objective": objective, LAST_STEP: last_step}
+        return asha.on_trial_result(None, trial, result)
 
     assert decide(best, 1, 0.9) == TrialScheduler.CONTINUE
     assert decide(weak, 1, 0.1) == TrialScheduler.STOP  # cut at the step-1 rung
     assert decide(best, 2, 0.9) == TrialScheduler.CONTINUE  # max_t: it ends by itself
+    # a trial whose run goes on past max_t (the sweep varies max_steps) is stopped there
+    longer = Trial("__fake", stub=True, config={})
+    asha.on_trial_add(None, longer)
+    assert decide(longer, 1, 0.95) == TrialScheduler.CONTINUE
+    assert decide(longer, 2, 0.95, last_step=10) == TrialScheduler.STOP
