@@ -57,28 +57,42 @@ def test_an_engine_core_ends_when_its_owner_is_sigkilled(tiny_model):
                 core.kill()
 
 
-def _report(queue) -> None:
-    import atexit
+def _prepare_and_leave_a_cycle(queue, marker: str) -> None:
+    """Prepare as the plugin does, then leave a reference cycle for the exit's
+    collections (automatic collection off): its finaliser writes ``marker`` when they
+    collect it."""
+    import gc
     import threading
 
     from mmrad.engine.core_process import prepare_engine_core
 
-    registered = atexit._ncallbacks()
     prepare_engine_core()
     prepare_engine_core()  # vLLM may load its plugins more than once
-    threads = [t.name for t in threading.enumerate() if t.name.startswith("mmrad")]
-    queue.put((atexit._ncallbacks() - registered, threads))
+    queue.put([t.name for t in threading.enumerate() if t.name.startswith("mmrad")])
+    gc.disable()
+
+    class Node:
+        def __del__(self, _open=open):  # builtins are gone by the exit's collections
+            _open(marker, "w").write("collected")
+
+    cycle = Node()
+    cycle.me = cycle
+    del cycle
 
 
-@pytest.mark.parametrize("name, at_exit, watchers", [
-    (ENGINE_CORE, 1, ["mmrad-end-with-parent"]),  # the heap frozen at exit; the watch
-    ("VllmWorker-0", 1, []),  # its engine core closes its death pipe
-    ("MainProcess", 0, []),  # a process of the user's, or a Ray worker's child
+@pytest.mark.parametrize("name, walked_at_exit, watchers", [
+    (ENGINE_CORE, False, ["mmrad-end-with-parent"]),  # the heap frozen at exit; the watch
+    ("VllmWorker-0", False, []),  # its engine core closes its death pipe
+    ("MainProcess", True, []),  # a process of the user's, or a Ray worker's child
 ])  # fmt: skip
-def test_the_plugin_acts_in_vllms_children_alone(name, at_exit, watchers):
+def test_the_plugin_acts_in_vllms_children_alone(name, walked_at_exit, watchers, tmp_path):
+    marker = tmp_path / "collected"
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    child = context.Process(target=_report, args=(queue,), name=name)
+    child = context.Process(target=_prepare_and_leave_a_cycle, args=(queue, str(marker)),
+                            name=name)  # fmt: skip
     child.start()
-    assert queue.get(timeout=60) == (at_exit, watchers)
+    assert queue.get(timeout=60) == watchers
     child.join(timeout=60)
+    assert child.exitcode == 0
+    assert marker.exists() == walked_at_exit
