@@ -197,15 +197,18 @@ def test_dead_engine_core_is_replaced_and_its_prompts_reissued(
     """SIGKILL to worker 0's engine core process (the actor lives on): the worker is
     dead, its replacement has no copy of v5 (it went by channel), so its chunk waits;
     the pool asks for the weights, the learner side sends v5 again, and the chunk is
-    generated with v5 on the replacement."""
+    generated with v5 on the replacement. The core is frozen before the batch goes out,
+    so its chunk cannot finish before the kill (the tiny model answers in well under a
+    second)."""
     _, _, reference = probe
     actors = pool.worker_pids()
     cores = pool.engine_pids()
     assert cores[0] != actors[0]  # the engine core is a child process of the actor
     batch = prompts(6, "dead-core-")
     sampling = Sampling(n=2, temperature=1.0, max_tokens=32, seed=3)
+    os.kill(cores[0], signal.SIGSTOP)
     pending = pool.submit(batch, sampling)
-    time.sleep(0.2)
+    time.sleep(0.5)
     os.kill(cores[0], signal.SIGKILL)
 
     def learner() -> None:  # what the coordinator's ResendWeights makes the learners do
