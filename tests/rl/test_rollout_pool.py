@@ -266,9 +266,10 @@ def test_sync_full_weights_then_lora(pool, synced):
 def test_killed_worker_is_replaced_and_its_prompts_reissued(pool, synced):
     before = pool.worker_pids()
     batch = prompts(8, "kill-")
-    sampling = Sampling(n=4, temperature=1.0, max_tokens=64, seed=2)  # ~1 s per chunk
+    sampling = Sampling(n=4, temperature=1.0, max_tokens=64, seed=2)
+    os.kill(before[0], signal.SIGSTOP)  # worker 0 cannot finish its chunk before the kill
     pending = pool.submit(batch, sampling)
-    time.sleep(0.1)  # worker 0 is on its chunk now (the asserts below check it was re-issued)
+    time.sleep(0.5)
     os.kill(before[0], signal.SIGKILL)
     groups = pending.result()
 
