@@ -19,11 +19,13 @@ training, not even as references) and on fresh images of the training categories
 Prints the curve as it goes and writes it, with the settings, to ``--out`` (JSON).
 
 The best setting found (about 0.8M parameters, 112 px, aligned reference, defects twice
-the builder's size, 8000 training images, 15 minutes on one thread)::
+the builder's size, 8000 training images of 20 pictures, an auxiliary loss on the vision
+tower, 12 minutes on one thread; docs/learning_study.md has every run)::
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/learning_study.py --model s --image-size 112 \\
-        --reference aligned --defect-scale 2 --train-images 8000 --minutes 15 \\
-        --eval-every 400 --out /tmp/study/s112_aligned_ds2_long.json
+        --reference aligned --defect-scale 2 --train-images 8000 --minutes 12 \\
+        --extra-train-categories all --patch-loss 1 --eval-every 400 \\
+        --out /tmp/study/p1_many.json
 """
 
 from __future__ import annotations
@@ -331,6 +333,40 @@ def lm_loss(
     return loss
 
 
+class PatchHead(torch.nn.Module):
+    """The auxiliary objective of ``--patch-loss``: a linear head on the vision tower's
+    merged tokens (captured by a forward hook) that says which cells hold the defect."""
+
+    def __init__(self, model, args):
+        super().__init__()
+        self.linear = torch.nn.Linear(model.config.text_config.hidden_size, 1)
+        self.cells = args.image_size // (PATCH * MERGE)
+        self.tokens: torch.Tensor | None = None
+        model.model.visual.register_forward_hook(self._capture)
+
+    def _capture(self, module, inputs, output) -> None:
+        self.tokens = output.pooler_output
+
+    def targets(self, samples: list[Sample]) -> torch.Tensor:
+        """Per image, in the order of :meth:`Encoder.images`: 1 for each cell (row-major,
+        PATCH * MERGE pixels square) that a defect box overlaps; references are all 0."""
+        side = PATCH * MERGE
+        grids = []
+        for s in samples:
+            if s.reference is not None:
+                grids.append(torch.zeros(self.cells, self.cells))
+            grid = torch.zeros(self.cells, self.cells)
+            for x0, y0, x1, y1 in s.boxes:
+                rows = slice(int(y0 // side), math.ceil(y1 / side))
+                grid[rows, int(x0 // side) : math.ceil(x1 / side)] = 1.0
+            grids.append(grid)
+        return torch.stack(grids).flatten()
+
+    def loss(self, samples: list[Sample]) -> torch.Tensor:
+        logits = self.linear(self.tokens).squeeze(-1)
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, self.targets(samples))
+
+
 # -- evaluation --------------------------------------------------------------------------
 
 
@@ -401,7 +437,9 @@ def parse_args(argv=None):
     p.add_argument(
         "--extra-train-categories",
         default="",
-        help="more skimage.data pictures to train on, e.g. " + ",".join(EXTRA_PICTURES),
+        help="more skimage.data pictures to train on ('all': every one of "
+        + ",".join(EXTRA_PICTURES)
+        + ")",
     )
     p.add_argument(
         "--train-images", type=int, default=0, help="fixed training pool; 0 = fresh each step"
@@ -425,6 +463,13 @@ def parse_args(argv=None):
     p.add_argument("--eval-per-category", type=int, default=48)
     p.add_argument("--eval-batch", type=int, default=48)
     p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument(
+        "--patch-loss",
+        type=float,
+        default=0.0,
+        help="weight of an auxiliary loss on the vision tower: each merged token of both\n"
+        "images predicts whether its cell holds the defect (a linear head, BCE)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tokenizer-dir", default="/tmp/study/tokenizer")
@@ -437,7 +482,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     train_cats = args.train_categories.split(",")
-    train_cats += [c for c in args.extra_train_categories.split(",") if c]
+    extra = args.extra_train_categories
+    train_cats += list(EXTRA_PICTURES) if extra == "all" else [c for c in extra.split(",") if c]
     test_cats = args.test_categories.split(",")
     assert not set(train_cats) & set(test_cats), "held-out categories overlap training"
     assert set(test_cats) <= set(CATEGORY_IMAGES), sorted(CATEGORY_IMAGES)
@@ -472,7 +518,9 @@ def main(argv=None) -> None:
         flush=True,
     )
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    head = PatchHead(model, args) if args.patch_loss else None
+    params = [*model.parameters(), *(head.parameters() if head else [])]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     budget = args.minutes * 60
 
     def lr_at(step: int) -> float:
@@ -517,9 +565,11 @@ def main(argv=None) -> None:
             samples = [pool[i] for i in rng.choice(len(pool), args.batch, replace=False)]
         batch = enc.train_batch(samples)
         loss = lm_loss(model, batch, enc.decision_at, args.decision_weight)
+        if head:
+            loss = loss + args.patch_loss * head.loss(samples)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         optimizer.step()
