@@ -31,13 +31,12 @@ import torch
 from mmrad.config import LoraConfig, PixelBudget, PromptConfig
 from mmrad.model.loading import EXPORT_IN_PROGRESS, load_model, load_processor
 from mmrad.model.lora import ADAPTER_NAME, apply_lora, is_peft
+from mmrad.model.names import clean_name
 from mmrad.storage import Storage, StorageError, is_remote, join, local_path
 
 EXPORT_INFO = "mmrad.json"
 ADAPTER_DIR = "adapter"
 FORMAT_VERSION = 1
-WRAPPER_PREFIXES = ("_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
-"""Name parts torch.compile, FSDP1 and activation checkpointing add to state dict keys."""
 
 
 class ExportError(OSError):
@@ -126,7 +125,7 @@ def read_export_info(path_or_uri: str, storage: Storage) -> dict[str, Any]:
 def load_training_state(model, state_dict: Mapping[str, torch.Tensor]) -> None:
     """Load ``state_dict`` into ``model``; every key must be known, every trainable
     parameter present (frozen ones may be missing: they are the base weights)."""
-    clean = {_strip_wrappers(key): value for key, value in state_dict.items()}
+    clean = {clean_name(key): value for key, value in state_dict.items()}
     missing, unexpected = model.load_state_dict(clean, strict=False)
     if unexpected:
         raise ValueError(
@@ -138,12 +137,6 @@ def load_training_state(model, state_dict: Mapping[str, torch.Tensor]) -> None:
         raise ValueError(
             f"state dict lacks {len(lacking)} trainable parameters, e.g. {lacking[:3]}"
         )
-
-
-def _strip_wrappers(key: str) -> str:
-    for prefix in WRAPPER_PREFIXES:
-        key = key.replace(prefix, "")
-    return key
 
 
 def _state_dtype(state_dict: Mapping[str, torch.Tensor]) -> str:

@@ -34,7 +34,7 @@ from mmrad.engine.channel import (
     pack,
     plan_sends,
 )
-from mmrad.train.checkpoint import clean_name
+from mmrad.model.names import clean_name
 
 if TYPE_CHECKING:
     import torch

@@ -26,19 +26,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from mmrad.model.names import clean_name
+
 WEIGHTS_DIR = "weights"
 STATE_FILE = "trainer_state.json"
 SCHEDULER_FILE = "scheduler.pt"
-
-
-WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-
-
-def clean_name(name: str) -> str:
-    """A parameter's name as state dicts spell it, without FSDP1/compile wrapper parts."""
-    for prefix in WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
 
 
 def trainable_keys(model: nn.Module) -> set[str]:

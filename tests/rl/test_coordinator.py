@@ -373,3 +373,18 @@ def test_the_coordinators_tokenizer_gives_transformers_ids(tiny_model, where, re
         assert ours.token_to_id(token) == theirs.convert_tokens_to_ids(token) is not None, token
     for text in (YES_BOX, ground_truth_answer(item(True), True, "generic"), "héllo  wörld\n x"):
         assert ours.encode(text).ids == theirs.encode(text), text
+
+
+def test_the_coordinator_and_the_pool_import_without_torch():
+    """The coordinator's actor imports its module first thing; torch (and the
+    torch.distributed modules that checkpoints pull in) come only when a batch is built,
+    and never in the rollout pool's routing code."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nsys.modules['torch'] = None\n"
+        "import mmrad.rl.coordinator, mmrad.rl.pool, mmrad.rl.weight_sender\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
