@@ -23,6 +23,7 @@ pytestmark = pytest.mark.integration
 
 TITLES_WITHIN_S = 30.0
 STOP_WITHIN_S = 15.0
+ENGINE_CORE = "the replica's engine core"
 START_WITHIN_S = 300.0
 CASES = {"SIGTERM to the process group": (signal.SIGTERM, True),
          "SIGINT to the process": (signal.SIGINT, False)}  # fmt: skip
@@ -133,9 +134,6 @@ def started_processes(pid: int) -> list[psutil.Process]:
         if time.monotonic() > deadline:
             pytest.fail(f"missing {wanted - names} under {pid}: {process_tree(started)}")
         time.sleep(0.5)
-
-
-ENGINE_CORE = "the replica's engine core"
 
 
 def replica_and_engine_cores(processes: list[psutil.Process]) -> list[psutil.Process]:
