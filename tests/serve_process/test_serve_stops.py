@@ -127,7 +127,7 @@ def started_processes(pid: int) -> list[psutil.Process]:
         for child in started:
             with contextlib.suppress(psutil.Error):
                 names.add(child.name())
-        if replica_and_engine_cores(started)[1:]:
+        if any(map(is_engine_core, replica_and_engine_cores(started)[1:])):
             names.add(ENGINE_CORE)
         if wanted <= names:
             return started
@@ -144,6 +144,15 @@ def replica_and_engine_cores(processes: list[psutil.Process]) -> list[psutil.Pro
             if "ServeReplica:" in " ".join(process.cmdline()):
                 return [process, *process.children(recursive=True)]
     return []
+
+
+def is_engine_core(process: psutil.Process) -> bool:
+    """vLLM's engine core: titled, or not yet (a process multiprocessing spawned; the
+    replica's other child is multiprocessing's resource tracker)."""
+    with contextlib.suppress(psutil.Error):
+        command = " ".join(process.cmdline())
+        return command.startswith("VLLM::EngineCore") or "spawn_main" in command
+    return False
 
 
 def process_tree(processes: list[psutil.Process]) -> list[tuple[int, int, str]]:
