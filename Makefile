@@ -25,7 +25,7 @@ MLFLOW_PORT ?= 5000
 AZURITE_VERSION := 3.37.0
 AZURITE := $(VENV)/azurite/node_modules/.bin/azurite-blob
 
-.PHONY: venv emulators test demo lint format bench clean mlflow-ui
+.PHONY: venv emulators bytecode test demo lint format bench clean mlflow-ui
 
 venv: $(INSTALLED)
 
@@ -44,10 +44,15 @@ $(INSTALLED): pyproject.toml scripts/cuda_stubs.py
 	$(BIN)/python scripts/cuda_stubs.py
 	touch $@
 
-test: venv emulators
+# Every Ray worker, engine core and CLI process imports mmrad: compiled once here, not in
+# each of them (where PYTHONDONTWRITEBYTECODE is set, nothing would ever write the cache).
+bytecode: venv
+	$(BIN)/python -m compileall -q mmrad ray_jobs scripts tests benchmarks
+
+test: venv emulators bytecode
 	$(NETNS) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
-demo: venv
+demo: venv bytecode
 	$(NETNS) $(BIN)/mmrad pipeline --config configs/local/pipeline.yaml
 
 mlflow-ui:

@@ -13,11 +13,14 @@ workers (one per tensor-parallel rank). NCCL on GPUs, gloo on CPUs. A sync sends
   to vLLM's reload before the next arrives (the bucket in flight plus the tensors of
   the layer vLLM is assembling: 2-3 buckets at most, measured).
 
-The channel forms in two steps, so that nobody waits on a member that is gone: each
-receiver connects to the sender's TCP store and counts itself in; the sender waits until
-all have, asking ``members_alive`` now and then (the learner asks the coordinator whether
-a receive failed), and then sets a verdict: ``go`` (the process group forms) or
-``abort`` (every receiver that came, or comes later, leaves with :class:`ChannelFailed`).
+The channel forms in two steps, so that nobody waits on a member that is gone: the sender
+opens its TCP store before any receiver is asked to join (:func:`open_sender_store`, when
+it announces the weights), so a receiver that cannot reach the store within
+:data:`CONNECT_TIMEOUT_S` knows the sender is gone; each receiver connects to the store and
+counts itself in; the sender waits until all have, asking ``members_alive`` now and then
+(the learner asks the coordinator whether a receive failed), and then sets a verdict:
+``go`` (the process group forms) or ``abort`` (every receiver that came, or comes later,
+leaves with :class:`ChannelFailed`).
 A channel that breaks mid-broadcast raises :class:`ChannelFailed` on both sides too; the
 receivers keep their engines, and the weights are sent again on a fresh channel.
 
@@ -39,7 +42,9 @@ if TYPE_CHECKING:
 
 SENDER_RANK = 0
 DEFAULT_TIMEOUT_S = 600.0
-CONNECT_TIMEOUT_S = 120.0  # a receiver waits this long for the sender's store to open
+# A receiver waits this long to reach the sender's store, which opened before the receiver
+# was asked to join; a refused connection is retried until then (a sender that died).
+CONNECT_TIMEOUT_S = 15.0
 JOIN_POLL_S = 0.05
 LIVENESS_CHECK_S = 1.0
 JOINED_KEY, VERDICT_KEY = "joined", "verdict"
@@ -210,6 +215,17 @@ def local_address(peer: str) -> str:
         return probe.getsockname()[0]
 
 
+def open_sender_store(host: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Any:
+    """The sender's TCP store, listening on a free port of ``host`` (its ``port``), for a
+    channel the sender is about to announce: open before any receiver connects."""
+    import torch.distributed as dist
+
+    return dist.TCPStore(
+        host, 0, None, is_master=True, timeout=timedelta(seconds=timeout_s),
+        wait_for_workers=False,
+    )  # fmt: skip
+
+
 def free_port(host: str) -> int:
     """A TCP port free on ``host`` now (the sender's store binds it right after)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -221,7 +237,9 @@ class Channel:
     """This process's member of the channel ``spec`` as ``rank``; collective: every member
     constructs one. The sender waits for the receivers until ``spec.timeout_s``, or until
     ``members_alive()`` names a reason to stop (then :class:`ChannelFailed`, everywhere);
-    a receiver waits ``spec.connect_timeout_s`` for the sender's store to open."""
+    a receiver waits ``spec.connect_timeout_s`` to reach the sender's store. The sender
+    passes the ``store`` it opened at ``spec.port`` (:func:`open_sender_store`); without
+    one it opens it now."""
 
     def __init__(
         self,
@@ -229,13 +247,14 @@ class Channel:
         rank: int,
         device: torch.device,
         members_alive: MembersCheck | None = None,
+        store: Any | None = None,
     ):
         if not 0 <= rank < spec.world_size:
             raise ValueError(f"rank {rank} is outside channel {spec.name} of {spec.world_size}")
         self.spec = spec
         self.rank = rank
         self.device = device
-        self._store = _open_store(spec, rank)
+        self._store = _open_store(spec, rank, store)
         if rank == SENDER_RANK:
             _await_receivers(self._store, spec, members_alive)
         else:
@@ -268,13 +287,18 @@ class Channel:
             group.shutdown()
 
 
-def _open_store(spec: ChannelSpec, rank: int) -> Any:
+def _open_store(spec: ChannelSpec, rank: int, opened: Any | None) -> Any:
     import torch.distributed as dist
 
     sender = rank == SENDER_RANK
+    if opened is not None and (not sender or opened.port != spec.port):
+        raise ValueError(
+            f"weight channel {spec.name}: rank {rank} was given a store at port "
+            f"{opened.port}; only the sender passes its own, at port {spec.port}"
+        )
     connect = spec.timeout_s if sender else min(spec.connect_timeout_s, spec.timeout_s)
     try:
-        store = dist.TCPStore(
+        store = opened or dist.TCPStore(
             spec.host, spec.port, spec.world_size, is_master=sender,
             timeout=timedelta(seconds=connect), wait_for_workers=False,
         )  # fmt: skip

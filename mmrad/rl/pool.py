@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 BEHIND_TIMEOUT_S = 900.0
 """How long a replacement worker's chunk waits for the learners' next send."""
 BEHIND_POLL_S = 0.2
+SLOW_RECEIVE_S = 30.0  # a channel receive that takes longer is named in the log
 KEPT_CHANNEL_FAILURES = 8
 
 
@@ -360,9 +361,14 @@ class RolloutPool:
         if not receiving:
             return 0.0
         refs = [receive.ref for receive in receiving.values()]
+        slow_at = time.perf_counter() + SLOW_RECEIVE_S
         while len(ray.wait(refs, num_returns=len(refs), timeout=BEHIND_POLL_S)[0]) < len(refs):
             if self._interrupted.is_set():
                 raise RolloutError("stopped while the engines waited for weights")
+            if time.perf_counter() > slow_at:
+                slow_at = float("inf")
+                log.warning("the engines still receive after %.0f s: %s", SLOW_RECEIVE_S,
+                            self._receives_in_flight(receiving))  # fmt: skip
         for slot, receive in receiving.items():
             with self._lock:
                 if self._receiving.get(slot) is receive:
@@ -372,6 +378,16 @@ class RolloutPool:
             except dead_worker_errors():
                 self._replace(slot, receive.generation)
         return time.perf_counter() - self._receive_started
+
+    def _receives_in_flight(self, receiving: dict[int, _Receive]) -> str:
+        """Which worker waits for which version on which channel (for the log)."""
+        import ray
+
+        return "; ".join(
+            f"{worker_name(slot, receive.generation)} v{receive.version} on {receive.channel}"
+            for slot, receive in receiving.items()
+            if not ray.wait([receive.ref], timeout=0)[0]
+        )
 
     def channel_failure(self, name: str) -> str | None:
         """Why the sender should stop waiting for channel ``name``'s members: a receive of

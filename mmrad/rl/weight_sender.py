@@ -30,7 +30,7 @@ from mmrad.engine.channel import (
     TensorMeta,
     channel_device,
     dtype_name,
-    free_port,
+    open_sender_store,
     pack,
     plan_sends,
 )
@@ -156,11 +156,15 @@ class WeightSender:
         self.bucket_bytes = bucket_bytes
         self.id = uuid.uuid4().hex[:12]
         self._channel: Channel | None = None
+        self._announced_store: Any | None = None  # a new channel's store, open already
 
     def announce(self, model: nn.Module, dtype: torch.dtype, version: int) -> ChannelUpdate:
-        """Rank 0: what the engines are to receive, and where a new channel would meet."""
+        """Rank 0: what the engines are to receive, and where a new channel would meet: a
+        store opened now, so that engines asked to join find it open (or the sender
+        gone) at once."""
         plan = plan_sends(version, policy_metas(model, dtype), self.bucket_bytes)
-        port = free_port(self.host)
+        self._announced_store = open_sender_store(self.host)
+        port = self._announced_store.port
         return ChannelUpdate(version, plan.to_dict(), self.host, port, self.backend, self.id)
 
     def send(
@@ -197,10 +201,11 @@ class WeightSender:
             raise
 
     def _join(self, spec: ChannelSpec, members_alive: MembersCheck | None) -> Channel:
+        store, self._announced_store = self._announced_store, None  # unused: it closes
         if self._channel is None or self._channel.spec != spec:
             self.close()
             device = channel_device(self.backend, self.device)
-            self._channel = Channel(spec, SENDER_RANK, device, members_alive)
+            self._channel = Channel(spec, SENDER_RANK, device, members_alive, store)
         return self._channel
 
     def close(self) -> None:

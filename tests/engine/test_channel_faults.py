@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import time
 
 import pytest
 import torch
 
 from mmrad.engine.channel import Channel, ChannelFailed, ChannelSpec, ChannelTimedOut, free_port
+from mmrad.rl.weight_sender import WeightSender
 
 pytestmark = pytest.mark.integration
 HOST = "127.0.0.1"
@@ -36,6 +38,11 @@ def _member(spec: ChannelSpec, rank: int, buckets: int, die_after: int | None, q
             queue.put(("bucket", buffer.tolist()))
     except ChannelFailed as error:
         queue.put(("failed", str(error)))
+
+
+def _connecting_member(spec: ChannelSpec, queue) -> None:
+    queue.put("connecting")
+    _member(spec, 1, 1, None, queue)
 
 
 def _sender(spec: ChannelSpec, buckets: int, die_after: int, queue) -> None:
@@ -89,6 +96,26 @@ def test_the_sender_waits_while_its_members_are_alive_and_gives_up_at_its_deadli
 def test_a_member_whose_sender_never_came_gives_up_after_the_connect_timeout():
     with pytest.raises(ChannelFailed, match="no store at"):
         Channel(spec_of(2, "no-sender", connect_timeout_s=1), 1, CPU)
+
+
+def test_a_senders_store_is_open_from_its_announcement_so_members_never_wait_on_a_closed_port(
+    queue,
+):
+    """Engines are asked to join right after the announcement: if the sender died before
+    it joined, a member finds no store within the connect timeout (it once waited 120 s
+    there, twice, with a restarted learner group's channel queued behind)."""
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.arange(4, dtype=torch.float32))  # one 16-byte bucket
+    sender = WeightSender(0, "gloo", HOST, bucket_bytes=1024)
+    update = sender.announce(model, torch.float32, 1)
+    spec = ChannelSpec(HOST, update.port, 2, "gloo", "announced", timeout_s=30, connect_timeout_s=1)
+    member = start(_connecting_member, spec, queue)
+    assert queue.get(timeout=60) == "connecting"
+    time.sleep(3)  # past the member's connect timeout: it waits connected, not refused
+    sender.send(model, torch.float32, update, spec.to_dict())
+    assert queue.get(timeout=60) == ("bucket", list(model.w.detach().view(torch.uint8)))
+    member.join(timeout=60)
+    sender.close()
 
 
 def test_a_member_dying_mid_broadcast_breaks_the_channel_for_the_sender(queue):
