@@ -42,9 +42,10 @@ if TYPE_CHECKING:
 
 SENDER_RANK = 0
 DEFAULT_TIMEOUT_S = 600.0
-# A receiver waits this long to reach the sender's store, which opened before the receiver
-# was asked to join; a refused connection is retried until then (a sender that died).
-CONNECT_TIMEOUT_S = 15.0
+# A receiver waits this long to reach the sender's store, which was listening before the
+# receiver was asked to join (the kernel completes a connection to it at once); a refused
+# connection is retried until then: the sender died. torch gives up after about twice this.
+CONNECT_TIMEOUT_S = 5.0
 JOIN_POLL_S = 0.05
 LIVENESS_CHECK_S = 1.0
 JOINED_KEY, VERDICT_KEY = "joined", "verdict"
