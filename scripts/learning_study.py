@@ -435,6 +435,12 @@ def parse_args(argv=None):
     )
     p.add_argument("--test-categories", default="coins,cell")
     p.add_argument(
+        "--val-categories",
+        default="",
+        help="training pictures to hold out as a validation split instead (a, b, ...): "
+        "evaluated like the test categories, to pick a seed or a step without the test",
+    )
+    p.add_argument(
         "--extra-train-categories",
         default="",
         help="more skimage.data pictures to train on ('all': every one of "
@@ -485,6 +491,9 @@ def main(argv=None) -> None:
     extra = args.extra_train_categories
     train_cats += list(EXTRA_PICTURES) if extra == "all" else [c for c in extra.split(",") if c]
     test_cats = args.test_categories.split(",")
+    val_cats = [c for c in args.val_categories.split(",") if c]
+    assert set(val_cats) <= set(train_cats), "validation categories come from the training ones"
+    train_cats = [c for c in train_cats if c not in val_cats]
     assert not set(train_cats) & set(test_cats), "held-out categories overlap training"
     assert set(test_cats) <= set(CATEGORY_IMAGES), sorted(CATEGORY_IMAGES)
 
@@ -510,6 +519,7 @@ def main(argv=None) -> None:
     seen = Generator(train_cats, args, seed=[args.seed, 3]).balanced(
         max(2, args.eval_per_category * len(test_cats) // len(train_cats))
     )
+    val = Generator(val_cats, args, seed=[args.seed, 5]).balanced(args.eval_per_category)
     sizes = [min(b[2] - b[0], b[3] - b[1]) for s in held_out for b in s.boxes]
     print(
         f"params {n_params / 1e6:.2f}M, prompt {len(enc.prompt)} tokens, "
@@ -537,6 +547,7 @@ def main(argv=None) -> None:
     def record() -> None:
         t0 = time.time()
         ho, se = evaluate(model, enc, held_out, args), evaluate(model, enc, seen, args)
+        va = evaluate(model, enc, val, args) if val else None
         point = {
             "step": step,
             "train_s": round(train_time, 1),
@@ -544,6 +555,7 @@ def main(argv=None) -> None:
             "loss": round(float(np.mean(losses[-args.eval_every :])), 4) if losses else None,
             "held_out": {k: round(v, 4) for k, v in ho.items()},
             "seen": {k: round(v, 4) for k, v in se.items()},
+            **({"val": {k: round(v, 4) for k, v in va.items()}} if va else {}),
             "eval_s": round(time.time() - t0, 1),
         }
         curve.append(point)
@@ -552,7 +564,8 @@ def main(argv=None) -> None:
             f"det {ho['det_acc']:.2f} (P {ho['det_acc_p']:.2f}) auroc {ho['auroc']:.2f} "
             f"loc {ho['loc_acc']:.2f} iou {ho['mean_iou']:.2f} yes {ho['yes_rate']:.2f} | "
             f"seen det {se['det_acc']:.2f} auroc {se['auroc']:.2f} loc {se['loc_acc']:.2f} "
-            f"| eval {point['eval_s']}s",
+            + (f"| val det {va['det_acc']:.2f} auroc {va['auroc']:.2f} " if va else "")
+            + f"| eval {point['eval_s']}s",
             flush=True,
         )
 
@@ -589,6 +602,7 @@ def main(argv=None) -> None:
         "pool_s": round(pool_s, 1),
         "final": curve[-1],
         "best_held_out_auroc": max(p["held_out"]["auroc"] for p in curve),
+        **({"best_by_val": max(curve, key=lambda p: p["val"]["auroc"])} if val else {}),
         "curve": curve,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
