@@ -271,6 +271,7 @@ class Encoder:
         k = next(i for i, (a, b) in enumerate(zip(yes, no, strict=False)) if a != b)
         self.answer_prefix, self.yes_id, self.no_id = yes[:k], yes[k], no[k]
         self.decision_at = len(self.prompt) + k  # the Yes/No token's index
+        self.digit_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list("0123456789")))
 
     def answer(self, s: Sample) -> str:
         boxes = [[round(v) for v in b] for b in s.boxes]
@@ -317,10 +318,16 @@ class Encoder:
 
 
 def lm_loss(
-    model, batch: dict[str, torch.Tensor], decision_at: int, decision_weight: float
+    model,
+    batch: dict[str, torch.Tensor],
+    enc: Encoder,
+    decision_weight: float,
+    box_weight: float = 1.0,
 ) -> torch.Tensor:
     """Mean token cross-entropy over the answer, plus ``decision_weight - 1`` times the
-    cross-entropy of the Yes/No token (at index ``decision_at`` of the sequence)."""
+    cross-entropy of the Yes/No token (at index ``enc.decision_at`` of the sequence) and
+    ``box_weight - 1`` times the mean cross-entropy of the answer's digit tokens (the
+    box coordinates)."""
     labels = batch.pop("labels")
     logits = model(**batch).logits[:, :-1]
     targets = labels[:, 1:]
@@ -329,7 +336,10 @@ def lm_loss(
     )
     loss = ce.sum() / (targets != -100).sum()
     if decision_weight != 1.0:
-        loss = loss + (decision_weight - 1.0) * ce[:, decision_at - 1].mean()
+        loss = loss + (decision_weight - 1.0) * ce[:, enc.decision_at - 1].mean()
+    digits = torch.isin(targets, enc.digit_ids)
+    if box_weight != 1.0 and digits.any():
+        loss = loss + (box_weight - 1.0) * ce[digits].mean()
     return loss
 
 
@@ -464,6 +474,9 @@ def parse_args(argv=None):
     p.add_argument(
         "--decision-weight", type=float, default=1.0, help="loss weight of the Yes/No token"
     )
+    p.add_argument(
+        "--box-weight", type=float, default=1.0, help="loss weight of the box's digit tokens"
+    )
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-per-category", type=int, default=48)
@@ -577,7 +590,7 @@ def main(argv=None) -> None:
         else:
             samples = [pool[i] for i in rng.choice(len(pool), args.batch, replace=False)]
         batch = enc.train_batch(samples)
-        loss = lm_loss(model, batch, enc.decision_at, args.decision_weight)
+        loss = lm_loss(model, batch, enc, args.decision_weight, args.box_weight)
         if head:
             loss = loss + args.patch_loss * head.loss(samples)
         optimizer.zero_grad(set_to_none=True)
