@@ -228,7 +228,8 @@ def open_sender_store(host: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Any:
 
 
 def free_port(host: str) -> int:
-    """A TCP port free on ``host`` now (the sender's store binds it right after)."""
+    """A TCP port free on ``host`` now, for whoever binds it right after (the sender's own
+    store takes port 0 instead: :func:`open_sender_store`)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind((host, 0))
         return probe.getsockname()[1]
@@ -299,7 +300,7 @@ def _open_store(spec: ChannelSpec, rank: int, opened: Any | None) -> Any:
         )
     connect = spec.timeout_s if sender else min(spec.connect_timeout_s, spec.timeout_s)
     try:
-        store = opened or dist.TCPStore(
+        store = opened if opened is not None else dist.TCPStore(
             spec.host, spec.port, spec.world_size, is_master=sender,
             timeout=timedelta(seconds=connect), wait_for_workers=False,
         )  # fmt: skip
