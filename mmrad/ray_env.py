@@ -26,6 +26,7 @@ MAX_TEMP_DIR_CHARS = 36  # Ray adds about 70 characters below it
 # progress board) of a killed driver's run: Ray gives each driver a random one otherwise.
 NAMESPACE = "mmrad"
 PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+AUTO_CONNECT = "RAY_ENABLE_AUTO_CONNECT"
 
 
 def auth_token_path(state_dir: Path) -> Path:
@@ -56,11 +57,17 @@ def ray_environment(state_dir: Path) -> dict[str, str]:
     connect later (``ray job submit``) set ``RAY_AUTH_MODE=token`` themselves.
 
     Ray Train's preemption watcher is off unless the caller turned it on: one machine is
-    never preempted, and the watcher is one more process per Train run."""
+    never preempted, and the watcher is one more process per Train run.
+
+    Ray's auto-init is off in the cluster's processes (this one imported Ray already and
+    keeps it): a worker that calls into Ray after its connection ended, as a Ray Data
+    pipeline's thread does when its actor exits, would start a whole Ray instance of its
+    own, whose agents outlive the worker."""
     return {
         "RAY_AUTH_TOKEN_PATH": str(auth_token_path(state_dir).absolute()),
         "RAY_TMPDIR": str(temp_dir_for(state_dir)),
         PREEMPTION_WATCHER: os.environ.get(PREEMPTION_WATCHER, "0"),
+        AUTO_CONNECT: "0",
     }
 
 

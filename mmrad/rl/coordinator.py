@@ -346,12 +346,13 @@ class Coordinator:
             return self.pool.worker_pids()
 
     def stop(self) -> None:
-        """Stop producing and shut the engines down."""
+        """Stop producing, end the prompt pipeline and shut the engines down."""
         self._stop_producing()
         try:
             self.pool.shutdown()
         finally:
             self._pool_lock.release()
+            self.stream.close()
 
     # -- producing batches ----------------------------------------------------------------
 

@@ -152,8 +152,18 @@ class PromptStream:
 
     def seek(self, position: DataPosition) -> None:
         """Continue from ``position`` (a checkpoint's); drops rows decoded ahead."""
+        self.close()
         self._position = position
-        self._rows = None
+
+    def close(self) -> None:
+        """End the current epoch's pipeline now, while this process is connected to Ray.
+        One left to the garbage collector as the actor exits shuts down after Ray has,
+        and its call into Ray then starts a Ray instance of its own in the dying process
+        (Ray's auto-init), whose agents outlive it."""
+        rows, self._rows = self._rows, None
+        close = getattr(rows, "close", None)
+        if close is not None:
+            close()
 
     def take(self, count: int) -> list[PromptItem]:
         """The next ``count`` usable prompts (bad images skipped, their positions used)."""
