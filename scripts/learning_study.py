@@ -61,6 +61,7 @@ PRESETS = {
     "l": (384, 6, 192, 6),
 }
 PATCH, MERGE, TEMPORAL = 14, 2, 2
+CELL = PATCH * MERGE  # pixels per side of one merged token
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 SHORT_PROMPT = "Is the second image anomalous? Answer with the box of the defect."
@@ -272,10 +273,26 @@ class Encoder:
         self.answer_prefix, self.yes_id, self.no_id = yes[:k], yes[k], no[k]
         self.decision_at = len(self.prompt) + k  # the Yes/No token's index
         self.digit_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list("0123456789")))
+        self.box_units, self.image_size = args.box_units, size
 
     def answer(self, s: Sample) -> str:
-        boxes = [[round(v) for v in b] for b in s.boxes]
+        boxes = [self.written_box(b) for b in s.boxes]
         return format_answer(s.anomalous, boxes, s.labels, None)
+
+    def written_box(self, box: list[float]) -> list[int]:
+        """A box as the answer writes it: pixels, or the cells it overlaps (``cell``
+        units: the cells the vision tower's merged tokens cover, outer edges inclusive)."""
+        if self.box_units == "pixel":
+            return [round(v) for v in box]
+        x1, y1, x2, y2 = (v / CELL for v in box)
+        return [math.floor(x1), math.floor(y1), math.ceil(x2), math.ceil(y2)]
+
+    def read_boxes(self, text: str) -> tuple[bool, list[list[float]]]:
+        """The decision and boxes (in pixels) of a generated answer."""
+        side = self.image_size if self.box_units == "pixel" else self.image_size // CELL
+        verdict = parse_answer(text, size=(side, side), require_think=False)
+        scale = 1 if self.box_units == "pixel" else CELL
+        return bool(verdict.decision), [[v * scale for v in b] for b in verdict.boxes]
 
     def images(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
         pixels = [
@@ -408,14 +425,13 @@ def evaluate(model, enc: Encoder, samples: list[Sample], args) -> dict[str, floa
             pad_token_id=enc.pad_id,
         )
         texts = enc.tok.batch_decode(out[:, len(enc.prompt) :], skip_special_tokens=True)
-        size = (args.image_size, args.image_size)
         for s, text in zip(chunk, texts, strict=True):
-            verdict = parse_answer(text, size=size, require_think=False)
-            decisions.append(bool(verdict.decision))
+            decision, boxes = enc.read_boxes(text)
+            decisions.append(decision)
             if s.anomalous:
-                best = max((iou(p, g) for p in verdict.boxes for g in s.boxes), default=0.0)
-                ious.append(best if verdict.decision else 0.0)
-                hits.append(bool(verdict.decision) and best >= IOU_HIT)
+                best = max((iou(p, g) for p in boxes for g in s.boxes), default=0.0)
+                ious.append(best if decision else 0.0)
+                hits.append(decision and best >= IOU_HIT)
     model.train()
     truth = [s.anomalous for s in samples]
     n = len(samples)
@@ -488,6 +504,13 @@ def parse_args(argv=None):
         default=0.0,
         help="weight of an auxiliary loss on the vision tower: each merged token of both\n"
         "images predicts whether its cell holds the defect (a linear head, BCE)",
+    )
+    p.add_argument(
+        "--box-units",
+        choices=["pixel", "cell"],
+        default="pixel",
+        help="how answers write boxes: pixels, or the 28 px cells of the vision tower's\n"
+        "merged tokens (0-4 on 112 px), mapped back to pixels when parsed",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
