@@ -12,6 +12,8 @@ import pytest
 
 from tests.helpers.cloud_emulators import AZURITE_KEY
 
+pytest_plugins = ["tests.helpers.cpu_report"]
+
 # Credentials for the local S3 server only; set before anything (Ray workers included)
 # reads the environment.
 TEST_ACCESS_KEY = "mmrad-test-key"
