@@ -85,9 +85,12 @@ def replica_process() -> psutil.Process | None:
 
 
 def engine_core(replica: psutil.Process) -> psutil.Process:
-    cores = [child for child in replica.children(recursive=True)
-             if child.name() == "VLLM::EngineCore"]  # fmt: skip
-    assert len(cores) == 1, cores
+    cores = [
+        child
+        for child in replica.children(recursive=True)
+        if child.name().startswith("VLLM::EngineCor")
+    ]  # comm keeps 15 characters
+    assert len(cores) == 1, [(c.pid, c.name(), c.cmdline()) for c in replica.children(True)]
     return cores[0]
 
 
