@@ -387,6 +387,9 @@ KNOWLEDGE_FILE_HELP = (
 )
 
 
+BoxUnits = Literal["pixels", "cells"]
+
+
 class PromptConfig(Section):
     """The prompt variant (the paper's ablation switches)."""
 
@@ -395,12 +398,21 @@ class PromptConfig(Section):
         False, description="Describe the category and list its known defect types."
     )
     reasoning: bool = Field(True, description="Ask for <think> reasoning before the answer.")
+    box_units: BoxUnits = Field(
+        "pixels",
+        description="Answer boxes in model-grid pixels, or in cells: the grid's "
+        "factor-pixel squares (one per merged vision token) that each box overlaps. Cells "
+        "are coarser and easier for a small model to learn; every job reads them back "
+        "into pixels.",
+    )
     knowledge_file: str | None = PathField(None, KNOWLEDGE_FILE_HELP)
 
-    VARIANT_KEYS: ClassVar[tuple[str, ...]] = ("use_reference", "domain_knowledge", "reasoning")
+    VARIANT_KEYS: ClassVar[tuple[str, ...]] = (
+        "use_reference", "domain_knowledge", "reasoning", "box_units"
+    )  # fmt: skip
     """The switches an export records as its prompt (the knowledge goes beside them)."""
 
-    def variant_dict(self) -> dict[str, bool]:
+    def variant_dict(self) -> dict[str, bool | str]:
         return {key: getattr(self, key) for key in self.VARIANT_KEYS}
 
 
@@ -414,6 +426,7 @@ class PromptOverrides(Section):
     use_reference: bool | None = None
     domain_knowledge: bool | None = None
     reasoning: bool | None = None
+    box_units: BoxUnits | None = None
     pixels: PixelBudget | None = None
     knowledge_file: str | None = PathField(
         None, "Replaces the export's domain knowledge. " + KNOWLEDGE_FILE_HELP

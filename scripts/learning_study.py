@@ -51,7 +51,7 @@ from mmrad.data.builders.synthetic import (
 )
 from mmrad.model.tiny import SPECIAL_TOKENS, build_tiny_model
 from mmrad.task.answer import format_answer, parse_answer
-from mmrad.task.geometry import iou
+from mmrad.task.geometry import answer_scale, iou, to_answer_boxes
 from mmrad.task.prompt import PromptVariant, build_messages
 
 # name: (LM hidden, LM layers, vision hidden, vision depth); parameters are printed.
@@ -273,7 +273,8 @@ class Encoder:
         self.answer_prefix, self.yes_id, self.no_id = yes[:k], yes[k], no[k]
         self.decision_at = len(self.prompt) + k  # the Yes/No token's index
         self.digit_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list("0123456789")))
-        self.box_units, self.image_size = args.box_units, size
+        self.image_size = size
+        self.unit = 1 if args.box_units == "pixel" else CELL  # grid pixels per coordinate
 
     def answer(self, s: Sample) -> str:
         boxes = [self.written_box(b) for b in s.boxes]
@@ -281,18 +282,17 @@ class Encoder:
 
     def written_box(self, box: list[float]) -> list[int]:
         """A box as the answer writes it: pixels, or the cells it overlaps (``cell``
-        units: the cells the vision tower's merged tokens cover, outer edges inclusive)."""
-        if self.box_units == "pixel":
-            return [round(v) for v in box]
-        x1, y1, x2, y2 = (v / CELL for v in box)
-        return [math.floor(x1), math.floor(y1), math.ceil(x2), math.ceil(y2)]
+        units: the cells the vision tower's merged tokens cover)."""
+        side = (self.image_size, self.image_size)
+        [written] = to_answer_boxes([box], side, side, self.unit)
+        return written
 
     def read_boxes(self, text: str) -> tuple[bool, list[list[float]]]:
         """The decision and boxes (in pixels) of a generated answer."""
-        side = self.image_size if self.box_units == "pixel" else self.image_size // CELL
-        verdict = parse_answer(text, size=(side, side), require_think=False)
-        scale = 1 if self.box_units == "pixel" else CELL
-        return bool(verdict.decision), [[v * scale for v in b] for b in verdict.boxes]
+        side = (self.image_size, self.image_size)
+        scale = answer_scale(side, side, self.unit)
+        verdict = parse_answer(text, scale=scale, size=side, require_think=False)
+        return bool(verdict.decision), verdict.boxes
 
     def images(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
         pixels = [

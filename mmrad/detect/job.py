@@ -165,7 +165,7 @@ def inspect(
     if not queries:
         return []
     finish = FinishSpec(spec.storage, spec.variant.reasoning, job.threshold,
-                        job.overlay.max_side)  # fmt: skip
+                        job.overlay.max_side, spec.contract.answer_unit)  # fmt: skip
     with quiet_ray_data():  # a dataset keeps the context it was made in
         dataset = detections(job, spec, queries, finish)
         return write_overlays(spec.storage, job.output, stream(dataset, len(queries), progress))

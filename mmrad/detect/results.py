@@ -57,10 +57,11 @@ class FinishSpec:
     reasoning: bool
     threshold: float | None
     overlay_max_side: int | None
+    answer_unit: int = 1  # model-grid pixels per box coordinate
 
 
 def detection_fields(
-    row: Mapping[str, Any], *, reasoning: bool, threshold: float | None
+    row: Mapping[str, Any], *, reasoning: bool, threshold: float | None, answer_unit: int = 1
 ) -> dict[str, Any]:
     """A prediction row's detection columns (all but ``overlay``). The first completion
     is the answer; an error row keeps its error and has no verdict."""
@@ -70,7 +71,7 @@ def detection_fields(
     fields = error_fields(row["image_uri"], row.get("category"), row.get("error") or None)
     if fields["error"]:
         return fields
-    verdicts = verdicts_of(row, require_think=reasoning)
+    verdicts = verdicts_of(row, require_think=reasoning, answer_unit=answer_unit)
     fields["width"], fields["height"] = int(row["width"]), int(row["height"])
     if not verdicts:
         return fields
@@ -105,7 +106,8 @@ def finish_batch(batch: pa.Table, spec: FinishSpec) -> pa.Table:
     for row in batch.drop_columns(
         [c for c in ("image", "reference") if c in batch.column_names]
     ).to_pylist():
-        fields = detection_fields(row, reasoning=spec.reasoning, threshold=spec.threshold)
+        fields = detection_fields(row, reasoning=spec.reasoning, threshold=spec.threshold,
+                                  answer_unit=spec.answer_unit)  # fmt: skip
         bad_image, picture = bool(row.get("bad_image")), None
         if not fields["error"]:
             try:

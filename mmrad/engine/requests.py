@@ -115,6 +115,7 @@ def build_messages_for(
         query_image=IMAGE_PLACEHOLDER,
         reference_image=IMAGE_PLACEHOLDER if uses_reference(item, variant) else None,
         hint=item.hint,
+        cell=pixels.factor,
     )
 
 

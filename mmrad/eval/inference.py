@@ -47,6 +47,7 @@ from mmrad.model.contract import Contract, model_info, resolve_contract
 from mmrad.placement import Request, actor_shape, ray_options, worker_resources
 from mmrad.storage import Storage, is_remote, join
 from mmrad.task.answer import Verdict, parse_answer
+from mmrad.task.geometry import answer_scale
 from mmrad.task.prompt import PromptVariant
 
 log = logging.getLogger(__name__)
@@ -241,12 +242,15 @@ def _arrow_batches(dataset):
         yield from batch.to_batches()
 
 
-def verdicts_of(row: Mapping[str, Any], *, require_think: bool = True) -> list[Verdict]:
-    """Each completion of a prediction row parsed, boxes in the original image's pixels,
-    ``score`` set from the row's ``scores``. Empty for a row with an error."""
+def verdicts_of(
+    row: Mapping[str, Any], *, require_think: bool = True, answer_unit: int = 1
+) -> list[Verdict]:
+    """Each completion of a prediction row parsed, boxes (``answer_unit`` model-grid
+    pixels per coordinate) in the original image's pixels, ``score`` set from the row's
+    ``scores``. Empty for a row with an error."""
     completions = row.get("completions") or []
     scores = row.get("scores") or [None] * len(completions)
-    scale = grid_scale_of(row)
+    scale = answer_scale_of(row, answer_unit)
     size = (int(row["width"]), int(row["height"]))
     return [
         replace(parse_answer(text, scale=scale, size=size, require_think=require_think),
@@ -255,12 +259,13 @@ def verdicts_of(row: Mapping[str, Any], *, require_think: bool = True) -> list[V
     ]  # fmt: skip
 
 
-def grid_scale_of(row: Mapping[str, Any]) -> tuple[float, float]:
-    """Model grid → original pixels, from the row's original and grid sizes."""
+def answer_scale_of(row: Mapping[str, Any], answer_unit: int = 1) -> tuple[float, float]:
+    """Answer coordinates → original pixels, from the row's original and grid sizes."""
     grid_w, grid_h = row.get("grid_width") or 0, row.get("grid_height") or 0
     if not grid_w or not grid_h:
-        return 1.0, 1.0
-    return float(row["width"]) / grid_w, float(row["height"]) / grid_h
+        return float(answer_unit), float(answer_unit)
+    size = (int(row["width"]), int(row["height"]))
+    return answer_scale(size, (int(grid_w), int(grid_h)), answer_unit)
 
 
 # -- predictors (Ray Data actors) -----------------------------------------------------------

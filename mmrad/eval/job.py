@@ -204,7 +204,8 @@ def evaluate(
     rows = collect_rows(predict(dataset, spec))
     wall_s = time.perf_counter() - start
 
-    verdicts = [first_verdict(row, spec.variant.reasoning) for row in rows]
+    unit = spec.contract.answer_unit
+    verdicts = [first_verdict(row, spec.variant.reasoning, unit) for row in rows]
     table = predictions_table(rows, verdicts)
     storage.write_bytes(join(run_uri, PREDICTIONS), parquet_bytes(table))
     enforce_error_budget(storage, run_uri, rows, job.max_error_fraction)
@@ -224,10 +225,10 @@ def evaluate(
     return result, metrics
 
 
-def first_verdict(row: Mapping[str, Any], require_think: bool) -> Verdict:
+def first_verdict(row: Mapping[str, Any], require_think: bool, answer_unit: int = 1) -> Verdict:
     """The verdict of a row's first completion (what the metrics score); no decision
     for a row that failed."""
-    verdicts = verdicts_of(row, require_think=require_think)
+    verdicts = verdicts_of(row, require_think=require_think, answer_unit=answer_unit)
     return verdicts[0] if verdicts else Verdict(decision=None)
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from mmrad.task.answer import GENERIC_REASONING, format_answer, has_reasoning
-from mmrad.task.geometry import as_boxes, to_model_grid
+from mmrad.task.geometry import as_boxes, to_answer_boxes
 from mmrad.task.knowledge import Knowledge
 from mmrad.task.prompt import IMAGE_PLACEHOLDER, PromptVariant, build_messages
 
@@ -105,10 +105,11 @@ class SFTCollator:
         return batch
 
     def target(self, row: Mapping[str, Any]) -> str:
-        """The assistant's answer for a row (boxes converted to the model grid)."""
+        """The assistant's answer for a row (boxes in the variant's units on the model grid)."""
         size = (int(row["width"]), int(row["height"]))
         grid = (int(row["grid_width"]), int(row["grid_height"]))
-        boxes = to_model_grid(as_boxes(row["boxes"]), size, grid)
+        unit = self.variant.answer_unit(self.factor)
+        boxes = to_answer_boxes(as_boxes(row["boxes"]), size, grid, unit)
         labels = [str(label) for label in (row["labels"] if row["labels"] is not None else [])]
         anomalous = bool(row["is_anomalous"])
         reasoning = None
@@ -138,6 +139,7 @@ class SFTCollator:
             variant=self.variant,
             knowledge=self.knowledge.get(row.get("category") or ""),
             reference_image=IMAGE_PLACEHOLDER if len(images) == 2 else None,
+            cell=self.factor,
         )
         answer = self.target(row)
         prompt_text = self.processor.apply_chat_template(

@@ -57,6 +57,11 @@ class Contract:
     def variant(self) -> PromptVariant:
         return PromptVariant(**self.prompt.variant_dict())
 
+    @property
+    def answer_unit(self) -> int:
+        """Model-grid pixels per coordinate of the model's answer boxes."""
+        return self.variant.answer_unit(self.pixels.factor)
+
     def knowledge_of(self, category: str | None) -> CategoryKnowledge | None:
         return self.knowledge.get(category) if category else None
 

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from mmrad.rl.prompts import PromptItem
 from mmrad.task.answer import Verdict, format_answer, parse_answer
-from mmrad.task.geometry import as_boxes, grid_scale, to_model_grid
+from mmrad.task.geometry import answer_scale, as_boxes, to_answer_boxes
 from mmrad.task.rewards import RewardBreakdown, compute_reward
 
 Replacement = Literal["", "positive", "negative"]
@@ -33,23 +33,31 @@ verdict, so the sample it yields is a plausible, well-formed wrong answer."""
 
 @dataclass(frozen=True)
 class RewardSpec:
+    """The rewards' weights and parameters, and how answers are read: whether a
+    ``<think>`` block is required and the model-grid pixels per box coordinate
+    (:func:`mmrad.task.geometry.answer_unit`)."""
+
     weights: dict[str, float]
     params: dict[str, dict[str, Any]] = field(default_factory=dict)
     require_think: bool = True
+    answer_unit: int = 1
 
 
-def verdict_of(text: str, item: PromptItem, require_think: bool = True) -> Verdict:
-    """The completion read back in original pixels (answers carry model-grid boxes)."""
+def verdict_of(
+    text: str, item: PromptItem, require_think: bool = True, answer_unit: int = 1
+) -> Verdict:
+    """The completion read back in original pixels (answers carry model-grid boxes, in
+    ``answer_unit`` grid pixels per coordinate)."""
     return parse_answer(
         text,
-        scale=grid_scale(item.size, item.grid),
+        scale=answer_scale(item.size, item.grid, answer_unit),
         size=item.size,
         require_think=require_think,
     )
 
 
 def score(text: str, item: PromptItem, spec: RewardSpec) -> tuple[RewardBreakdown, Verdict]:
-    verdict = verdict_of(text, item, spec.require_think)
+    verdict = verdict_of(text, item, spec.require_think, spec.answer_unit)
     return compute_reward(verdict, item.record, spec.weights, spec.params), verdict
 
 
@@ -129,11 +137,14 @@ def scored_sample(
 # -- contrastive sampling ---------------------------------------------------------------
 
 
-def ground_truth_answer(item: PromptItem, reasoning: bool, fallback_reasoning: str) -> str:
-    """The record's answer as the model should write it: boxes on the model grid, the
-    record's reasoning (or ``fallback_reasoning``) in the think block."""
+def ground_truth_answer(
+    item: PromptItem, reasoning: bool, fallback_reasoning: str, answer_unit: int = 1
+) -> str:
+    """The record's answer as the model should write it: boxes on the model grid (in
+    ``answer_unit`` grid pixels per coordinate), the record's reasoning (or
+    ``fallback_reasoning``) in the think block."""
     record = item.record
-    boxes = to_model_grid(as_boxes(record["boxes"]), item.size, item.grid)
+    boxes = to_answer_boxes(as_boxes(record["boxes"]), item.size, item.grid, answer_unit)
     labels = [str(label) for label in record["labels"] or []]
     think = (record.get("reasoning") or fallback_reasoning) if reasoning else None
     return format_answer(bool(record["is_anomalous"]), boxes, labels, think)

@@ -85,7 +85,7 @@ class Coordinator:
         self,
         job: dict[str, Any],
         records: Sequence[Mapping[str, Any]],
-        variant: dict[str, bool],
+        variant: dict[str, bool | str],
         knowledge: Knowledge,
         val_records: Sequence[Mapping[str, Any]] = (),
         workers: Sequence[Any] | None = None,
@@ -306,9 +306,9 @@ class Coordinator:
             self._hold_version(version)
             prompts = [RolloutPrompt(item.prompt_id, item.inputs()) for item in items]
             rollouts = self.pool.generate(prompts, self.val_sampling)
-        require_think = self.rewards.require_think
+        rewards = self.rewards
         verdicts = [
-            verdict_of(group[0].text, item, require_think)
+            verdict_of(group[0].text, item, rewards.require_think, rewards.answer_unit)
             for item, group in zip(items, rollouts, strict=True)
         ]
         records = [item.record for item in items]

@@ -74,9 +74,11 @@ def ids_tokenizer(model: ModelSource) -> Tokenizer:
 
 
 def reward_spec(job: GRPOJobConfig, variant: PromptVariant) -> RewardSpec:
-    """The run's rewards; a ``<think>`` block is required when the variant reasons."""
+    """The run's rewards; a ``<think>`` block is required when the variant reasons, and
+    boxes are read in the variant's units on the run's grid."""
     weights, params = job.rewards.resolved()
-    return RewardSpec(weights, params, variant.reasoning)
+    unit = variant.answer_unit(job.model.pixels.factor)
+    return RewardSpec(weights, params, variant.reasoning, unit)
 
 
 @dataclass(frozen=True)
@@ -268,7 +270,8 @@ def _written(group: Group, recipe: BatchRecipe, ground_truth: bool) -> Sample:
     item = group.item
     anomalous = bool(item.record["is_anomalous"])
     if ground_truth:
-        text = ground_truth_answer(item, recipe.reasoning, GENERIC_REASONING[anomalous])
+        text = ground_truth_answer(item, recipe.reasoning, GENERIC_REASONING[anomalous],
+                                   recipe.rewards.answer_unit)  # fmt: skip
     else:
         flipped = {**item.record, "is_anomalous": not anomalous, "boxes": [], "labels": [],
                    "reasoning": None}  # fmt: skip

@@ -236,6 +236,7 @@ class MMRADServer:
                 query_grid(query.size, self.model.pixels),
                 reasoning=self.model.variant.reasoning,
                 threshold=self.args.threshold if threshold is None else threshold,
+                answer_unit=self.model.contract.answer_unit,
             )
             self.metrics.detected(result.anomalous)
             overlay = None

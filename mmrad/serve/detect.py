@@ -14,6 +14,7 @@ from mmrad.engine.requests import InspectionInput, QueryGrid
 from mmrad.engine.sampling import Completion, Sampling
 from mmrad.model.contract import Contract
 from mmrad.task.answer import Verdict, parse_answer
+from mmrad.task.geometry import answer_scale
 
 DETECT_LOGPROBS = 10
 """Alternatives kept per generated token: enough for both Yes and No to be among them
@@ -43,12 +44,17 @@ class Detection:
 
 
 def detection(
-    completion: Completion, grid: QueryGrid, *, reasoning: bool, threshold: float | None
+    completion: Completion,
+    grid: QueryGrid,
+    *,
+    reasoning: bool,
+    threshold: float | None,
+    answer_unit: int = 1,
 ) -> Detection:
-    """A completion read back: boxes in the query's original pixels (clipped to it)."""
-    verdict = parse_answer(
-        completion.text, scale=grid.scale, size=grid.size, require_think=reasoning
-    )
+    """A completion read back: boxes (``answer_unit`` model-grid pixels per coordinate)
+    in the query's original pixels, clipped to it."""
+    scale = answer_scale(grid.size, grid.grid, answer_unit)
+    verdict = parse_answer(completion.text, scale=scale, size=grid.size, require_think=reasoning)
     return Detection(
         verdict=verdict,
         anomalous=decide(verdict.decision, completion.score, threshold),

@@ -6,7 +6,9 @@ Conventions (docs/architecture.md, "Records and boxes"):
   ``(x2 - x1) * (y2 - y1)``.
 - Records keep boxes in original pixels. The model sees the image resized to the *model
   grid*: Qwen2.5-VL's smart resize to the pixel budget, sides multiples of
-  ``patch_size * merge_size`` (28). Answers carry boxes in that grid, rounded to integers.
+  ``patch_size * merge_size`` (28). Answers carry boxes in that grid, rounded to integers,
+  or (``prompt.box_units: cells``) in *cells*: the grid's ``factor``-pixel squares, one
+  per merged vision token, each box written as the cells it overlaps.
 """
 
 from __future__ import annotations
@@ -84,6 +86,39 @@ def from_model_grid(boxes: Sequence[Sequence[float]], size: Size, grid: Size) ->
     """Model-grid boxes → original-pixel float boxes."""
     sx, sy = grid_scale(size, grid)
     return [[x1 * sx, y1 * sy, x2 * sx, y2 * sy] for x1, y1, x2, y2 in boxes]
+
+
+def answer_unit(box_units: str, factor: int = GRID_FACTOR) -> int:
+    """Model-grid pixels per answer coordinate: 1 for ``pixels``, ``factor`` for ``cells``."""
+    if box_units == "pixels":
+        return 1
+    if box_units == "cells":
+        return factor
+    raise ValueError(f"box units must be 'pixels' or 'cells', got {box_units!r}")
+
+
+def to_answer_boxes(
+    boxes: Sequence[Sequence[float]], size: Size, grid: Size, unit: int = 1
+) -> list[list[int]]:
+    """Original-pixel boxes as answers write them: model-grid pixels (``unit`` 1, rounded)
+    or the cells of ``unit`` grid pixels each box overlaps (x2, y2 exclusive), so that a
+    cell answer always covers its box."""
+    if unit == 1:
+        return to_model_grid(boxes, size, grid)
+    sx, sy = grid_scale(size, grid)
+    cells = []
+    for x1, y1, x2, y2 in boxes:
+        # rounded first: a box edge on a cell edge must not spill into the next cell
+        gx1, gy1, gx2, gy2 = (round(v / (s * unit), 6) for v, s in
+                              ((x1, sx), (y1, sy), (x2, sx), (y2, sy)))  # fmt: skip
+        cells.append([math.floor(gx1), math.floor(gy1), math.ceil(gx2), math.ceil(gy2)])
+    return cells
+
+
+def answer_scale(size: Size, grid: Size, unit: int = 1) -> tuple[float, float]:
+    """Factors ``(sx, sy)`` that take answer coordinates back to original pixels."""
+    sx, sy = grid_scale(size, grid)
+    return sx * unit, sy * unit
 
 
 def box_area(box: Sequence[float]) -> float:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from mmrad.task.geometry import Size
+from mmrad.task.geometry import GRID_FACTOR, Size, answer_unit
 from mmrad.task.knowledge import CategoryKnowledge
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -24,13 +24,11 @@ CATEGORY_SUBJECT = 'an industrial product of the category "{category}"'
 GENERIC_SUBJECT = "an industrial product"
 REFERENCE_INTRO = "The first image shows a normal, defect-free sample of {subject}."
 QUERY_AFTER_REFERENCE = (
-    "The second image is the query image, a sample of the same product, "
-    "{width} pixels wide and {height} pixels high."
+    "The second image is the query image, a sample of the same product, {extent}."
 )
-QUERY_ALONE = (
-    "The image is the query image, a sample of {subject}, "
-    "{width} pixels wide and {height} pixels high."
-)
+QUERY_ALONE = "The image is the query image, a sample of {subject}, {extent}."
+EXTENT_IN_PIXELS = "{width} pixels wide and {height} pixels high"
+EXTENT_IN_CELLS = "{width} cells wide and {height} cells high, a cell being {cell} by {cell} pixels"
 DOMAIN_KNOWLEDGE = "In {category} samples, the following anomaly types may occur: {types}."
 CATEGORY_DESCRIPTION = "About {category}: {description}"
 TASK = "Inspect the query image: does it show any anomaly or defect?"
@@ -42,7 +40,12 @@ DIRECT_INSTRUCTION = "Give only the final answer, inside <answer> </answer> tags
 ANSWER_FORMAT = (
     'If the query image is anomalous, answer "Yes." followed by one '
     "{'bbox_2d': [x1, y1, x2, y2], 'label': '<anomaly type>'} per anomaly, separated by "
-    'commas, with coordinates in pixels of the query image. If it is normal, answer "No."'
+    'commas, with coordinates in COORDINATES. If it is normal, answer "No."'
+)
+COORDINATES_IN_PIXELS = "pixels of the query image"
+COORDINATES_IN_CELLS = (
+    "cells of the query image: x1 and y1 the first column and row of cells the anomaly "
+    "covers, counted from 0, x2 and y2 one past its last"
 )
 NORMAL_DEFECT_TYPE = "good"  # the defect_type of normal records, not an anomaly type
 
@@ -56,11 +59,18 @@ class PromptVariant:
       (:mod:`mmrad.task.knowledge`).
     - ``reasoning``: ask for ``<think>`` before ``<answer>``; without it the model answers
       directly and the ``format`` reward checks the answer block alone.
+    - ``box_units``: answer boxes in model-grid ``pixels`` or in ``cells``
+      (:func:`mmrad.task.geometry.answer_unit`).
     """
 
     use_reference: bool = True
     domain_knowledge: bool = False
     reasoning: bool = True
+    box_units: str = "pixels"
+
+    def answer_unit(self, factor: int = GRID_FACTOR) -> int:
+        """Model-grid pixels per answer coordinate on a grid of ``factor``-pixel cells."""
+        return answer_unit(self.box_units, factor)
 
 
 def prompt_text(
@@ -70,8 +80,10 @@ def prompt_text(
     variant: PromptVariant,
     knowledge: CategoryKnowledge | None = None,
     hint: str | None = None,
+    cell: int = GRID_FACTOR,
 ) -> str:
-    """The prompt's text; ``grid_size = (width, height)`` of the query in the model grid.
+    """The prompt's text; ``grid_size = (width, height)`` of the query in the model grid,
+    whose cells are ``cell`` pixels square.
 
     An unknown category (``None`` or empty) gets the generic wording and no domain
     knowledge; a category without knowledge gets none either. ``hint`` (the annotation
@@ -82,16 +94,22 @@ def prompt_text(
     name = readable(category) if category else None
     subject = CATEGORY_SUBJECT.format(category=name) if name else GENERIC_SUBJECT
     sentences = []
+    unit = variant.answer_unit(cell)
+    if unit == 1:
+        extent = EXTENT_IN_PIXELS.format(width=width, height=height)
+    else:
+        extent = EXTENT_IN_CELLS.format(width=width // unit, height=height // unit, cell=unit)
     if variant.use_reference:
         sentences.append(REFERENCE_INTRO.format(subject=subject))
-        sentences.append(QUERY_AFTER_REFERENCE.format(width=width, height=height))
+        sentences.append(QUERY_AFTER_REFERENCE.format(extent=extent))
     else:
-        sentences.append(QUERY_ALONE.format(subject=subject, width=width, height=height))
+        sentences.append(QUERY_ALONE.format(subject=subject, extent=extent))
     if variant.domain_knowledge and name and knowledge is not None:
         sentences.extend(knowledge_sentences(name, knowledge))
     sentences.append(TASK)
     sentences.append(REASONING_INSTRUCTION if variant.reasoning else DIRECT_INSTRUCTION)
-    sentences.append(ANSWER_FORMAT)
+    coordinates = COORDINATES_IN_PIXELS if unit == 1 else COORDINATES_IN_CELLS
+    sentences.append(ANSWER_FORMAT.replace("COORDINATES", coordinates))
     if hint:
         sentences.append(hint)
     return " ".join(sentences)
@@ -106,11 +124,12 @@ def build_messages(
     query_image: Any = IMAGE_PLACEHOLDER,
     reference_image: Any = None,
     hint: str | None = None,
+    cell: int = GRID_FACTOR,
 ) -> list[dict[str, Any]]:
     """One user turn: ``[reference image,] query image, text``.
 
     The reference comes first when the variant uses one and it is given; without one the
-    text does not mention it (as for ``use_reference=False``). ``hint``: see
+    text does not mention it (as for ``use_reference=False``). ``hint`` and ``cell``: see
     :func:`prompt_text`.
     """
     with_reference = variant.use_reference and reference_image is not None
@@ -122,6 +141,7 @@ def build_messages(
         variant=variant,
         knowledge=knowledge,
         hint=hint,
+        cell=cell,
     )
     content = [{"type": "image", "image": image} for image in images]
     content.append({"type": "text", "text": text})

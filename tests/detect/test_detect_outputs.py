@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from mmrad.config import ConfigError, load_config
+from mmrad.config import ConfigError, PixelBudget, load_config
 from mmrad.detect.config import DetectJobConfig, target_overrides
 from mmrad.detect.overlays import overlay_name, overlay_png
 from mmrad.detect.results import (
@@ -29,6 +29,9 @@ from mmrad.detect.results import (
 )
 from mmrad.detect.sheet import contact_sheet, sort_for_sheet
 from mmrad.detect.tables import csv_text, detections_table, parquet_bytes
+from mmrad.engine.requests import query_grid
+from mmrad.engine.sampling import Completion
+from mmrad.serve.detect import detection as serve_detection
 from mmrad.serve.overlay import BOX_COLOUR
 from mmrad.storage import Storage
 from mmrad.task.answer import format_answer
@@ -72,6 +75,23 @@ def test_boxes_come_back_in_the_images_own_pixels_and_threshold_decides():
     garbled = detection_fields(prediction("/in/b.png", completion="hm", score=None),
                                reasoning=True, threshold=0.5)  # fmt: skip
     assert garbled["anomalous"] is None and garbled["boxes"] == [] and not garbled["error"]
+
+
+def test_a_model_that_answers_in_cells_gets_its_boxes_in_the_images_pixels():
+    in_cells = format_answer(True, [[0, 1, 2, 2]], ["scratch"], "A thin line.")
+    fields = detection_fields(prediction("/in/a.png", completion=in_cells), reasoning=True,
+                              threshold=None, answer_unit=28)  # fmt: skip
+    # cells of 28 grid pixels; the 112 x 84 grid is 400 x 300 px
+    assert fields["boxes"] == [pytest.approx([0.0, 100.0, 200.0, 200.0])]
+
+
+def test_serve_reads_a_cell_answer_into_the_querys_pixels():
+    in_cells = format_answer(True, [[3, 0, 4, 3]], ["scratch"], "Right edge.")
+    grid = query_grid((400, 300), PixelBudget(max_pixels=112 * 84))
+    assert grid.grid == (112, 84)
+    found = serve_detection(Completion(in_cells, (1,), score=0.9), grid, reasoning=True,
+                            threshold=None, answer_unit=28)  # fmt: skip
+    assert found.anomalous and found.verdict.boxes == [pytest.approx([300.0, 0.0, 400.0, 300.0])]
 
 
 def test_an_error_row_has_no_verdict():

@@ -11,7 +11,7 @@ from mmrad.config import ConfigError, load_config
 from mmrad.data.schema import ManifestError
 from mmrad.eval.compare import compare_table
 from mmrad.eval.config import EvalDataConfig, EvalJobConfig, ModelTarget
-from mmrad.eval.inference import grid_scale_of, resolve_adapter, verdicts_of
+from mmrad.eval.inference import answer_scale_of, resolve_adapter, verdicts_of
 from mmrad.eval.job import predictions_table, read_eval_records, select_split
 from mmrad.storage import Storage
 from mmrad.task.answer import Verdict
@@ -76,10 +76,15 @@ def test_verdicts_and_predictions_table():
                            "'label': 'dent'}</answer>", "<answer>No.</answer>"],
            "scores": [0.9, None], "finish_reasons": ["stop", "length"], "latency_ms": 12.0,
            "error": None}  # fmt: skip
-    assert grid_scale_of(row) == (200 / 112, 100 / 56)
+    assert answer_scale_of(row) == (200 / 112, 100 / 56)
     first, second = verdicts_of(row)
     assert first.decision is True and first.boxes == [[100.0, 50.0, 200.0, 100.0]]
     assert first.score == 0.9 and first.format_ok and not second.format_ok  # no think block
+    # the same row from a model that answers in cells of 28 grid pixels
+    answer = "<think>r</think><answer>Yes. {'bbox_2d': [1, 0, 2, 1], 'label': 'dent'}</answer>"
+    in_cells = {**row, "completions": [answer], "scores": [0.9]}
+    [cells] = verdicts_of(in_cells, answer_unit=28)
+    assert cells.boxes == [[50.0, 0.0, 100.0, 50.0]]
     failed = {**row, "completions": [], "scores": [], "finish_reasons": [], "error": "boom"}
     table = predictions_table([row, failed], [first, Verdict(decision=None)]).to_pylist()
     assert table[0]["completion"] == row["completions"][0] and table[0]["scores"] == [0.9, None]

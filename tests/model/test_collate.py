@@ -156,6 +156,19 @@ def test_variants_change_prompt_and_target(processor):
     assert "first image" not in prompt and "may occur" not in prompt
 
 
+def test_the_cell_variant_asks_for_and_trains_on_cells(processor):
+    rows = make_rows()
+    cells = SFTCollator(processor, PromptVariant(reasoning=False, box_units="cells"))
+    # 448 px on a 224 grid: [10, 20, 100, 120] is grid [5, 10, 50, 60], cells [0, 0, 2, 3]
+    assert cells.target(rows[0]) == (
+        "<answer>Yes. {'bbox_2d': [0, 0, 2, 3], 'label': 'scratch'}, "
+        "{'bbox_2d': [3, 3, 6, 5], 'label': 'hole'}</answer>"
+    )
+    batch = cells(rows[:1])
+    assert answer_text(processor, batch["labels"][0]) == cells.target(rows[0]) + "<|im_end|>"
+    assert "8 cells wide and 8 cells high" in processor.tokenizer.decode(batch["input_ids"][0])
+
+
 def test_tampered_row_grid_names_the_sample(collator):
     rows = make_rows()
     rows[1]["grid_width"] = 140

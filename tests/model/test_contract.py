@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 
-from mmrad.config import ConfigError, EngineConfig, PixelBudget, PromptConfig, PromptOverrides
+from mmrad.config import (
+    ConfigError,
+    EngineConfig,
+    PixelBudget,
+    PromptConfig,
+    PromptOverrides,
+    SFTJobConfig,
+    validate_config,
+)
 from mmrad.engine.requests import InspectionInput
 from mmrad.eval.config import ModelTarget, PredictorsConfig, SamplingConfig
 from mmrad.eval.inference import InferenceSpec, _Predictor
@@ -52,9 +61,11 @@ def contract_of(export: str, overrides: PromptOverrides = PromptOverrides()):  #
 
 def test_the_export_decides_everything_without_overrides(tmp_path):
     contract = contract_of(write_export(tmp_path / "export"))
-    assert contract.prompt.variant_dict() == {
+    assert contract.prompt.variant_dict() == {  # exported before box units: pixels
         "use_reference": False, "domain_knowledge": True, "reasoning": True,
+        "box_units": "pixels",
     }  # fmt: skip
+    assert contract.answer_unit == 1
     assert contract.pixels == PixelBudget(**EXPORTED_PIXELS)
     assert contract.knowledge == {"bottle": BOTTLE}
     assert contract.knowledge_of("bottle") == BOTTLE
@@ -82,6 +93,27 @@ def test_an_override_wins_is_logged_and_recorded(tmp_path, caplog):
     logged = "\n".join(r.getMessage() for r in caplog.records)
     for key in contract.overrides:
         assert f"overrides {key} of {export}" in logged
+
+
+def test_an_export_in_cells_is_read_in_cells_of_its_grid_unless_overridden(tmp_path):
+    export = write_export(tmp_path / "export")
+    info = json.loads(Path(export, "mmrad.json").read_text())
+    info["prompt"]["box_units"] = "cells"
+    info["pixels"] = {**info["pixels"], "factor": 32}
+    Path(export, "mmrad.json").write_text(json.dumps(info))
+    contract = contract_of(export)
+    assert contract.variant.box_units == "cells" and contract.answer_unit == 32
+    assert contract.record()["prompt"]["box_units"] == "cells"
+    overridden = contract_of(export, PromptOverrides(box_units="pixels"))
+    assert overridden.answer_unit == 1
+    assert overridden.overrides["prompt.box_units"] == {"export": "cells", "used": "pixels"}
+
+
+def test_unknown_box_units_in_a_config_name_the_key():
+    with pytest.raises(
+        ConfigError, match=r"sft.yaml: key 'prompt.box_units': Input should be 'pixels' or 'cells'"
+    ):
+        validate_config(SFTJobConfig, {"prompt": {"box_units": "inches"}}, "sft.yaml")
 
 
 def test_an_override_equal_to_the_export_changes_nothing(tmp_path, caplog):

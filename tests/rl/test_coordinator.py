@@ -26,10 +26,12 @@ from mmrad.rl.batch import (
     sample_rows,
     scored_sample,
     trainable_prefix,
+    verdict_of,
 )
 from mmrad.rl.config import GRPOJobConfig, SyncSection
 from mmrad.rl.inputs import padded
 from mmrad.rl.learner import aggregation_units, split_evenly
+from mmrad.rl.making import reward_spec
 from mmrad.rl.metrics import (
     advantage_metrics,
     critical_sync,
@@ -40,6 +42,7 @@ from mmrad.rl.metrics import (
 )
 from mmrad.rl.prompts import DataPosition, PromptItem, prompt_id
 from mmrad.storage import Storage
+from mmrad.task.prompt import PromptVariant
 from tests.conftest import TEST_BUCKET
 
 SPEC = RewardSpec({"format": 0.5, "detection": 1.0, "localization": 1.0})
@@ -97,6 +100,33 @@ def test_ground_truth_answer_is_a_full_score_positive():
     )
     assert ground_truth_answer(no_reasoning, False, "generic") == "<answer>No.</answer>"
     assert '"No."' in adversarial_hint(item(True)) and '"Yes."' in adversarial_hint(item(False))
+
+
+def test_cell_answers_are_written_and_read_in_cells_of_the_model_grid():
+    """Cells of 28 grid pixels: [20, 10, 60, 50] on 200 x 100 is [11.2, 5.6, 33.6, 28]
+    on the 112 x 56 grid, which overlaps cell columns 0-1 and row 0."""
+    anomalous, cells = item(True), dataclasses.replace(SPEC, answer_unit=28)
+    text = ground_truth_answer(anomalous, False, "generic", answer_unit=28)
+    assert text == "<answer>Yes. {'bbox_2d': [0, 0, 2, 1], 'label': 'scratch'}</answer>"
+    verdict = verdict_of(text, anomalous, require_think=False, answer_unit=28)
+    assert verdict.boxes == [[0.0, 0.0, pytest.approx(100.0), pytest.approx(50.0)]]
+    think = "<think>t</think>" + text
+    as_cells = scored_sample(anomalous, cells, text=think, token_ids=(1,), logprobs=None,
+                             version=0)  # fmt: skip
+    assert as_cells.components["missed_boxes"] == 0.0  # IoU 0.32 with the record's box
+    # the same answer read as pixels is a box of a few pixels: it misses
+    assert sample(anomalous, think).components["missed_boxes"] == 1.0
+
+
+def test_a_runs_rewards_read_boxes_in_its_variants_units_on_its_grid():
+    job = load_config(
+        GRPOJobConfig,
+        "configs/local/grpo.yaml",
+        ["model.pixels.factor=32", "data.pixels.factor=32"],
+    )
+    assert reward_spec(job, PromptVariant()).answer_unit == 1
+    cells = reward_spec(job, PromptVariant(reasoning=False, box_units="cells"))
+    assert (cells.answer_unit, cells.require_think) == (32, False)
 
 
 def test_sampled_vision_tokens_end_the_trainable_prefix():

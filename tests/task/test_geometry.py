@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 
 from mmrad.task.geometry import (
+    answer_scale,
+    answer_unit,
     as_boxes,
     box_area,
     clip_box,
@@ -15,6 +17,7 @@ from mmrad.task.geometry import (
     match_boxes,
     model_grid,
     smart_resize,
+    to_answer_boxes,
     to_model_grid,
 )
 
@@ -79,6 +82,42 @@ def test_from_model_grid_inverts_to_model_grid():
 
 
 # ------------------------------------------------------------------------ boxes and IoU
+
+
+def test_answer_units_are_grid_pixels_or_cells_of_the_factor():
+    assert answer_unit("pixels") == 1 and answer_unit("pixels", 32) == 1
+    assert answer_unit("cells") == 28 and answer_unit("cells", 32) == 32
+    with pytest.raises(ValueError, match="'pixels' or 'cells'"):
+        answer_unit("cell")
+
+
+def test_cell_boxes_are_the_cells_a_box_overlaps():
+    grid = (112, 112)
+    # columns 30..59 touch cells 1 and 2; rows 10..28 touch cells 0 and 1 (row 28 is cell 1)
+    assert to_answer_boxes([[30, 10, 60, 29]], grid, grid, 28) == [[1, 0, 3, 2]]
+    # edges on cell edges stay there: [28, 56) is cell 1 alone
+    assert to_answer_boxes([[28, 28, 56, 56]], grid, grid, 28) == [[1, 1, 2, 2]]
+    # a 200 x 100 image on a 112 x 56 grid: [20, 10, 60, 50] is [11.2, 5.6, 33.6, 28]
+    assert to_answer_boxes([[20, 10, 60, 50]], (200, 100), (112, 56), 28) == [[0, 0, 2, 1]]
+    # unit 1 is today's model-grid answer
+    assert to_answer_boxes([[20, 10, 60, 50]], (200, 100), (112, 56)) == (
+        to_model_grid([[20, 10, 60, 50]], (200, 100), (112, 56))
+    )
+
+
+@pytest.mark.parametrize(("size", "grid"), [((112, 112), (112, 112)), ((200, 100), (112, 56)),
+                                            ((1000, 700), (560, 392))])  # fmt: skip
+def test_a_cell_answer_read_back_covers_its_box(size, grid):
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        x1, x2 = sorted(rng.uniform(0, size[0], 2))
+        y1, y2 = sorted(rng.uniform(0, size[1], 2))
+        [cells] = to_answer_boxes([[x1, y1, x2, y2]], size, grid, 28)
+        sx, sy = answer_scale(size, grid, 28)
+        read = [cells[0] * sx, cells[1] * sy, cells[2] * sx, cells[3] * sy]
+        assert read[0] <= x1 + 1e-6 and read[1] <= y1 + 1e-6
+        assert read[2] >= x2 - 1e-6 and read[3] >= y2 - 1e-6
+        assert read[2] - read[0] <= x2 - x1 + 2 * sx and read[3] - read[1] <= y2 - y1 + 2 * sy
 
 
 def test_box_area_uses_exclusive_edges():

@@ -54,6 +54,27 @@ def test_answer_format_in_prompt_is_what_format_answer_writes():
     assert '"Yes."' in text and '"No."' in text
 
 
+def test_cell_variant_states_the_grid_and_the_coordinates_in_cells():
+    cells = PromptVariant(box_units="cells")
+    text = prompt_text(category="bottle", grid_size=(560, 280), variant=cells)
+    assert "20 cells wide and 10 cells high, a cell being 28 by 28 pixels." in text
+    assert "with coordinates in cells of the query image: x1 and y1 the first" in text
+    assert "pixels wide" not in text and "coordinates in pixels" not in text
+    # a grid of 32-pixel cells (another model's factor) counts its own cells
+    other = prompt_text(category="bottle", grid_size=(640, 320), variant=cells, cell=32)
+    assert "20 cells wide and 10 cells high, a cell being 32 by 32 pixels." in other
+    # the pixel variant does not depend on the cell size
+    assert prompt_text(category="bottle", grid_size=(640, 320), variant=DEFAULT, cell=32) == (
+        prompt_text(category="bottle", grid_size=(640, 320), variant=DEFAULT)
+    )
+
+
+def test_unknown_box_units_are_refused():
+    with pytest.raises(ValueError, match="box units must be 'pixels' or 'cells', got 'inches'"):
+        prompt_text(category="bottle", grid_size=(56, 56),
+                    variant=PromptVariant(box_units="inches"))  # fmt: skip
+
+
 def test_without_reference_variant():
     variant = PromptVariant(use_reference=False)
     content = _content(
