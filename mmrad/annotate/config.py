@@ -109,6 +109,11 @@ class AnnotateJobConfig(Section):
     def _checks(self) -> AnnotateJobConfig:
         if self.prompt.reasoning is False:
             raise ValueError("prompt.reasoning: annotation asks the teacher for reasoning")
+        if self.prompt.box_units == "cells":
+            raise ValueError(
+                "prompt.box_units: annotation gives the teacher its boxes in pixels (the "
+                "student's answers in cells come from the records' boxes at training)"
+            )
         if same_manifest(self.input, self.output):
             raise ValueError(
                 f"output {self.output!r} is the input manifest: the original is never "

@@ -297,15 +297,16 @@ def write_annotation(
 
 
 def teacher_spec(job: AnnotateJobConfig, storage: Storage):
-    """The evaluation core's inference spec for the teacher, always asking for reasoning.
-    Built in the driver, so a bad model path or a missing API key fails before Ray."""
+    """The evaluation core's inference spec for the teacher, always asking for reasoning
+    and for boxes in pixels, as its hints give them. Built in the driver, so a bad model
+    path or a missing API key fails before Ray."""
     from mmrad.eval.inference import InferenceSpec
 
     if job.teacher.kind == "endpoint":
         from mmrad.eval.endpoint import api_key
 
         api_key(job.teacher)
-    prompt = job.prompt.model_copy(update={"reasoning": True})
+    prompt = job.prompt.model_copy(update={"reasoning": True, "box_units": "pixels"})
     return InferenceSpec.build(
         job.teacher, job.sampling, prompt, job.engine, job.predictors, storage, job.ray
     )

@@ -77,11 +77,13 @@ def test_selection_by_mode_split_category_and_limit():
     ]
 
 
-def test_config_refuses_to_overwrite_the_input_and_to_skip_reasoning(tmp_path):
+def test_config_refuses_to_overwrite_the_input_to_skip_reasoning_and_cell_boxes(tmp_path):
     with pytest.raises(ConfigError, match="never modified"):
         job(f"input={tmp_path}/set", f"output={tmp_path}/set/manifest.parquet")
     with pytest.raises(ConfigError, match="reasoning"):
         job("prompt.reasoning=false")
+    with pytest.raises(ConfigError, match="prompt.box_units: annotation gives the teacher"):
+        job("prompt.box_units=cells")
     with pytest.raises(ConfigError, match="not allowed for kind 'endpoint'"):
         job("teacher.kind=endpoint")
 
