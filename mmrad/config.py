@@ -647,6 +647,19 @@ class SFTDataConfig(DataLoadConfig):
     )
 
 
+class SFTObjectiveConfig(Section):
+    """What SFT minimises besides the answer's negative log-likelihood."""
+
+    patch_loss: float = Field(
+        0.0,
+        ge=0.0,
+        description="Weight of an auxiliary loss on the vision tower: a linear head on each "
+        "merged vision token predicts whether its cell holds a defect (binary "
+        "cross-entropy against the records' boxes). Teaches a model from random weights "
+        "where defects are; the head is checkpointed and dropped at export. 0: off.",
+    )
+
+
 class SFTJobConfig(Section):
     """`mmrad sft` / `python -m ray_jobs.sft`."""
 
@@ -658,6 +671,7 @@ class SFTJobConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     prompt: PromptConfig = Field(default_factory=PromptConfig)
+    objective: SFTObjectiveConfig = Field(default_factory=SFTObjectiveConfig)
     learners: SFTLearnersConfig = Field(default_factory=SFTLearnersConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: SFTScheduleConfig = Field(default_factory=SFTScheduleConfig)
@@ -668,6 +682,11 @@ class SFTJobConfig(Section):
     @model_validator(mode="after")
     def _one_grid(self) -> SFTJobConfig:
         check_same_grid(self.data.pixels, self.model.pixels)
+        if self.objective.patch_loss and self.learners.fsdp.version == 1:
+            raise ValueError(
+                "objective.patch_loss needs learners.fsdp.version 2: under FSDP1 a resumed "
+                "run with the patch head does not continue exactly as an uninterrupted one"
+            )
         return self
 
 

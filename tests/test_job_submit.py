@@ -148,11 +148,28 @@ def kill_driver_after_sft_checkpoint(run: Path, step: int) -> tuple[Path, list[d
     return sft, [row for row in read_metrics(Storage(), str(sft)) if row["step"] <= done]
 
 
+def assert_patch_head_trained_and_left_out(sft: Path, rows: list[dict]) -> None:
+    """SFT's auxiliary vision head (``objective.patch_loss``): its loss logged every step,
+    the head and its AdamW moments checkpointed, and none of it in the export."""
+    from safetensors import safe_open
+
+    from tests.helpers.checkpoints import latest_checkpoint, read_checkpoint
+
+    patch = [row["train/patch_loss"] for row in rows if "train/patch_loss" in row]
+    assert len(patch) == len([row for row in rows if "train/loss" in row]) > 0
+    checkpoint = read_checkpoint(Storage(), latest_checkpoint(Storage(), str(sft)))
+    assert any("mmrad_patch_head" in key and key.endswith("exp_avg") for key in checkpoint)
+    with safe_open(sft / "export" / "model.safetensors", "pt") as exported:
+        names = list(exported.keys())
+    assert names and not any("patch_head" in name for name in names)
+
+
 SMALL_PIPELINE = [
     "data.overrides=['data.synthetic.categories=[brick, grass, coins]', "
     "data.synthetic.images_per_category=8, data.synthetic.image_size=112, "
     "'data.split.test_categories=[coins]']",
-    "sft.overrides=[schedule.max_steps=4, schedule.checkpoint_every=2, validation.every=2]",
+    "sft.overrides=[schedule.max_steps=4, schedule.checkpoint_every=2, validation.every=2, "
+    "objective.patch_loss=0.5]",
     "grpo.overrides=[schedule.max_steps=2, schedule.checkpoint_every=2, "
     "schedule.sample_table_every=1, rollout.prompts_per_step=2, rollout.max_tokens=64, "
     "sync.weights=full, algorithm.max_staleness=0]",
@@ -184,6 +201,7 @@ def test_pipeline_job_runs_through_ray_job_submit(head_cluster, tmp_path):
     rows = read_metrics(Storage(), str(sft))
     assert committed and rows[: len(committed)] == committed  # resumed, not started over
     assert max(row["step"] for row in rows) == 4
+    assert_patch_head_trained_and_left_out(sft, rows)
     record_fault("pipeline/1 driver killed during SFT, then resubmitted", {
         "stage": "pipeline (SFT)", "prompts_lost": 0, "samples_repeated_or_skipped": 0,
         "fault": "the submitted pipeline job's driver SIGKILLed after SFT's checkpoint 2",

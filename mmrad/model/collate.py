@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from mmrad.task.answer import GENERIC_REASONING, format_answer, has_reasoning
-from mmrad.task.geometry import as_boxes, to_answer_boxes
+from mmrad.task.geometry import as_boxes, defect_cells, to_answer_boxes
 from mmrad.task.knowledge import Knowledge
 from mmrad.task.prompt import IMAGE_PLACEHOLDER, PromptVariant, build_messages
 
@@ -54,6 +54,7 @@ class EncodedSample:
     mm_token_type_ids: list[int]
     pixel_values: torch.Tensor
     image_grid_thw: torch.Tensor
+    patch_targets: torch.Tensor | None = None  # per merged vision token (patch_targets=True)
 
 
 class SFTCollator:
@@ -72,9 +73,11 @@ class SFTCollator:
         variant: PromptVariant,
         knowledge: Knowledge | None = None,
         max_length: int | None = None,
+        patch_targets: bool = False,
     ):
         self.processor = processor
         self.variant = variant
+        self.patch_targets = patch_targets
         self.knowledge = dict(knowledge or {})
         self.max_length = max_length
         tokenizer = processor.tokenizer
@@ -157,9 +160,20 @@ class SFTCollator:
         labels[answer_start:answer_end] = input_ids[answer_start:answer_end]
         mm_types = encoded["mm_token_type_ids"][0].tolist()
         sample = EncodedSample(
-            input_ids, labels, mm_types, encoded["pixel_values"], encoded["image_grid_thw"]
-        )
+            input_ids, labels, mm_types, encoded["pixel_values"], encoded["image_grid_thw"],
+            self.cell_targets(row, images) if self.patch_targets else None,
+        )  # fmt: skip
         return self._truncate(sample_id, sample, answer_start)
+
+    def cell_targets(self, row: Mapping[str, Any], images: Sequence[np.ndarray]) -> torch.Tensor:
+        """Per merged vision token of ``images`` (``[reference,] query``), in order: 1
+        where a defect box overlaps the query's cell; a reference's cells are all 0."""
+        size = (int(row["width"]), int(row["height"]))
+        grid = (int(row["grid_width"]), int(row["grid_height"]))
+        query = defect_cells(as_boxes(row["boxes"]), size, grid, self.factor).ravel()
+        references = [np.zeros(self._tokens_for(*image.shape[:2]), np.float32)
+                      for image in images[:-1]]  # fmt: skip
+        return torch.from_numpy(np.concatenate([*references, query]))
 
     # -- steps -----------------------------------------------------------------------------
 
@@ -258,6 +272,7 @@ class SFTCollator:
             sample.mm_token_type_ids[:limit],
             sample.pixel_values,
             sample.image_grid_thw,
+            sample.patch_targets,
         )
 
     def _pad(self, samples: list[EncodedSample]) -> dict[str, Any]:
@@ -281,7 +296,12 @@ class SFTCollator:
             "pixel_values": torch.cat([s.pixel_values for s in samples]),
             "image_grid_thw": torch.cat([s.image_grid_thw for s in samples]),
             "mm_token_type_ids": mm_token_type_ids,
-        }
+        } | self._patch_targets(samples)
+
+    def _patch_targets(self, samples: list[EncodedSample]) -> dict[str, torch.Tensor]:
+        if not self.patch_targets:
+            return {}
+        return {"patch_targets": torch.cat([s.patch_targets for s in samples])}
 
 
 def _collapse_runs(ids: Sequence[int], token: int) -> list[int]:

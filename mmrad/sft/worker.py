@@ -30,8 +30,12 @@ from mmrad.task.prompt import PromptVariant
 from mmrad.train.core import TrainerCore, shared_metrics
 from mmrad.train.distributed import all_sum, to_device
 from mmrad.train.micro_batches import by_token_budget, same_count, step_weights
+from mmrad.train.patch_head import patch_head_of, patch_loss
 from mmrad.train.progress import report_progress
 from mmrad.train.token_logprobs import LOGP, ScoredTokens, score_tokens
+
+NOT_MODEL_INPUTS = ("labels", "sample_ids", "patch_targets")
+"""Batch keys that the loss reads and the model's forward never sees."""
 
 
 def micro_batches(rows: Iterator[dict], size: int) -> Iterator[list[dict]]:
@@ -56,7 +60,10 @@ class SFTLoop:
 
         self.job = SFTJobConfig.model_validate(spec["config"])
         self.plan = StepPlan(**spec["plan"])
-        self.core = TrainerCore(self.job, spec["run_uri"], self.plan.total_steps)
+        self.patch_weight = self.job.objective.patch_loss
+        self.core = TrainerCore(self.job, spec["run_uri"], self.plan.total_steps,
+                                patch_head=self.patch_weight > 0)  # fmt: skip
+        self.patch_head = patch_head_of(self.core.model)
         self.progress = SFTProgress(**self.core.extra)
         self.order = DataOrder(**spec["data_order"])
         check_data_order(self.progress.data_order, self.order, f"run {spec['run_uri']}")
@@ -65,7 +72,8 @@ class SFTLoop:
         processor = load_processor(self.core.model_path, self.job.model.pixels)
         variant = PromptVariant(**self.job.prompt.variant_dict())
         knowledge = parse_knowledge(spec["knowledge"], "the job's knowledge")
-        self.collate = SFTCollator(processor, variant, knowledge=knowledge)
+        self.collate = SFTCollator(processor, variant, knowledge=knowledge,
+                                   patch_targets=self.patch_head is not None)  # fmt: skip
         self.skips = SkipLog(self.bad_image_budget(self.plan.samples, "train records"))
         # Every rank reads the whole val set, so every rank judges its bad images alike.
         val_rows = list(ray.train.get_dataset_shard("val").iter_rows())
@@ -100,7 +108,7 @@ class SFTLoop:
         count (log-probs a chunk of tokens at a time: no full-vocabulary logits)."""
         batch = to_device(batch, self.core.device)
         tokens = ScoredTokens.from_labels(batch["labels"])
-        inputs = {k: v for k, v in batch.items() if k not in ("labels", "sample_ids")}
+        inputs = {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
         stats = score_tokens(
             self.core.model, inputs, tokens, self.job.learners.logprob_chunk_tokens
         )
@@ -128,14 +136,20 @@ class SFTLoop:
         # A filler keeps the collectives in step with the other ranks; it learns nothing.
         weighted = same_count(batches, step_weights(label_tokens), self.val_batches[0])
         ids = [sample_id for batch in batches for sample_id in batch["sample_ids"]]
-        real, nll_sum = {id(batch) for batch in batches}, 0.0
+        real, nll_sum, patch_sum = {id(batch) for batch in batches}, 0.0, 0.0
 
         def loss_of(batch: dict[str, Any]) -> torch.Tensor:
-            nonlocal nll_sum
+            nonlocal nll_sum, patch_sum
             nll, count = self.token_nll(batch)
+            loss = nll / max(count, 1)
+            if self.patch_head is not None:
+                patch = patch_loss(self.patch_head, batch["patch_targets"])
+                loss = loss + self.patch_weight * patch
+                if id(batch) in real:
+                    patch_sum += float(patch.detach())
             if id(batch) in real:
                 nll_sum += float(nll.detach())
-            return nll / max(count, 1)
+            return loss
 
         grad_norm = self.core.accumulate(weighted, loss_of)
         committed, skipped = gather_step(ids, step_skips.skipped)
@@ -144,9 +158,12 @@ class SFTLoop:
         self.core.step += 1
         self.progress.step_in_epoch += 1
         tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-        return {"loss": all_sum(nll_sum) / max(1.0, all_sum(sum(label_tokens))),
-                "grad_norm": grad_norm, "tokens": all_sum(tokens),
-                "samples": len(committed)}  # fmt: skip
+        out = {"loss": all_sum(nll_sum) / max(1.0, all_sum(sum(label_tokens))),
+               "grad_norm": grad_norm, "tokens": all_sum(tokens),
+               "samples": len(committed)}  # fmt: skip
+        if self.patch_head is not None:  # the mean over every rank's micro-batches
+            out["patch_loss"] = all_sum(patch_sum) / max(1.0, all_sum(len(batches)))
+        return out
 
     @torch.no_grad()
     def validation_loss(self) -> float:
@@ -162,13 +179,14 @@ class SFTLoop:
 
     def run(self) -> None:
         schedule, total = self.job.schedule, self.plan.total_steps
-        window = {"loss": 0.0, "tokens": 0.0, "samples": 0, "steps": 0, "time": time.time()}
+        window = {"loss": 0.0, "patch_loss": 0.0, "tokens": 0.0, "samples": 0, "steps": 0,
+                  "time": time.time()}  # fmt: skip
         while self.core.step < total:
             per_rank_step = self.job.learners.micro_batch_size * self.job.learners.grad_accum
             for step_rows in micro_batches(self.epoch_rows(), per_rank_step):
                 out = self.train_step(step_rows)
-                for key in ("loss", "tokens", "samples"):
-                    window[key] += out[key]
+                for key in ("loss", "patch_loss", "tokens", "samples"):
+                    window[key] += out.get(key, 0.0)
                 window["steps"] += 1
                 step = self.core.step
                 if step % schedule.log_every == 0 or step == total:
@@ -195,11 +213,13 @@ class SFTLoop:
             "train/epoch": self.progress.epoch,
             "perf/peak_memory_mb_per_worker": self.core.peak_memory_mb(),
         })  # fmt: skip
+        if self.patch_head is not None:
+            metrics["train/patch_loss"] = window["patch_loss"] / max(1, window["steps"])
         self.core.log(step, metrics)
         if self.core.rank == 0:
             summary = f"loss {loss:.3f} lr {metrics['train/lr']:.2e}"
             report_progress(self.job.run.name, step, self.plan.total_steps, summary)
-        window.update(loss=0.0, tokens=0.0, samples=0, steps=0, time=time.time())
+        window.update(loss=0.0, patch_loss=0.0, tokens=0.0, samples=0, steps=0, time=time.time())
 
     def log_validation(self, step: int) -> float:
         val_loss = self.validation_loss()

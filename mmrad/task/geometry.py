@@ -115,6 +115,17 @@ def to_answer_boxes(
     return cells
 
 
+def defect_cells(
+    boxes: Sequence[Sequence[float]], size: Size, grid: Size, factor: int = GRID_FACTOR
+) -> np.ndarray:
+    """``(rows, columns)`` float32 map of the grid's ``factor``-pixel cells: 1 where a box
+    (original pixels) overlaps the cell, as a cell answer would write it."""
+    cells = np.zeros((grid[1] // factor, grid[0] // factor), dtype=np.float32)
+    for x1, y1, x2, y2 in to_answer_boxes(boxes, size, grid, factor):
+        cells[y1:y2, x1:x2] = 1.0
+    return cells
+
+
 def answer_scale(size: Size, grid: Size, unit: int = 1) -> tuple[float, float]:
     """Factors ``(sx, sy)`` that take answer coordinates back to original pixels."""
     sx, sy = grid_scale(size, grid)

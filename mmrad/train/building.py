@@ -56,30 +56,41 @@ def keep_trained_in_float32(model: nn.Module) -> None:
 
 
 def build_model(
-    job, model_path: str, device: torch.device, rank: int, *, trainable: bool = True
+    job,
+    model_path: str,
+    device: torch.device,
+    rank: int,
+    *,
+    trainable: bool = True,
+    patch_head: bool = False,
 ) -> nn.Module:
     """The model as the job trains it, sharded over the default process group: loaded on
     rank 0, LoRA applied (``lora.enabled``), trained weights in float32, checkpointed
     (``learners.activation_checkpointing``). ``trainable=False``: a frozen copy without
-    LoRA (a reference policy)."""
+    LoRA (a reference policy). ``patch_head``: with the auxiliary vision head
+    (:mod:`mmrad.train.patch_head`)."""
     from mmrad.train.sharding import shard_model
 
     model = load_on_rank0(model_path, job.model.dtype, rank)
     if trainable:
-        model = prepare_for_training(model, job)
+        model = prepare_for_training(model, job, patch_head)
     else:
         model.requires_grad_(False)
         model.eval()
     return shard_model(model, job.learners.fsdp, job.learners.use_gpu, device)
 
 
-def prepare_for_training(model: nn.Module, job) -> nn.Module:
-    """The seeded LoRA adapter (or every weight trainable), float32 trained weights, and
-    activation checkpointing (after peft, which would hook the embeddings as HF does)."""
+def prepare_for_training(model: nn.Module, job, patch_head: bool = False) -> nn.Module:
+    """The seeded LoRA adapter (or every weight trainable), the auxiliary vision head
+    (``patch_head``, trainable under LoRA too), float32 trained weights, and activation
+    checkpointing (after peft, which would hook the embeddings as HF does)."""
     from mmrad.model.lora import apply_lora
+    from mmrad.train.patch_head import attach_patch_head
 
-    torch.manual_seed(job.schedule.seed)  # the adapter's init, broadcast from rank 0
+    torch.manual_seed(job.schedule.seed)  # the adapter's and head's init, from rank 0
     model = apply_lora(model, job.lora)
+    if patch_head:
+        attach_patch_head(model)
     keep_trained_in_float32(model)
     if job.learners.activation_checkpointing:
         enable_activation_checkpointing(model)

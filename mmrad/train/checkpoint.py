@@ -124,6 +124,24 @@ def load_tensors(path: Path) -> Any:
         ) from None
 
 
+def load_every_key(state: dict, weights: Path) -> None:
+    """``dcp.load`` into ``state``, every one of whose keys the checkpoint must hold.
+
+    Checked here rather than by DCP's strict mode, which takes a checkpoint holding keys
+    that this rank's ``state`` lacks for a pre-2.4 one and then fails on its own list
+    keys ("Missing key ... optim.param_groups"). That happens under FSDP1, which leaves a
+    parameter out of a rank's sharded state when the rank holds none of its elements (a
+    small one at the end of a flat parameter, such as the auxiliary patch head's bias)."""
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    saved = dcp.FileSystemReader(weights).read_metadata().state_dict_metadata
+    missing = sorted(set(flatten_state_dict(state)[0]) - saved.keys())
+    if missing:
+        raise KeyError(f"{weights}: the checkpoint lacks {len(missing)} keys, e.g. {missing[:3]}")
+    dcp.load(state, checkpoint_id=weights, planner=DefaultLoadPlanner(allow_partial_load=True))
+
+
 def load_checkpoint(
     folder: Path,
     model: nn.Module,
@@ -137,7 +155,7 @@ def load_checkpoint(
     step, extra = read_trainer_state(folder / STATE_FILE)
     model_state, optim_state = _sharded_state(model, optimizer, only_trainable)
     loaded = {"model": model_state, "optim": optim_state}
-    dcp.load(loaded, checkpoint_id=folder / WEIGHTS_DIR)
+    load_every_key(loaded, folder / WEIGHTS_DIR)
     set_state_dict(
         model,
         optimizer,

@@ -85,12 +85,19 @@ class TrainerCore:
     ``total_optimizer_steps`` sizes the schedule; ``step`` counts the job's own steps
     (an optimizer step in SFT, a GRPO step of several optimizer steps in GRPO).
     ``with_reference``: also a frozen copy of the starting model (``reference``), sharded
-    like the policy.
+    like the policy. ``patch_head``: the policy carries the auxiliary vision head
+    (:mod:`mmrad.train.patch_head`), checkpointed with it.
     After construction ``step`` and ``extra`` hold the restored checkpoint's state (0 and
     ``{}`` in a fresh run)."""
 
     def __init__(
-        self, job, run_uri: str, total_optimizer_steps: int, *, with_reference: bool = False
+        self,
+        job,
+        run_uri: str,
+        total_optimizer_steps: int,
+        *,
+        with_reference: bool = False,
+        patch_head: bool = False,
     ):
         from mmrad.model.loading import resolve_model_path
 
@@ -105,7 +112,9 @@ class TrainerCore:
         seed_everything(job.schedule.seed, self.rank)
         self.model_path = resolve_model_path(job.model.path, self.storage, job.model.cache_dir)
         self.trains_adapter = job.lora.enabled
-        self.model = build_model(job, self.model_path, self.device, self.rank)
+        self.model = build_model(
+            job, self.model_path, self.device, self.rank, patch_head=patch_head
+        )
         self.reference = None  # built before the restore: loading must not shift the RNG
         if with_reference:
             self.reference = build_model(

@@ -43,6 +43,14 @@ def blocks(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m) in classes]
 
 
+def patch_heads(model: nn.Module) -> list[nn.Module]:
+    """FSDP2 units of their own: a head's output is no output of the root module, whose
+    backward hooks would not see it (FSDP1 handles it within the root's flat parameter)."""
+    from mmrad.train.patch_head import PatchHead
+
+    return [m for m in model.modules() if isinstance(m, PatchHead)]
+
+
 def wants_bf16(config: FSDPConfig, on_gpu: bool) -> bool:
     return config.mixed_precision == "bf16" or (config.mixed_precision == "auto" and on_gpu)
 
@@ -72,7 +80,7 @@ def _fsdp2(model: nn.Module, config: FSDPConfig, on_gpu: bool, device: torch.dev
         kwargs["mp_policy"] = MixedPrecisionPolicy(
             param_dtype=torch.bfloat16, reduce_dtype=torch.float32
         )
-    for block in blocks(model):
+    for block in [*blocks(model), *patch_heads(model)]:
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
     model.to_empty(device=device)

@@ -9,6 +9,7 @@ from mmrad.task.geometry import (
     as_boxes,
     box_area,
     clip_box,
+    defect_cells,
     from_model_grid,
     grid_scale,
     iou,
@@ -118,6 +119,13 @@ def test_a_cell_answer_read_back_covers_its_box(size, grid):
         assert read[0] <= x1 + 1e-6 and read[1] <= y1 + 1e-6
         assert read[2] >= x2 - 1e-6 and read[3] >= y2 - 1e-6
         assert read[2] - read[0] <= x2 - x1 + 2 * sx and read[3] - read[1] <= y2 - y1 + 2 * sy
+
+
+def test_defect_cells_mark_what_a_cell_answer_covers():
+    cells = defect_cells([[30, 10, 60, 29], [100, 100, 112, 112]], (112, 112), (112, 112))
+    assert cells.shape == (4, 4) and cells.dtype == np.float32
+    assert [c.tolist() for c in cells.nonzero()] == [[0, 0, 1, 1, 3], [1, 2, 1, 2, 3]]
+    assert not defect_cells([], (200, 100), (112, 56)).any()
 
 
 def test_box_area_uses_exclusive_edges():
