@@ -150,7 +150,7 @@ def kill_driver_after_sft_checkpoint(run: Path, step: int) -> tuple[Path, list[d
 
 def assert_patch_head_trained_and_left_out(sft: Path, rows: list[dict]) -> None:
     """SFT's auxiliary vision head (``objective.patch_loss``): its loss logged every step,
-    the head and its AdamW moments checkpointed, and none of it in the export."""
+    the head and its AdamW moments checkpointed, and none of it in the stage's export."""
     from safetensors import safe_open
 
     from tests.helpers.checkpoints import latest_checkpoint, read_checkpoint
@@ -159,7 +159,7 @@ def assert_patch_head_trained_and_left_out(sft: Path, rows: list[dict]) -> None:
     assert len(patch) == len([row for row in rows if "train/loss" in row]) > 0
     checkpoint = read_checkpoint(Storage(), latest_checkpoint(Storage(), str(sft)))
     assert any("mmrad_patch_head" in key and key.endswith("exp_avg") for key in checkpoint)
-    with safe_open(sft / "export" / "model.safetensors", "pt") as exported:
+    with safe_open(sft.parent / "export" / "model.safetensors", "pt") as exported:
         names = list(exported.keys())
     assert names and not any("patch_head" in name for name in names)
 
