@@ -225,6 +225,13 @@ class SyntheticConfig(Section):
     anomaly_ratio: float = Field(0.5, ge=0.0, le=1.0, description="Share of anomalous queries.")
     image_size: int = Field(224, ge=32, le=4096, description="Side of the square images.")
     max_defects: int = Field(2, ge=1, le=8, description="Most defects on one anomalous image.")
+    reference: Literal["crop", "aligned"] = Field(
+        "crop",
+        description="Each query's normal reference: one of its category's fixed crops "
+        "(crop), or the query's own crop before its defects were painted (aligned: the same "
+        "view, so the defects are the only difference; what made a model from random "
+        "weights learn soonest in docs/learning_study.md).",
+    )
 
 
 PUBLISHED_SPLIT_SOURCES = ("mvtec", "visa", "mmrad")

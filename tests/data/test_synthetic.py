@@ -11,11 +11,10 @@ from mmrad.data.stats import manifest_stats
 from mmrad.storage import Storage
 
 
-def build(tmp_path, name="out", **overrides):
+def build(tmp_path, name="out", synthetic=(), **overrides):
+    small = {"categories": ["brick", "coins"], "images_per_category": 6, "image_size": 96}
     config = DataBuildConfig(
-        out=str(tmp_path / name),
-        synthetic={"categories": ["brick", "coins"], "images_per_category": 6, "image_size": 96},
-        **overrides,
+        out=str(tmp_path / name), synthetic={**small, **dict(synthetic)}, **overrides
     )
     build_dataset(config, Storage(), progress=False)
     return read_manifest(Storage(), str(tmp_path / name))
@@ -53,6 +52,20 @@ def test_every_query_has_a_normal_reference_of_its_category(tmp_path):
         assert record["reference_uri"] and f"/{record['category']}/" in record["reference_uri"]
         reference = np.asarray(Image.open(record["reference_uri"]))
         assert reference.shape == (96, 96, 3)
+
+
+def test_an_aligned_reference_is_the_query_before_its_defects(tmp_path):
+    records = build(tmp_path, seed=5, synthetic={"reference": "aligned"})
+    assert len({r["reference_uri"] for r in records}) == len(records)  # one per query
+    for record in records:
+        query = np.asarray(Image.open(record["image_uri"])).astype(int)
+        reference = np.asarray(Image.open(record["reference_uri"])).astype(int)
+        changed = (query != reference).any(axis=2)
+        inside = np.zeros_like(changed)
+        for x1, y1, x2, y2 in record["boxes"]:
+            inside[int(y1) : int(y2), int(x1) : int(x2)] = True
+        assert not (changed & ~inside).any()  # the same view outside the defects
+        assert changed.any() == record["is_anomalous"]  # and the defects differ
 
 
 def test_held_out_category_is_test_only_and_stats_agree(tmp_path):

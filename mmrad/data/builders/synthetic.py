@@ -3,8 +3,9 @@
 Each category is one scikit-image picture (a texture such as brick or an object scene
 such as coins). Queries are random crops of it; anomalous queries get procedurally drawn
 defects whose exact masks give exact boxes and labels. Every query has a normal reference
-crop of its category and a reasoning text that says what is seen and where, without
-coordinates. Deterministic for a seed.
+crop of its category (``synthetic.reference: aligned``: its own crop before painting)
+and a reasoning text that says what is seen and where, without coordinates.
+Deterministic for a seed.
 """
 
 from __future__ import annotations
@@ -252,6 +253,7 @@ def category_drafts(category: str, config, rng: Rng) -> Iterator[Draft]:
     n_anomalous = round(options.images_per_category * options.anomaly_ratio)
     for index in range(options.images_per_category):
         image = random_crop(picture, size, rng)
+        clean = image.copy()
         anomalous = index < n_anomalous
         painted = []
         if anomalous:
@@ -263,8 +265,12 @@ def category_drafts(category: str, config, rng: Rng) -> Iterator[Draft]:
             for box in mask_to_boxes(mask):
                 boxes.append(box)
                 labels.append(kind)
-        reference_uri, reference_png = references[index % REFERENCES_PER_CATEGORY]
         image_uri = f"images/{category}/{index:04d}.png"
+        if options.reference == "aligned":
+            reference_uri = f"images/{category}/{index:04d}_reference.png"
+            reference_png = png_bytes(clean)
+        else:
+            reference_uri, reference_png = references[index % REFERENCES_PER_CATEGORY]
         record = {
             "id": f"{SOURCE}/{category}/{index:04d}",
             "source": SOURCE,
