@@ -225,6 +225,13 @@ class SyntheticConfig(Section):
     anomaly_ratio: float = Field(0.5, ge=0.0, le=1.0, description="Share of anomalous queries.")
     image_size: int = Field(224, ge=32, le=4096, description="Side of the square images.")
     max_defects: int = Field(2, ge=1, le=8, description="Most defects on one anomalous image.")
+    defect_scale: float = Field(
+        1.0,
+        ge=1.0,
+        le=4.0,
+        description="Defects this many times the painters' size (relative to the image); "
+        "2 makes them visible to a model that sees 112 px (docs/learning_study.md).",
+    )
     reference: Literal["crop", "aligned"] = Field(
         "crop",
         description="Each query's normal reference: one of its category's fixed crops "

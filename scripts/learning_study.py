@@ -47,6 +47,7 @@ from mmrad.data.builders.synthetic import (
     PAINTERS,
     category_defect_types,
     category_picture,
+    paint_scaled,
     random_crop,
 )
 from mmrad.model.tiny import SPECIAL_TOKENS, build_tiny_model
@@ -144,27 +145,6 @@ class Sample:
     anomalous: bool
     boxes: list[list[float]]
     labels: list[str]
-
-
-def paint_scaled(image: np.ndarray, kind: str, scale: float, rng: np.random.Generator):
-    """Paint one defect ``scale`` times the builder's size (relative to the image) and
-    return its mask, or an empty mask when the defect did not fit.
-
-    The builder's painters size defects as fractions of the canvas, so the defect is
-    painted on a canvas ``scale`` times larger (the image reflected around it) and kept
-    only when it lies wholly inside the image, whose pixels alone it then depends on.
-    """
-    if scale == 1.0:
-        return PAINTERS[kind](image, rng)
-    size = image.shape[0]
-    pad = max(0, round(size * (scale - 1) / 2))
-    canvas = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
-    mask = PAINTERS[kind](canvas, rng)
-    inner = mask[pad : pad + size, pad : pad + size]
-    if inner.sum() != mask.sum():
-        return np.zeros((size, size), dtype=bool)
-    image[...] = canvas[pad : pad + size, pad : pad + size]
-    return inner
 
 
 def picture(name: str) -> np.ndarray:

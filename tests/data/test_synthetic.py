@@ -54,8 +54,9 @@ def test_every_query_has_a_normal_reference_of_its_category(tmp_path):
         assert reference.shape == (96, 96, 3)
 
 
-def test_an_aligned_reference_is_the_query_before_its_defects(tmp_path):
-    records = build(tmp_path, seed=5, synthetic={"reference": "aligned"})
+@pytest.mark.parametrize("scale", [1.0, 2.0])
+def test_an_aligned_reference_is_the_query_before_its_defects(tmp_path, scale):
+    records = build(tmp_path, seed=5, synthetic={"reference": "aligned", "defect_scale": scale})
     assert len({r["reference_uri"] for r in records}) == len(records)  # one per query
     for record in records:
         query = np.asarray(Image.open(record["image_uri"])).astype(int)
@@ -66,6 +67,15 @@ def test_an_aligned_reference_is_the_query_before_its_defects(tmp_path):
             inside[int(y1) : int(y2), int(x1) : int(x2)] = True
         assert not (changed & ~inside).any()  # the same view outside the defects
         assert changed.any() == record["is_anomalous"]  # and the defects differ
+
+
+def test_a_defect_scale_of_2_paints_defects_about_twice_as_large(tmp_path):
+    def short_sides(scale: float) -> list[float]:
+        records = build(tmp_path, f"scale{scale}", seed=3, synthetic={
+            "images_per_category": 24, "anomaly_ratio": 1.0, "defect_scale": scale})  # fmt: skip
+        return [min(x2 - x1, y2 - y1) for r in records for x1, y1, x2, y2 in r["boxes"]]
+
+    assert np.median(short_sides(2.0)) > 1.5 * np.median(short_sides(1.0))
 
 
 def test_held_out_category_is_test_only_and_stats_agree(tmp_path):

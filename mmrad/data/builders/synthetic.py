@@ -175,17 +175,39 @@ DESCRIPTIONS = {
 }
 
 
+def paint_scaled(image: np.ndarray, kind: str, scale: float, rng: Rng) -> np.ndarray:
+    """Paint one defect ``scale`` times the builder's size (relative to the image) and
+    return its mask, or an empty mask when the defect did not fit.
+
+    The builder's painters size defects as fractions of the canvas, so the defect is
+    painted on a canvas ``scale`` times larger (the image reflected around it) and kept
+    only when it lies wholly inside the image, whose pixels alone it then depends on.
+    """
+    if scale == 1.0:
+        return PAINTERS[kind](image, rng)
+    size = image.shape[0]
+    pad = max(0, round(size * (scale - 1) / 2))
+    canvas = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    mask = PAINTERS[kind](canvas, rng)
+    inner = mask[pad : pad + size, pad : pad + size]
+    if inner.sum() != mask.sum():
+        return np.zeros((size, size), dtype=bool)
+    image[...] = canvas[pad : pad + size, pad : pad + size]
+    return inner
+
+
 def paint_defects(
-    image: np.ndarray, defect_types: list[str], count: int, rng: Rng
+    image: np.ndarray, defect_types: list[str], count: int, rng: Rng, scale: float = 1.0
 ) -> list[tuple[str, np.ndarray]]:
-    """Paint up to ``count`` non-touching defects; returns ``(type, mask)`` per defect."""
+    """Paint up to ``count`` non-touching defects, ``scale`` times the painters' size;
+    returns ``(type, mask)`` per defect."""
     painted: list[tuple[str, np.ndarray]] = []
     occupied = np.zeros(image.shape[:2], dtype=bool)
     for _ in range(count):
         kind = str(rng.choice(defect_types))
         for _ in range(PLACEMENT_TRIES):
             trial = image.copy()
-            mask = PAINTERS[kind](trial, rng)
+            mask = paint_scaled(trial, kind, scale, rng)
             grown = ndimage.binary_dilation(mask, iterations=3)
             if mask.any() and not (grown & occupied).any():
                 image[...] = trial
@@ -258,7 +280,7 @@ def category_drafts(category: str, config, rng: Rng) -> Iterator[Draft]:
         painted = []
         if anomalous:
             count = int(rng.integers(1, options.max_defects + 1))
-            painted = paint_defects(image, defect_types, count, rng)
+            painted = paint_defects(image, defect_types, count, rng, options.defect_scale)
             anomalous = bool(painted)
         boxes, labels = [], []
         for kind, mask in painted:
