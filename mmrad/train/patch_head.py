@@ -32,7 +32,8 @@ class PatchHead(nn.Module):
         self.logits: torch.Tensor | None = None
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.linear(tokens).squeeze(-1)
+        # a bf16 model without mixed precision feeds bf16 tokens to the float32 head
+        return self.linear(tokens.to(self.linear.weight.dtype)).squeeze(-1)
 
 
 def hf_model(model: nn.Module) -> nn.Module:

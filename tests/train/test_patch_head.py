@@ -81,6 +81,20 @@ def test_the_patch_loss_reaches_the_vision_tower_and_the_head_trains_under_lora(
     }
 
 
+def test_a_bf16_model_feeds_its_float32_head(tiny_model):
+    from mmrad.model.hf import load_model
+    from mmrad.train.building import prepare_for_training
+    from mmrad.train.patch_head import patch_head_of, patch_loss
+
+    spec = job(lora=True, dtype="bfloat16")
+    model = prepare_for_training(load_model(tiny_model, "bfloat16"), spec, True)
+    head, batch = patch_head_of(model), collated(tiny_model)
+    assert head.linear.weight.dtype == torch.float32  # trained: a float32 master weight
+    model(**{k: v for k, v in batch.items() if k not in INPUTS_ONLY})
+    patch_loss(head, batch["patch_targets"]).backward()
+    assert head.linear.weight.grad.abs().sum() > 0
+
+
 def test_the_head_learns_which_cells_hold_the_defect(tiny_model):
     from mmrad.model.hf import load_model
     from mmrad.train.building import prepare_for_training
