@@ -263,7 +263,15 @@ class SplitConfig(Section):
     test_sources: list[str] = Field(
         default_factory=list, description="Sources held out the same way."
     )
-    val_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="Share of the rest for val.")
+    val_categories: list[str] = Field(
+        default_factory=list,
+        description="Categories (`name` or `source/name`) whose images all go to val and "
+        "none to training: a validation split of categories training never sees, judged "
+        "the way the held-out test is (to pick a checkpoint or a seed).",
+    )
+    val_fraction: float = Field(
+        0.15, ge=0.0, lt=1.0, description="Share of the rest for val (0 with val_categories)."
+    )
     test_fraction: float = Field(
         0.0,
         ge=0.0,
@@ -302,6 +310,16 @@ class DataBuildConfig(Section):
             raise ValueError(
                 "split.test_fraction: refused in published mode (each source's published "
                 "test images are the test split); use split.mode=unseen to carve one"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _val_categories_not_held_out(self) -> DataBuildConfig:
+        both = sorted(set(self.split.val_categories) & set(self.split.test_categories))
+        if both:
+            raise ValueError(
+                f"split.val_categories: {', '.join(both)} also in split.test_categories; "
+                "a category validates or tests, not both"
             )
         return self
 

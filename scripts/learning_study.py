@@ -39,7 +39,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from skimage import data as skdata
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
 from mmrad.data.builders.synthetic import (
@@ -69,7 +68,7 @@ SHORT_PROMPT = "Is the second image anomalous? Answer with the box of the defect
 IOU_HIT = 0.1
 EXTRA_PICTURES = (
     "astronaut", "cat", "checkerboard", "clock", "colorwheel", "logo", "page", "retina",
-    "rocket", "text", "microaneurysms", "shepp_logan_phantom",
+    "rocket", "text", "microaneurysms", "phantom",
 )  # fmt: skip
 
 
@@ -147,19 +146,6 @@ class Sample:
     labels: list[str]
 
 
-def picture(name: str) -> np.ndarray:
-    """A builder category's picture, or any other scikit-image picture by its
-    ``skimage.data`` name (extra training categories), as HxWx3 uint8."""
-    if name in CATEGORY_IMAGES:
-        return category_picture(name)
-    image = np.asarray(getattr(skdata, name)())
-    if image.dtype == bool or image.dtype.kind == "f":  # masks and [0, 1] floats
-        image = (image.astype(np.float32) * 255).round()
-    if image.ndim == 2:
-        image = np.stack([image] * 3, axis=-1)
-    return np.ascontiguousarray(image[..., :3].astype(np.uint8))
-
-
 class Generator:
     """Draws (reference, query) samples of some categories; half anomalous."""
 
@@ -167,7 +153,7 @@ class Generator:
         self.categories = list(categories)
         self.args = args
         self.rng = np.random.default_rng(seed)
-        self.pictures = {c: picture(c) for c in self.categories}
+        self.pictures = {c: category_picture(c) for c in self.categories}
         size = args.image_size
         self.references = {  # the builder's fixed normal references per category
             c: [random_crop(self.pictures[c], size, self.rng) for _ in range(2)]

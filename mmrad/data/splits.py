@@ -25,13 +25,14 @@ def category_key(record: Mapping[str, Any]) -> str:
     return f"{record['source']}/{record['category']}"
 
 
+def in_categories(record: Mapping[str, Any], names: Collection[str]) -> bool:
+    """Whether ``names`` (``name`` or ``source/name`` items) names the record's category."""
+    return record["category"] in names or category_key(record) in names
+
+
 def is_held_out(record: Mapping[str, Any], config: SplitConfig) -> bool:
     """Whether the record's category or source is held out for testing."""
-    return (
-        record["category"] in config.test_categories
-        or category_key(record) in config.test_categories
-        or record["source"] in config.test_sources
-    )
+    return in_categories(record, config.test_categories) or record["source"] in config.test_sources
 
 
 def is_unused(record: Mapping[str, Any], published: str | None, config: SplitConfig) -> bool:
@@ -46,8 +47,9 @@ def unmatched_held_out(
     ``categories`` holds ``source/category`` keys."""
     names = {key.split("/", 1)[1] for key in categories}
     problems = [
-        f"test_categories: {name!r}"
-        for name in config.test_categories
+        f"{field}: {name!r}"
+        for field in ("test_categories", "val_categories")
+        for name in getattr(config, field)
         if name not in names and name not in categories
     ]
     problems += [f"test_sources: {name!r}" for name in config.test_sources if name not in sources]
@@ -65,7 +67,8 @@ def assign_splits(
     """Set ``split`` on every record, deterministically for ``seed``.
 
     ``published`` maps ids to the data set's own split. Held-out records, and in
-    ``published`` mode the published test images, go to ``test``. In every other category
+    ``published`` mode the published test images, go to ``test``; the validation
+    categories' other images go to ``val``. In every other category
     the images are shuffled (seeded by the category's name, so adding a category does not
     reshuffle the others) and cut into ``test_fraction`` / ``val_fraction`` / the rest for
     ``train``, normal and anomalous images apart so each split keeps both kinds.
@@ -76,6 +79,8 @@ def assign_splits(
         own_test = mode == "published" and published.get(record["id"]) == "test"
         if is_held_out(record, config) or own_test:
             record["split"] = "test"
+        elif in_categories(record, config.val_categories):
+            record["split"] = "val"
         else:
             groups[(category_key(record), bool(record["is_anomalous"]))].append(record)
     for (key, anomalous), members in sorted(groups.items()):

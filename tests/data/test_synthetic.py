@@ -6,6 +6,7 @@ from PIL import Image
 
 from mmrad.config import DataBuildConfig
 from mmrad.data.build import build_dataset
+from mmrad.data.builders.synthetic import CATEGORY_IMAGES, category_picture
 from mmrad.data.manifest import read_manifest
 from mmrad.data.stats import manifest_stats
 from mmrad.storage import Storage
@@ -88,6 +89,30 @@ def test_held_out_category_is_test_only_and_stats_agree(tmp_path):
     assert stats["categories"]["synthetic/coins"]["test"] == 6
     assert stats["train_test_overlap"] == []
     assert stats["anomaly_ratio"] == pytest.approx(0.5)
+
+
+def test_validation_categories_are_val_only_and_apart_from_test(tmp_path):
+    """A validation category is as unseen as a test one: all of its images in val,
+    none in train, the seen categories' images all in train."""
+    records = build(tmp_path, synthetic={"categories": ["brick", "coins", "grass"]}, split={
+        "test_categories": ["coins"], "val_categories": ["synthetic/grass"]})  # fmt: skip
+    splits = {c: {r["split"] for r in records if r["category"] == c} for c in
+              ("brick", "coins", "grass")}  # fmt: skip
+    assert splits == {"brick": {"train"}, "coins": {"test"}, "grass": {"val"}}
+    with pytest.raises(ValueError, match="split.val_categories: coins also in split.test_"):
+        DataBuildConfig(split={"test_categories": ["coins"], "val_categories": ["coins"]})
+    with pytest.raises(ValueError, match=r"data\.split\.val_categories: 'grsas' names nothing"):
+        build(tmp_path, "typo", split={"val_categories": ["grsas"]})
+    assert not (tmp_path / "typo").exists()
+
+
+@pytest.mark.parametrize("category", sorted(CATEGORY_IMAGES))
+def test_every_category_is_an_rgb_picture_with_detail(category):
+    """Each category loads offline from scikit-image as 8-bit RGB, whatever the picture's
+    own format (grey, RGBA, boolean mask, floats in [0, 1])."""
+    picture = category_picture(category)
+    assert picture.dtype == np.uint8 and picture.ndim == 3 and picture.shape[2] == 3
+    assert min(picture.shape[:2]) >= 100 and picture.std() > 5
 
 
 def test_stats_flag_categories_in_train_and_test(tmp_path):

@@ -36,6 +36,20 @@ CATEGORY_IMAGES: dict[str, Callable[[], np.ndarray]] = {
     "coffee": skdata.coffee,
     "tissue": skdata.immunohistochemistry,
     "hubble": skdata.hubble_deep_field,
+    # more pictures that ship inside scikit-image: more training categories make what is
+    # learnt carry over to unseen ones (docs/learning_study.md)
+    "astronaut": skdata.astronaut,
+    "cat": skdata.cat,
+    "checkerboard": skdata.checkerboard,
+    "clock": skdata.clock,
+    "colorwheel": skdata.colorwheel,
+    "logo": skdata.logo,
+    "page": skdata.page,
+    "retina": skdata.retina,
+    "rocket": skdata.rocket,
+    "text": skdata.text,
+    "microaneurysms": skdata.microaneurysms,
+    "phantom": skdata.shepp_logan_phantom,
 }
 DEFECT_TYPES = ("scratch", "hole", "stain", "crack", "missing", "color_shift")
 TYPES_PER_CATEGORY = 4
@@ -55,10 +69,12 @@ def category_picture(category: str) -> np.ndarray:
     if category not in CATEGORY_IMAGES:
         known = ", ".join(sorted(CATEGORY_IMAGES))
         raise ValueError(f"synthetic category {category!r} unknown; known: {known}")
-    picture = CATEGORY_IMAGES[category]()
+    picture = np.asarray(CATEGORY_IMAGES[category]())
+    if picture.dtype == bool or picture.dtype.kind == "f":  # masks and [0, 1] floats
+        picture = (picture.astype(np.float32) * 255).round()
     if picture.ndim == 2:
         picture = np.stack([picture] * 3, axis=-1)
-    return np.ascontiguousarray(picture[..., :3])
+    return np.ascontiguousarray(picture[..., :3].astype(np.uint8))
 
 
 def random_crop(picture: np.ndarray, size: int, rng: Rng) -> np.ndarray:
