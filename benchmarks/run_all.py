@@ -35,6 +35,7 @@ README_END = "<!-- bench:end -->"
 BENCHMARKS: dict[str, list[str]] = {
     "data_throughput": [],
     "sft_throughput": [],
+    "idle_data_loop": [],
     "rollout_throughput": [],
     "grpo_step": [],
     "serve_load": [],

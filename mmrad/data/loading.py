@@ -326,6 +326,9 @@ def ordered_data_context():
     :mod:`mmrad.train.fail_fast`), not wrapped as Ray Data's ``UserCodeException``."""
     import ray.data
 
+    from mmrad.data import idle_wait
+
+    idle_wait.install()
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
     context.raise_original_map_exception = True

@@ -201,6 +201,9 @@ def predict(dataset, spec: InferenceSpec, *, to_input: ToInput = default_input):
     :data:`OUTPUT_SCHEMA`'s. Lazy; order is kept."""
     import ray.data
 
+    from mmrad.data import idle_wait
+
+    idle_wait.install()
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     predictors = spec.predictors
     arguments: dict[str, Any] = {"spec": spec, "to_input": to_input}

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from mmrad.config import SFTJobConfig
+from mmrad.data import idle_wait
 from mmrad.data.loading import BadImageBudget, SkipLog
 from mmrad.sft.plan import DataOrder, SFTProgress, StepPlan, check_data_order
 from mmrad.task.knowledge import parse_knowledge
@@ -75,6 +76,7 @@ class SFTLoop:
         self.collate = SFTCollator(processor, variant, knowledge=knowledge,
                                    patch_targets=self.patch_head is not None)  # fmt: skip
         self.skips = SkipLog(self.bad_image_budget(self.plan.samples, "train records"))
+        idle_wait.install()  # this process iterates its shards
         # Every rank reads the whole val set, so every rank judges its bad images alike.
         val_rows = list(ray.train.get_dataset_shard("val").iter_rows())
         self.val_skips = SkipLog(self.bad_image_budget(len(val_rows), "val records"))

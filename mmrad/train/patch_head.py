@@ -33,7 +33,10 @@ class PatchHead(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         # a bf16 model without mixed precision feeds bf16 tokens to the float32 head
-        return self.linear(tokens.to(self.linear.weight.dtype)).squeeze(-1)
+        tokens = tokens.to(self.linear.weight.dtype)
+        # one logit per token as a tensor of its own: FSDP2 warns of (and an in-place op
+        # would break) a module whose output is a view, as linear(...).squeeze(-1) is
+        return torch.addmv(self.linear.bias, tokens, self.linear.weight[0])
 
 
 def hf_model(model: nn.Module) -> nn.Module:
