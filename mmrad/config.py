@@ -636,7 +636,8 @@ class SFTScheduleConfig(ScheduleConfig):
 
 
 class SFTValidationConfig(Section):
-    """Validation loss on the first samples of the val split (by id)."""
+    """Validation loss on a fixed spread of the val split (``samples`` records chosen by a
+    hash of the id, so they span its categories)."""
 
     every: int = Field(20, ge=1, description="Steps between validations (and at checkpoints).")
     samples: int = Field(16, ge=1, description="Val samples per validation.")

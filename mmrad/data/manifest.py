@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from collections import defaultdict
@@ -113,3 +114,10 @@ def records_of_split(
     if not chosen:
         raise ManifestError(f"data.manifest {manifest}: no records in split {split!r} ({setting})")
     return chosen
+
+
+def spread_subset(records: Sequence[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """A fixed pseudo-random ``limit`` of ``records`` (the first by a hash of the id), so
+    a small subset still spans categories and both classes; sorted by id."""
+    chosen = sorted(records, key=lambda r: hashlib.sha256(str(r["id"]).encode()).digest())
+    return sorted(chosen[:limit], key=lambda r: str(r["id"]))

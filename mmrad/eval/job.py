@@ -17,7 +17,6 @@ pool of vLLM engines or OpenAI-compatible clients), and writes into the run dire
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -38,6 +37,7 @@ from mmrad.data.manifest import (
     manifest_uri,
     read_manifest,
     records_of_split,
+    spread_subset,
 )
 from mmrad.data.schema import ManifestError
 from mmrad.eval.budget import enforce_error_budget
@@ -133,14 +133,11 @@ def _read_parquet(storage: Storage, uri: str) -> pa.Table:
 
 def select_split(records: Sequence[dict], data: EvalDataConfig) -> list[dict]:
     """The records of ``data.split``, sorted by id (see
-    :func:`~mmrad.data.manifest.records_of_split`; none is a :class:`ManifestError`).
-    ``data.limit`` keeps a fixed pseudo-random subset (the first by a hash of the id), so
-    a small limit still spans categories and both classes."""
+    :func:`~mmrad.data.manifest.records_of_split`; none is a :class:`ManifestError`);
+    ``data.limit`` keeps a :func:`~mmrad.data.manifest.spread_subset` of them."""
     chosen = records_of_split(records, data.split, data.manifest, "data.split")
-    limit = data.limit
-    if limit:
-        chosen = sorted(chosen, key=lambda r: hashlib.sha256(str(r["id"]).encode()).digest())
-        chosen = chosen[:limit]
+    if data.limit:
+        return spread_subset(chosen, data.limit)
     return sorted(chosen, key=lambda r: str(r["id"]))
 
 

@@ -21,7 +21,7 @@ import ray
 
 from mmrad.config import ConfigError, SFTJobConfig, with_absolute_paths
 from mmrad.data.loading import DecodeSpec, build_dataset, ordered_rows, rank_datasets
-from mmrad.data.manifest import read_manifest, records_of_split
+from mmrad.data.manifest import read_manifest, records_of_split, spread_subset
 from mmrad.data.schema import ManifestError
 from mmrad.model.contract import export_knowledge, training_knowledge
 from mmrad.model.loading import check_model_dir
@@ -112,9 +112,15 @@ def build_datasets(
             resources=worker_resources(job.ray),
         )  # fmt: skip
         datasets.update({f"train_e{epoch}_r{rank}": ds for rank, ds in enumerate(shards)})
-    val_rows = ordered_rows(sorted(val, key=lambda r: r["id"])[: job.validation.samples], seed=0)
+    val_rows = validation_rows(val, job.validation.samples)
     datasets["val"] = build_dataset(val_rows, spec, job.data.batch_size, worker_resources(job.ray))
     return datasets
+
+
+def validation_rows(val: list[dict], samples: int) -> list[dict]:
+    """The val records every validation scores: ``samples`` spread over the split (by a
+    hash of the id: the first ids would all be one category's), in a fixed order."""
+    return ordered_rows(spread_subset(val, samples), seed=0)
 
 
 def chosen_checkpoint(result, which: str):

@@ -100,3 +100,13 @@ def test_a_missing_model_directory_is_refused_before_ray_starts(tmp_path, no_ray
     with pytest.raises(ExportError, match="a-file: not a directory"):
         run_sft(sft_on(tmp_path, good, f"model.path={tmp_path / 'a-file'}"))
     check_model_dir("Qwen/Qwen2.5-VL-7B-Instruct")  # hub ids are opened where they are used
+
+
+def test_validation_scores_a_fixed_spread_of_every_val_category():
+    """The first ids of a val split of whole categories would all be one category's."""
+    val = [{**record(f"synthetic/{category}/{i:03d}", "val"), "category": category}
+           for category in ("gravel", "tissue") for i in range(48)]  # fmt: skip
+    chosen = sft_job.validation_rows(val, 16)
+    assert len(chosen) == 16 and {r["category"] for r in chosen} == {"gravel", "tissue"}
+    assert chosen == sft_job.validation_rows(list(reversed(val)), 16)
+    assert len(sft_job.validation_rows(val, 500)) == 96
