@@ -1,6 +1,7 @@
 import pytest
 
 from mmrad.config import ConfigError, DataJobConfig, SFTJobConfig, dump_config, load_config
+from mmrad.eval.config import EvalJobConfig
 
 
 def write(tmp_path, text):
@@ -60,6 +61,9 @@ def test_dump_round_trips(tmp_path):
         (DataJobConfig, "configs/cluster/data.yaml"),
         (SFTJobConfig, "configs/local/sft.yaml"),
         (SFTJobConfig, "configs/cluster/sft.yaml"),
+        (DataJobConfig, "configs/local/learning/data.yaml"),
+        (SFTJobConfig, "configs/local/learning/sft.yaml"),
+        (EvalJobConfig, "configs/local/learning/eval.yaml"),
     ],
 )
 def test_shipped_configs_validate(model, path):
