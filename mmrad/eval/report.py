@@ -61,7 +61,9 @@ READINGS_NOTE = (
     "Loc accuracy all/anomalous: answers fully right (No on a normal image; Yes with "
     "every ground-truth box matched on an anomalous one) over all images, normal ones "
     "included, / over anomalous images only. Loc recall matched/hit: ground-truth boxes "
-    "matched one-to-one / hit by any predicted box, at IoU >= 0.1. AP: average precision "
+    "matched one-to-one / hit by any predicted box, at IoU >= 0.1. Fixed-box hit: the "
+    "hit rate of the best single box drawn at the same place on every image, the "
+    "localisation a model gets without looking (chance). AP: average precision "
     "of P(Yes). Best F1: detection F1 at the P(Yes) threshold best on these same images "
     "(an upper bound for one fixed threshold)."
 )
@@ -163,7 +165,7 @@ def det_loc_table(first_column: str, rows: Sequence[tuple[str, Mapping[str, Any]
 def readings_table(first_column: str, rows: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
     """The second readings of localisation accuracy and recall, AP and best F1."""
     header = [first_column, "Anomalous", "Loc accuracy all/anomalous",
-              "Loc recall matched/hit", "AP", "Best F1"]  # fmt: skip
+              "Loc recall matched/hit", "Fixed-box hit", "AP", "Best F1"]  # fmt: skip
     return _table(header, [_readings_cells(name, m) for name, m in rows])
 
 
@@ -179,6 +181,7 @@ def _readings_cells(name: str, m: Mapping[str, Any]) -> list[str]:
         str(m["n_anomalous"]),
         _pair(m["loc_accuracy"], m["loc_accuracy_anomalous"]),
         _pair(m["loc_recall"], m["box_hit_rate"]),
+        _pct(m.get("fixed_box_hit_rate")),  # none in a metrics.json from before it
         _pct(m["average_precision"]),
         _pct(m["best_f1"]),
     ]

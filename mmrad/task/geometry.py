@@ -146,6 +146,22 @@ def iou(a: Sequence[float], b: Sequence[float]) -> float:
     return inter / union if union > 0 else 0.0
 
 
+def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """:func:`iou` of every box of ``a`` (n x 4) with every box of ``b`` (m x 4): n x m."""
+    a, b = np.asarray(a, dtype=np.float64)[:, None, :], np.asarray(b, dtype=np.float64)[None]
+    width = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
+    height = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
+    inter = width * height
+
+    def area(boxes: np.ndarray) -> np.ndarray:
+        return np.clip(boxes[..., 2] - boxes[..., 0], 0, None) * np.clip(
+            boxes[..., 3] - boxes[..., 1], 0, None
+        )
+
+    union = area(a) + area(b) - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
 def clip_box(box: Sequence[float], size: Size) -> Box:
     width, height = size
     x1, y1, x2, y2 = box

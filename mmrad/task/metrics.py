@@ -38,6 +38,13 @@ Definitions:
   is computed per category (pooled over the category's boxes) and averaged like every
   other rate; it differs from ``loc_recall`` only where one predicted box hits several
   ground-truth boxes.
+- **Chance localisation** (``fixed_box_hit_rate``, ours, not the paper's): the
+  ``box_hit_rate`` of the best single box drawn at the same place on every image (its
+  corners on a :data:`FIXED_BOX_GRID` x :data:`FIXED_BOX_GRID` grid of the image, relative
+  to its size), chosen on the category's own boxes: what localisation at IoU >= 0.1
+  scores without looking at the image. Large defects make it high (a quarter of the
+  image hits most of them), so a box hit rate means learning only above it. Averaged like
+  the rates; ``None`` in a category without boxes.
 - **F1** per category from that category's precision and recall.
 - **Undefined ratios.** A ratio whose denominator is zero in a category (recall in an
   all-normal category, precision when nothing was predicted) is ``None`` there, and
@@ -68,7 +75,7 @@ from typing import Any
 import numpy as np
 
 from mmrad.task.answer import Verdict
-from mmrad.task.geometry import as_boxes, iou, match_boxes
+from mmrad.task.geometry import as_boxes, iou, iou_matrix, match_boxes
 
 LOC_IOU_THRESHOLD = 0.1
 RATE_KEYS = (
@@ -84,6 +91,8 @@ RATE_KEYS = (
     "box_hit_rate",
 )
 SCORE_KEYS = ("auroc", "average_precision", "best_f1")
+BASELINE_KEYS = ("fixed_box_hit_rate",)
+FIXED_BOX_GRID = 8
 
 
 def check_rate_names(names: Sequence[str]) -> None:
@@ -170,23 +179,25 @@ def evaluate(predictions: Sequence[Verdict], records: Sequence[Mapping[str, Any]
     per_category = {
         f"{source}/{category}": {
             **category_metrics([outcomes[i] for i in indices]),
+            "fixed_box_hit_rate": fixed_box_hit_rate([records[i] for i in indices]),
             **pooled_scores(indices),
         }
         for (source, category), indices in groups.items()
     }
+    averaged = (*RATE_KEYS, *BASELINE_KEYS)
     per_source = {}
     for source in dict.fromkeys(source for source, _ in groups):
         keys = [f"{s}/{c}" for s, c in groups if s == source]
         indices = [i for (s, _), idx in groups.items() if s == source for i in idx]
         per_source[source] = {
-            **average_metrics([per_category[key] for key in keys]),
+            **average_metrics([per_category[key] for key in keys], averaged),
             **pooled_scores(indices),
         }
     overall = {
-        **average_metrics(list(per_category.values())),
+        **average_metrics(list(per_category.values()), averaged),
         **pooled_scores(range(len(records))),
     }
-    source_mean = average_metrics(list(per_source.values()), (*RATE_KEYS, *SCORE_KEYS))
+    source_mean = average_metrics(list(per_source.values()), (*averaged, *SCORE_KEYS))
     return {
         **overall,
         "source_mean": source_mean,
@@ -222,6 +233,24 @@ def category_metrics(outcomes: Sequence[ImageOutcome]) -> dict[str, Any]:
         "n_images": n,
         "n_anomalous": len(anomalous),
     }
+
+
+def fixed_box_hit_rate(records: Sequence[Mapping[str, Any]]) -> float | None:
+    """The ``box_hit_rate`` that the best fixed box (the same place on every image, its
+    corners on a :data:`FIXED_BOX_GRID` grid) gets on ``records``; ``None`` without boxes."""
+    relative = [
+        [x1 / r["width"], y1 / r["height"], x2 / r["width"], y2 / r["height"]]
+        for r in records
+        for x1, y1, x2, y2 in as_boxes(r["boxes"])
+    ]
+    if not relative:
+        return None
+    edges = np.linspace(0.0, 1.0, FIXED_BOX_GRID + 1)
+    spans = [(a, b) for i, a in enumerate(edges) for b in edges[i + 1 :]]
+    fixed = [[x1, y1, x2, y2] for x1, x2 in spans for y1, y2 in spans]
+    overlap = iou_matrix(np.asarray(relative), np.asarray(fixed))
+    hits = (overlap > 0) & (overlap >= LOC_IOU_THRESHOLD)
+    return float(hits.sum(axis=0).max() / len(relative))
 
 
 def average_metrics(

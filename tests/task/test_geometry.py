@@ -13,6 +13,7 @@ from mmrad.task.geometry import (
     from_model_grid,
     grid_scale,
     iou,
+    iou_matrix,
     is_valid_box,
     mask_to_boxes,
     match_boxes,
@@ -234,3 +235,16 @@ def test_mask_to_boxes_joins_diagonal_neighbours_and_orders_by_first_pixel():
 
 def test_mask_to_boxes_of_empty_mask():
     assert mask_to_boxes(np.zeros((4, 4))) == []
+
+
+def test_iou_matrix_is_iou_of_every_pair():
+    rng = np.random.default_rng(5)
+    corners = rng.uniform(0, 100, (40, 2, 2))
+    a = np.concatenate([corners.min(axis=1), corners.max(axis=1)], axis=1)[:20]
+    b = np.concatenate([corners.min(axis=1), corners.max(axis=1)], axis=1)[20:]
+    b[0] = [10, 10, 10, 30]  # empty: IoU 0 with everything
+    b[1] = a[3]  # the same box: IoU 1
+    matrix = iou_matrix(a, b)
+    assert matrix.shape == (20, 20)
+    assert matrix == pytest.approx(np.array([[iou(x, y) for y in b] for x in a]))
+    assert matrix[3, 1] == pytest.approx(1.0) and not matrix[:, 0].any()

@@ -20,6 +20,7 @@ from mmrad.task.metrics import (
     boxes_hit,
     evaluate,
     f1,
+    fixed_box_hit_rate,
     roc_curve,
 )
 
@@ -89,6 +90,7 @@ BOTTLE = {
     "loc_f1": 0.4,  # 2 * 0.5 * 1/3 / (0.5 + 1/3)
     "loc_accuracy_anomalous": 0.0,  # neither r1 nor r2 fully right
     "box_hit_rate": 1 / 3,  # A hit, B and C not
+    "fixed_box_hit_rate": 1 / 3,  # one box on the 1/8 grid hits one of A, B, C
     "n_images": 4,
     "n_anomalous": 2,
     **UNSCORED,
@@ -106,6 +108,7 @@ SCREW = {
     "loc_f1": None,
     "loc_accuracy_anomalous": None,
     "box_hit_rate": None,
+    "fixed_box_hit_rate": None,  # no boxes
     "n_images": 2,
     "n_anomalous": 0,
     **UNSCORED,
@@ -122,6 +125,7 @@ PCB1 = {
     "loc_f1": 2 / 3,
     "loc_accuracy_anomalous": 0.5,
     "box_hit_rate": 0.5,
+    "fixed_box_hit_rate": 1.0,  # both boxes at A
     "n_images": 2,
     "n_anomalous": 2,
     **UNSCORED,
@@ -150,6 +154,7 @@ def test_per_source_is_the_mean_over_its_categories():
             "loc_f1": 0.4,
             "loc_accuracy_anomalous": 0.0,  # screw's undefined one left out
             "box_hit_rate": 1 / 3,
+            "fixed_box_hit_rate": 1 / 3,  # screw's undefined one left out
             "n_images": 6,
             "n_anomalous": 2,
             **UNSCORED,
@@ -159,6 +164,7 @@ def test_per_source_is_the_mean_over_its_categories():
 
 def test_overall_is_the_mean_over_all_groups_not_over_sources():
     result = evaluate(PREDICTIONS, RECORDS)
+    assert result["fixed_box_hit_rate"] == pytest.approx(2 / 3)  # (1/3 + 1) / 2, screw out
     overall = {key: result[key] for key in (*RATE_KEYS, "n_images", "n_anomalous", *SCORE_KEYS)}
     assert overall == pytest.approx(
         {
@@ -195,6 +201,7 @@ def test_source_mean_weights_every_source_equally():
             "loc_f1": (0.4 + 2 / 3) / 2,
             "loc_accuracy_anomalous": 0.25,
             "box_hit_rate": 5 / 12,
+            "fixed_box_hit_rate": 2 / 3,  # (1/3 + 1) / 2
             "n_images": 8,
             "n_anomalous": 4,
             **UNSCORED,
@@ -475,3 +482,36 @@ def test_f1():
     assert f1(0.5, 1 / 3) == pytest.approx(0.4)
     assert f1(0.0, 0.0) == 0.0
     assert f1(None, 1.0) is None
+
+
+def test_a_fixed_box_scores_what_localisation_gets_without_looking():
+    """The chance baseline of box hits: the best box drawn at one place on every image."""
+    corner = [record(i, "s", "c", [[0, 0, 30, 30]]) for i in range(3)]
+    assert fixed_box_hit_rate(corner) == 1.0  # one box in the corner hits them all
+    spread = [record(i, "s", "c", [box]) for i, box in enumerate(
+        ([0, 0, 10, 10], [90, 0, 100, 10], [0, 90, 10, 100], [90, 90, 100, 100]))]  # fmt: skip
+    assert fixed_box_hit_rate(spread) == 0.25  # small, in four corners: one at a time
+    large = [record(i, "s", "c", [box]) for i, box in enumerate(
+        ([0, 0, 50, 50], [50, 0, 100, 50], [0, 50, 50, 100], [50, 50, 100, 100]))]  # fmt: skip
+    assert fixed_box_hit_rate(large) == 1.0  # large: the middle box hits every one
+    # relative to each image's size: the same defect region on a 200 x 50 image
+    wide = {**record(9, "s", "c", [[0, 0, 60, 15]]), "width": 200, "height": 50}
+    assert fixed_box_hit_rate([*corner, wide]) == 1.0
+    assert fixed_box_hit_rate([record(0, "s", "c")]) is None
+
+
+def test_the_best_fixed_box_beats_every_box_of_its_grid():
+    """Brute force over the grid with the scalar IoU: the vectorised search agrees."""
+    rng = random.Random(3)
+    records = []
+    for i in range(12):
+        x, y = rng.uniform(0, 80), rng.uniform(0, 80)
+        records.append(
+            record(i, "s", "c", [[x, y, x + rng.uniform(5, 20), y + rng.uniform(5, 20)]])
+        )
+    edges = [k / 8 * 100 for k in range(9)]
+    best = max(
+        sum(boxes_hit(r["boxes"], [[x1, y1, x2, y2]], 0.1) for r in records)
+        for x1 in edges for x2 in edges if x2 > x1 for y1 in edges for y2 in edges if y2 > y1
+    )  # fmt: skip
+    assert fixed_box_hit_rate(records) == best / 12
