@@ -29,7 +29,7 @@ import ray
 
 from mmrad.actor_names import wait_until_free
 from mmrad.config import ConfigError, PromptConfig, with_absolute_paths
-from mmrad.data.manifest import read_manifest, records_of_split
+from mmrad.data.manifest import read_manifest, records_of_split, spread_subset
 from mmrad.model.contract import Contract, export_knowledge, resolve_contract, training_knowledge
 from mmrad.model.loading import check_model_dir
 from mmrad.placement import check_or_log, ray_options
@@ -139,13 +139,14 @@ def start_coordinator(
 
 
 def validation_records(job: GRPOJobConfig, records: list[dict]) -> list[dict]:
-    """The records validated during the run: the first ``validation.samples`` of the
-    split by id (none when validation is off)."""
+    """The records validated during the run: a fixed spread of ``validation.samples`` of
+    the split (:func:`~mmrad.data.manifest.spread_subset`; the first ids would be one
+    category's), none when validation is off."""
     validation = job.validation
     if not validation.every:
         return []
     chosen = records_of_split(records, validation.split, job.data.manifest, "validation.split")
-    return sorted(chosen, key=lambda r: r["id"])[: validation.samples]
+    return spread_subset(chosen, validation.samples)
 
 
 ENGINES_FILE = "engines.json"  # a run on kept engines: what they were when it started

@@ -1,12 +1,12 @@
-"""What a GRPO run reads from its manifest: prompts of ``data.split`` and the first
-validation records by id; an empty split is refused naming the setting. No Ray."""
+"""What a GRPO run reads from its manifest: prompts of ``data.split`` and a fixed spread
+of validation records; an empty split is refused naming the setting. No Ray."""
 
 from __future__ import annotations
 
 import pytest
 
 from mmrad.config import load_config
-from mmrad.data.manifest import write_manifest
+from mmrad.data.manifest import spread_subset, write_manifest
 from mmrad.data.schema import ManifestError
 from mmrad.rl.config import GRPOJobConfig
 from mmrad.rl.job import grpo_records
@@ -22,11 +22,13 @@ def job_on(tmp_path, *overrides: str) -> GRPOJobConfig:
     return load_config(GRPOJobConfig, None, [f"data.manifest={manifest}", *overrides])
 
 
-def test_prompts_and_the_first_validation_records_by_id(tmp_path):
+def test_prompts_and_a_fixed_spread_of_validation_records(tmp_path):
     job = job_on(tmp_path, "validation.every=2", "validation.samples=2")
     records = grpo_records(job, Storage())
     assert [r["id"] for r in records.prompts] == ["t2", "t1"]
-    assert [r["id"] for r in records.validation] == ["v1", "v2"]
+    validated = [r["id"] for r in records.validation]
+    assert validated == [r["id"] for r in spread_subset(RECORDS[2:], 2)] == sorted(validated)
+    assert len(validated) == 2 and set(validated) < {"v1", "v2", "v3"}
     assert {r["split"] for r in records.train} == {"train"}
     assert grpo_records(job_on(tmp_path), Storage()).validation == []  # validation off
 
