@@ -287,7 +287,9 @@ class ValidationSection(Section):
         0, ge=0, description="Steps between validations (0 = never); the last step is included."
     )
     split: Literal["train", "val", "test"] = Field("val", description="Split to validate on.")
-    samples: int = Field(16, ge=1, description="Records validated: the first of a fixed order.")
+    samples: int = Field(
+        16, ge=1, description="Records validated: a fixed spread of the split (by id hash)."
+    )
     max_tokens: int | None = Field(None, ge=1, description="Default: rollout.max_tokens.")
     objective: list[str] = Field(
         default_factory=lambda: ["det_accuracy", "loc_accuracy"],
