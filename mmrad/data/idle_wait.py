@@ -13,19 +13,33 @@ is (for a Ray that no longer spins, and for the benchmark's baseline).
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
 IDLE_WAIT_S = 0.02  # at most this late to dispatch after the consumer frees a slot
 _PATCHED = "_mmrad_idle_wait"
 SWITCH = "MMRAD_DATA_IDLE_WAIT"
+# Ray internals the rest reads: a Ray without them keeps its own loop (with a warning)
+# rather than a loop that fails inside every dataset.
+NEEDED = {"StreamingExecutor": ("_scheduling_loop_step", "_consumer_idling"),
+          "PhysicalOperator": ("num_active_tasks",)}  # fmt: skip
+log = logging.getLogger(__name__)
 
 
 def install() -> None:
     """Patch this process's streaming executor (idempotent; Ray Data is imported here)."""
+    from ray.data._internal.execution.interfaces import PhysicalOperator
     from ray.data._internal.execution.streaming_executor import StreamingExecutor
 
-    if getattr(StreamingExecutor, _PATCHED, False) or os.environ.get(SWITCH) == "0":
+    if hasattr(StreamingExecutor, _PATCHED) or os.environ.get(SWITCH) == "0":
+        return
+    classes = {"StreamingExecutor": StreamingExecutor, "PhysicalOperator": PhysicalOperator}
+    missing = [f"{c}.{name}" for c, names in NEEDED.items() for name in names
+               if not hasattr(classes[c], name)]  # fmt: skip
+    if missing:
+        log.warning("Ray Data's loop left as it is: this Ray lacks %s", ", ".join(missing))
+        setattr(StreamingExecutor, _PATCHED, None)  # looked at, not patched: warn once
         return
     step = StreamingExecutor._scheduling_loop_step
 

@@ -28,3 +28,27 @@ def test_a_slow_consumer_gets_every_row_in_order(ray_cluster):
         time.sleep(CONSUMER_PAUSE_S)
         seen.append(row["i"])
     assert seen == list(range(ROWS))
+
+
+LACKING_RAY = """
+import logging
+from ray.data._internal.execution.streaming_executor import StreamingExecutor
+from mmrad.data import idle_wait
+
+logging.basicConfig(level=logging.WARNING)
+del StreamingExecutor._consumer_idling  # as a Ray whose internals moved
+stock = StreamingExecutor._scheduling_loop_step
+idle_wait.install()
+idle_wait.install()
+assert StreamingExecutor._scheduling_loop_step is stock
+"""
+
+
+def test_a_ray_without_the_internals_it_reads_keeps_its_own_loop_and_says_so():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", LACKING_RAY], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if "loop left as it is" in line]
+    assert len(warnings) == 1 and "StreamingExecutor._consumer_idling" in warnings[0]
