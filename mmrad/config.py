@@ -265,12 +265,13 @@ class SplitConfig(Section):
     )
     val_categories: list[str] = Field(
         default_factory=list,
-        description="Categories (`name` or `source/name`) whose images all go to val and "
-        "none to training: a validation split of categories training never sees, judged "
-        "the way the held-out test is (to pick a checkpoint or a seed).",
+        description="Categories (`name` or `source/name`) whose images go to val and none "
+        "to training (in published mode their published test images stay in test): a "
+        "validation split of categories training never sees, judged the way the held-out "
+        "test is (to pick a checkpoint or a seed).",
     )
     val_fraction: float = Field(
-        0.15, ge=0.0, lt=1.0, description="Share of the rest for val (0 with val_categories)."
+        0.15, ge=0.0, lt=1.0, description="Share of the rest for val (0: val_categories alone)."
     )
     test_fraction: float = Field(
         0.0,

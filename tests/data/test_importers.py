@@ -556,6 +556,18 @@ def test_held_out_category_tests_its_published_test_images_only(tmp_path, mode):
     )
 
 
+def test_a_validation_category_trains_nothing_and_keeps_its_published_test_images(tmp_path):
+    """Published mode: grid validates (its training image in val) and its published test
+    image stays in the published test set; nothing of grid trains."""
+    _, records = build("mvtec", make_mvtec(tmp_path / "in"), tmp_path / "out",
+                       split={"val_categories": ["grid"], "val_fraction": 0.0})  # fmt: skip
+    grid = {rid: r["split"] for rid, r in records.items() if "/grid/" in rid}
+    assert grid == {"mvtec/grid/train/good/000": "val", "mvtec/grid/test/crack/000": "test"}
+    assert (
+        ids_in(records, "test") == MVTEC_TEST and ids_in(records, "val") == set(grid) - MVTEC_TEST
+    )
+
+
 @pytest.mark.parametrize("mode", ["published", "unseen"])
 def test_held_out_visa_source_is_its_published_test_set(tmp_path, mode):
     _, records = build("visa", make_visa(tmp_path / "visa"), tmp_path / "out",
