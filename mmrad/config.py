@@ -421,6 +421,7 @@ KNOWLEDGE_FILE_HELP = (
 
 
 BoxUnits = Literal["pixels", "cells"]
+PromptWording = Literal["full", "terse"]
 
 
 class PromptConfig(Section):
@@ -438,10 +439,16 @@ class PromptConfig(Section):
         "are coarser and easier for a small model to learn; every job reads them back "
         "into pixels.",
     )
+    wording: PromptWording = Field(
+        "full",
+        description="The paper's whole sentences, or terse ones with the same facts and "
+        "answer format in about a third of the tokens: for small models, whose step "
+        "time the prompt's length sets (the learning recipe's).",
+    )
     knowledge_file: str | None = PathField(None, KNOWLEDGE_FILE_HELP)
 
     VARIANT_KEYS: ClassVar[tuple[str, ...]] = (
-        "use_reference", "domain_knowledge", "reasoning", "box_units"
+        "use_reference", "domain_knowledge", "reasoning", "box_units", "wording"
     )  # fmt: skip
     """The switches an export records as its prompt (the knowledge goes beside them)."""
 
@@ -460,6 +467,7 @@ class PromptOverrides(Section):
     domain_knowledge: bool | None = None
     reasoning: bool | None = None
     box_units: BoxUnits | None = None
+    wording: PromptWording | None = None
     pixels: PixelBudget | None = None
     knowledge_file: str | None = PathField(
         None, "Replaces the export's domain knowledge. " + KNOWLEDGE_FILE_HELP

@@ -61,9 +61,9 @@ def contract_of(export: str, overrides: PromptOverrides = PromptOverrides()):  #
 
 def test_the_export_decides_everything_without_overrides(tmp_path):
     contract = contract_of(write_export(tmp_path / "export"))
-    assert contract.prompt.variant_dict() == {  # exported before box units: pixels
+    assert contract.prompt.variant_dict() == {  # exported before box units and wordings
         "use_reference": False, "domain_knowledge": True, "reasoning": True,
-        "box_units": "pixels",
+        "box_units": "pixels", "wording": "full",
     }  # fmt: skip
     assert contract.answer_unit == 1
     assert contract.pixels == PixelBudget(**EXPORTED_PIXELS)

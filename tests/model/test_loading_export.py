@@ -146,7 +146,8 @@ def test_merged_export_reloads_with_the_same_logits(
 
     info = read_export_info(out, STORAGE)
     assert info["prompt"] == {"use_reference": False, "domain_knowledge": False,
-                              "reasoning": True, "box_units": "pixels"}  # fmt: skip
+                              "reasoning": True, "box_units": "pixels",
+                              "wording": "full"}  # fmt: skip
     assert info["pixels"] == {"min_pixels": 784, "max_pixels": 12544, "factor": 28}
     assert info["model_grid"] == "qwen2.5-vl smart_resize factor 28"
     assert info["base_model"] == "s3://models/tiny"

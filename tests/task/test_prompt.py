@@ -4,13 +4,12 @@ import dataclasses
 
 import pytest
 
-from mmrad.task.answer import format_answer
+from mmrad.task.answer import format_answer, parse_answer
 from mmrad.task.knowledge import CategoryKnowledge
 from mmrad.task.prompt import (
-    DIRECT_INSTRUCTION,
-    GENERIC_SUBJECT,
+    FULL,
     IMAGE_PLACEHOLDER,
-    REASONING_INSTRUCTION,
+    TERSE,
     PromptVariant,
     anomaly_types,
     build_messages,
@@ -18,6 +17,9 @@ from mmrad.task.prompt import (
 )
 
 DEFAULT = PromptVariant()
+GENERIC_SUBJECT = FULL.generic_subject
+REASONING_INSTRUCTION = FULL.reasoning_instruction
+DIRECT_INSTRUCTION = FULL.direct_instruction
 
 
 def _content(messages):
@@ -185,3 +187,37 @@ def test_no_hint_is_todays_prompt_and_a_hint_goes_last():
     assert build_messages(**kwargs, reference_image="R", hint=None) == build_messages(
         **kwargs, reference_image="R"
     )
+
+
+def test_terse_wording_states_the_same_facts_in_a_third_of_the_words():
+    kwargs = dict(category="metal_nut", grid_size=(112, 112), knowledge=CategoryKnowledge(
+        ("scratch",), "A hexagonal nut."))  # fmt: skip
+    for switches in ({}, {"box_units": "cells", "reasoning": False, "domain_knowledge": True}):
+        full = prompt_text(**kwargs, variant=PromptVariant(**switches))
+        terse = prompt_text(**kwargs, variant=PromptVariant(**switches, wording="terse"))
+        assert len(terse.split()) <= 0.4 * len(full.split())
+        assert '"metal nut"' in terse
+    cells = prompt_text(**kwargs, variant=PromptVariant(box_units="cells", wording="terse",
+                                                          domain_knowledge=True))  # fmt: skip
+    assert "Image 1: normal" in cells and "4x4 cells of 28 px" in cells
+    assert "scratch" in cells and "A hexagonal nut." in cells
+    assert TERSE.direct_instruction not in cells and "<think>" in cells
+    alone = prompt_text(category=None, grid_size=(448, 224),
+                        variant=PromptVariant(use_reference=False, wording="terse"))  # fmt: skip
+    assert alone.startswith("Image: query product, 448x224 px.")
+
+
+def test_terse_wording_asks_for_what_the_answer_parser_reads():
+    text = prompt_text(category="bottle", grid_size=(112, 112),
+                       variant=PromptVariant(wording="terse", reasoning=False))  # fmt: skip
+    shown = text[text.index("{") : text.index("}") + 1].replace("x1, y1, x2, y2", "0, 1, 2, 3")
+    verdict = parse_answer(f"<answer>Yes. {shown.replace('<type>', 'crack')}</answer>",
+                           require_think=False)  # fmt: skip
+    assert verdict.decision is True and verdict.format_ok and verdict.labels == ["crack"]
+    assert [list(box) for box in verdict.boxes] == [[0, 1, 2, 3]]
+
+
+def test_an_unknown_wording_is_refused():
+    with pytest.raises(ValueError, match="prompt wording must be one of \\['full', 'terse'\\]"):
+        prompt_text(category="bottle", grid_size=(56, 56),
+                    variant=PromptVariant(wording="short"))  # fmt: skip
