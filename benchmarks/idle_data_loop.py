@@ -15,60 +15,13 @@ Prints the steps per second of each arm over its logging windows after the first
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
 import tempfile
-from pathlib import Path
-from statistics import mean
 
+from learning_sft import learning_data, run_arm, steady_rate
 from record import Arm, compare, publish
 
-from mmrad.config import DataJobConfig, load_config
-from mmrad.data.build import build_dataset
 from mmrad.data.idle_wait import SWITCH
 from mmrad.model.tiny import build_tiny_model
-from mmrad.storage import Storage
-from mmrad.train.metrics_log import read_metrics
-
-REPO = Path(__file__).resolve().parents[1]
-LOG_EVERY = 10
-
-
-def learning_data(work: str, images: int) -> str:
-    """The learning recipe's synthetic set with ``images`` per category: its manifest."""
-    config = load_config(
-        DataJobConfig,
-        REPO / "configs/local/learning/data.yaml",
-        [f"data.out={work}/data", f"data.synthetic.images_per_category={images}"],
-    )
-    return build_dataset(config.data, Storage(), progress=False).manifest_uri
-
-
-def run_arm(work: str, name: str, model: str, manifest: str, steps: int, rest: bool) -> dict:
-    """One SFT run; its steady windows' steps per second and counted work."""
-    env = {**os.environ, SWITCH: "1" if rest else "0"}
-    command = [
-        sys.executable, "-m", "mmrad.cli", "sft", "--config",
-        str(REPO / "configs/local/learning/sft.yaml"), f"model.path={model}",
-        f"data.manifest={manifest}", f"run.storage_path={work}/runs", f"run.name={name}",
-        f"schedule.max_steps={steps}", f"schedule.checkpoint_every={steps}",
-        f"schedule.log_every={LOG_EVERY}", "validation.every=100000",
-        f"ray.state_dir={work}/ray-{name}",
-    ]  # fmt: skip
-    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, cwd=REPO)
-    return [r for r in read_metrics(Storage(), f"{work}/runs/{name}") if "train/loss" in r]
-
-
-def summary(runs: list[list[dict]], skip: int) -> tuple[float, dict[str, float]]:
-    rates, samples, tokens = [], 0.0, 0.0
-    for rows in runs:
-        steady = rows[skip:]
-        span = steady[-1]["time"] - rows[skip - 1]["time"]
-        rates.append((steady[-1]["step"] - rows[skip - 1]["step"]) / span)
-        samples += sum(r["perf/samples"] for r in steady)
-        tokens += sum(r["perf/tokens"] for r in steady)
-    return mean(rates), {"samples": samples, "tokens": tokens}
 
 
 def main() -> None:
@@ -85,10 +38,11 @@ def main() -> None:
     for repeat in range(args.repeats):
         for rest in (False, True):
             name = f"{'rest' if rest else 'ray'}-{repeat}"
-            runs[rest].append(run_arm(work, name, model, manifest, args.steps, rest))
+            env = {SWITCH: "1" if rest else "0"}
+            runs[rest].append(run_arm(work, name, model, manifest, args.steps, env=env))
     arms = {}
     for rest, label in ((True, "loop rests while idle"), (False, "Ray's own loop")):
-        rate, work_done = summary(runs[rest], args.skip)
+        rate, work_done = steady_rate(runs[rest], args.skip)
         print(f"{label}: {rate:.3f} steps/s")
         arms[rest] = Arm(label, rate, work_done)
     publish(

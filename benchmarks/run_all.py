@@ -36,6 +36,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "data_throughput": [],
     "sft_throughput": [],
     "idle_data_loop": [],
+    "prompt_wording": [],
     "rollout_throughput": [],
     "grpo_step": [],
     "serve_load": [],
