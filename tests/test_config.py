@@ -2,6 +2,7 @@ import pytest
 
 from mmrad.config import ConfigError, DataJobConfig, SFTJobConfig, dump_config, load_config
 from mmrad.eval.config import EvalJobConfig
+from mmrad.rl.config import GRPOJobConfig
 
 
 def write(tmp_path, text):
@@ -64,6 +65,7 @@ def test_dump_round_trips(tmp_path):
         (DataJobConfig, "configs/local/learning/data.yaml"),
         (SFTJobConfig, "configs/local/learning/sft.yaml"),
         (EvalJobConfig, "configs/local/learning/eval.yaml"),
+        (GRPOJobConfig, "configs/local/learning/grpo.yaml"),
     ],
 )
 def test_shipped_configs_validate(model, path):
