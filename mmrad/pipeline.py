@@ -42,6 +42,7 @@ from mmrad.config import (
     DataJobConfig,
     ModelConfig,
     PipelineConfig,
+    PromptConfig,
     SFTJobConfig,
     StageConfig,
     TinyModelStage,
@@ -386,8 +387,7 @@ def base_prompt(first_training: BaseModel) -> dict[str, Any]:
     as the first training stage prompts it. Its domain knowledge can only come from a
     knowledge file: knowledge from training labels lives in the exports."""
     prompt = first_training.prompt
-    keys = {key: getattr(prompt, key) for key in ("use_reference", "domain_knowledge",
-                                                   "reasoning", "knowledge_file")}  # fmt: skip
+    keys = {key: getattr(prompt, key) for key in (*PromptConfig.VARIANT_KEYS, "knowledge_file")}
     chosen = {key: value for key, value in keys.items() if value is not None}
     return {**chosen, "pixels": first_training.model.pixels.model_dump()}
 

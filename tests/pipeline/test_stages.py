@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mmrad.config import PipelineConfig, load_config
+from mmrad.config import PipelineConfig, PromptConfig, load_config
 from mmrad.data.build import build_dataset
 from mmrad.data.schema import ManifestError
 from mmrad.pipeline import Ledger, check_splits_read, drop_stale_latest, plan, run_pipeline
@@ -211,11 +211,29 @@ def test_cluster_pipeline_plans_every_stage_from_the_cluster_configs():
     assert base.target.path == "Qwen/Qwen2.5-VL-7B-Instruct"
     sft = stages["sft"].job  # the base model is prompted as SFT trains it
     assert base.prompt.pixels == sft.model.pixels
-    assert base.prompt.reasoning == sft.prompt.reasoning
-    assert base.prompt.use_reference == sft.prompt.use_reference
+    for key in PromptConfig.VARIANT_KEYS:
+        assert getattr(base.prompt, key) == getattr(sft.prompt, key), key
     for name in ("eval_base", "eval_sft", "eval"):  # one test split for every row
         assert stages[name].job.data == stages["eval"].job.data
     assert all(s.folder.startswith("s3://my-mmrad-bucket/") for s in stages.values())
+
+
+def test_learning_pipeline_prompts_every_row_as_its_sft_trains(tmp_path):
+    """The learning recipe's SFT answers in cells, tersely, without reasoning: the base
+    model's row is asked the same, GRPO starts from SFT's export and every row reads the
+    recipe's test split."""
+    config = load_config(PipelineConfig, "configs/local/learning/pipeline.yaml",
+                         [f"run.storage_path={tmp_path}"])  # fmt: skip
+    stages = {s.name: s for s in plan(config, str(tmp_path / "learning"))}
+    assert list(stages) == ["tiny_model", "data", "sft", "grpo", "eval_base", "eval_sft",
+                            "eval", "serve"]  # fmt: skip
+    sft, base = stages["sft"].job, stages["eval_base"].job
+    assert (sft.prompt.box_units, sft.prompt.wording, sft.prompt.reasoning) == (
+        "cells", "terse", False)  # fmt: skip
+    for key in PromptConfig.VARIANT_KEYS:
+        assert getattr(base.prompt, key) == getattr(sft.prompt, key), key
+    assert stages["grpo"].job.model.path == stages["sft"].outputs["export"]
+    assert {stages[n].job.data.limit for n in ("eval_base", "eval_sft", "eval")} == {192}
 
 
 def test_a_data_stage_killed_before_its_record_keeps_its_data_set(tmp_path):
