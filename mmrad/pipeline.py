@@ -384,11 +384,16 @@ def eval_label(stage: str, stages: Sequence[str]) -> str:
 
 def base_prompt(first_training: BaseModel) -> dict[str, Any]:
     """The evaluation's ``prompt`` overrides that prompt a base model (no ``mmrad.json``)
-    as the first training stage prompts it. Its domain knowledge can only come from a
-    knowledge file: knowledge from training labels lives in the exports."""
+    as the first training stage prompts it: every variant key, a GRPO stage's unset ones
+    at ``PromptConfig``'s defaults (how GRPO prompts a model without ``mmrad.json``). Its
+    domain knowledge can only come from a knowledge file: knowledge from training labels
+    lives in the exports."""
     prompt = first_training.prompt
-    keys = {key: getattr(prompt, key) for key in (*PromptConfig.VARIANT_KEYS, "knowledge_file")}
-    chosen = {key: value for key, value in keys.items() if value is not None}
+    variant = {key: value for key in PromptConfig.VARIANT_KEYS
+               if (value := getattr(prompt, key)) is not None}  # fmt: skip
+    chosen = {**PromptConfig().variant_dict(), **variant}
+    if prompt.knowledge_file is not None:
+        chosen["knowledge_file"] = prompt.knowledge_file
     return {**chosen, "pixels": first_training.model.pixels.model_dump()}
 
 
