@@ -4,19 +4,40 @@ it: the data, one run per arm, and its steady steps per second."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from statistics import mean
 
 from mmrad.config import DataJobConfig, load_config
 from mmrad.data.build import build_dataset
+from mmrad.model.tiny import build_tiny_model
 from mmrad.storage import Storage
 from mmrad.train.metrics_log import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 LOG_EVERY = 10
+
+
+def arm_options(description: str) -> argparse.Namespace:
+    """The options every such benchmark takes: data size, steps, windows left out, repeats."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--images", type=int, default=120, help="per category")
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--skip", type=int, default=3, help="logging windows left out")
+    parser.add_argument("--repeats", type=int, default=1)
+    return parser.parse_args()
+
+
+def prepare(prefix: str, images: int) -> tuple[str, str, str]:
+    """A work folder, the tiny model in it and the recipe's data set with ``images`` per
+    category: ``(work, model, manifest)``."""
+    work = tempfile.mkdtemp(prefix=prefix)
+    model = str(build_tiny_model(f"{work}/tiny"))
+    return work, model, learning_data(work, images)
 
 
 def learning_data(work: str, images: int) -> str:

@@ -11,27 +11,15 @@ tokens per sample are printed). Arms alternate, ``--repeats`` runs each.
 
 from __future__ import annotations
 
-import argparse
-import tempfile
-
-from learning_sft import learning_data, run_arm, steady_rate
+from learning_sft import arm_options, prepare, run_arm, steady_rate
 from record import Arm, compare, publish
-
-from mmrad.model.tiny import build_tiny_model
 
 WORDINGS = {"terse": "terse wording", "full": "full wording"}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=120, help="per category")
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--skip", type=int, default=3, help="logging windows left out")
-    parser.add_argument("--repeats", type=int, default=1)
-    args = parser.parse_args()
-    work = tempfile.mkdtemp(prefix="mmrad-prompt-wording-")
-    model = str(build_tiny_model(f"{work}/tiny"))
-    manifest = learning_data(work, args.images)
+    args = arm_options(__doc__.split("\n")[0])
+    work, model, manifest = prepare("mmrad-prompt-wording-", args.images)
     runs: dict[str, list] = {wording: [] for wording in WORDINGS}
     for repeat in range(args.repeats):
         for wording in ("full", "terse"):
