@@ -69,9 +69,9 @@ def engine_kwargs(
     ``on_gpu=None`` asks torch. On CPUs the model runs in the engine core's process
     (:data:`UNIPROC_EXECUTOR`), eager
     (no graph capture), float32 for ``dtype="auto"`` (bfloat16 matmuls are slow or absent
-    on many CPUs) and gets an explicit KV cache size; on GPUs the KV cache is what
-    ``gpu_memory_utilization`` leaves, the model is split over ``tensor_parallel_size``
-    GPUs and ``auto`` means bfloat16.
+    on many CPUs), prefills whole prompts only and gets an explicit KV cache size; on GPUs
+    the KV cache is what ``gpu_memory_utilization`` leaves, the model is split over
+    ``tensor_parallel_size`` GPUs and ``auto`` means bfloat16.
     """
     if on_gpu is None:
         on_gpu = on_gpu_default()
@@ -95,6 +95,11 @@ def engine_kwargs(
             "distributed_executor_backend": UNIPROC_EXECUTOR,
             "enforce_eager": True,
             "kv_cache_memory_bytes": config.kv_cache_bytes,
+            # vLLM rewinds a seeded request's generator when a step prefilled only part
+            # of its prompt, and CPU generators have no offset to rewind ("CPU Generator
+            # does not use offset"): every mmrad request is seeded, so a batch whose
+            # prompts exceed one step's token budget failed. Whole prompts only.
+            "enable_chunked_prefill": False,
         }
     if config.enable_lora:
         kwargs |= {

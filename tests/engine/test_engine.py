@@ -76,6 +76,7 @@ def test_cpu_settings():
         "distributed_executor_backend": "vllm.v1.executor.uniproc_executor.UniProcExecutor",
         "enforce_eager": True,
         "kv_cache_memory_bytes": 2**28,
+        "enable_chunked_prefill": False,
     }
     assert engine_kwargs(config.model_copy(update={"dtype": "bfloat16"}), "/m", on_gpu=False)[
         "dtype"
@@ -551,3 +552,25 @@ def test_the_startup_heap_is_frozen_and_later_garbage_is_still_collected():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.integration
+def test_seeded_samples_beyond_one_steps_token_budget(tiny_dir):
+    """24 seeded samples of 12 different ~400-token prompts (GRPO's rollouts, one seed
+    each) are more prompt than one engine step takes on a CPU (4096 tokens): vLLM
+    prefills them over several steps, and with chunked prefill it rewound the generator
+    of a partly prefilled request, which a CPU generator cannot do ("CPU Generator does
+    not use offset"; a GRPO step of 64 rollouts failed). Whole prompts only: every sample
+    comes back, as reproducible as in a small batch."""
+    items = [InspectionInput(noise(224, 224, 10 + i), noise(224, 224, 40 + i), "metal_nut",
+                             ("scratch", "good")) for i in range(12)]  # fmt: skip
+    samplings = [Sampling(n=2, temperature=1.0, max_tokens=4, logprobs=0, seed=i)
+                 for i in range(12)]  # fmt: skip
+    engine = Engine(str(tiny_dir), small_engine_config(max_num_seqs=32), PIXELS)
+    try:
+        groups = engine.generate(items, samplings)
+        assert [len(group) for group in groups] == [2] * 12
+        alone = engine.generate(items[3:4], samplings[3:4])[0]
+        assert [c.token_ids for c in alone] == [c.token_ids for c in groups[3]]
+    finally:
+        engine.close()
