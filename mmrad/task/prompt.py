@@ -77,7 +77,7 @@ FULL = Wording(
         "covers, counted from 0, x2 and y2 one past its last"
     ),
 )
-"""The paper's wording: whole sentences, about 150 words with the answer format."""
+"""The paper's wording: whole sentences, 100 to 130 words with the answer format."""
 
 TERSE = Wording(
     category_subject='"{category}"',
@@ -103,6 +103,7 @@ TERSE = Wording(
 tiny learning recipe's): the same facts, images and answer format."""
 
 WORDINGS = {"full": FULL, "terse": TERSE}
+
 NORMAL_DEFECT_TYPE = "good"  # the defect_type of normal records, not an anomaly type
 
 
@@ -131,6 +132,7 @@ class PromptVariant:
         return answer_unit(self.box_units, factor)
 
     def sentences(self) -> Wording:
+        """The sentence templates of this variant's wording."""
         if self.wording not in WORDINGS:
             raise ValueError(
                 f"prompt wording must be one of {sorted(WORDINGS)}, got {self.wording!r}"
